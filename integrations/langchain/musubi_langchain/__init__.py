@@ -1,0 +1,2 @@
+"""LangChain adapter (placeholder until exports are wired)."""
+from . import _compat  # noqa: F401

@@ -1,0 +1,138 @@
+"""Plain views of LangChain values: for node identity/artifacts, and "atoms" for data edges.
+
+``to_plain`` turns run inputs/outputs (messages, documents, prompt values, pydantic models, ...)
+into JSON-shaped data the core can hash and store, without ``repr`` (memory addresses) and without
+pickling. ``atoms`` extracts the pieces of a value that can flow from one run into another
+(strings, message contents, tool-call arguments, document texts): a run whose input contains an
+atom that an earlier run in the same trace produced depends on that run.
+
+Example:
+    >>> from langchain_core.documents import Document
+    >>> to_plain(Document(page_content="musubi ties things"))
+    {'page_content': 'musubi ties things', 'metadata': {}}
+    >>> sorted(atoms({"q": "what is musubi?"}))
+    ['d:{"q": "what is musubi?"}', 's:what is musubi?']
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import datetime
+import enum
+import json
+import math
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+from langchain_core.documents import Document
+from langchain_core.messages import BaseMessage
+from langchain_core.outputs import ChatGeneration, Generation, LLMResult
+from langchain_core.prompt_values import PromptValue
+from pydantic import BaseModel
+
+from ._keys import canonical_message_objects
+
+# Strings shorter than this are too common ("yes", "ok", "1") to be evidence of a data flow.
+MIN_ATOM_CHARS = 4
+_MAX_DEPTH = 40
+
+
+def _message(value: BaseMessage) -> dict[str, Any]:
+    return canonical_message_objects([value])[0]
+
+
+def to_plain(value: Any, _depth: int = 0) -> Any:
+    """A deterministic JSON-shaped view of ``value`` (unknown objects become their type name)."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else {"float": str(value)}
+    if _depth > _MAX_DEPTH:
+        return {"truncated": type(value).__name__}
+    d = _depth + 1
+    if isinstance(value, BaseMessage):
+        return _message(value)
+    if isinstance(value, Document):
+        return {"page_content": value.page_content, "metadata": to_plain(value.metadata, d)}
+    if isinstance(value, PromptValue):
+        return {"messages": [_message(m) for m in value.to_messages()]}
+    if isinstance(value, LLMResult):
+        return {"generations": [[to_plain(g, d) for g in gens] for gens in value.generations]}
+    if isinstance(value, ChatGeneration):
+        return {"message": _message(value.message)}
+    if isinstance(value, Generation):
+        return {"text": value.text}
+    if isinstance(value, BaseModel):
+        try:
+            return to_plain(value.model_dump(mode="json"), d)
+        except Exception:
+            return {"object": type(value).__qualname__}
+    if isinstance(value, Mapping):
+        return {str(k): to_plain(v, d) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_plain(v, d) for v in value]
+    if isinstance(value, (set, frozenset)):
+        items = [to_plain(v, d) for v in value]
+        return sorted(items, key=lambda v: json.dumps(v, sort_keys=True, default=str))
+    if isinstance(value, bytes):
+        return {"bytes": base64.b64encode(value).decode("ascii")}
+    if isinstance(value, enum.Enum):
+        return to_plain(value.value, d)
+    if isinstance(value, (datetime.datetime, datetime.date, datetime.time)):
+        return value.isoformat()
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return to_plain({f.name: getattr(value, f.name) for f in dataclasses.fields(value)}, d)
+    return {"object": f"{type(value).__module__}.{type(value).__qualname__}"}
+
+
+def _add(out: set[str], value: Any, depth: int) -> None:
+    if depth > _MAX_DEPTH:
+        return
+    d = depth + 1
+    if isinstance(value, str):
+        if len(value) >= MIN_ATOM_CHARS:
+            out.add("s:" + value)
+    elif isinstance(value, BaseMessage):
+        _add(out, value.content, d)
+        for call in getattr(value, "tool_calls", None) or ():
+            _add(out, call.get("args"), d)
+    elif isinstance(value, Document):
+        _add(out, value.page_content, d)
+    elif isinstance(value, PromptValue):
+        for m in value.to_messages():
+            _add(out, m, d)
+    elif isinstance(value, LLMResult):
+        for gens in value.generations:
+            for g in gens:
+                _add(out, g, d)
+    elif isinstance(value, ChatGeneration):
+        _add(out, value.message, d)
+    elif isinstance(value, Generation):
+        _add(out, value.text, d)
+    elif isinstance(value, BaseModel):
+        try:
+            _add(out, value.model_dump(mode="json"), d)
+        except Exception:
+            return
+    elif isinstance(value, Mapping):
+        if value:
+            try:
+                out.add("d:" + json.dumps(to_plain(value), sort_keys=True, ensure_ascii=False))
+            except (TypeError, ValueError):
+                pass
+        for v in value.values():
+            _add(out, v, d)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            _add(out, v, d)
+
+
+def atoms(value: Any) -> set[str]:
+    """The data-flow atoms of ``value`` (see module docstring)."""
+    out: set[str] = set()
+    _add(out, value, 0)
+    return out

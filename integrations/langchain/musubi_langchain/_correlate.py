@@ -1,0 +1,77 @@
+"""Correlates a chat-model run seen by the handler with the cache lookup LangChain makes for it.
+
+LangChain gives ``BaseCache.lookup`` no run id. It does fire ``on_chat_model_start`` *before* the
+lookup, in the same thread (sync) or the same task (async; our handler runs inline and our cache
+implements ``alookup`` natively, so no executor hop loses the context). The handler pushes the run
+id here; the cache claims it in ``lookup`` and reports which node the run resolved to (and whether
+it replayed). ``on_llm_end`` then takes that report, so the node the handler links into the trace
+is exactly the cache's node.
+
+Example:
+    >>> import uuid
+    >>> rid = uuid.uuid4()
+    >>> push(rid)
+    >>> claim() == rid
+    True
+    >>> report(rid, CacheReport(node_id="n1", replayed=True)); take(rid).node_id
+    'n1'
+"""
+
+from __future__ import annotations
+
+import threading
+from contextvars import ContextVar
+from dataclasses import dataclass
+from uuid import UUID
+
+# FIFO of chat-model runs started in this context whose cache lookup has not happened yet.
+# A tuple (immutable) so copied contexts (RunnableParallel threads) never share mutations.
+_pending: ContextVar[tuple[UUID, ...]] = ContextVar("musubi_langchain_pending", default=())
+
+_lock = threading.Lock()
+_reports: dict[UUID, CacheReport] = {}
+# Bound on unclaimed reports (a run whose end never reaches a handler must not leak forever).
+_MAX_REPORTS = 10_000
+
+
+@dataclass(frozen=True)
+class CacheReport:
+    """What the cache decided for one run."""
+
+    node_id: str
+    replayed: bool
+    tokens_in: int | None = None
+    tokens_out: int | None = None
+    saved_s: float | None = None
+
+
+def push(run_id: UUID) -> None:
+    _pending.set((*_pending.get(), run_id))
+
+
+def claim() -> UUID | None:
+    """The oldest pending run in this context (LangChain looks up in start order)."""
+    pending = _pending.get()
+    if not pending:
+        return None
+    _pending.set(pending[1:])
+    return pending[0]
+
+
+def discard(run_id: UUID) -> None:
+    """Forget a pending run that never reached a cache (no cache configured, or an error)."""
+    pending = _pending.get()
+    if run_id in pending:
+        _pending.set(tuple(r for r in pending if r != run_id))
+
+
+def report(run_id: UUID, value: CacheReport) -> None:
+    with _lock:
+        if len(_reports) >= _MAX_REPORTS:
+            _reports.pop(next(iter(_reports)))
+        _reports[run_id] = value
+
+
+def take(run_id: UUID) -> CacheReport | None:
+    with _lock:
+        return _reports.pop(run_id, None)

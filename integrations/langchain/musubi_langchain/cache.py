@@ -1,0 +1,205 @@
+"""``MusubiCache``: a drop-in LangChain ``BaseCache`` whose entries are musubi lineage nodes.
+
+Example:
+    >>> from langchain_core.globals import set_llm_cache
+    >>> from langchain_core.language_models import FakeListChatModel
+    >>> import tempfile, os
+    >>> db = os.path.join(tempfile.mkdtemp(), "m.db")
+    >>> model = FakeListChatModel(responses=["hello"], cache=MusubiCache(db))
+    >>> model.invoke("hi").content, model.invoke("hi").content  # second call replays
+    ('hello', 'hello')
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from contextvars import ContextVar
+from typing import Any
+
+from langchain_core.caches import RETURN_VAL_TYPE, BaseCache
+from langchain_core.outputs import Generation
+from musubi_core.engine import Engine
+from musubi_core.identity import NodeKey
+from musubi_core.policy import StepConfiguration, StepType
+
+from . import _correlate
+from ._codec import EntryDecodeError, decode_generations, encode_generations, usage_of
+from ._engine import Guard, make_engine
+from ._keys import KeyParts, chat_key_parts, llm_key_parts
+
+# Per-call kwargs of the BaseLLM call in progress (set by the patch instrument() installs):
+# LangChain leaves them out of an LLM's llm_string (langchain#40403).
+llm_call_kwargs: ContextVar[Mapping[str, Any] | None] = ContextVar(
+    "musubi_langchain_llm_call_kwargs", default=None
+)
+
+# The ``_type``/class part of the llm_string tells chat models from text LLMs only loosely, so
+# the prompt decides: chat prompts are LangChain-serialised JSON message lists.
+_CHAT_PROMPT_PREFIX = '[{"lc": 1'
+
+
+class MusubiCache(BaseCache):
+    """LangChain cache backed by a musubi store; every entry is a lineage node.
+
+    Args:
+        path: SQLite file (default: ``$MUSUBI_DB`` or ``.musubi/musubi.db``).
+        store: an existing core store instead of ``path``.
+        namespace: keeps projects/experiments apart inside one file.
+        ttl_seconds: replay a completion only this long after it was made (None: forever).
+        engine: an existing :class:`musubi_core.engine.Engine` (shares its write buffer).
+        replay_streams: let ``.stream()``/``.astream()`` be served from this cache
+            (requires :func:`musubi_langchain.instrument` or :func:`install_stream_replay`).
+
+    Keys are canonical (volatile message fields, provider tool-call ids and the hit marker are
+    dropped; structured-output classes key by JSON schema), hits return a fresh ``list`` of freshly
+    decoded generations, and a store failure is a miss plus one warning.
+
+    >>> cache = MusubiCache(":memory:")
+    >>> cache.lookup("p", "[('_type', 'x')]") is None
+    True
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        store: Any | None = None,
+        namespace: str = "default",
+        ttl_seconds: float | None = None,
+        engine: Engine | None = None,
+        replay_streams: bool = False,
+    ) -> None:
+        self._path = path
+        self._store = store
+        self._namespace = namespace
+        self._engine: Engine | None = engine
+        self._engine_lock = threading.Lock()
+        self.config = StepConfiguration(step_type=StepType.STOCHASTIC, ttl_seconds=ttl_seconds)
+        self.replay_streams = replay_streams
+        self._guard = Guard("MusubiCache")
+        # (prompt, llm_string) -> (key, monotonic time of the miss); consumed by update() so
+        # the node records how long the provider call took (the seconds a replay saves).
+        self._inflight: dict[tuple[str, str], tuple[NodeKey, float]] = {}
+        self._inflight_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ plumbing
+    @property
+    def engine(self) -> Engine:
+        """The engine (created on first use, so constructing a cache never touches disk)."""
+        if self._engine is None:
+            with self._engine_lock:
+                if self._engine is None:
+                    self._engine = make_engine(self._path, self._store, self._namespace)
+        return self._engine
+
+    def key_parts(self, prompt: str, llm_string: str) -> KeyParts:
+        """Canonical key parts for a LangChain ``(prompt, llm_string)`` pair."""
+        if prompt.startswith(_CHAT_PROMPT_PREFIX):
+            return chat_key_parts(prompt, llm_string)
+        return llm_key_parts(prompt, llm_string, llm_call_kwargs.get())
+
+    def node_key(self, prompt: str, llm_string: str) -> NodeKey:
+        """The node a ``(prompt, llm_string)`` pair maps to."""
+        parts = self.key_parts(prompt, llm_string)
+        return self.engine.key(parts.op_name, parts.inputs, fingerprint=parts.fingerprint)
+
+    def _remember(self, prompt: str, llm_string: str, key: NodeKey) -> None:
+        with self._inflight_lock:
+            if len(self._inflight) > 4096:  # abandoned misses (errors) must not pile up
+                self._inflight.clear()
+            self._inflight[(prompt, llm_string)] = (key, time.monotonic())
+
+    def _lookup(self, prompt: str, llm_string: str) -> list[Generation] | None:
+        run_id = _correlate.claim()
+        key = self.node_key(prompt, llm_string)
+        got = self.engine.lookup(key, self.config)
+        if got.replay:
+            try:
+                generations = decode_generations(got.value)
+            except EntryDecodeError as exc:
+                self._guard.warn(exc)
+                generations = None
+            if generations is not None:
+                if run_id is not None:
+                    node = got.node
+                    _correlate.report(
+                        run_id,
+                        _correlate.CacheReport(
+                            node_id=key.node_id,
+                            replayed=True,
+                            tokens_in=getattr(node, "tokens_in", None),
+                            tokens_out=getattr(node, "tokens_out", None),
+                            saved_s=getattr(node, "duration_s", None),
+                        ),
+                    )
+                return generations
+        if run_id is not None:
+            _correlate.report(run_id, _correlate.CacheReport(node_id=key.node_id, replayed=False))
+        self._remember(prompt, llm_string, key)
+        return None
+
+    def _update(self, prompt: str, llm_string: str, return_val: RETURN_VAL_TYPE) -> None:
+        with self._inflight_lock:
+            pending = self._inflight.pop((prompt, llm_string), None)
+        if pending is None:
+            key, duration = self.node_key(prompt, llm_string), None
+        else:
+            key, duration = pending[0], time.monotonic() - pending[1]
+        tokens_in, tokens_out = usage_of(return_val)
+        kind = "chat_model" if key.op_name.startswith("chat_model:") else "llm"
+        self.engine.record(
+            key,
+            encode_generations(return_val),
+            self.config,
+            kind=kind,
+            duration_s=duration,
+            tokens_in=tokens_in,
+            tokens_out=tokens_out,
+            label=key.op_name.split(":", 1)[-1],
+        )
+
+    # ------------------------------------------------------------------ BaseCache
+    def lookup(self, prompt: str, llm_string: str) -> RETURN_VAL_TYPE | None:
+        """A fresh list of generations stored for this key, or None (miss / store failure)."""
+        return self._guard.call(lambda: self._lookup(prompt, llm_string), None)
+
+    def update(self, prompt: str, llm_string: str, return_val: RETURN_VAL_TYPE) -> None:
+        """Record the generations as the node's artifact (a failure only warns once)."""
+        self._guard.call(lambda: self._update(prompt, llm_string, return_val), None)
+
+    def clear(self, **kwargs: Any) -> None:
+        """Mark every LLM/chat-model node of this namespace stale (history stays for lineage).
+
+        LangChain calls this to drop cached completions; musubi keeps the nodes (they are part
+        of recorded lineage) and makes them miss.
+        """
+        self._guard.call(lambda: self._clear(), None)
+
+    def _clear(self) -> None:
+        engine = self.engine
+        engine.flush()
+        for kind in ("chat_model", "llm"):
+            for node in engine.store.list_nodes(kind=kind, limit=10_000_000):
+                if node.namespace == self._namespace and node.status != "stale":
+                    engine.store.invalidate(node.node_id)
+
+    # Native async: the default runs the sync method in a thread pool, which costs a thread hop
+    # per call and loses the context variable the handler uses to correlate runs.
+    async def alookup(self, prompt: str, llm_string: str) -> RETURN_VAL_TYPE | None:
+        """Async :meth:`lookup` (runs inline: a SQLite probe is faster than a thread hop)."""
+        return self.lookup(prompt, llm_string)
+
+    async def aupdate(self, prompt: str, llm_string: str, return_val: RETURN_VAL_TYPE) -> None:
+        """Async :meth:`update`."""
+        self.update(prompt, llm_string, return_val)
+
+    async def aclear(self, **kwargs: Any) -> None:
+        """Async :meth:`clear`."""
+        self.clear(**kwargs)
+
+    def lookup_messages(self, prompt: str, llm_string: str) -> Sequence[Generation] | None:
+        """Alias of :meth:`lookup` used by the stream replay patch."""
+        return self.lookup(prompt, llm_string)

@@ -1,0 +1,82 @@
+"""musubi: never pay twice for the same expensive step.
+
+Every expensive step becomes a node in a lineage DAG kept in a local SQLite
+file. Reaching the same node again replays its stored output; invalidating a
+node marks its descendants stale so the next run recomputes only what changed.
+
+>>> import tempfile, os
+>>> from musubi_core import Engine, SQLiteStore, step, use_engine
+>>> @step
+... def double(x: int) -> int:
+...     return 2 * x
+>>> with Engine(SQLiteStore(os.path.join(tempfile.mkdtemp(), "m.db"))) as engine:
+...     with use_engine(engine):
+...         print(double(21).value, double(21).replayed)
+42 True
+"""
+
+from ._tagged import register_encoder
+from .codec import Codec, JSONCodec, allow, register_decoder
+from .context import current_node, current_run
+from .decorators import StepFunction, merge, step
+from .engine import Engine, Lookup, Outcome, get_engine, use_engine
+from .errors import (
+    DecodeError,
+    DivergenceError,
+    DuplicateStepError,
+    EffectInDoubtError,
+    InvalidStepNameError,
+    LockedError,
+    MusubiError,
+    NodeNotFoundError,
+    SchemaError,
+    SerializationError,
+    StepFailedError,
+    StoreError,
+)
+from .identity import NodeKey, input_hash
+from .policy import Decision, ReplayReason, StepConfiguration, StepType
+from .result import Result
+from .store import SQLiteStore, Store
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Codec",
+    "DecodeError",
+    "Decision",
+    "DivergenceError",
+    "DuplicateStepError",
+    "EffectInDoubtError",
+    "Engine",
+    "InvalidStepNameError",
+    "JSONCodec",
+    "LockedError",
+    "Lookup",
+    "MusubiError",
+    "NodeKey",
+    "NodeNotFoundError",
+    "Outcome",
+    "ReplayReason",
+    "Result",
+    "SQLiteStore",
+    "SchemaError",
+    "SerializationError",
+    "StepConfiguration",
+    "StepFailedError",
+    "StepFunction",
+    "StepType",
+    "Store",
+    "StoreError",
+    "__version__",
+    "allow",
+    "current_node",
+    "current_run",
+    "get_engine",
+    "input_hash",
+    "merge",
+    "register_decoder",
+    "register_encoder",
+    "step",
+    "use_engine",
+]

@@ -1,0 +1,205 @@
+"""``@step``, ``merge()`` and the plumbing that turns a call into a node.
+
+>>> import tempfile, os
+>>> from musubi_core import Engine, SQLiteStore, use_engine
+>>> calls = []
+>>> @step()
+... def shout(text: str) -> str:
+...     calls.append(text)
+...     return text.upper()
+>>> with Engine(SQLiteStore(os.path.join(tempfile.mkdtemp(), "m.db"))) as engine:
+...     with use_engine(engine):
+...         first, second = shout("hi"), shout("hi")
+>>> (first.value, second.replayed, len(calls))
+('HI', True, 1)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import typing
+from collections.abc import Awaitable, Callable, Iterator
+from contextvars import ContextVar
+from typing import Any, Generic, ParamSpec, TypeVar, overload
+
+from .codec import allow_annotation
+from .context import current_node
+from .engine import Engine, get_engine
+from .identity import NodeKey, collect_results, function_fingerprint
+from .policy import Decision, StepConfiguration, StepType
+from .result import Result
+
+__all__ = ["StepFunction", "merge", "step"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+_MERGED: ContextVar[tuple[Result[Any], ...]] = ContextVar("musubi_merged", default=())
+
+
+@contextlib.contextmanager
+def merge(*parents: Result[Any]) -> Iterator[None]:
+    """Declare explicit upstream results for the steps called inside the block.
+
+    Use it for fan-in, or when a step depends on results it does not take as
+    arguments. The parents enter each step's identity and get ``data`` edges.
+
+    >>> with merge():
+    ...     pass
+    """
+    for parent in parents:
+        if not isinstance(parent, Result):
+            raise TypeError(f"merge() takes Result objects returned by steps, got {type(parent).__name__}")
+    token = _MERGED.set(_MERGED.get() + parents)
+    try:
+        yield
+    finally:
+        _MERGED.reset(token)
+
+
+class StepFunction(Generic[P, R]):
+    """A function wrapped by :func:`step`. Calling it returns ``Result[R]``
+    (awaitable for ``async def`` functions)."""
+
+    def __init__(
+        self,
+        fn: Callable[P, Any],
+        *,
+        semantics: StepConfiguration,
+        name: str | None,
+        engine: Engine | None,
+    ) -> None:
+        self.fn = fn
+        self.semantics = semantics
+        self.name = name or f"{fn.__module__}.{fn.__qualname__}"
+        self._engine = engine
+        self._signature = inspect.signature(fn)
+        self.is_async = inspect.iscoroutinefunction(fn)
+        # The code fingerprint: a version pin wins over the AST hash, so a
+        # user can refactor without invalidating stored results.
+        self.fingerprint = (
+            {"version": semantics.version}
+            if semantics.version is not None
+            else {"code": function_fingerprint(fn)}
+        )
+        with contextlib.suppress(Exception):
+            hints = typing.get_type_hints(fn)
+            if "return" in hints:
+                allow_annotation(hints["return"])
+        functools.update_wrapper(self, fn)
+
+    @property
+    def engine(self) -> Engine:
+        return self._engine or get_engine()
+
+    def key(self, *args: Any, **kwargs: Any) -> tuple[NodeKey, dict[str, str]]:
+        """The node identity a call with these arguments reaches."""
+        bound = self._signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        arguments = dict(bound.arguments)
+        parents = collect_results(arguments, list(_MERGED.get()))
+        upstream_artifacts = {r.node_id: r.artifact_id for r in parents}
+        key = self.engine.key(
+            self.name, arguments, fingerprint=self.fingerprint, upstream=upstream_artifacts.keys()
+        )
+        return key, upstream_artifacts
+
+    def explain(self, *args: Any, **kwargs: Any) -> Decision:
+        """Would this call replay? Returns the decision and its reason
+        without running anything or counting a replay."""
+        key, _ = self.key(*args, **kwargs)
+        return self.engine.explain(key, self.semantics)
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Any:
+        if self.is_async:
+            return self._acall(*args, **kwargs)
+        key, upstream_artifacts = self.key(*args, **kwargs)
+        outcome = self.engine.execute(
+            key,
+            lambda: self.fn(*args, **kwargs),
+            self.semantics,
+            kind="step",
+            parent=current_node(),
+            label=self.fn.__qualname__,
+            upstream_artifacts=upstream_artifacts,
+        )
+        return Result(
+            outcome.value, outcome.node_id, outcome.producer_node_id, outcome.artifact_id, outcome.replayed
+        )
+
+    async def _acall(self, *args: Any, **kwargs: Any) -> Result[Any]:
+        key, upstream_artifacts = self.key(*args, **kwargs)
+        fn = typing.cast(Callable[..., Awaitable[Any]], self.fn)
+        outcome = await self.engine.aexecute(
+            key,
+            lambda: fn(*args, **kwargs),
+            self.semantics,
+            kind="step",
+            parent=current_node(),
+            label=self.fn.__qualname__,
+            upstream_artifacts=upstream_artifacts,
+        )
+        return Result(
+            outcome.value, outcome.node_id, outcome.producer_node_id, outcome.artifact_id, outcome.replayed
+        )
+
+    def __repr__(self) -> str:
+        return f"<musubi step {self.name} ({self.semantics.step_type.value})>"
+
+
+@overload
+def step(fn: Callable[P, R], /) -> StepFunction[P, R]: ...
+
+
+@overload
+def step(
+    *,
+    semantics: StepConfiguration | None = None,
+    name: str | None = None,
+    version: str | None = None,
+    step_type: StepType | None = None,
+    ttl_seconds: float | None = None,
+    engine: Engine | None = None,
+) -> Callable[[Callable[P, R]], StepFunction[P, R]]: ...
+
+
+def step(
+    fn: Callable[P, R] | None = None,
+    /,
+    *,
+    semantics: StepConfiguration | None = None,
+    name: str | None = None,
+    version: str | None = None,
+    step_type: StepType | None = None,
+    ttl_seconds: float | None = None,
+    engine: Engine | None = None,
+) -> StepFunction[P, R] | Callable[[Callable[P, R]], StepFunction[P, R]]:
+    """Make a function a lineage node: same inputs, same code, same upstream
+    results -> the stored output is returned instead of running it again.
+
+    ``@step`` and ``@step()`` use the defaults (DETERMINISTIC). ``semantics``
+    takes a full :class:`StepConfiguration`; ``step_type``, ``ttl_seconds`` and
+    ``version`` are shortcuts for its fields. ``name`` overrides the operation
+    name (default ``module.qualname``): keep it stable if you move the code.
+    """
+    config = semantics or StepConfiguration()
+    overrides: dict[str, Any] = {}
+    if step_type is not None:
+        overrides["step_type"] = step_type
+    if ttl_seconds is not None:
+        overrides["ttl_seconds"] = ttl_seconds
+    if version is not None:
+        overrides["version"] = version
+    if overrides:
+        config = StepConfiguration(**{**config.model_dump(), **overrides})
+
+    def wrap(f: Callable[P, R]) -> StepFunction[P, R]:
+        if not callable(f):
+            raise TypeError(f"@step decorates functions, got {type(f).__name__}")
+        return StepFunction(f, semantics=config, name=name, engine=engine)
+
+    if fn is not None:
+        return wrap(fn)
+    return wrap

@@ -1,0 +1,655 @@
+"""The engine: identity + policy + store. Replay, or execute and record.
+
+Adapters and the ``@step`` decorator both go through :class:`Engine`, so a
+LangChain cache hit, a LlamaIndex replay and a decorated function share one
+notion of a node, one replay policy and one set of statistics.
+
+>>> import tempfile, os
+>>> from musubi_core import SQLiteStore
+>>> engine = Engine(SQLiteStore(os.path.join(tempfile.mkdtemp(), "m.db")))
+>>> key = engine.key("demo.add", {"a": 1, "b": 2})
+>>> engine.lookup(key).replay
+False
+>>> _ = engine.record(key, 3)
+>>> engine.lookup(key).value
+3
+>>> engine.close()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import hashlib
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+import warnings
+import weakref
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from .codec import Codec, JSONCodec
+from .context import current_run, running_node
+from .errors import DecodeError, EffectInDoubtError, MusubiError
+from .identity import NodeKey, input_hash, make_node_id, make_op
+from .policy import Decision, ReplayReason, StepConfiguration, StepType, decide, expiry
+from .store import ArtifactWrite, EdgeWrite, NodeRecord, NodeWrite, SQLiteStore, Store
+
+__all__ = ["Engine", "Lookup", "Outcome", "Recorded", "get_engine", "use_engine"]
+
+T = TypeVar("T")
+
+DEFAULT_CONFIG = StepConfiguration()
+DEFAULT_PATH = os.path.join(".musubi", "musubi.db")
+
+# How long a writer waits for an EXTERNAL_EFFECT another process is executing.
+EFFECT_WAIT_SECONDS = 600.0
+# An effect claimed on another machine is presumed alive this long.
+EFFECT_LEASE_SECONDS = 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class Lookup:
+    """What :meth:`Engine.lookup` found. ``value`` is a freshly decoded object
+    on a replay and ``None`` otherwise."""
+
+    replay: bool
+    decision: Decision
+    value: Any
+    node: NodeRecord | None
+
+
+@dataclass(frozen=True, slots=True)
+class Recorded:
+    node_id: str
+    artifact_id: str | None
+    producer_node_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """Result of :meth:`Engine.execute`."""
+
+    value: Any
+    node_id: str
+    artifact_id: str
+    producer_node_id: str
+    replayed: bool
+
+
+_HOST = socket.gethostname()
+_PROCESS_TOKEN = uuid.uuid4().hex[:12]
+
+
+def _reset_token() -> None:
+    global _PROCESS_TOKEN
+    _PROCESS_TOKEN = uuid.uuid4().hex[:12]
+
+
+os.register_at_fork(after_in_child=_reset_token)
+
+
+def _owner() -> str:
+    return f"{_HOST}:{os.getpid()}:{_PROCESS_TOKEN}:{threading.get_ident()}"
+
+
+def _owner_alive(node: NodeRecord) -> bool:
+    """Is the process that claimed ``node`` still running?"""
+    parts = (node.owner or "").split(":")
+    if len(parts) != 4:
+        return False
+    host, pid_text, token, _thread = parts
+    if host != _HOST:
+        started = node.started_at or node.created_at
+        return time.time() - started < EFFECT_LEASE_SECONDS
+    pid = int(pid_text) if pid_text.isdigit() else -1
+    if pid == os.getpid():
+        return token == _PROCESS_TOKEN
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def artifact_id_for(encoding: str, payload: bytes) -> str:
+    digest = hashlib.sha256(encoding.encode("utf-8"))
+    digest.update(b"\x00")
+    digest.update(payload)
+    return digest.hexdigest()
+
+
+class _Buffer:
+    """Write-behind buffer: deferred node writes and replay counters, flushed
+    in one transaction. Lookups consult it so deferred nodes replay at once."""
+
+    def __init__(self, max_items: int = 64, max_age: float = 0.5) -> None:
+        self.lock = threading.Lock()
+        self.nodes: dict[str, NodeWrite] = {}
+        self.artifacts: dict[str, ArtifactWrite] = {}
+        self.edges: list[EdgeWrite] = []
+        self.replays: Counter[str] = Counter()
+        self.since = time.monotonic()
+        self.max_items = max_items
+        self.max_age = max_age
+
+    def due(self) -> bool:
+        size = len(self.nodes) + len(self.edges) + len(self.replays)
+        if not size:
+            return False
+        return size >= self.max_items or time.monotonic() - self.since >= self.max_age
+
+    def take(
+        self,
+    ) -> tuple[list[NodeWrite], list[ArtifactWrite], list[EdgeWrite], dict[str, int]]:
+        with self.lock:
+            taken = (
+                list(self.nodes.values()),
+                list(self.artifacts.values()),
+                self.edges,
+                dict(self.replays),
+            )
+            self.nodes, self.artifacts, self.edges = {}, {}, []
+            self.replays = Counter()
+            self.since = time.monotonic()
+        return taken
+
+
+_LIVE_ENGINES: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+
+class Engine:
+    """Replay-or-execute over a :class:`~musubi_core.store.Store`.
+
+    ``namespace`` is recorded on every node; adapters use it to keep several
+    caches apart in one file.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        codec: Codec | None = None,
+        namespace: str = "default",
+    ) -> None:
+        self.store = store
+        self.codec: Codec = codec or JSONCodec()
+        self.namespace = namespace
+        self._buffer = _Buffer()
+        self._closed = False
+        _LIVE_ENGINES.add(self)
+
+    # -- identity -------------------------------------------------------------
+
+    def key(
+        self,
+        op_name: str,
+        inputs: Any,
+        *,
+        fingerprint: Any = None,
+        upstream: Iterable[str] = (),
+    ) -> NodeKey:
+        """Compute a node's identity (raises ``TypeError`` naming the path of
+        an input that has no stable encoding)."""
+        op = make_op(op_name, fingerprint)
+        in_hash = input_hash(inputs)
+        ups = tuple(sorted(set(upstream)))
+        return NodeKey(make_node_id(op, in_hash, ups), op, op_name, in_hash, ups)
+
+    # -- reading --------------------------------------------------------------
+
+    def lookup(self, key: NodeKey, config: StepConfiguration = DEFAULT_CONFIG) -> Lookup:
+        """Replay ``key`` if policy allows; counts the replay."""
+        found = self._find(key.node_id)
+        if found is None:
+            decision = decide(None, config, now=time.time())
+            return Lookup(False, decision, None, None)
+        node, encoding, payload = found
+        upstream_fresh = False
+        if node.status == "stale" and node.stale_cause == "upstream":
+            upstream_fresh = self._parents_unchanged(node.node_id)
+        decision = decide(
+            node,
+            config,
+            now=time.time(),
+            artifact_present=payload is not None,
+            upstream_fresh=upstream_fresh,
+        )
+        if not decision.replay:
+            return Lookup(False, decision, None, node)
+        assert encoding is not None and payload is not None
+        try:
+            value = self.codec.decode(encoding, payload)
+        except DecodeError as err:
+            warnings.warn(
+                f"musubi: stored output of node {node.node_id[:12]} ({node.op_name}) could not "
+                f"be decoded ({err}); recomputing it",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return Lookup(False, Decision(False, ReplayReason.ARTIFACT_CORRUPT, str(err)), None, node)
+        if upstream_fresh:
+            self.store.mark_fresh(node.node_id)
+        self._count_replay(node.node_id)
+        return Lookup(True, decision, value, node)
+
+    def _find(self, node_id: str) -> tuple[NodeRecord, str | None, bytes | None] | None:
+        buffered = self._buffer.nodes.get(node_id) if self._buffer.nodes else None
+        if buffered is not None:
+            artifact = self._buffer.artifacts.get(buffered.artifact_id or "")
+            if artifact is not None:
+                return _record_from_write(buffered), artifact.encoding, artifact.payload
+            self.flush()
+        return self.store.get_node_and_artifact(node_id)
+
+    def _parents_unchanged(self, node_id: str) -> bool:
+        parents = self.store.data_parents(node_id)
+        return bool(parents) and all(
+            p.status == "done"
+            and p.consumed_artifact_id is not None
+            and p.current_artifact_id == p.consumed_artifact_id
+            for p in parents
+        )
+
+    def explain(self, key: NodeKey, config: StepConfiguration = DEFAULT_CONFIG) -> Decision:
+        """Why ``key`` would replay or execute now. Reads only; counts nothing."""
+        found = self._find(key.node_id)
+        if found is not None:
+            node, _encoding, payload = found
+            fresh = node.status == "stale" and node.stale_cause == "upstream" and self._parents_unchanged(
+                node.node_id
+            )
+            return decide(node, config, now=time.time(), artifact_present=payload is not None, upstream_fresh=fresh)
+        if config.force_reexecution:
+            return decide(None, config, now=time.time())
+        similar = self.store.similar_nodes(key.op_name, key.input_hash)
+        other_code = [n for n in similar if n.op != key.op]
+        if other_code:
+            return Decision(
+                False,
+                ReplayReason.CODE_CHANGED,
+                f"recorded under {other_code[0].op}, now {key.op} (code, version or parameters changed)",
+            )
+        if similar:
+            return Decision(
+                False,
+                ReplayReason.UPSTREAM_CHANGED,
+                "same operation and inputs were recorded with different upstream nodes",
+            )
+        if self.store.nodes_of_op(key.op_name, limit=1):
+            return Decision(False, ReplayReason.INPUT_CHANGED, "no earlier call with these inputs")
+        return Decision(False, ReplayReason.NOT_FOUND, f"{key.op_name} was never recorded")
+
+    # -- writing --------------------------------------------------------------
+
+    def record(
+        self,
+        key: NodeKey,
+        value: Any,
+        config: StepConfiguration = DEFAULT_CONFIG,
+        *,
+        kind: str = "step",
+        started_at: float | None = None,
+        duration_s: float | None = None,
+        tokens_in: int | None = None,
+        tokens_out: int | None = None,
+        parent: str | None = None,
+        label: str | None = None,
+        run_id: str | None = None,
+        meta: Mapping[str, Any] | None = None,
+        upstream_artifacts: Mapping[str, str] | None = None,
+        defer: bool = False,
+    ) -> Recorded:
+        """Store ``value`` as the output of ``key``.
+
+        The value is encoded before anything is written: a codec failure
+        raises :class:`~musubi_core.errors.SerializationError` carrying the
+        value, and the store is left untouched.
+        """
+        encoding, payload = self.codec.encode(value)
+        artifact_id = artifact_id_for(encoding, payload)
+        now = time.time()
+        node = NodeWrite(
+            node_id=key.node_id,
+            op=key.op,
+            op_name=key.op_name,
+            kind=kind,
+            step_type=config.step_type.value,
+            input_hash=key.input_hash,
+            status="done",
+            artifact_id=artifact_id,
+            namespace=self.namespace,
+            started_at=started_at,
+            finished_at=now,
+            expires_at=expiry(config, now),
+            duration_s=duration_s,
+            tokens_in=tokens_in,
+            tokens_out=tokens_out,
+            label=label,
+            run_id=run_id or current_run(),
+            meta=json.dumps(dict(meta), sort_keys=True, default=str) if meta else None,
+        )
+        artifact = ArtifactWrite(artifact_id, encoding, payload, key.node_id)
+        edges = self._edges_for(key, parent, upstream_artifacts)
+        if defer:
+            with self._buffer.lock:
+                self._buffer.nodes[key.node_id] = node
+                self._buffer.artifacts[artifact_id] = artifact
+                self._buffer.edges.extend(edges)
+            if self._buffer.due():
+                self.flush()
+            return Recorded(key.node_id, artifact_id, key.node_id)
+        self.store.write([node], [artifact], edges)
+        producer = self.store.artifact_producer(artifact_id) or key.node_id
+        return Recorded(key.node_id, artifact_id, producer)
+
+    def record_failure(
+        self,
+        key: NodeKey,
+        error: BaseException | str,
+        config: StepConfiguration = DEFAULT_CONFIG,
+        *,
+        kind: str = "step",
+        started_at: float | None = None,
+        duration_s: float | None = None,
+        parent: str | None = None,
+        label: str | None = None,
+        run_id: str | None = None,
+        defer: bool = False,
+    ) -> Recorded:
+        """Record that ``key`` raised. Failed nodes are never replayed."""
+        text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+        node = NodeWrite(
+            node_id=key.node_id,
+            op=key.op,
+            op_name=key.op_name,
+            kind=kind,
+            step_type=config.step_type.value,
+            input_hash=key.input_hash,
+            status="failed",
+            namespace=self.namespace,
+            started_at=started_at,
+            finished_at=time.time(),
+            duration_s=duration_s,
+            error=text[:4000],
+            label=label,
+            run_id=run_id or current_run(),
+        )
+        edges = self._edges_for(key, parent, None)
+        if defer:
+            with self._buffer.lock:
+                self._buffer.nodes.pop(key.node_id, None)
+                self._buffer.edges.extend(edges)
+            self.store.write([node], (), ())
+            return Recorded(key.node_id, None, None)
+        self.store.write([node], (), edges)
+        return Recorded(key.node_id, None, None)
+
+    def add_edge(self, parent: str, child: str, kind: str = "contains", *, defer: bool = False,
+                 parent_artifact_id: str | None = None) -> None:
+        """Record an edge between two nodes (``data`` edges drive invalidation)."""
+        if kind not in ("data", "contains"):
+            raise ValueError(f"edge kind must be 'data' or 'contains', not {kind!r}")
+        edge = EdgeWrite(parent, child, kind, parent_artifact_id)
+        if defer:
+            with self._buffer.lock:
+                self._buffer.edges.append(edge)
+            if self._buffer.due():
+                self.flush()
+            return
+        self.store.write((), (), [edge])
+
+    def _edges_for(
+        self, key: NodeKey, parent: str | None, upstream_artifacts: Mapping[str, str] | None
+    ) -> list[EdgeWrite]:
+        arts = upstream_artifacts or {}
+        edges = [EdgeWrite(u, key.node_id, "data", arts.get(u)) for u in key.upstream]
+        if parent is not None and parent != key.node_id:
+            edges.append(EdgeWrite(parent, key.node_id, "contains"))
+        return edges
+
+    def _count_replay(self, node_id: str) -> None:
+        with self._buffer.lock:
+            self._buffer.replays[node_id] += 1
+        if self._buffer.due():
+            self.flush()
+
+    def invalidate(self, node_id: str) -> int:
+        """Mark ``node_id`` and its data-descendants stale; returns how many
+        nodes changed. The next run recomputes exactly those (and, by early
+        cutoff, fewer when a recomputed node yields the same output)."""
+        self.flush()
+        return self.store.invalidate(self.store.resolve(node_id))
+
+    def flush(self) -> None:
+        """Write buffered nodes, edges and replay counters now."""
+        nodes, artifacts, edges, replays = self._buffer.take()
+        if nodes or artifacts or edges:
+            self.store.write(nodes, artifacts, edges)
+        if replays:
+            self.store.add_replays(replays, time.time())
+
+    def close(self) -> None:
+        """Flush and close the store."""
+        if self._closed:
+            return
+        try:
+            self.flush()
+        finally:
+            self._closed = True
+            self.store.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- replay-or-execute ----------------------------------------------------
+
+    def execute(
+        self,
+        key: NodeKey,
+        fn: Callable[[], T],
+        config: StepConfiguration = DEFAULT_CONFIG,
+        *,
+        kind: str = "step",
+        parent: str | None = None,
+        label: str | None = None,
+        upstream_artifacts: Mapping[str, str] | None = None,
+    ) -> Outcome:
+        """Replay ``key`` or run ``fn`` and record its output."""
+        replay = self._before(key, config, wait=_sleep_sync)
+        if replay is not None:
+            return replay
+        started, t0 = time.time(), time.perf_counter()
+        try:
+            with running_node(key.node_id):
+                value = fn()
+        except BaseException as exc:
+            self._fail(key, exc, config, kind, started, t0, parent, label)
+            raise
+        return self._after(key, value, config, kind, started, t0, parent, label, upstream_artifacts)
+
+    async def aexecute(
+        self,
+        key: NodeKey,
+        fn: Callable[[], Awaitable[T]],
+        config: StepConfiguration = DEFAULT_CONFIG,
+        *,
+        kind: str = "step",
+        parent: str | None = None,
+        label: str | None = None,
+        upstream_artifacts: Mapping[str, str] | None = None,
+    ) -> Outcome:
+        """Async :meth:`execute`."""
+        replay = self._before(key, config, wait=None)
+        if replay is _WAIT:
+            replay = await self._await_effect(key, config)
+        if isinstance(replay, Outcome):
+            return replay
+        started, t0 = time.time(), time.perf_counter()
+        try:
+            with running_node(key.node_id):
+                value = await fn()
+        except BaseException as exc:
+            self._fail(key, exc, config, kind, started, t0, parent, label)
+            raise
+        return self._after(key, value, config, kind, started, t0, parent, label, upstream_artifacts)
+
+    def _before(
+        self, key: NodeKey, config: StepConfiguration, wait: Callable[[float], None] | None
+    ) -> Any:
+        found = self.lookup(key, config)
+        if found.replay:
+            return _outcome_from(found)
+        if config.step_type is not StepType.EXTERNAL_EFFECT:
+            return None
+        # Intent first: the row says "this effect is being issued by me" before
+        # the call, so a crash leaves evidence instead of a silent repeat.
+        deadline = time.monotonic() + EFFECT_WAIT_SECONDS
+        while True:
+            claim = self.store.claim(
+                NodeWrite(
+                    node_id=key.node_id, op=key.op, op_name=key.op_name, kind="step",
+                    step_type=config.step_type.value, input_hash=key.input_hash,
+                    status="pending", namespace=self.namespace, started_at=time.time(),
+                    owner=_owner(), executed=0, run_id=current_run(),
+                ),
+                owner_alive=_owner_alive_or_doubt(config),
+                force=config.force_reexecution,
+            )
+            if claim.state == "claimed":
+                return None
+            if claim.state == "done":
+                again = self.lookup(key, config)
+                if again.replay:
+                    return _outcome_from(again)
+                continue
+            if wait is None:
+                return _WAIT
+            if time.monotonic() > deadline:
+                raise EffectInDoubtError(key.node_id, op=key.op_name, owner=claim.node.owner if claim.node else None)
+            wait(0.05)
+
+    async def _await_effect(self, key: NodeKey, config: StepConfiguration) -> Outcome | None:
+        while True:
+            await asyncio.sleep(0.05)
+            result = self._before(key, config, wait=None)
+            if result is not _WAIT:
+                return result  # type: ignore[no-any-return]
+
+    def _after(
+        self, key: NodeKey, value: Any, config: StepConfiguration, kind: str, started: float,
+        t0: float, parent: str | None, label: str | None, upstream_artifacts: Mapping[str, str] | None,
+    ) -> Outcome:
+        recorded = self.record(
+            key, value, config, kind=kind, started_at=started,
+            duration_s=time.perf_counter() - t0, parent=parent, label=label,
+            upstream_artifacts=upstream_artifacts,
+        )
+        assert recorded.artifact_id is not None
+        return Outcome(value, key.node_id, recorded.artifact_id, recorded.producer_node_id or key.node_id, False)
+
+    def _fail(
+        self, key: NodeKey, exc: BaseException, config: StepConfiguration, kind: str,
+        started: float, t0: float, parent: str | None, label: str | None,
+    ) -> None:
+        # Recording the failure must never hide the user's exception.
+        with contextlib.suppress(MusubiError):
+            self.record_failure(
+                key, exc, config, kind=kind, started_at=started,
+                duration_s=time.perf_counter() - t0, parent=parent, label=label,
+            )
+
+
+_WAIT = object()
+
+
+def _sleep_sync(seconds: float) -> None:
+    time.sleep(seconds)
+
+
+def _owner_alive_or_doubt(config: StepConfiguration) -> Callable[[NodeRecord], bool]:
+    def check(node: NodeRecord) -> bool:
+        if _owner_alive(node):
+            return True
+        if config.force_reexecution:
+            return False
+        raise EffectInDoubtError(node.node_id, op=node.op_name, owner=node.owner)
+
+    return check
+
+
+def _outcome_from(found: Lookup) -> Outcome:
+    node = found.node
+    assert node is not None and node.artifact_id is not None
+    return Outcome(found.value, node.node_id, node.artifact_id, node.producer_node_id or node.node_id, True)
+
+
+def _record_from_write(w: NodeWrite) -> NodeRecord:
+    now = time.time()
+    return NodeRecord(
+        node_id=w.node_id, op=w.op, op_name=w.op_name, kind=w.kind, step_type=w.step_type,
+        input_hash=w.input_hash, status=w.status, artifact_id=w.artifact_id,
+        producer_node_id=w.node_id, namespace=w.namespace, created_at=now,
+        started_at=w.started_at, finished_at=w.finished_at, expires_at=w.expires_at,
+        duration_s=w.duration_s, tokens_in=w.tokens_in, tokens_out=w.tokens_out,
+        replay_count=0, exec_count=w.executed, error=w.error, owner=w.owner, label=w.label,
+        run_id=w.run_id, stale_cause=None, meta=w.meta,
+    )
+
+
+# -- the current engine -------------------------------------------------------------
+
+_CURRENT: ContextVar[Engine | None] = ContextVar("musubi_engine", default=None)
+_DEFAULT: Engine | None = None
+_DEFAULT_LOCK = threading.Lock()
+
+
+def get_engine() -> Engine:
+    """The engine in effect: the one set by :func:`use_engine`, else a
+    process-wide default on ``$MUSUBI_DB`` or ``.musubi/musubi.db``."""
+    engine = _CURRENT.get()
+    if engine is not None:
+        return engine
+    global _DEFAULT
+    with _DEFAULT_LOCK:
+        if _DEFAULT is None or _DEFAULT._closed:
+            _DEFAULT = Engine(SQLiteStore(os.environ.get("MUSUBI_DB") or DEFAULT_PATH))
+        return _DEFAULT
+
+
+@contextlib.contextmanager
+def use_engine(engine: Engine) -> Iterator[Engine]:
+    """Make ``engine`` current inside the block (per thread / asyncio task).
+
+    >>> import tempfile, os
+    >>> from musubi_core import SQLiteStore
+    >>> with Engine(SQLiteStore(os.path.join(tempfile.mkdtemp(), "m.db"))) as engine:
+    ...     with use_engine(engine):
+    ...         assert get_engine() is engine
+    """
+    token = _CURRENT.set(engine)
+    try:
+        yield engine
+    finally:
+        _CURRENT.reset(token)
+
+
+@atexit.register
+def _flush_all() -> None:
+    for engine in list(_LIVE_ENGINES):
+        if not engine._closed:
+            with contextlib.suppress(Exception):
+                engine.flush()

@@ -1,0 +1,177 @@
+"""One exception tree for everything musubi raises.
+
+Every error is a :class:`MusubiError`; each subclass carries the structured
+fields a caller needs to act on it (a node id, a path, what was expected versus
+what was recorded) and a message that says what to do next.
+
+>>> try:
+...     raise LockedError("/tmp/x.db")
+... except MusubiError as err:
+...     print(type(err).__name__, err.path)
+LockedError /tmp/x.db
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "DecodeError",
+    "DivergenceError",
+    "DuplicateStepError",
+    "EffectInDoubtError",
+    "InvalidStepNameError",
+    "LockedError",
+    "MusubiError",
+    "NodeNotFoundError",
+    "SchemaError",
+    "SerializationError",
+    "StepFailedError",
+    "StoreError",
+]
+
+
+class MusubiError(Exception):
+    """Root of every error musubi raises on purpose."""
+
+
+class SerializationError(MusubiError):
+    """A value could not be encoded (or would not survive the round trip).
+
+    ``path`` names the offending spot (``$.items[2].when``); ``value`` is the
+    whole computed value, attached so an expensive result is never lost just
+    because it could not be stored.
+    """
+
+    def __init__(self, message: str, *, path: str = "$", value: Any = None) -> None:
+        super().__init__(message)
+        self.path = path
+        self.value = value
+
+
+class DecodeError(MusubiError):
+    """A stored artifact could not be decoded (unknown encoding, tampered or
+    not allow-listed class). Callers treat it as a miss and recompute."""
+
+    def __init__(self, message: str, *, artifact_id: str | None = None) -> None:
+        super().__init__(message)
+        self.artifact_id = artifact_id
+
+
+class SchemaError(MusubiError):
+    """The file is not a musubi store this version can open."""
+
+    def __init__(
+        self, message: str, *, path: str, expected: str | None = None, found: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.path = path
+        self.expected = expected
+        self.found = found
+
+
+class StoreError(MusubiError):
+    """The store could not be read or written (disk full, read-only file,
+    file removed, corrupt database). Adapters degrade to a miss on it."""
+
+    def __init__(self, message: str, *, path: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class LockedError(MusubiError):
+    """Another live process holds the run's lock."""
+
+    def __init__(self, path: str, *, run_id: str | None = None) -> None:
+        target = f"run {run_id!r} in {path}" if run_id else path
+        super().__init__(
+            f"{target} is being executed by another process; wait for it to finish "
+            "or stop it, then run again (the lock is released automatically when "
+            "its holder exits, even on kill -9)"
+        )
+        self.path = path
+        self.run_id = run_id
+
+
+class DuplicateStepError(MusubiError):
+    """A durable-run body used the same step name twice."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(
+            f"step name {name!r} is used twice in this run; give each ctx.step/ctx.sleep "
+            "a unique name (e.g. suffix a loop index: f'{name}-{i}')"
+        )
+        self.name = name
+
+
+class InvalidStepNameError(MusubiError, ValueError):
+    """A step name does not match ``^[A-Za-z0-9][A-Za-z0-9._-]*$``."""
+
+    def __init__(self, name: object) -> None:
+        super().__init__(
+            f"invalid step name {name!r}: use letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+        self.name = name
+
+
+class StepFailedError(MusubiError):
+    """A durable step raised; ``original`` is the exception it raised. The step
+    is recorded as failed and runs again on the next invocation."""
+
+    def __init__(self, name: str, original: BaseException) -> None:
+        super().__init__(
+            f"step {name!r} failed: {original!r}; fix the cause and run again "
+            "(completed steps will not re-run)"
+        )
+        self.name = name
+        self.original = original
+
+
+class EffectInDoubtError(MusubiError):
+    """An EXTERNAL_EFFECT step started earlier but never recorded an outcome,
+    so its effect may or may not have happened."""
+
+    def __init__(self, node_id: str, *, op: str | None = None, owner: str | None = None) -> None:
+        super().__init__(
+            f"external effect {op or ''} (node {node_id[:12]}) was started by {owner or 'a process'} "
+            "that died before recording its outcome, so the effect may already have happened; "
+            "check the external system, then re-run with "
+            "StepConfiguration(step_type=EXTERNAL_EFFECT, force_reexecution=True) to issue it again"
+        )
+        self.node_id = node_id
+        self.op = op
+        self.owner = owner
+
+
+class NodeNotFoundError(MusubiError, LookupError):
+    """No node matches the given id or prefix (or the prefix is ambiguous)."""
+
+    def __init__(self, ref: str, *, candidates: list[str] | None = None) -> None:
+        if candidates:
+            shown = ", ".join(c[:16] for c in candidates[:5])
+            message = f"node prefix {ref!r} is ambiguous ({shown}, ...); give more characters"
+        else:
+            message = f"no node matches {ref!r}; list nodes with `musubi stats` or `musubi runs`"
+        super().__init__(message)
+        self.ref = ref
+        self.candidates = candidates or []
+
+
+class DivergenceError(MusubiError):
+    """A resumed durable run reached a step whose recorded kind or code differs
+    from what the body now does."""
+
+    def __init__(
+        self, name: str, *, what: str, expected: str, recorded: str, run_id: str | None = None
+    ) -> None:
+        super().__init__(
+            f"step {name!r} changed since it was recorded ({what}: recorded {recorded!r}, "
+            f"now {expected!r}); to accept the change and re-run from this step, call "
+            f"run(..., rerun_from={name!r}) or `musubi steps RUN` to inspect"
+        )
+        self.name = name
+        self.what = what
+        self.expected = expected
+        self.recorded = recorded
+        self.run_id = run_id

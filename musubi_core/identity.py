@@ -1,0 +1,182 @@
+"""Deterministic node identity: canonical encoding and the ``musubi/1`` hash scheme.
+
+A node is identified by ``sha256("musubi/1", op, input_hash, sorted(upstream))``.
+``input_hash`` is the SHA-256 of the type-tagged canonical JSON of the inputs
+(see :mod:`musubi_core._tagged`). Nothing here uses ``hash()``, ``repr()`` of
+arbitrary objects, ``pickle`` or memory addresses, so identities agree across
+processes, ``PYTHONHASHSEED`` values, machines and Python versions.
+
+>>> input_hash(1) != input_hash(1.0) != input_hash(True) != input_hash("1")
+True
+>>> input_hash({"a": 1, "b": 2}) == input_hash({"b": 2, "a": 1})
+True
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import inspect
+import json
+import textwrap
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from ._tagged import TagError, encode, register_encoder
+from .result import Result
+
+__all__ = [
+    "HASH_SCHEME",
+    "NodeKey",
+    "canonical_bytes",
+    "collect_results",
+    "function_fingerprint",
+    "input_hash",
+    "make_node_id",
+    "make_op",
+    "register_encoder",
+]
+
+HASH_SCHEME = "musubi/1"
+
+
+class IdentityError(TypeError):
+    """An input cannot be given a stable identity; ``path`` names where."""
+
+    def __init__(self, message: str, path: str) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+def _result_hook(value: Any) -> Any:
+    if type(value) is Result:
+        # The artifact id, not the node id: an upstream re-executed with the
+        # same output leaves this input hash, and so its descendants, unchanged.
+        return {"$result": value.artifact_id}
+    return NotImplemented
+
+
+def canonical_bytes(value: Any) -> bytes:
+    """The canonical, type-tagged JSON encoding of ``value`` as UTF-8 bytes.
+
+    Raises ``TypeError`` (an ``IdentityError``) naming the JSON-path of the
+    first value that has no stable encoding.
+    """
+    try:
+        tree = encode(value, canonical=True, hook=_result_hook)
+    except TagError as err:
+        raise IdentityError(f"cannot hash input: {err}", err.path) from None
+    except RecursionError:
+        raise IdentityError("cannot hash input: nesting too deep", "$") from None
+    return json.dumps(tree, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def input_hash(value: Any) -> str:
+    """SHA-256 hex digest of :func:`canonical_bytes`."""
+    return hashlib.sha256(canonical_bytes(value)).hexdigest()
+
+
+def make_op(op_name: str, fingerprint: Any = None) -> str:
+    """``op_name`` plus a short digest of the fingerprint (code hash, model
+    parameters, version pin). Changing the fingerprint changes every node id of
+    the operation, while ``op_name`` stays the same so ``explain`` can say
+    "code changed"."""
+    if fingerprint is None:
+        return op_name
+    digest = hashlib.sha256(canonical_bytes(fingerprint)).hexdigest()[:16]
+    return f"{op_name}#{digest}"
+
+
+def make_node_id(op: str, in_hash: str, upstream: Iterable[str] = ()) -> str:
+    parents = ",".join(sorted(set(upstream)))
+    material = "\x1f".join((HASH_SCHEME, op, in_hash, parents))
+    return hashlib.sha256(material.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class NodeKey:
+    """Everything that determines a node's identity, computed once."""
+
+    node_id: str
+    op: str
+    op_name: str
+    input_hash: str
+    upstream: tuple[str, ...]
+
+
+def collect_results(value: Any, found: list[Result[Any]] | None = None) -> list[Result[Any]]:
+    """Every :class:`Result` nested in plain containers of ``value``."""
+    out = [] if found is None else found
+    t = type(value)
+    if t is Result:
+        out.append(value)
+    elif t is list or t is tuple or t is set or t is frozenset:
+        for item in value:
+            if type(item) in _CONTAINERS:
+                collect_results(item, out)
+    elif t is dict:
+        for item in value.values():
+            if type(item) in _CONTAINERS:
+                collect_results(item, out)
+    return out
+
+
+_CONTAINERS = frozenset({Result, list, tuple, set, frozenset, dict})
+
+
+# --- code fingerprints -------------------------------------------------------------
+
+
+def _strip_docstrings(tree: ast.AST) -> None:
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef | ast.Module):
+            body = node.body
+            if (
+                body
+                and isinstance(body[0], ast.Expr)
+                and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)
+            ):
+                node.body = body[1:] or [ast.Pass()]
+
+
+def _ast_tree(node: Any) -> Any:
+    """A version-stable rendering of an AST: node type plus non-empty fields.
+
+    ``ast.dump`` output differs between Python versions (3.12 added
+    ``type_params=[]`` to every function); dropping empty and ``None`` fields
+    keeps the same code hashing the same on 3.10 to 3.13.
+    """
+    if isinstance(node, ast.AST):
+        fields = {}
+        for name, value in ast.iter_fields(node):
+            if value is None or value == [] or name in ("type_comment", "kind"):
+                continue
+            fields[name] = _ast_tree(value)
+        return [type(node).__name__, fields]
+    if isinstance(node, list):
+        return [_ast_tree(item) for item in node]
+    if isinstance(node, bytes | complex | float | int | str | bool) or node is Ellipsis:
+        return repr(node)
+    return type(node).__name__
+
+
+def function_fingerprint(fn: Callable[..., Any]) -> str:
+    """A digest of ``fn``'s source AST with docstrings, comments and
+    decorators ignored. Falls back to the qualified name when the source is not
+    available (built-ins, some REPLs): then only ``version=`` can signal a change.
+    """
+    target = inspect.unwrap(fn)
+    try:
+        source = textwrap.dedent(inspect.getsource(target))
+        tree = ast.parse(source)
+    except (OSError, TypeError, SyntaxError):
+        return "nosource:" + getattr(target, "__qualname__", type(target).__name__)
+    _strip_docstrings(tree)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            node.decorator_list = []
+            break
+    rendered = json.dumps(_ast_tree(tree), separators=(",", ":"))
+    return hashlib.sha256(rendered.encode("utf-8")).hexdigest()[:32]
