@@ -78,7 +78,9 @@ def _canonical_sort_key(tree: Any) -> str:
 
 def _float(value: float) -> dict[str, str]:
     if math.isnan(value) or math.isinf(value):
-        raise TagError(f"{value!r} has no stable identity or JSON form; replace it with None or a string")
+        raise TagError(
+            f"{value!r} has no stable identity or JSON form; replace it with None or a string"
+        )
     return {"$float": repr(value)}
 
 

@@ -82,10 +82,7 @@ def allow_annotation(annotation: Any) -> None:
             return
         seen.add(id(tp))
         if isinstance(tp, type):
-            if (
-                issubclass(tp, BaseModel | enum.Enum)
-                or dataclasses.is_dataclass(tp)
-            ):
+            if issubclass(tp, BaseModel | enum.Enum) or dataclasses.is_dataclass(tp):
                 _ALLOWED.setdefault(class_path(tp), tp)
             return
         for arg in typing.get_args(tp):
@@ -178,7 +175,9 @@ _SIMPLE: dict[str, Callable[[Any], Any]] = {
     "$datetime": dt.datetime.fromisoformat,
     "$date": dt.date.fromisoformat,
     "$time": dt.time.fromisoformat,
-    "$timedelta": lambda parts: dt.timedelta(days=parts[0], seconds=parts[1], microseconds=parts[2]),
+    "$timedelta": lambda parts: dt.timedelta(
+        days=parts[0], seconds=parts[1], microseconds=parts[2]
+    ),
     "$decimal": decimal.Decimal,
     "$uuid": uuid.UUID,
     "$path": pathlib.Path,
@@ -239,4 +238,3 @@ def _dec_dataclass(cls: type, fields: dict[str, Any]) -> Any:
         if name not in init_fields:
             object.__setattr__(obj, name, value)
     return obj
-

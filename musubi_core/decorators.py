@@ -51,7 +51,9 @@ def merge(*parents: Result[Any]) -> Iterator[None]:
     """
     for parent in parents:
         if not isinstance(parent, Result):
-            raise TypeError(f"merge() takes Result objects returned by steps, got {type(parent).__name__}")
+            raise TypeError(
+                f"merge() takes Result objects returned by steps, got {type(parent).__name__}"
+            )
     token = _MERGED.set(_MERGED.get() + parents)
     try:
         yield
@@ -126,7 +128,11 @@ class StepFunction(Generic[P, R]):
             upstream_artifacts=upstream_artifacts,
         )
         return Result(
-            outcome.value, outcome.node_id, outcome.producer_node_id, outcome.artifact_id, outcome.replayed
+            outcome.value,
+            outcome.node_id,
+            outcome.producer_node_id,
+            outcome.artifact_id,
+            outcome.replayed,
         )
 
     async def _acall(self, *args: Any, **kwargs: Any) -> Result[Any]:
@@ -142,7 +148,11 @@ class StepFunction(Generic[P, R]):
             upstream_artifacts=upstream_artifacts,
         )
         return Result(
-            outcome.value, outcome.node_id, outcome.producer_node_id, outcome.artifact_id, outcome.replayed
+            outcome.value,
+            outcome.node_id,
+            outcome.producer_node_id,
+            outcome.artifact_id,
+            outcome.replayed,
         )
 
     def __repr__(self) -> str:

@@ -38,7 +38,7 @@ from typing import Any, TypeVar
 
 from .codec import Codec, JSONCodec
 from .context import current_run, running_node
-from .errors import DecodeError, EffectInDoubtError, MusubiError
+from .errors import DecodeError, EffectInDoubtError, MusubiError, NodeNotFoundError
 from .identity import NodeKey, input_hash, make_node_id, make_op
 from .policy import Decision, ReplayReason, StepConfiguration, StepType, decide, expiry
 from .store import ArtifactWrite, EdgeWrite, NodeRecord, NodeWrite, SQLiteStore, Store
@@ -237,7 +237,9 @@ class Engine:
                 RuntimeWarning,
                 stacklevel=3,
             )
-            return Lookup(False, Decision(False, ReplayReason.ARTIFACT_CORRUPT, str(err)), None, node)
+            return Lookup(
+                False, Decision(False, ReplayReason.ARTIFACT_CORRUPT, str(err)), None, node
+            )
         if upstream_fresh:
             self.store.mark_fresh(node.node_id)
         self._count_replay(node.node_id)
@@ -266,10 +268,18 @@ class Engine:
         found = self._find(key.node_id)
         if found is not None:
             node, _encoding, payload = found
-            fresh = node.status == "stale" and node.stale_cause == "upstream" and self._parents_unchanged(
-                node.node_id
+            fresh = (
+                node.status == "stale"
+                and node.stale_cause == "upstream"
+                and self._parents_unchanged(node.node_id)
             )
-            return decide(node, config, now=time.time(), artifact_present=payload is not None, upstream_fresh=fresh)
+            return decide(
+                node,
+                config,
+                now=time.time(),
+                artifact_present=payload is not None,
+                upstream_fresh=fresh,
+            )
         if config.force_reexecution:
             return decide(None, config, now=time.time())
         similar = self.store.similar_nodes(key.op_name, key.input_hash)
@@ -289,6 +299,29 @@ class Engine:
         if self.store.nodes_of_op(key.op_name, limit=1):
             return Decision(False, ReplayReason.INPUT_CHANGED, "no earlier call with these inputs")
         return Decision(False, ReplayReason.NOT_FOUND, f"{key.op_name} was never recorded")
+
+    def explain_node(self, ref: str) -> tuple[NodeRecord, Decision]:
+        """The decision a call reaching stored node ``ref`` (id or unique
+        prefix) would get now, under the step type it was recorded with."""
+        node_id = self.store.resolve(ref)
+        found = self._find(node_id)
+        if found is None:
+            raise NodeNotFoundError(ref)
+        node, _encoding, payload = found
+        config = StepConfiguration(step_type=StepType(node.step_type))
+        fresh = (
+            node.status == "stale"
+            and node.stale_cause == "upstream"
+            and self._parents_unchanged(node.node_id)
+        )
+        decision = decide(
+            node,
+            config,
+            now=time.time(),
+            artifact_present=payload is not None,
+            upstream_fresh=fresh,
+        )
+        return node, decision
 
     # -- writing --------------------------------------------------------------
 
@@ -395,8 +428,15 @@ class Engine:
         self.store.write([node], (), edges)
         return Recorded(key.node_id, None, None)
 
-    def add_edge(self, parent: str, child: str, kind: str = "contains", *, defer: bool = False,
-                 parent_artifact_id: str | None = None) -> None:
+    def add_edge(
+        self,
+        parent: str,
+        child: str,
+        kind: str = "contains",
+        *,
+        defer: bool = False,
+        parent_artifact_id: str | None = None,
+    ) -> None:
         """Record an edge between two nodes (``data`` edges drive invalidation)."""
         if kind not in ("data", "contains"):
             raise ValueError(f"edge kind must be 'data' or 'contains', not {kind!r}")
@@ -470,7 +510,7 @@ class Engine:
     ) -> Outcome:
         """Replay ``key`` or run ``fn`` and record its output."""
         replay = self._before(key, config, wait=_sleep_sync)
-        if replay is not None:
+        if isinstance(replay, Outcome):
             return replay
         started, t0 = time.time(), time.perf_counter()
         try:
@@ -509,7 +549,7 @@ class Engine:
 
     def _before(
         self, key: NodeKey, config: StepConfiguration, wait: Callable[[float], None] | None
-    ) -> Any:
+    ) -> Outcome | _Waiting | None:
         found = self.lookup(key, config)
         if found.replay:
             return _outcome_from(found)
@@ -521,10 +561,18 @@ class Engine:
         while True:
             claim = self.store.claim(
                 NodeWrite(
-                    node_id=key.node_id, op=key.op, op_name=key.op_name, kind="step",
-                    step_type=config.step_type.value, input_hash=key.input_hash,
-                    status="pending", namespace=self.namespace, started_at=time.time(),
-                    owner=_owner(), executed=0, run_id=current_run(),
+                    node_id=key.node_id,
+                    op=key.op,
+                    op_name=key.op_name,
+                    kind="step",
+                    step_type=config.step_type.value,
+                    input_hash=key.input_hash,
+                    status="pending",
+                    namespace=self.namespace,
+                    started_at=time.time(),
+                    owner=_owner(),
+                    executed=0,
+                    run_id=current_run(),
                 ),
                 owner_alive=_owner_alive_or_doubt(config),
                 force=config.force_reexecution,
@@ -539,41 +587,80 @@ class Engine:
             if wait is None:
                 return _WAIT
             if time.monotonic() > deadline:
-                raise EffectInDoubtError(key.node_id, op=key.op_name, owner=claim.node.owner if claim.node else None)
+                raise EffectInDoubtError(
+                    key.node_id, op=key.op_name, owner=claim.node.owner if claim.node else None
+                )
             wait(0.05)
 
     async def _await_effect(self, key: NodeKey, config: StepConfiguration) -> Outcome | None:
         while True:
             await asyncio.sleep(0.05)
             result = self._before(key, config, wait=None)
-            if result is not _WAIT:
-                return result  # type: ignore[no-any-return]
+            if not isinstance(result, _Waiting):
+                return result
 
     def _after(
-        self, key: NodeKey, value: Any, config: StepConfiguration, kind: str, started: float,
-        t0: float, parent: str | None, label: str | None, upstream_artifacts: Mapping[str, str] | None,
+        self,
+        key: NodeKey,
+        value: Any,
+        config: StepConfiguration,
+        kind: str,
+        started: float,
+        t0: float,
+        parent: str | None,
+        label: str | None,
+        upstream_artifacts: Mapping[str, str] | None,
     ) -> Outcome:
         recorded = self.record(
-            key, value, config, kind=kind, started_at=started,
-            duration_s=time.perf_counter() - t0, parent=parent, label=label,
+            key,
+            value,
+            config,
+            kind=kind,
+            started_at=started,
+            duration_s=time.perf_counter() - t0,
+            parent=parent,
+            label=label,
             upstream_artifacts=upstream_artifacts,
         )
         assert recorded.artifact_id is not None
-        return Outcome(value, key.node_id, recorded.artifact_id, recorded.producer_node_id or key.node_id, False)
+        return Outcome(
+            value,
+            key.node_id,
+            recorded.artifact_id,
+            recorded.producer_node_id or key.node_id,
+            False,
+        )
 
     def _fail(
-        self, key: NodeKey, exc: BaseException, config: StepConfiguration, kind: str,
-        started: float, t0: float, parent: str | None, label: str | None,
+        self,
+        key: NodeKey,
+        exc: BaseException,
+        config: StepConfiguration,
+        kind: str,
+        started: float,
+        t0: float,
+        parent: str | None,
+        label: str | None,
     ) -> None:
         # Recording the failure must never hide the user's exception.
         with contextlib.suppress(MusubiError):
             self.record_failure(
-                key, exc, config, kind=kind, started_at=started,
-                duration_s=time.perf_counter() - t0, parent=parent, label=label,
+                key,
+                exc,
+                config,
+                kind=kind,
+                started_at=started,
+                duration_s=time.perf_counter() - t0,
+                parent=parent,
+                label=label,
             )
 
 
-_WAIT = object()
+class _Waiting:
+    """Another live process is executing the effect: poll again."""
+
+
+_WAIT = _Waiting()
 
 
 def _sleep_sync(seconds: float) -> None:
@@ -594,19 +681,39 @@ def _owner_alive_or_doubt(config: StepConfiguration) -> Callable[[NodeRecord], b
 def _outcome_from(found: Lookup) -> Outcome:
     node = found.node
     assert node is not None and node.artifact_id is not None
-    return Outcome(found.value, node.node_id, node.artifact_id, node.producer_node_id or node.node_id, True)
+    return Outcome(
+        found.value, node.node_id, node.artifact_id, node.producer_node_id or node.node_id, True
+    )
 
 
 def _record_from_write(w: NodeWrite) -> NodeRecord:
     now = time.time()
     return NodeRecord(
-        node_id=w.node_id, op=w.op, op_name=w.op_name, kind=w.kind, step_type=w.step_type,
-        input_hash=w.input_hash, status=w.status, artifact_id=w.artifact_id,
-        producer_node_id=w.node_id, namespace=w.namespace, created_at=now,
-        started_at=w.started_at, finished_at=w.finished_at, expires_at=w.expires_at,
-        duration_s=w.duration_s, tokens_in=w.tokens_in, tokens_out=w.tokens_out,
-        replay_count=0, exec_count=w.executed, error=w.error, owner=w.owner, label=w.label,
-        run_id=w.run_id, stale_cause=None, meta=w.meta,
+        node_id=w.node_id,
+        op=w.op,
+        op_name=w.op_name,
+        kind=w.kind,
+        step_type=w.step_type,
+        input_hash=w.input_hash,
+        status=w.status,
+        artifact_id=w.artifact_id,
+        producer_node_id=w.node_id,
+        namespace=w.namespace,
+        created_at=now,
+        started_at=w.started_at,
+        finished_at=w.finished_at,
+        expires_at=w.expires_at,
+        duration_s=w.duration_s,
+        tokens_in=w.tokens_in,
+        tokens_out=w.tokens_out,
+        replay_count=0,
+        exec_count=w.executed,
+        error=w.error,
+        owner=w.owner,
+        label=w.label,
+        run_id=w.run_id,
+        stale_cause=None,
+        meta=w.meta,
     )
 
 

@@ -166,4 +166,4 @@ def check_version(conn: sqlite3.Connection, path: str, tables: set[str]) -> bool
             expected=str(SCHEMA_VERSION),
             found=str(found),
         )
-    return version == SCHEMA_VERSION and EXPECTED_TABLES <= tables
+    return version == SCHEMA_VERSION and tables >= EXPECTED_TABLES

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from contextvars import ContextVar
 from typing import Any
 
@@ -84,6 +84,10 @@ class MusubiCache(BaseCache):
         # the node records how long the provider call took (the seconds a replay saves).
         self._inflight: dict[tuple[str, str], tuple[NodeKey, float]] = {}
         self._inflight_lock = threading.Lock()
+        if replay_streams:
+            from .streaming import install_stream_replay  # cycle: streaming imports this module
+
+            install_stream_replay()
 
     # ------------------------------------------------------------------ plumbing
     @property
@@ -200,6 +204,24 @@ class MusubiCache(BaseCache):
         """Async :meth:`clear`."""
         self.clear(**kwargs)
 
-    def lookup_messages(self, prompt: str, llm_string: str) -> Sequence[Generation] | None:
-        """Alias of :meth:`lookup` used by the stream replay patch."""
-        return self.lookup(prompt, llm_string)
+    # ------------------------------------------------------------------ stream replay hooks
+    def would_replay(self, prompt: str, llm_string: str) -> bool:
+        """Would :meth:`lookup` hit? Reads only (counts no replay)."""
+
+        def peek() -> bool:
+            decision = self.engine.explain(self.node_key(prompt, llm_string), self.config)
+            return bool(decision.replay)
+
+        return self._guard.call(peek, False)
+
+    def begin_stream(self, prompt: str, llm_string: str) -> None:
+        """A streamed call missed and started: claim its run for the handler, start the clock."""
+
+        def begin() -> None:
+            run_id = _correlate.claim()
+            key = self.node_key(prompt, llm_string)
+            if run_id is not None:
+                _correlate.report(run_id, _correlate.CacheReport(key.node_id, replayed=False))
+            self._remember(prompt, llm_string, key)
+
+        self._guard.call(begin, None)

@@ -196,7 +196,7 @@ def message_identity(msg: Any) -> Any:
 def llm_call_inputs(kind: str, payload: Any, kwargs: Mapping[str, Any]) -> dict[str, Any]:
     """Identity inputs for ``chat`` (payload = messages) or ``complete`` (payload = prompt)."""
     if kind == "chat":
-        body: Any = [message_identity(m) for m in payload]
+        body: Any = [message_identity(m) for m in (payload or [])]
     else:
         body = str(payload)
     kw: dict[str, Any] = {}
@@ -326,4 +326,9 @@ def text_atoms(value: Any, depth: int = 0, out: list[str] | None = None) -> list
         for b in value.blocks:
             text_atoms(getattr(b, "text", None), depth + 1, acc)
         return acc
+    fields = getattr(type(value), "model_fields", None)
+    if isinstance(fields, dict) and not hasattr(value, "class_name"):
+        # Plain pydantic results (StructuredRefineResponse, workflow events): their fields.
+        for name in list(fields)[:32]:
+            text_atoms(getattr(value, name, None), depth + 1, acc)
     return acc

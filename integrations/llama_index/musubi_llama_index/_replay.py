@@ -34,7 +34,7 @@ from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
 
 from llama_index.core.base.llms.types import ChatResponse, CompletionResponse
-from musubi_core.policy import StepConfiguration, StepType
+from musubi_core import StepConfiguration, StepType
 
 from musubi_llama_index import _lineage
 from musubi_llama_index._identity import llm_call_inputs, model_fingerprint
@@ -127,6 +127,8 @@ class _Call:
         self.config = StepConfiguration(step_type=StepType.STOCHASTIC, ttl_seconds=rt.ttl_seconds)
         self.inputs = llm_call_inputs(kind, payload, kwargs)
         self.input_text = _lineage.input_text(payload)
+        # The span the call was made in: a stream is recorded after that span has exited.
+        self.span_id = _lineage.current_span_id()
         original = type(obj).__dict__.get("__musubi_original__", type(obj))
         fp = model_fingerprint(obj, original_cls=original)
         self.key = guarded(
@@ -142,7 +144,9 @@ class _Call:
         hit = guarded(lambda: self.rt.engine().lookup(key, config=self.config), None)
         if hit is None or not hit.replay:
             return None
-        _lineage.on_leaf(key.node_id, "llm", self.input_text, _atoms_of_value(hit.value))
+        _lineage.on_leaf(
+            key.node_id, "llm", self.input_text, _atoms_of_value(hit.value), self.span_id
+        )
         return hit.value
 
     def record(self, resp: Any, deltas: list[str] | None) -> None:
@@ -171,7 +175,9 @@ class _Call:
             None,
             topic="record",
         )
-        _lineage.on_leaf(key.node_id, "llm", self.input_text, _atoms_of_value(value))
+        _lineage.on_leaf(
+            key.node_id, "llm", self.input_text, _atoms_of_value(value), self.span_id
+        )
 
 
 def _atoms_of_value(value: Any) -> list[str]:
@@ -394,6 +400,7 @@ class _EmbedCall:
         original = type(obj).__dict__.get("__musubi_original__", type(obj))
         self.fp = model_fingerprint(obj, original_cls=original)
         self.config = StepConfiguration(step_type=StepType.DETERMINISTIC)
+        self.span_id = _lineage.current_span_id()
 
     def key(self, mode: str, text: str) -> Any:
         return guarded(
@@ -414,7 +421,7 @@ class _EmbedCall:
         if not isinstance(value, list) or not all(isinstance(v, (int, float)) for v in value):
             warn_once("decode", "stored embedding is not a list of numbers; re-executing")
             return None
-        _lineage.on_leaf(key.node_id, "embedding", text, [])
+        _lineage.on_leaf(key.node_id, "embedding", text, [], self.span_id)
         return [float(v) for v in value]
 
     def record(self, key: Any, text: str, vector: Sequence[float], duration: float) -> None:
@@ -433,7 +440,7 @@ class _EmbedCall:
             None,
             topic="record",
         )
-        _lineage.on_leaf(key.node_id, "embedding", text, [])
+        _lineage.on_leaf(key.node_id, "embedding", text, [], self.span_id)
 
 
 def _make_embedding_methods(cls: type) -> dict[str, Any]:

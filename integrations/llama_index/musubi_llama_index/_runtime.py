@@ -20,9 +20,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from musubi_core.engine import Engine, get_engine
-from musubi_core.errors import MusubiError
-from musubi_core.store.sqlite import SQLiteStore
+from musubi_core import Engine, MusubiError, SQLiteStore, get_engine
 
 __all__ = ["Runtime", "guarded", "warn_once"]
 
