@@ -7,6 +7,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 _ROOT = str(Path(__file__).resolve().parents[2])
@@ -31,16 +32,22 @@ def _restore_langchain_globals() -> Iterator[None]:
     before = get_llm_cache()
     yield
     musubi_langchain.uninstrument()
+    musubi_langchain.uninstall_stream_replay()  # MusubiCache(replay_streams=True) installs it
     set_llm_cache(before)
 
 
 @pytest.fixture
 def chat(openai_server: OpenAIServer) -> ChatOpenAI:  # noqa: F811
-    """A real provider client class talking to 127.0.0.1 (no retries: a failure is a failure)."""
+    """A real provider client class talking to 127.0.0.1 (no retries: a failure is a failure).
+
+    Each test gets its own async HTTP client: langchain-openai otherwise shares one process-wide,
+    and its pooled connections die with the event loop of the test that opened them.
+    """
     return ChatOpenAI(
         model="gpt-4o-mini",
         base_url=openai_server.base_url,
         api_key="test",
         max_retries=0,
         temperature=0,
+        http_async_client=httpx.AsyncClient(),
     )

@@ -17,6 +17,7 @@ Example:
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import datetime
 import enum
@@ -45,8 +46,18 @@ def _message(value: BaseMessage) -> dict[str, Any]:
 
 def to_plain(value: Any, _depth: int = 0) -> Any:
     """A deterministic JSON-shaped view of ``value`` (unknown objects become their type name)."""
-    if value is None or isinstance(value, (bool, int, str)):
+    if value is None or type(value) in (bool, int, str):
         return value
+    if isinstance(value, enum.Enum):
+        return to_plain(value.value, _depth + 1)
+    # str/int subclasses (LangChain's TextAccessor from StrOutputParser) are stored as the base
+    # type: the core codec only round-trips exact types it knows.
+    if isinstance(value, str):
+        return str(value)
+    if isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, int):
+        return int(value)
     if isinstance(value, float):
         return value if math.isfinite(value) else {"float": str(value)}
     if _depth > _MAX_DEPTH:
@@ -78,8 +89,6 @@ def to_plain(value: Any, _depth: int = 0) -> Any:
         return sorted(items, key=lambda v: json.dumps(v, sort_keys=True, default=str))
     if isinstance(value, bytes):
         return {"bytes": base64.b64encode(value).decode("ascii")}
-    if isinstance(value, enum.Enum):
-        return to_plain(value.value, d)
     if isinstance(value, (datetime.datetime, datetime.date, datetime.time)):
         return value.isoformat()
     if isinstance(value, uuid.UUID):
@@ -120,10 +129,8 @@ def _add(out: set[str], value: Any, depth: int) -> None:
             return
     elif isinstance(value, Mapping):
         if value:
-            try:
+            with contextlib.suppress(TypeError, ValueError):
                 out.add("d:" + json.dumps(to_plain(value), sort_keys=True, ensure_ascii=False))
-            except (TypeError, ValueError):
-                pass
         for v in value.values():
             _add(out, v, d)
     elif isinstance(value, (list, tuple)):

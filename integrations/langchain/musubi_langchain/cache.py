@@ -21,6 +21,7 @@ from typing import Any
 
 from langchain_core.caches import RETURN_VAL_TYPE, BaseCache
 from langchain_core.outputs import Generation
+
 from musubi_core.engine import Engine
 from musubi_core.identity import NodeKey
 from musubi_core.policy import StepConfiguration, StepType
@@ -84,6 +85,7 @@ class MusubiCache(BaseCache):
         # the node records how long the provider call took (the seconds a replay saves).
         self._inflight: dict[tuple[str, str], tuple[NodeKey, float]] = {}
         self._inflight_lock = threading.Lock()
+        self._keys: dict[tuple[str, str], NodeKey] = {}
         if replay_streams:
             from .streaming import install_stream_replay  # cycle: streaming imports this module
 
@@ -107,8 +109,19 @@ class MusubiCache(BaseCache):
 
     def node_key(self, prompt: str, llm_string: str) -> NodeKey:
         """The node a ``(prompt, llm_string)`` pair maps to."""
+        memo = llm_call_kwargs.get() is None
+        if memo:
+            # Parsing + canonical hashing dominates a hit; repeated calls send identical strings.
+            cached = self._keys.get((prompt, llm_string))
+            if cached is not None:
+                return cached
         parts = self.key_parts(prompt, llm_string)
-        return self.engine.key(parts.op_name, parts.inputs, fingerprint=parts.fingerprint)
+        key = self.engine.key(parts.op_name, parts.inputs, fingerprint=parts.fingerprint)
+        if memo:
+            if len(self._keys) >= 2048:
+                self._keys.clear()
+            self._keys[(prompt, llm_string)] = key
+        return key
 
     def _remember(self, prompt: str, llm_string: str, key: NodeKey) -> None:
         with self._inflight_lock:

@@ -24,6 +24,7 @@ from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.documents import Document
 from langchain_core.messages import BaseMessage
 from langchain_core.outputs import LLMResult
+
 from musubi_core.context import current_node
 from musubi_core.engine import Engine
 from musubi_core.identity import NodeKey

@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from contextvars import ContextVar
@@ -28,6 +29,7 @@ from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.globals import get_llm_cache, set_llm_cache
 from langchain_core.language_models import BaseLLM
 from langchain_core.tracers import context as tracer_context
+
 from musubi_core.engine import Engine
 
 from ._engine import make_engine
@@ -176,10 +178,8 @@ def uninstrument() -> None:
         # after instrument() is theirs to keep.
         if inst.cache is not None and get_llm_cache() is inst.cache:
             set_llm_cache(inst.previous_cache)
-        try:
+        with contextlib.suppress(Exception):  # best effort; uninstrument must not raise
             inst.engine.flush()
-        except Exception:  # flushing is best effort; uninstrument must not raise
-            pass
 
 
 def current() -> Instrumentation | None:

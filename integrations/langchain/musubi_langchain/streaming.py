@@ -27,14 +27,14 @@ Example:
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
 from langchain_core.caches import BaseCache
 from langchain_core.globals import get_llm_cache
 from langchain_core.language_models import BaseChatModel
 from langchain_core.load import dumps
-from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, ToolCallChunk
 from langchain_core.outputs import ChatGeneration
 
 from ._patches import Patch
@@ -44,7 +44,7 @@ try:  # private helper; the key must match the one invoke() builds, which normal
     from langchain_core.language_models._utils import _normalize_messages
 except ImportError:  # pragma: no cover - older/newer langchain-core
 
-    def _normalize_messages(messages: Any) -> Any:
+    def _normalize_messages(messages: Sequence[BaseMessage]) -> list[BaseMessage]:
         return list(messages)
 
 
@@ -85,13 +85,10 @@ def _as_chunk(message: BaseMessage) -> AIMessageChunk:
         # chunk class (rightly) rejects as incomplete usage.
         data["usage_metadata"] = None
     chunks = [
-        {
-            "name": tc["name"],
-            "args": json.dumps(tc["args"]),
-            "id": tc.get("id"),
-            "index": i,
-            "type": "tool_call_chunk",
-        }
+        ToolCallChunk(
+            name=tc["name"], args=json.dumps(tc["args"]), id=tc.get("id"), index=i,
+            type="tool_call_chunk",
+        )
         for i, tc in enumerate(getattr(message, "tool_calls", None) or [])
     ]
     return AIMessageChunk(**data, tool_call_chunks=chunks, chunk_position="last")
