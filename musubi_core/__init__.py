@@ -37,12 +37,14 @@ from .errors import (
 from .identity import NodeKey, input_hash
 from .policy import Decision, ReplayReason, StepConfiguration, StepType
 from .result import Result
+from .runner import Context, arun, run
 from .store import SQLiteStore, Store
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Codec",
+    "Context",
     "DecodeError",
     "Decision",
     "DivergenceError",
@@ -70,6 +72,7 @@ __all__ = [
     "StoreError",
     "__version__",
     "allow",
+    "arun",
     "current_node",
     "current_run",
     "get_engine",
@@ -77,6 +80,7 @@ __all__ = [
     "merge",
     "register_decoder",
     "register_encoder",
+    "run",
     "step",
     "use_engine",
 ]

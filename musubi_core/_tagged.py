@@ -214,7 +214,9 @@ def _enc_other(v: Any, canonical: bool, hook: Callable[[Any], Any] | None, activ
     if isinstance(v, BaseModel):
         marker = _enter(v, active)
         try:
-            fields = v.model_dump(mode="python", round_trip=True)
+            # by_alias: model_validate() accepts aliases by default, field
+            # names only when the model opts in, so aliases round-trip.
+            fields = v.model_dump(mode="python", round_trip=True, by_alias=True)
         except Exception as exc:  # pydantic raises many types here
             raise TagError(f"pydantic model {t.__qualname__} could not be dumped: {exc}") from exc
         tree = {"$model": class_path(t), "fields": _enc(fields, canonical, hook, active)}

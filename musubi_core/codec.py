@@ -93,27 +93,42 @@ def allow_annotation(annotation: Any) -> None:
 
 def _check_allowed(tree: Any) -> None:
     """Fail at encode time (not on some later replay) if a class in the value
-    could not be rebuilt."""
-    stack = [tree]
+    could not be rebuilt; the error names the path of the value."""
+    stack: list[tuple[Any, tuple[str, ...]]] = [(tree, ())]
     while stack:
-        node = stack.pop()
+        node, path = stack.pop()
         if isinstance(node, list):
-            stack.extend(node)
+            stack.extend((item, (*path, f"[{i}]")) for i, item in enumerate(node))
         elif isinstance(node, dict):
+            if not any(key.startswith("$") for key in node):
+                # A plain dict: its keys are the user's keys.
+                stack.extend((value, (*path, _key_label(key))) for key, value in node.items())
+                continue
             for tag in ("$model", "$dataclass", "$enum", "$seq", "$mapping", "$scalar"):
                 name = node.get(tag)
                 if isinstance(name, str) and name not in _ALLOWED:
                     raise TagError(
                         f"class {name} is not allow-listed for decoding; call "
                         f"musubi_core.allow({name.split(':')[-1]}) or annotate the step's "
-                        "return type with it"
+                        "return type with it",
+                        tuple(reversed(path)),
                     )
             custom = node.get("$custom")
             if isinstance(custom, str) and custom not in _DECODERS:
                 raise TagError(
-                    f"no decoder registered for {custom}; call musubi_core.register_decoder"
+                    f"no decoder registered for {custom}; call musubi_core.register_decoder",
+                    tuple(reversed(path)),
                 )
-            stack.extend(node.values())
+            # A tagged node wraps its content without adding a path segment.
+            stack.extend((value, path) for value in node.values())
+
+
+def _key_label(key: str) -> str:
+    return f".{key}" if key.isidentifier() else f"[{key!r}]"
+
+
+# json.dumps(tree, separators=(",", ":"), ensure_ascii=False), built once.
+_COMPACT_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
 class JSONCodec:
@@ -134,18 +149,33 @@ class JSONCodec:
             raise SerializationError(
                 "cannot store the result: nesting too deep", value=value
             ) from None
-        payload = json.dumps(tree, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        try:
+            # surrogatepass: a str holding lone surrogates (os.fsdecode of
+            # undecodable bytes) is stored as-is instead of failing.
+            text = _COMPACT_JSON(tree)
+            payload = text.encode("utf-8", "surrogatepass")
+        except ValueError as exc:  # e.g. an int beyond sys.get_int_max_str_digits()
+            raise SerializationError(f"cannot store the result: {exc}", value=value) from None
         return JSON_ENCODING, payload
 
     def decode(self, encoding: str, payload: bytes) -> Any:
         if encoding != JSON_ENCODING:
             raise DecodeError(f"unknown artifact encoding {encoding!r}")
         try:
-            return _dec(json.loads(payload))
+            tree = json.loads(payload.decode("utf-8", "surrogatepass"))
+            if b'"$' not in payload and b"\\u0024" not in payload:
+                # No string starts with "$": no tagged node anywhere, so the
+                # parsed tree already is the value (_dec would copy it as is).
+                return tree
+            return _dec(tree)
         except DecodeError:
             raise
-        except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
-            raise DecodeError(f"corrupt artifact: {exc}") from None
+        except RecursionError:
+            raise DecodeError("corrupt artifact: nesting too deep") from None
+        except Exception as exc:
+            # Whatever a tampered payload makes a constructor raise, it is a
+            # miss (recompute), never a crash of the caller.
+            raise DecodeError(f"corrupt artifact: {type(exc).__name__}: {exc}") from None
 
 
 def _allowed(name: str) -> type:
@@ -206,7 +236,11 @@ def _dec_tag(node: dict[str, Any]) -> Any:
     if "$dataclass" in node:
         return _dec_dataclass(_allowed(node["$dataclass"]), _dec(node["fields"]))
     if "$seq" in node:
-        return _allowed(node["$seq"])(_dec(node["items"]))
+        seq_cls = _allowed(node["$seq"])
+        items = _dec(node["items"])
+        if issubclass(seq_cls, tuple) and hasattr(seq_cls, "_make"):
+            return seq_cls._make(items)  # a NamedTuple takes its fields positionally
+        return seq_cls(items)
     if "$mapping" in node:
         cls = _allowed(node["$mapping"])
         items = _dec(node["items"])
@@ -232,9 +266,15 @@ def _hashable(value: Any) -> Any:
 def _dec_dataclass(cls: type, fields: dict[str, Any]) -> Any:
     if not dataclasses.is_dataclass(cls):
         raise DecodeError(f"{class_path(cls)} is not a dataclass")
-    init_fields = {f.name for f in dataclasses.fields(cls) if f.init}
+    all_fields = dataclasses.fields(cls)
+    init_fields = {f.name for f in all_fields if f.init}
+    other_fields = {f.name for f in all_fields if not f.init}
+    unknown = set(fields) - init_fields - other_fields
+    if unknown:
+        # Only declared fields may be set: a tampered artifact must not be
+        # able to plant arbitrary attributes (``__dict__``, ...).
+        raise DecodeError(f"{class_path(cls)} has no field(s) {sorted(unknown)[:3]}")
     obj = cls(**{k: v for k, v in fields.items() if k in init_fields})
-    for name, value in fields.items():
-        if name not in init_fields:
-            object.__setattr__(obj, name, value)
+    for name in other_fields & set(fields):
+        object.__setattr__(obj, name, fields[name])
     return obj

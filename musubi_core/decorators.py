@@ -27,7 +27,13 @@ from typing import Any, Generic, ParamSpec, TypeVar, overload
 from .codec import allow_annotation
 from .context import current_node
 from .engine import Engine, get_engine
-from .identity import NodeKey, collect_results, function_fingerprint
+from .identity import (
+    NodeKey,
+    function_fingerprint,
+    input_hash,
+    make_node_id,
+    make_op,
+)
 from .policy import Decision, StepConfiguration, StepType
 from .result import Result
 
@@ -90,6 +96,18 @@ class StepFunction(Generic[P, R]):
             hints = typing.get_type_hints(fn)
             if "return" in hints:
                 allow_annotation(hints["return"])
+        # Hot path: the op (name + fingerprint digest) is computed once, not per
+        # call; and a call with positional arguments only, to a function whose
+        # parameters are all plain positional ones, skips Signature.bind.
+        self._op_for: tuple[str, Any] = (self.name, self.fingerprint)
+        self._op = make_op(self.name, self.fingerprint)
+        params = tuple(self._signature.parameters.values())
+        simple = all(
+            p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+            for p in params
+        )
+        self._names: tuple[str, ...] | None = tuple(p.name for p in params) if simple else None
+        self._defaults: tuple[Any, ...] = tuple(p.default for p in params)
         functools.update_wrapper(self, fn)
 
     @property
@@ -98,15 +116,44 @@ class StepFunction(Generic[P, R]):
 
     def key(self, *args: Any, **kwargs: Any) -> tuple[NodeKey, dict[str, str]]:
         """The node identity a call with these arguments reaches."""
+        arguments = self._arguments(args, kwargs)
+        if self._op_for[0] is not self.name or self._op_for[1] is not self.fingerprint:
+            # name or fingerprint was reassigned after decoration
+            self._op_for = (self.name, self.fingerprint)
+            self._op = make_op(self.name, self.fingerprint)
+        # Same recipe as Engine.key, with the op computed once per function.
+        # The hash walk collects every Result it hashes, however nested.
+        found: list[Result[Any]] = []
+        merged = _MERGED.get()
+        if merged:
+            # merge() parents enter by artifact too: a parent re-executed with
+            # a different output must not leave this node replaying.
+            inputs: Any = {"args": arguments, "merged": sorted({r.artifact_id for r in merged})}
+            in_hash = input_hash(inputs, found)
+            found.extend(merged)
+        else:
+            in_hash = input_hash(arguments, found)
+        upstream_artifacts = {r.node_id: r.artifact_id for r in found}
+        ups = tuple(sorted(upstream_artifacts)) if upstream_artifacts else ()
+        key = NodeKey(make_node_id(self._op, in_hash, ups), self._op, self.name, in_hash, ups)
+        return key, upstream_artifacts
+
+    def _arguments(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+        """``Signature.bind`` + ``apply_defaults``, as a dict in parameter order."""
+        names = self._names
+        if names is not None and not kwargs and len(args) <= len(names):
+            arguments = dict(zip(names, args, strict=False))
+            empty = inspect.Parameter.empty
+            for index in range(len(args), len(names)):
+                default = self._defaults[index]
+                if default is empty:
+                    break  # a missing argument: let bind() raise its TypeError
+                arguments[names[index]] = default
+            else:
+                return arguments
         bound = self._signature.bind(*args, **kwargs)
         bound.apply_defaults()
-        arguments = dict(bound.arguments)
-        parents = collect_results(arguments, list(_MERGED.get()))
-        upstream_artifacts = {r.node_id: r.artifact_id for r in parents}
-        key = self.engine.key(
-            self.name, arguments, fingerprint=self.fingerprint, upstream=upstream_artifacts.keys()
-        )
-        return key, upstream_artifacts
+        return dict(bound.arguments)
 
     def explain(self, *args: Any, **kwargs: Any) -> Decision:
         """Would this call replay? Returns the decision and its reason

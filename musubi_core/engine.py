@@ -38,7 +38,12 @@ from typing import Any, TypeVar
 
 from .codec import Codec, JSONCodec
 from .context import current_run, running_node
-from .errors import DecodeError, EffectInDoubtError, MusubiError, NodeNotFoundError
+from .errors import (
+    DecodeError,
+    EffectInDoubtError,
+    MusubiError,
+    NodeNotFoundError,
+)
 from .identity import NodeKey, input_hash, make_node_id, make_op
 from .policy import Decision, ReplayReason, StepConfiguration, StepType, decide, expiry
 from .store import ArtifactWrite, EdgeWrite, NodeRecord, NodeWrite, SQLiteStore, Store
@@ -89,30 +94,41 @@ _HOST = socket.gethostname()
 _PROCESS_TOKEN = uuid.uuid4().hex[:12]
 
 
-def _reset_token() -> None:
+# Owners of the EXTERNAL_EFFECT calls executing in this process right now. A
+# pending intent row of this process whose owner is not in here belongs to a
+# call that ended without recording its outcome: its effect is in doubt.
+_INFLIGHT: set[str] = set()
+
+
+def _after_fork_in_child() -> None:
     global _PROCESS_TOKEN
     _PROCESS_TOKEN = uuid.uuid4().hex[:12]
+    _INFLIGHT.clear()
+    # The parent flushes its own buffered writes; the child must not repeat them.
+    for engine in list(_LIVE_ENGINES):
+        engine._buffer = _Buffer()
 
 
-os.register_at_fork(after_in_child=_reset_token)
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def _owner() -> str:
-    return f"{_HOST}:{os.getpid()}:{_PROCESS_TOKEN}:{threading.get_ident()}"
+def _new_owner() -> str:
+    """A claim owner unique to one call: host, pid, process token, nonce."""
+    return f"{_HOST}:{os.getpid()}:{_PROCESS_TOKEN}:{uuid.uuid4().hex[:12]}"
 
 
 def _owner_alive(node: NodeRecord) -> bool:
-    """Is the process that claimed ``node`` still running?"""
+    """Is the call that claimed ``node`` still running?"""
     parts = (node.owner or "").split(":")
     if len(parts) != 4:
         return False
-    host, pid_text, token, _thread = parts
+    host, pid_text, token, _nonce = parts
     if host != _HOST:
         started = node.started_at or node.created_at
         return time.time() - started < EFFECT_LEASE_SECONDS
     pid = int(pid_text) if pid_text.isdigit() else -1
     if pid == os.getpid():
-        return token == _PROCESS_TOKEN
+        return token == _PROCESS_TOKEN and node.owner in _INFLIGHT
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -240,12 +256,18 @@ class Engine:
             return Lookup(
                 False, Decision(False, ReplayReason.ARTIFACT_CORRUPT, str(err)), None, node
             )
-        if upstream_fresh:
-            self.store.mark_fresh(node.node_id)
+        if upstream_fresh and not self.store.mark_fresh(node.node_id):
+            # A parent changed again between our check and the revival.
+            stale = Decision(False, ReplayReason.STALE, "an upstream node changed again")
+            return Lookup(False, stale, None, node)
         self._count_replay(node.node_id)
         return Lookup(True, decision, value, node)
 
     def _find(self, node_id: str) -> tuple[NodeRecord, str | None, bytes | None] | None:
+        if self._buffer.due():
+            # Old buffered writes go to the store first, so that another
+            # process's invalidation of them is seen rather than shadowed.
+            self._flush_quietly()
         buffered = self._buffer.nodes.get(node_id) if self._buffer.nodes else None
         if buffered is not None:
             artifact = self._buffer.artifacts.get(buffered.artifact_id or "")
@@ -382,6 +404,7 @@ class Engine:
             if self._buffer.due():
                 self.flush()
             return Recorded(key.node_id, artifact_id, key.node_id)
+        self._unbuffer(key.node_id)
         self.store.write([node], [artifact], edges)
         producer = self.store.artifact_producer(artifact_id) or key.node_id
         return Recorded(key.node_id, artifact_id, producer)
@@ -425,6 +448,7 @@ class Engine:
                 self._buffer.edges.extend(edges)
             self.store.write([node], (), ())
             return Recorded(key.node_id, None, None)
+        self._unbuffer(key.node_id)
         self.store.write([node], (), edges)
         return Recorded(key.node_id, None, None)
 
@@ -462,13 +486,34 @@ class Engine:
         with self._buffer.lock:
             self._buffer.replays[node_id] += 1
         if self._buffer.due():
+            self._flush_quietly()
+
+    def _flush_quietly(self) -> None:
+        """Flush on a read path: a failing store must not turn a successful
+        replay into an error (the counters are retried on the next flush)."""
+        try:
             self.flush()
+        except MusubiError as err:
+            warnings.warn(f"musubi: could not write buffered records: {err}", RuntimeWarning, stacklevel=4)
+
+    def _unbuffer(self, node_id: str) -> None:
+        """Drop a deferred write of ``node_id``: a direct write about to
+        happen is newer and must not be overwritten by the next flush."""
+        if self._buffer.nodes:
+            with self._buffer.lock:
+                self._buffer.nodes.pop(node_id, None)
 
     def invalidate(self, node_id: str) -> int:
         """Mark ``node_id`` and its data-descendants stale; returns how many
         nodes changed. The next run recomputes exactly those (and, by early
         cutoff, fewer when a recomputed node yields the same output)."""
-        self.flush()
+        # Buffered writes of every engine of this process on this file go
+        # first, or a deferred node would escape the invalidation.
+        for engine in list(_LIVE_ENGINES):
+            if engine is self or (
+                not engine._closed and getattr(engine.store, "path", None) == self.store.path
+            ):
+                engine.flush()
         return self.store.invalidate(self.store.resolve(node_id))
 
     def flush(self) -> None:
@@ -509,17 +554,29 @@ class Engine:
         upstream_artifacts: Mapping[str, str] | None = None,
     ) -> Outcome:
         """Replay ``key`` or run ``fn`` and record its output."""
-        replay = self._before(key, config, wait=_sleep_sync)
-        if isinstance(replay, Outcome):
-            return replay
-        started, t0 = time.time(), time.perf_counter()
+        owner = _new_owner()
+        _INFLIGHT.add(owner)
         try:
-            with running_node(key.node_id):
-                value = fn()
-        except BaseException as exc:
-            self._fail(key, exc, config, kind, started, t0, parent, label)
-            raise
-        return self._after(key, value, config, kind, started, t0, parent, label, upstream_artifacts)
+            deadline = time.monotonic() + EFFECT_WAIT_SECONDS
+            replay = self._before(key, config, owner)
+            while isinstance(replay, _Waiting):
+                self._check_deadline(key, deadline)
+                time.sleep(0.05)
+                replay = self._before(key, config, owner)
+            if isinstance(replay, Outcome):
+                return replay
+            started, t0 = time.time(), time.perf_counter()
+            try:
+                with running_node(key.node_id):
+                    value = fn()
+            except BaseException as exc:
+                self._fail(key, exc, config, kind, started, t0, parent, label)
+                raise
+            return self._after(
+                key, value, config, kind, started, t0, parent, label, upstream_artifacts
+            )
+        finally:
+            _INFLIGHT.discard(owner)
 
     async def aexecute(
         self,
@@ -533,23 +590,46 @@ class Engine:
         upstream_artifacts: Mapping[str, str] | None = None,
     ) -> Outcome:
         """Async :meth:`execute`."""
-        replay = self._before(key, config, wait=None)
-        if replay is _WAIT:
-            replay = await self._await_effect(key, config)
-        if isinstance(replay, Outcome):
-            return replay
-        started, t0 = time.time(), time.perf_counter()
+        owner = _new_owner()
+        _INFLIGHT.add(owner)
         try:
-            with running_node(key.node_id):
-                value = await fn()
-        except BaseException as exc:
-            self._fail(key, exc, config, kind, started, t0, parent, label)
-            raise
-        return self._after(key, value, config, kind, started, t0, parent, label, upstream_artifacts)
+            deadline = time.monotonic() + EFFECT_WAIT_SECONDS
+            replay = self._before(key, config, owner)
+            while isinstance(replay, _Waiting):
+                self._check_deadline(key, deadline)
+                await asyncio.sleep(0.05)
+                replay = self._before(key, config, owner)
+            if isinstance(replay, Outcome):
+                return replay
+            started, t0 = time.time(), time.perf_counter()
+            try:
+                with running_node(key.node_id):
+                    value = await fn()
+            except BaseException as exc:
+                self._fail(key, exc, config, kind, started, t0, parent, label)
+                raise
+            return self._after(
+                key, value, config, kind, started, t0, parent, label, upstream_artifacts
+            )
+        finally:
+            _INFLIGHT.discard(owner)
+
+    def _check_deadline(self, key: NodeKey, deadline: float) -> None:
+        if time.monotonic() > deadline:
+            node = self.store.get_node(key.node_id)
+            raise EffectInDoubtError(
+                key.node_id,
+                op=key.op_name,
+                owner=node.owner if node else None,
+                reason="timeout",
+                waited_s=EFFECT_WAIT_SECONDS,
+            )
 
     def _before(
-        self, key: NodeKey, config: StepConfiguration, wait: Callable[[float], None] | None
+        self, key: NodeKey, config: StepConfiguration, owner: str
     ) -> Outcome | _Waiting | None:
+        """Replay, or (for an EXTERNAL_EFFECT) claim the node, or report that
+        another live call is executing it (``_WAIT``). ``None``: execute."""
         found = self.lookup(key, config)
         if found.replay:
             return _outcome_from(found)
@@ -557,47 +637,34 @@ class Engine:
             return None
         # Intent first: the row says "this effect is being issued by me" before
         # the call, so a crash leaves evidence instead of a silent repeat.
-        deadline = time.monotonic() + EFFECT_WAIT_SECONDS
-        while True:
-            claim = self.store.claim(
-                NodeWrite(
-                    node_id=key.node_id,
-                    op=key.op,
-                    op_name=key.op_name,
-                    kind="step",
-                    step_type=config.step_type.value,
-                    input_hash=key.input_hash,
-                    status="pending",
-                    namespace=self.namespace,
-                    started_at=time.time(),
-                    owner=_owner(),
-                    executed=0,
-                    run_id=current_run(),
-                ),
-                owner_alive=_owner_alive_or_doubt(config),
-                force=config.force_reexecution,
-            )
-            if claim.state == "claimed":
-                return None
-            if claim.state == "done":
-                again = self.lookup(key, config)
-                if again.replay:
-                    return _outcome_from(again)
-                continue
-            if wait is None:
-                return _WAIT
-            if time.monotonic() > deadline:
-                raise EffectInDoubtError(
-                    key.node_id, op=key.op_name, owner=claim.node.owner if claim.node else None
-                )
-            wait(0.05)
-
-    async def _await_effect(self, key: NodeKey, config: StepConfiguration) -> Outcome | None:
-        while True:
-            await asyncio.sleep(0.05)
-            result = self._before(key, config, wait=None)
-            if not isinstance(result, _Waiting):
-                return result
+        self._unbuffer(key.node_id)
+        claim = self.store.claim(
+            NodeWrite(
+                node_id=key.node_id,
+                op=key.op,
+                op_name=key.op_name,
+                kind="step",
+                step_type=config.step_type.value,
+                input_hash=key.input_hash,
+                status="pending",
+                namespace=self.namespace,
+                started_at=time.time(),
+                owner=owner,
+                executed=0,
+                run_id=current_run(),
+            ),
+            owner_alive=_owner_alive_or_doubt(config),
+            force=config.force_reexecution,
+        )
+        if claim.state == "claimed":
+            return None
+        if claim.state == "done":
+            # Another call finished it between our lookup and our claim.
+            again = self.lookup(key, config)
+            if again.replay:
+                return _outcome_from(again)
+            raise EffectInDoubtError(key.node_id, op=key.op_name, reason="lost")
+        return _WAIT
 
     def _after(
         self,
@@ -611,17 +678,24 @@ class Engine:
         label: str | None,
         upstream_artifacts: Mapping[str, str] | None,
     ) -> Outcome:
-        recorded = self.record(
-            key,
-            value,
-            config,
-            kind=kind,
-            started_at=started,
-            duration_s=time.perf_counter() - t0,
-            parent=parent,
-            label=label,
-            upstream_artifacts=upstream_artifacts,
-        )
+        try:
+            recorded = self.record(
+                key,
+                value,
+                config,
+                kind=kind,
+                started_at=started,
+                duration_s=time.perf_counter() - t0,
+                parent=parent,
+                label=label,
+                upstream_artifacts=upstream_artifacts,
+            )
+        except BaseException as err:
+            # The effect happened; if its outcome cannot be recorded (codec or
+            # store failure), the next call must not silently repeat it.
+            if config.step_type is StepType.EXTERNAL_EFFECT:
+                self._leave_in_doubt(key, config, err)
+            raise
         assert recorded.artifact_id is not None
         return Outcome(
             value,
@@ -630,6 +704,30 @@ class Engine:
             recorded.producer_node_id or key.node_id,
             False,
         )
+
+    def _leave_in_doubt(self, key: NodeKey, config: StepConfiguration, err: BaseException) -> None:
+        """The effect happened but its result cannot be stored. Keep the intent
+        row pending with no live owner, so the next call (in this process or
+        another) raises EffectInDoubtError instead of silently repeating it."""
+        with contextlib.suppress(MusubiError):
+            self.store.write(
+                [
+                    NodeWrite(
+                        node_id=key.node_id,
+                        op=key.op,
+                        op_name=key.op_name,
+                        kind="step",
+                        step_type=config.step_type.value,
+                        input_hash=key.input_hash,
+                        status="pending",
+                        namespace=self.namespace,
+                        started_at=time.time(),
+                        owner=None,
+                        error=f"effect ran; result not stored: {err}"[:4000],
+                        run_id=current_run(),
+                    )
+                ]
+            )
 
     def _fail(
         self,

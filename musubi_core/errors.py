@@ -129,19 +129,45 @@ class StepFailedError(MusubiError):
 
 
 class EffectInDoubtError(MusubiError):
-    """An EXTERNAL_EFFECT step started earlier but never recorded an outcome,
-    so its effect may or may not have happened."""
+    """An EXTERNAL_EFFECT step cannot be replayed and must not be repeated
+    blindly: it started earlier and never recorded an outcome (``reason``
+    ``"died"``), its recorded outcome is unreadable (``"lost"``), or another
+    process is still executing it past the wait limit (``"timeout"``)."""
 
-    def __init__(self, node_id: str, *, op: str | None = None, owner: str | None = None) -> None:
-        super().__init__(
-            f"external effect {op or ''} (node {node_id[:12]}) was started by {owner or 'a process'} "
-            "that died before recording its outcome, so the effect may already have happened; "
-            "check the external system, then re-run with "
-            "StepConfiguration(step_type=EXTERNAL_EFFECT, force_reexecution=True) to issue it again"
-        )
+    def __init__(
+        self,
+        node_id: str,
+        *,
+        op: str | None = None,
+        owner: str | None = None,
+        reason: str = "died",
+        waited_s: float | None = None,
+    ) -> None:
+        what = f"external effect {op or ''} (node {node_id[:12]})"
+        if reason == "timeout":
+            message = (
+                f"{what} is still being executed by {owner or 'another process'} after "
+                f"{waited_s or 0:.0f}s; wait for it, or raise "
+                "musubi_core.engine.EFFECT_WAIT_SECONDS"
+            )
+        elif reason == "lost":
+            message = (
+                f"{what} ran, but its stored result is missing or unreadable, so musubi cannot "
+                "replay it and will not repeat it blindly; check the external system, then re-run "
+                "with StepConfiguration(step_type=EXTERNAL_EFFECT, force_reexecution=True)"
+            )
+        else:
+            message = (
+                f"{what} was started by {owner or 'a process'} that stopped before recording "
+                "its outcome, so the effect may already have happened; check the external "
+                "system, then re-run with "
+                "StepConfiguration(step_type=EXTERNAL_EFFECT, force_reexecution=True)"
+            )
+        super().__init__(message)
         self.node_id = node_id
         self.op = op
         self.owner = owner
+        self.reason = reason
 
 
 class NodeNotFoundError(MusubiError, LookupError):

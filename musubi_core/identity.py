@@ -57,24 +57,49 @@ def _result_hook(value: Any) -> Any:
     return NotImplemented
 
 
-def canonical_bytes(value: Any) -> bytes:
+def _collecting_hook(found: list[Result[Any]]) -> Any:
+    def hook(value: Any) -> Any:
+        if type(value) is Result:
+            found.append(value)
+            return {"$result": value.artifact_id}
+        return NotImplemented
+
+    return hook
+
+
+def canonical_bytes(value: Any, results: list[Result[Any]] | None = None) -> bytes:
     """The canonical, type-tagged JSON encoding of ``value`` as UTF-8 bytes.
+
+    Every :class:`Result` met on the way (however deeply nested: in lists,
+    dicts, dataclasses, models) is appended to ``results`` when given, so the
+    caller links exactly the upstream nodes whose artifacts were hashed.
 
     Raises ``TypeError`` (an ``IdentityError``) naming the JSON-path of the
     first value that has no stable encoding.
     """
+    hook = _result_hook if results is None else _collecting_hook(results)
     try:
-        tree = encode(value, canonical=True, hook=_result_hook)
+        tree = encode(value, canonical=True, hook=hook)
     except TagError as err:
         raise IdentityError(f"cannot hash input: {err}", err.path) from None
     except RecursionError:
         raise IdentityError("cannot hash input: nesting too deep", "$") from None
-    return json.dumps(tree, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    try:
+        text = _CANONICAL_JSON(tree)
+    except ValueError as exc:  # an int beyond sys.get_int_max_str_digits()
+        raise IdentityError(f"cannot hash input: {exc}", "$") from None
+    # surrogatepass: strings with lone surrogates still get a stable identity.
+    return text.encode("utf-8", "surrogatepass")
 
 
-def input_hash(value: Any) -> str:
-    """SHA-256 hex digest of :func:`canonical_bytes`."""
-    return hashlib.sha256(canonical_bytes(value)).hexdigest()
+# The exact encoder ``json.dumps(tree, separators=(",", ":"), ensure_ascii=False)``
+# builds on every call, made once: identical bytes, without the per-call setup.
+_CANONICAL_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
+def input_hash(value: Any, results: list[Result[Any]] | None = None) -> str:
+    """SHA-256 hex digest of :func:`canonical_bytes` (``results`` as there)."""
+    return hashlib.sha256(canonical_bytes(value, results)).hexdigest()
 
 
 def make_op(op_name: str, fingerprint: Any = None) -> str:
@@ -148,6 +173,8 @@ def _ast_tree(node: Any) -> Any:
     ``type_params=[]`` to every function); dropping empty and ``None`` fields
     keeps the same code hashing the same on 3.10 to 3.13.
     """
+    if isinstance(node, ast.JoinedStr):
+        node = ast.JoinedStr(values=_joined_values(node.values))
     if isinstance(node, ast.AST):
         fields = {}
         for name, value in ast.iter_fields(node):
@@ -160,6 +187,22 @@ def _ast_tree(node: Any) -> Any:
     if isinstance(node, bytes | complex | float | int | str | bool) or node is Ellipsis:
         return repr(node)
     return type(node).__name__
+
+
+def _joined_values(values: list[ast.expr]) -> list[ast.expr]:
+    """f-string parts with empty constants dropped and adjacent constants
+    merged: 3.12's parser emits ``Constant('')`` in nested format specs where
+    3.10/3.11/3.13 do not."""
+    out: list[ast.expr] = []
+    for value in values:
+        if isinstance(value, ast.Constant) and isinstance(value.value, str):
+            if not value.value:
+                continue
+            if out and isinstance(out[-1], ast.Constant) and isinstance(out[-1].value, str):
+                out[-1] = ast.Constant(value=out[-1].value + value.value)
+                continue
+        out.append(value)
+    return out
 
 
 def function_fingerprint(fn: Callable[..., Any]) -> str:

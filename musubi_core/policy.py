@@ -101,6 +101,10 @@ class Decision:
         return f"{verdict} ({self.reason.value}){': ' + self.detail if self.detail else ''}"
 
 
+# The decision of every plain hit (immutable, so one shared instance).
+_HIT = Decision(True, ReplayReason.HIT, "")
+
+
 class NodeState(Protocol):
     """What the decision needs to know about a stored node."""
 
@@ -143,18 +147,35 @@ def decide(
         return Decision(False, ReplayReason.PENDING, "a previous execution did not finish")
     if status == "failed":
         return Decision(False, ReplayReason.FAILED, "the last execution raised")
-    if status == "stale":
-        if upstream_fresh:
-            return Decision(True, ReplayReason.HIT, "upstream re-ran with identical output")
+    if status == "stale" and not upstream_fresh:
         return Decision(False, ReplayReason.STALE, "invalidated (itself or an upstream node)")
-    if status != "done":
+    if status not in ("done", "stale"):
         return Decision(False, ReplayReason.NOT_FOUND, f"unknown status {status!r}")
+    # A stale node revived by early cutoff gets every check a done node gets.
     if node.artifact_id is None or not artifact_present:
         return Decision(False, ReplayReason.ARTIFACT_MISSING, "the stored output is gone")
-    expires_at = node.expires_at
+    expires_at = _effective_expiry(node, config)
     if expires_at is not None and now >= expires_at:
         return Decision(False, ReplayReason.TTL_EXPIRED, f"expired {now - expires_at:.0f}s ago")
-    return Decision(True, ReplayReason.HIT, "")
+    if status == "stale":
+        return Decision(True, ReplayReason.HIT, "upstream re-ran with identical output")
+    return _HIT
+
+
+def _effective_expiry(node: NodeState, config: StepConfiguration) -> float | None:
+    """The stored expiry, tightened by the caller's current TTL: shortening a
+    STOCHASTIC step's TTL (or making a step STOCHASTIC) applies to results
+    already stored, not only to new ones."""
+    expires_at = node.expires_at
+    finished_at = node.finished_at
+    if (
+        config.step_type is StepType.STOCHASTIC
+        and config.ttl_seconds is not None
+        and finished_at is not None
+    ):
+        now_rule = finished_at + config.ttl_seconds
+        return now_rule if expires_at is None else min(expires_at, now_rule)
+    return expires_at
 
 
 def expiry(config: StepConfiguration, finished_at: float) -> float | None:

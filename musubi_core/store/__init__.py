@@ -10,6 +10,8 @@ from .base import (
     ParentState,
     RunRecord,
     RunStepRecord,
+    RunStepWrite,
+    RunStore,
     Store,
 )
 from .schema import SCHEMA_VERSION
@@ -26,6 +28,8 @@ __all__ = [
     "ParentState",
     "RunRecord",
     "RunStepRecord",
+    "RunStepWrite",
+    "RunStore",
     "SQLiteStore",
     "Store",
 ]

@@ -22,6 +22,8 @@ __all__ = [
     "ParentState",
     "RunRecord",
     "RunStepRecord",
+    "RunStepWrite",
+    "RunStore",
     "Store",
 ]
 
@@ -154,6 +156,10 @@ class RunRecord:
     error: str | None
     node_id: str | None
     attempts: int
+    # Filled by list_runs/get_run: how many steps the run has recorded, and
+    # how many of them committed.
+    steps_done: int = 0
+    steps_total: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,8 +176,27 @@ class RunStepRecord:
     started_at: float | None
     finished_at: float | None
     wake_at: float | None
+    attempts: int = 0
     encoding: str | None = None
     payload: bytes | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class RunStepWrite:
+    """A durable step's row as the runner writes it (pending, done or failed)."""
+
+    run_id: str
+    name: str
+    seq: int
+    kind: str
+    status: str
+    fingerprint: str | None
+    node_id: str | None
+    artifact_id: str | None = None
+    error: str | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    wake_at: float | None = None
 
 
 @runtime_checkable
@@ -216,8 +241,10 @@ class Store(Protocol):
         nodes changed state."""
         ...
 
-    def mark_fresh(self, node_id: str) -> None:
-        """A stale node found its inputs unchanged (early cutoff): done again."""
+    def mark_fresh(self, node_id: str) -> bool:
+        """Early cutoff: make a node that is stale only because of an upstream
+        done again, if (checked atomically) every data parent is done with the
+        artifact the node consumed. Returns whether it was revived."""
         ...
 
     def data_parents(self, node_id: str) -> list[ParentState]: ...
@@ -251,3 +278,78 @@ class Store(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class RunStore(Protocol):
+    """What durable runs (:mod:`musubi_core.runner`) need from a backend, on
+    top of :class:`Store`. One writer per run is guaranteed by the runner's
+    lock, so these methods need not arbitrate between writers of one run;
+    readers may call the read methods at any time, also while a run writes."""
+
+    def begin_run(
+        self,
+        run_id: str,
+        *,
+        name: str | None,
+        node_id: str,
+        parent_node: str | None,
+        host: str,
+        pid: int,
+        now: float,
+    ) -> list[RunStepRecord]:
+        """Mark the run running (creating it if new, counting an attempt; its
+        lineage node ``node_id`` is written by :meth:`finish_run`), add a
+        ``contains`` edge from ``parent_node`` when the run was started inside
+        another node, and return the recorded steps with their artifacts'
+        encoding and payload, in ``seq`` order."""
+        ...
+
+    def discard_steps_from(self, run_id: str, name: str) -> list[str]:
+        """Forget step ``name`` and every step recorded after it (by ``seq``);
+        return the names removed, or ``[]`` when ``name`` is not recorded."""
+        ...
+
+    def mark_step_started(self, step: RunStepWrite) -> None:
+        """Record that a step body is starting (status ``pending``, one more
+        attempt). Need not be durable: a lost marker only means a step that
+        would re-run anyway is not shown as in flight."""
+        ...
+
+    def checkpoint_step(
+        self,
+        step: RunStepWrite,
+        node: NodeWrite,
+        artifact: ArtifactWrite | None,
+        edges: Sequence[EdgeWrite],
+    ) -> None:
+        """Commit a finished step durably (it survives power loss) in one
+        transaction: its row, its lineage node, its artifact and its edges."""
+        ...
+
+    def record_step_failure(
+        self, step: RunStepWrite, node: NodeWrite, edges: Sequence[EdgeWrite]
+    ) -> None:
+        """Record that a step raised (it runs again on the next invocation)."""
+        ...
+
+    def finish_run(
+        self,
+        run_id: str,
+        *,
+        status: str,
+        error: str | None,
+        node: NodeWrite,
+        artifact: ArtifactWrite | None,
+        now: float,
+    ) -> None: ...
+
+    def get_run(self, run_id: str) -> RunRecord | None: ...
+
+    def list_runs(self, *, limit: int = 50) -> list[RunRecord]:
+        """Most recently started runs first."""
+        ...
+
+    def run_steps(self, run_id: str, *, payloads: bool = False) -> list[RunStepRecord]:
+        """A run's steps in ``seq`` order (with encoding and payload when asked)."""
+        ...

@@ -102,8 +102,12 @@ CREATE TABLE IF NOT EXISTS musubi_run_steps (
     started_at  REAL,
     finished_at REAL,
     wake_at     REAL,
+    -- How many times the step body was started (> 1 after a crash or failure).
+    attempts    INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (run_id, name)
 ) WITHOUT ROWID;
+-- `musubi steps RUN` and rerun_from walk a run's steps in body order.
+CREATE INDEX IF NOT EXISTS musubi_run_steps_seq ON musubi_run_steps (run_id, seq);
 """
 
 EXPECTED_TABLES = frozenset(

@@ -1,7 +1,11 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 # The shared test helpers live in tests/support; make the repo root importable even when
 # pytest is launched as a bare `pytest` (which does not put the cwd on sys.path).
@@ -10,3 +14,50 @@ if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
 from tests.support.fixtures import openai_server, openai_server_session  # noqa: E402, F401
+from tests.support.openai_server import OpenAIServer  # noqa: E402
+
+DOCS = [
+    "Musubi is the Japanese word for a knot that ties things together.",
+    "SQLite keeps the whole lineage graph in one local file on disk.",
+    "A replayed LLM call costs no tokens and returns in microseconds.",
+    "Embeddings turn text into vectors so similar passages can be retrieved.",
+    "LlamaIndex query engines retrieve nodes and synthesize an answer with an LLM.",
+]
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> str:
+    return str(tmp_path / "musubi.db")
+
+
+@pytest.fixture
+def llm(openai_server: OpenAIServer) -> Any:  # noqa: F811
+    from llama_index.llms.openai import OpenAI
+
+    return OpenAI(
+        model="gpt-4o-mini", api_base=openai_server.base_url, api_key="test", max_retries=0
+    )
+
+
+@pytest.fixture
+def embed_model(openai_server: OpenAIServer) -> Any:  # noqa: F811
+    from llama_index.embeddings.openai import OpenAIEmbedding
+
+    return OpenAIEmbedding(api_base=openai_server.base_url, api_key="test", max_retries=0)
+
+
+@pytest.fixture
+def documents() -> list[Any]:
+    from llama_index.core import Document
+
+    return [Document(text=t, doc_id=f"doc-{i}") for i, t in enumerate(DOCS)]
+
+
+@pytest.fixture(autouse=True)
+def _clean_instrumentation() -> Iterator[None]:
+    from musubi_llama_index import _runtime, uninstrument
+
+    uninstrument()
+    _runtime._warned.clear()  # "warn once" is per process; each test starts fresh
+    yield
+    uninstrument()

@@ -16,8 +16,10 @@ Example:
 
 from __future__ import annotations
 
+import copy
+import enum
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from langchain_core.messages import (
     AIMessage,
@@ -33,6 +35,8 @@ from langchain_core.outputs import ChatGeneration, Generation
 from pydantic import BaseModel
 
 FORMAT_VERSION = 1
+
+M = TypeVar("M", bound=BaseModel)
 
 # The message classes a cache entry may rebuild, keyed by the message's ``type`` field.
 # Chunks are stored as their full-message equivalent (see encode_message), so only the
@@ -161,3 +165,156 @@ def usage_of(generations: Sequence[Generation]) -> tuple[int | None, int | None]
             tokens_in += int(usage.get("input_tokens") or 0)
             tokens_out += int(usage.get("output_tokens") or 0)
     return (tokens_in, tokens_out) if seen else (None, None)
+
+
+# Immutable leaf types a fresh copy may share.
+_IMMUTABLE: frozenset[type] = frozenset({str, int, float, bool, type(None), bytes})
+
+
+# Per type seen in a template: 0 immutable (shared; str subclasses such as LangChain's
+# TextAccessor included), 1 pydantic model, 2 anything else (deep-copied). isinstance checks
+# against pydantic's metaclass are too slow for a cache hit's hot path.
+_KINDS: dict[type, int] = {}
+
+
+def _kind_of(kind: type) -> int:
+    found = _KINDS.get(kind)
+    if found is None:
+        if issubclass(kind, str | bytes | int | float | bool) and not issubclass(kind, enum.Enum):
+            found = 0
+        elif issubclass(kind, BaseModel):
+            found = 1
+        else:
+            found = 2
+        _KINDS[kind] = found
+    return found
+
+
+def _fresh_value(value: Any) -> Any:
+    kind = type(value)
+    if kind in _IMMUTABLE:
+        return value
+    if kind is dict:
+        if not value:
+            return {}
+        return {k: v if type(v) in _IMMUTABLE else _fresh_value(v) for k, v in value.items()}
+    if kind is list:
+        if not value:
+            return []
+        return [v if type(v) in _IMMUTABLE else _fresh_value(v) for v in value]
+    if kind is tuple:
+        return tuple(_fresh_value(v) for v in value)
+    found = _kind_of(kind)
+    if found == 0:
+        return value
+    if found == 1:
+        return fresh_model(value)
+    return copy.deepcopy(value)
+
+
+def fresh_model(model: M) -> M:
+    """A deep copy of an already-validated model, built without validating again.
+
+    Decoding validates an entry once (:func:`decode_generations`); the cache keeps that result
+    as a private template and hands out copies: same class, same field values, no object (list,
+    dict, nested message) shared with the template or with an earlier copy.
+
+    >>> from langchain_core.messages import AIMessage
+    >>> a = AIMessage(content="hi", tool_calls=[{"name": "f", "args": {"x": 1}, "id": "c1"}])
+    >>> b = fresh_model(a)
+    >>> b == a, b is a, b.tool_calls[0]["args"] is a.tool_calls[0]["args"]
+    (True, False, False)
+    """
+    if getattr(model, "__pydantic_private__", None) is not None:
+        return model.model_copy(deep=True)  # private attributes: rare, take the general path
+    cls = type(model)
+    new = cls.__new__(cls)
+    setattr_ = object.__setattr__
+    setattr_(
+        new,
+        "__dict__",
+        {k: v if type(v) in _IMMUTABLE else _fresh_value(v) for k, v in model.__dict__.items()},
+    )
+    extra = model.__pydantic_extra__
+    setattr_(new, "__pydantic_extra__", None if extra is None else _fresh_value(extra))
+    setattr_(new, "__pydantic_fields_set__", set(model.__pydantic_fields_set__))
+    setattr_(new, "__pydantic_private__", None)
+    return new
+
+
+class Template:
+    """Validated generations kept private, and a plan to copy them fast.
+
+    The plan is worked out once per entry: which fields may be shared (immutable values),
+    which need a C-level shallow copy (a dict or list holding only immutable values), which
+    nest a model (its own plan) and which need a full :func:`_fresh_value` copy.
+
+    >>> from langchain_core.messages import AIMessage
+    >>> from langchain_core.outputs import ChatGeneration
+    >>> t = Template([ChatGeneration(message=AIMessage("hi", usage_metadata={
+    ...     "input_tokens": 1, "output_tokens": 2, "total_tokens": 3}))])
+    >>> a, b = t.fresh()[0], t.fresh()[0]
+    >>> a == b, a is b, a.message.usage_metadata is b.message.usage_metadata
+    (True, False, False)
+    """
+
+    __slots__ = ("_plans",)
+
+    def __init__(self, generations: Sequence[Generation]) -> None:
+        self._plans = [_ModelPlan(g) for g in generations]
+
+    def fresh(self) -> list[Generation]:
+        """A fresh ``list`` of fresh generations (nothing shared with the template)."""
+        return [plan.build() for plan in self._plans]
+
+
+_new_object = object.__new__
+_set_attr = object.__setattr__
+
+
+class _ModelPlan:
+    __slots__ = ("_cls", "_copiers", "_extra", "_fields", "_fields_set", "_model", "_private")
+
+    def __init__(self, model: BaseModel) -> None:
+        self._model = model
+        self._cls = type(model)
+        self._fields = dict(model.__dict__)
+        self._fields_set = frozenset(model.__pydantic_fields_set__)
+        self._extra = model.__pydantic_extra__
+        self._private = getattr(model, "__pydantic_private__", None) is not None
+        copiers: list[tuple[str, Any]] = []
+        for name, value in self._fields.items():
+            kind = type(value)
+            if kind in _IMMUTABLE or _kind_of(kind) == 0:
+                continue
+            if kind is dict and all(type(v) in _IMMUTABLE for v in value.values()):
+                copiers.append((name, dict.copy))
+            elif kind is list and all(type(v) in _IMMUTABLE for v in value):
+                copiers.append((name, list.copy))
+            elif _kind_of(kind) == 1:
+                copiers.append((name, _ModelPlan(value).build_from))
+            else:
+                copiers.append((name, _fresh_value))
+        self._copiers = tuple(copiers)
+
+    def build_from(self, _value: Any) -> Any:
+        return self.build()
+
+    def build(self) -> Any:
+        if self._private:
+            return fresh_model(self._model)  # private attributes: rare, the general path
+        new = _new_object(self._cls)
+        fields = self._fields.copy()
+        for name, copier in self._copiers:
+            fields[name] = copier(fields[name])
+        _set_attr(new, "__dict__", fields)
+        extra = self._extra
+        _set_attr(new, "__pydantic_extra__", extra if extra is None else _fresh_value(extra))
+        _set_attr(new, "__pydantic_fields_set__", set(self._fields_set))
+        _set_attr(new, "__pydantic_private__", None)
+        return new
+
+
+def fresh_generations(template: Sequence[Generation]) -> list[Generation]:
+    """A fresh ``list`` of fresh copies of decoded generations (see :func:`fresh_model`)."""
+    return [fresh_model(g) for g in template]

@@ -98,13 +98,18 @@ def to_plain(value: Any, _depth: int = 0) -> Any:
     return {"object": f"{type(value).__module__}.{type(value).__qualname__}"}
 
 
-def _add(out: set[str], value: Any, depth: int) -> None:
+def _add(out: set[str], value: Any, depth: int, plain: Any = None) -> None:
     if depth > _MAX_DEPTH:
         return
     d = depth + 1
-    if isinstance(value, str):
+    kind = type(value)
+    if kind is str or isinstance(value, str):
         if len(value) >= MIN_ATOM_CHARS:
             out.add("s:" + value)
+    elif kind is int or kind is bool or kind is float or value is None:
+        return  # scalars carry no evidence; skip the type checks below
+    elif kind is dict and plain is None and not value:
+        return
     elif isinstance(value, BaseMessage):
         _add(out, value.content, d)
         for call in getattr(value, "tool_calls", None) or ():
@@ -129,8 +134,9 @@ def _add(out: set[str], value: Any, depth: int) -> None:
             return
     elif isinstance(value, Mapping):
         if value:
+            view = plain if plain is not None else to_plain(value)
             with contextlib.suppress(TypeError, ValueError):
-                out.add("d:" + json.dumps(to_plain(value), sort_keys=True, ensure_ascii=False))
+                out.add("d:" + json.dumps(view, sort_keys=True, ensure_ascii=False))
         for v in value.values():
             _add(out, v, d)
     elif isinstance(value, (list, tuple)):
@@ -138,8 +144,9 @@ def _add(out: set[str], value: Any, depth: int) -> None:
             _add(out, v, d)
 
 
-def atoms(value: Any) -> set[str]:
-    """The data-flow atoms of ``value`` (see module docstring)."""
+def atoms(value: Any, plain: Any = None) -> set[str]:
+    """The data-flow atoms of ``value`` (see module docstring); ``plain`` is ``to_plain(value)``
+    when the caller already has it."""
     out: set[str] = set()
-    _add(out, value, 0)
+    _add(out, value, 0, plain)
     return out

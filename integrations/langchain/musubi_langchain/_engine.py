@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import threading
@@ -19,8 +20,10 @@ import warnings
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from musubi_core.codec import JSON_ENCODING, JSONCodec
 from musubi_core.engine import Engine, get_engine
 from musubi_core.errors import MusubiError
+from musubi_core.fastpath import NOT_PLAIN, count_replay, plain_payload, plain_tree
 from musubi_core.store import SQLiteStore
 
 T = TypeVar("T")
@@ -34,19 +37,205 @@ class MusubiLangChainWarning(UserWarning):
     """musubi could not read or write its store; LangChain continues without it."""
 
 
+# This process's id, kept current across fork without a syscall per call.
+_PID = [os.getpid()]
+
+
+def _after_fork() -> None:
+    _PID[0] = os.getpid()
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
+class Precoded:
+    """A value already encoded as the JSONCodec would encode it (see :class:`PlainAwareCodec`)."""
+
+    __slots__ = ("payload",)
+
+    def __init__(self, payload: bytes) -> None:
+        self.payload = payload
+
+
+class PlainAwareCodec(JSONCodec):
+    """The JSON codec, taking :class:`Precoded` values as they are (same encoding, same bytes:
+    any engine decodes what it wrote)."""
+
+    def encode(self, value: Any) -> tuple[str, bytes]:
+        if type(value) is Precoded:
+            return JSON_ENCODING, value.payload
+        return super().encode(value)
+
+
+def storable(engine: Engine, plain: Any) -> Any:
+    """``plain`` (already reduced to JSON-shaped data) as ``engine.record`` should get it:
+    pre-encoded by the C JSON encoder when the engine's codec accepts that, else as is."""
+    if type(engine.codec) is PlainAwareCodec:
+        tree = plain_tree(plain)
+        if tree is not NOT_PLAIN:
+            try:
+                return Precoded(plain_payload(tree))
+            except ValueError:  # e.g. an int too long to print: the codec says why
+                return plain
+    return plain
+
+
+class WriteBehindEngine(Engine):
+    """An :class:`Engine` whose batched (``defer=True``) writes are committed by a background
+    thread, so a LangChain callback never waits for SQLite.
+
+    Inside :meth:`deferring` (the handler's and the cache's bookkeeping), a batch that falls
+    due wakes the writer thread instead of committing inline; SQLite releases the GIL while it
+    writes, so the commit overlaps with the chain that keeps running. Everywhere else
+    :meth:`flush` is what it always was: everything buffered is committed before it returns
+    (after any batch the writer thread is committing), so ``engine.flush()`` followed by a read
+    sees every recorded node. Lookups still consult the buffer, so nothing is ever invisible to
+    this engine. A failure in the writer thread goes to ``on_error`` (the owner's one warning).
+
+    >>> import os, tempfile
+    >>> engine = WriteBehindEngine(SQLiteStore(os.path.join(tempfile.mkdtemp(), "m.db")))
+    >>> key = engine.key("demo", 1)
+    >>> with engine.deferring():
+    ...     _ = engine.record(key, 2, defer=True)
+    >>> engine.flush(); engine.store.get_node(key.node_id).status
+    'done'
+    >>> engine.close()
+    """
+
+    def __init__(self, store: Any, *, namespace: str = "default") -> None:
+        super().__init__(store, codec=PlainAwareCodec(), namespace=namespace)
+        self.on_error: Callable[[BaseException], None] | None = None
+        self._mode = threading.local()
+        self._io = threading.Lock()  # one commit of buffered writes at a time
+        self._wake = threading.Event()
+        self._writer: tuple[int, threading.Thread] | None = None
+        self._writer_lock = threading.Lock()
+        self._deferring = WriteBehindEngine._Deferring(self._mode)
+
+    class _Deferring:
+        __slots__ = ("_mode",)
+
+        def __init__(self, mode: threading.local) -> None:
+            self._mode = mode
+
+        def __enter__(self) -> None:
+            self._mode.on = True
+
+        def __exit__(self, *exc: object) -> None:
+            self._mode.on = False
+
+    def deferring(self) -> WriteBehindEngine._Deferring:
+        """Context in which a due batch is handed to the writer thread (reusable: the flag it
+        sets is per thread)."""
+        return self._deferring
+
+    # A deferred batch is committed when it holds this many writes or is this old: SQLite's
+    # per-transaction cost is large next to a row's, so batches well past the core's default
+    # keep the writer thread's share of the CPU small.
+    BATCH_ITEMS = 1024
+    BATCH_SECONDS = 1.0
+
+    def flush(self) -> None:
+        """Commit everything buffered now (from a deferring context: wake the writer)."""
+        if getattr(self._mode, "on", False) and not self._closed:
+            buffer = self._buffer
+            size = len(buffer.nodes) + len(buffer.edges) + len(buffer.replays)
+            writer = self._writer
+            if size < self.BATCH_ITEMS and writer is not None and writer[0] == _PID[0]:
+                return  # the writer's timer commits it
+            if self._ensure_writer():
+                if size >= self.BATCH_ITEMS and not self._wake.is_set():
+                    self._wake.set()
+                return
+        with self._io:
+            Engine.flush(self)
+
+    def count_replay(self, node_id: str) -> None:
+        """Count a replay; the writer thread commits the counts with its next batch."""
+        writer = self._writer
+        running = writer is not None and writer[0] == _PID[0] and not self._closed
+        if not running and (self._closed or not self._ensure_writer()):
+            count_replay(self, node_id)  # no writer: counted (and flushed) the plain way
+            return
+        count_replay(self, node_id, flush_when_due=False)
+
+    def _ensure_writer(self) -> bool:
+        writer = self._writer
+        pid = _PID[0]
+        if writer is not None and writer[0] == pid and writer[1].is_alive():
+            return True
+        with self._writer_lock:
+            writer = self._writer
+            if writer is None or writer[0] != pid or not writer[1].is_alive():
+                thread = threading.Thread(
+                    target=self._run_writer, name="musubi-langchain-writer", daemon=True
+                )
+                try:
+                    thread.start()
+                except RuntimeError:  # interpreter shutting down: commit inline
+                    return False
+                self._writer = (pid, thread)
+        return True
+
+    # The writer thread ends after this many idle periods (nothing to commit), so an engine
+    # nobody uses any more can be collected; the next deferred write starts a new one.
+    IDLE_PERIODS = 30
+
+    def _run_writer(self) -> None:
+        idle = 0
+        while not self._closed and idle < self.IDLE_PERIODS:
+            self._wake.wait(self.BATCH_SECONDS)
+            self._wake.clear()
+            buffer = self._buffer
+            if not (buffer.nodes or buffer.edges or buffer.replays or buffer.artifacts):
+                idle += 1
+                continue
+            idle = 0
+            try:
+                with self._io:
+                    if self._closed:
+                        return
+                    Engine.flush(self)
+            except Exception as exc:
+                handler = self.on_error
+                if handler is not None:
+                    with contextlib.suppress(Exception):
+                        handler(exc)
+
+
 def make_engine(
     path: str | os.PathLike[str] | None, store: Any | None, namespace: str
 ) -> Engine:
     """The engine for ``path``/``store``; neither given means the process default engine
     (``$MUSUBI_DB`` or ``.musubi/musubi.db``) viewed under ``namespace``."""
     if store is not None:
-        return Engine(store, namespace=namespace)
+        return WriteBehindEngine(store, namespace=namespace)
     if path is not None:
-        return Engine(SQLiteStore(path), namespace=namespace)
+        return WriteBehindEngine(SQLiteStore(path), namespace=namespace)
     default = get_engine()
     if default.namespace == namespace:
         return default
-    return Engine(default.store, namespace=namespace)
+    return WriteBehindEngine(default.store, namespace=namespace)
+
+
+class _NoDefer:
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+_NO_DEFER = _NoDefer()
+
+
+def deferring(engine: Engine) -> Any:
+    """``engine.deferring()`` for a :class:`WriteBehindEngine`, else a no-op context."""
+    if isinstance(engine, WriteBehindEngine):
+        return engine.deferring()
+    return _NO_DEFER
 
 
 class Guard:

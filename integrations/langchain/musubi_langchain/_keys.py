@@ -27,7 +27,16 @@ from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 from langchain_core.load import dumpd
-from langchain_core.messages import BaseMessage
+from langchain_core.messages import (
+    AIMessage,
+    AIMessageChunk,
+    BaseMessage,
+    ChatMessage,
+    FunctionMessage,
+    HumanMessage,
+    SystemMessage,
+    ToolMessage,
+)
 from pydantic import BaseModel
 
 # Message fields that never decide the answer: ids, token/cost accounting (a cache hit adds
@@ -143,7 +152,7 @@ def _canonical_content(content: Any, ids: _ToolCallIds) -> Any:
     return blocks
 
 
-def _canonical_message(raw: Any, ids: _ToolCallIds) -> dict[str, Any]:
+def _canonical_message(raw: Any, ids: _ToolCallIds, *, escaped: bool = True) -> dict[str, Any]:
     if isinstance(raw, Mapping) and raw.get("lc") == 1 and "kwargs" in raw:
         kwargs = dict(raw["kwargs"])
         ident = raw.get("id")
@@ -152,7 +161,8 @@ def _canonical_message(raw: Any, ids: _ToolCallIds) -> dict[str, Any]:
         kwargs, cls_name = dict(raw), None
     else:
         return {"type": "unknown", "content": raw}
-    kwargs = _unescape(kwargs)
+    if escaped:  # plain data from _fast_dumpd has nothing escaped
+        kwargs = _unescape(kwargs)
     msg_type = kwargs.pop("type", None) or cls_name or "unknown"
     if isinstance(msg_type, str) and msg_type.endswith("Chunk"):
         # A streamed message (AIMessageChunk) and its invoked twin must key the same.
@@ -184,9 +194,83 @@ def canonical_messages(raw_messages: Sequence[Any]) -> list[dict[str, Any]]:
     return [_canonical_message(m, ids) for m in raw_messages]
 
 
+def _is_plain(value: Any) -> bool:
+    """JSON data that ``dumpd`` passes through unchanged (no tuples, objects, ``lc`` keys)."""
+    kind = type(value)
+    if kind is str or kind is int or kind is float or kind is bool or value is None:
+        return True
+    if kind is list:
+        return all(_is_plain(v) for v in value)
+    if kind is dict:
+        return all(
+            type(k) is str and k != "lc" and k != "__lc_escaped__" and _is_plain(v)
+            for k, v in value.items()
+        )
+    return False
+
+
+# Message classes whose ``dumpd`` form the fast path reproduces (no secrets; ``lc_attributes``
+# only for the AI messages, mirroring their tool calls).
+_FAST_MESSAGES = frozenset(
+    {AIMessage, AIMessageChunk, HumanMessage, SystemMessage, ToolMessage, ChatMessage, FunctionMessage}
+)
+_AI_MESSAGES = frozenset({AIMessage, AIMessageChunk})
+# class -> (lc id, ((field, required, default), ...)) for the fields ``to_json`` considers.
+_FIELD_INFO: dict[type, tuple[list[str], tuple[tuple[str, bool, Any], ...]]] = {}
+
+
+def _field_info(cls: type[BaseMessage]) -> tuple[list[str], tuple[tuple[str, bool, Any], ...]]:
+    info = _FIELD_INFO.get(cls)
+    if info is None:
+        fields = tuple(
+            (name, field.is_required(), None if field.is_required() else field.get_default(call_default_factory=True))
+            for name, field in cls.model_fields.items()
+            if not field.exclude
+        )
+        info = _FIELD_INFO[cls] = (list(cls.lc_id()), fields)
+    return info
+
+
+def _fast_dumpd(message: BaseMessage) -> dict[str, Any] | None:
+    """``dumpd(message)`` without LangChain's generic serialiser, for plain-data messages.
+
+    Same kwargs as ``Serializable.to_json`` (required fields, truthy fields, falsy fields that
+    differ from their default, then ``lc_attributes``); None when anything is not plain data,
+    so the caller takes the ``dumpd`` path and the key never depends on which path ran.
+    """
+    cls = type(message)
+    if cls not in _FAST_MESSAGES:
+        return None
+    ident, fields = _field_info(cls)
+    values = message.__dict__
+    kwargs: dict[str, Any] = {}
+    for name, required, default in fields:
+        if name not in values:
+            continue
+        value = values[name]
+        if not _is_plain(value):
+            return None
+        if required or value or value != default:
+            kwargs[name] = value
+    if cls in _AI_MESSAGES:
+        for name in ("tool_calls", "invalid_tool_calls"):
+            if not _is_plain(values.get(name)):
+                return None
+            kwargs[name] = values.get(name)
+    return {"lc": 1, "type": "constructor", "id": ident, "kwargs": kwargs}
+
+
 def canonical_message_objects(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
     """Canonical form of message objects (the handler's view of a chat-model input)."""
-    return canonical_messages([dumpd(m) for m in messages])
+    ids = _ToolCallIds()
+    out = []
+    for m in messages:
+        raw = _fast_dumpd(m)
+        if raw is None:
+            out.append(_canonical_message(dumpd(m), ids))
+        else:
+            out.append(_canonical_message(raw, ids, escaped=False))
+    return out
 
 
 # --------------------------------------------------------------------------- llm string

@@ -33,7 +33,7 @@ from uuid import UUID
 MAX_INDEXED_RUNS = 5_000
 
 
-@dataclass
+@dataclass(slots=True)
 class Run:
     run_id: UUID
     parent: Run | None

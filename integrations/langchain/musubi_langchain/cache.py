@@ -18,17 +18,25 @@ import time
 from collections.abc import Mapping
 from contextvars import ContextVar
 from typing import Any
+from uuid import UUID
 
 from langchain_core.caches import RETURN_VAL_TYPE, BaseCache
 from langchain_core.outputs import Generation
 
 from musubi_core.engine import Engine
+from musubi_core.fastpath import EncodedHit, HitMemo, count_replay
 from musubi_core.identity import NodeKey
 from musubi_core.policy import StepConfiguration, StepType
 
 from . import _correlate
-from ._codec import EntryDecodeError, decode_generations, encode_generations, usage_of
-from ._engine import Guard, make_engine
+from ._codec import (
+    EntryDecodeError,
+    Template,
+    decode_generations,
+    encode_generations,
+    usage_of,
+)
+from ._engine import Guard, WriteBehindEngine, make_engine
 from ._keys import KeyParts, chat_key_parts, llm_key_parts
 
 # Per-call kwargs of the BaseLLM call in progress (set by the patch instrument() installs):
@@ -40,6 +48,9 @@ llm_call_kwargs: ContextVar[Mapping[str, Any] | None] = ContextVar(
 # The ``_type``/class part of the llm_string tells chat models from text LLMs only loosely, so
 # the prompt decides: chat prompts are LangChain-serialised JSON message lists.
 _CHAT_PROMPT_PREFIX = '[{"lc": 1'
+# Bounds of the per-cache memos (prompt -> key, artifact -> decoded template).
+_MAX_KEYS = 2048
+_MAX_DECODED = 1024
 
 
 class MusubiCache(BaseCache):
@@ -86,6 +97,11 @@ class MusubiCache(BaseCache):
         self._inflight: dict[tuple[str, str], tuple[NodeKey, float]] = {}
         self._inflight_lock = threading.Lock()
         self._keys: dict[tuple[str, str], NodeKey] = {}
+        # artifact id -> (encoding, payload, validated generations). A hit whose stored bytes
+        # are exactly these copies the template instead of decoding and validating again;
+        # the template itself is never handed out.
+        self._decoded: dict[str, tuple[str, bytes, Template]] = {}
+        self._hits: HitMemo | None = None
         if replay_streams:
             from .streaming import install_stream_replay  # cycle: streaming imports this module
 
@@ -101,6 +117,12 @@ class MusubiCache(BaseCache):
                     self._engine = make_engine(self._path, self._store, self._namespace)
         return self._engine
 
+    @property
+    def _hit_memo(self) -> HitMemo:
+        if self._hits is None:
+            self._hits = HitMemo(self.engine)
+        return self._hits
+
     def key_parts(self, prompt: str, llm_string: str) -> KeyParts:
         """Canonical key parts for a LangChain ``(prompt, llm_string)`` pair."""
         if prompt.startswith(_CHAT_PROMPT_PREFIX):
@@ -108,17 +130,21 @@ class MusubiCache(BaseCache):
         return llm_key_parts(prompt, llm_string, llm_call_kwargs.get())
 
     def node_key(self, prompt: str, llm_string: str) -> NodeKey:
-        """The node a ``(prompt, llm_string)`` pair maps to."""
+        """The node a ``(prompt, llm_string)`` pair maps to.
+
+        Memoised: the key is a pure function of the two strings (parsing + canonical hashing
+        would dominate a hit). A text LLM's per-call kwargs (captured by ``instrument()``) are
+        part of the identity but not of the two strings, so calls carrying them skip the memo.
+        """
         memo = llm_call_kwargs.get() is None
         if memo:
-            # Parsing + canonical hashing dominates a hit; repeated calls send identical strings.
             cached = self._keys.get((prompt, llm_string))
             if cached is not None:
                 return cached
         parts = self.key_parts(prompt, llm_string)
         key = self.engine.key(parts.op_name, parts.inputs, fingerprint=parts.fingerprint)
         if memo:
-            if len(self._keys) >= 2048:
+            if len(self._keys) >= _MAX_KEYS:
                 self._keys.clear()
             self._keys[(prompt, llm_string)] = key
         return key
@@ -129,34 +155,81 @@ class MusubiCache(BaseCache):
                 self._inflight.clear()
             self._inflight[(prompt, llm_string)] = (key, time.monotonic())
 
+    def _generations(self, hit: EncodedHit) -> list[Generation]:
+        """Fresh generations for a hit: from the decoded template when the stored bytes are
+        the ones it was decoded from, else decoded (allow-listed, validated) and memoised."""
+        memo = self._decoded.get(hit.artifact_id)
+        if memo is None or memo[1] != hit.payload or memo[0] != hit.encoding:
+            decoded = decode_generations(self.engine.codec.decode(hit.encoding, hit.payload))
+            template = Template(decoded)
+            if len(self._decoded) >= _MAX_DECODED:
+                self._decoded.clear()
+            self._decoded[hit.artifact_id] = (hit.encoding, hit.payload, template)
+        else:
+            template = memo[2]
+        return template.fresh()
+
     def _lookup(self, prompt: str, llm_string: str) -> list[Generation] | None:
         run_id = _correlate.claim()
         key = self.node_key(prompt, llm_string)
-        got = self.engine.lookup(key, self.config)
-        if got.replay:
+        engine = self.engine
+        probed = self._hit_memo.probe(key, self.config)
+        if isinstance(probed, EncodedHit):
             try:
-                generations = decode_generations(got.value)
-            except EntryDecodeError as exc:
-                self._guard.warn(exc)
-                generations = None
-            if generations is not None:
+                generations: list[Generation] | None = self._generations(probed)
+            except Exception:
+                # Undecodable bytes: the full lookup decides and warns exactly as it always has.
+                generations = self._slow_lookup(key, run_id)
+            else:
+                if isinstance(engine, WriteBehindEngine):
+                    engine.count_replay(key.node_id)  # committed by its writer thread
+                else:
+                    count_replay(engine, key.node_id)
                 if run_id is not None:
-                    node = got.node
                     _correlate.report(
                         run_id,
                         _correlate.CacheReport(
                             node_id=key.node_id,
                             replayed=True,
-                            tokens_in=getattr(node, "tokens_in", None),
-                            tokens_out=getattr(node, "tokens_out", None),
-                            saved_s=getattr(node, "duration_s", None),
+                            tokens_in=probed.tokens_in,
+                            tokens_out=probed.tokens_out,
+                            saved_s=probed.duration_s,
                         ),
                     )
-                return generations
+        elif probed is None:
+            generations = self._slow_lookup(key, run_id)
+        else:
+            generations = None
+        if generations is not None:
+            return generations
         if run_id is not None:
             _correlate.report(run_id, _correlate.CacheReport(node_id=key.node_id, replayed=False))
         self._remember(prompt, llm_string, key)
         return None
+
+    def _slow_lookup(self, key: NodeKey, run_id: UUID | None) -> list[Generation] | None:
+        """The full engine lookup (stale-but-revivable nodes, buffered writes, corrupt bytes)."""
+        got = self.engine.lookup(key, self.config)
+        if not got.replay:
+            return None
+        try:
+            generations = decode_generations(got.value)
+        except EntryDecodeError as exc:
+            self._guard.warn(exc)
+            return None
+        if run_id is not None:
+            node = got.node
+            _correlate.report(
+                run_id,
+                _correlate.CacheReport(
+                    node_id=key.node_id,
+                    replayed=True,
+                    tokens_in=getattr(node, "tokens_in", None),
+                    tokens_out=getattr(node, "tokens_out", None),
+                    saved_s=getattr(node, "duration_s", None),
+                ),
+            )
+        return generations
 
     def _update(self, prompt: str, llm_string: str, return_val: RETURN_VAL_TYPE) -> None:
         with self._inflight_lock:
@@ -181,7 +254,11 @@ class MusubiCache(BaseCache):
     # ------------------------------------------------------------------ BaseCache
     def lookup(self, prompt: str, llm_string: str) -> RETURN_VAL_TYPE | None:
         """A fresh list of generations stored for this key, or None (miss / store failure)."""
-        return self._guard.call(lambda: self._lookup(prompt, llm_string), None)
+        try:
+            return self._lookup(prompt, llm_string)
+        except Exception as exc:  # never break the host: a miss plus one warning
+            self._guard.warn(exc)
+            return None
 
     def update(self, prompt: str, llm_string: str, return_val: RETURN_VAL_TYPE) -> None:
         """Record the generations as the node's artifact (a failure only warns once)."""

@@ -27,13 +27,14 @@ from langchain_core.outputs import LLMResult
 
 from musubi_core.context import current_node
 from musubi_core.engine import Engine
-from musubi_core.identity import NodeKey
+from musubi_core.fastpath import NOT_PLAIN, plain_input_hash, plain_tree
+from musubi_core.identity import NodeKey, make_node_id
 from musubi_core.policy import StepConfiguration, StepType
 
 from . import _correlate
 from ._codec import encode_generations, usage_of
 from ._content import atoms, to_plain
-from ._engine import Guard, make_engine
+from ._engine import Guard, WriteBehindEngine, deferring, make_engine, storable
 from ._keys import canonical_message_objects
 from ._runs import Run, Traces
 
@@ -91,9 +92,12 @@ class MusubiCallbackHandler(BaseCallbackHandler):
 
     @property
     def engine(self) -> Engine:
-        if self._engine is None:
-            self._engine = make_engine(self._path, self._store, self._namespace)
-        return self._engine
+        engine = self._engine
+        if engine is None:
+            engine = self._engine = make_engine(self._path, self._store, self._namespace)
+        if isinstance(engine, WriteBehindEngine) and engine.on_error is None:
+            engine.on_error = self._guard.warn  # batches committed in the background
+        return engine
 
     def flush(self) -> None:
         """Write buffered nodes now (they are also flushed in batches and at exit)."""
@@ -103,12 +107,29 @@ class MusubiCallbackHandler(BaseCallbackHandler):
     def _start(
         self, run_id: UUID, parent_run_id: UUID | None, kind: str, name: str, inputs: Any
     ) -> Run:
-        run = self._traces.start(run_id, parent_run_id, kind, name, atoms(inputs))
+        # The input is reduced to plain data once, when the run starts: it is what the run was
+        # given (identity), and the data-edge atoms of a mapping input reuse it.
+        plain = to_plain(inputs)
+        run = self._traces.start(run_id, parent_run_id, kind, name, atoms(inputs, plain))
         run.inputs = inputs
+        run.extra["plain"] = plain
         return run
 
+    def _node_key(self, op_name: str, plain: Any) -> NodeKey:
+        """``engine.key(op_name, plain)``; plain JSON data is hashed by the C JSON encoder
+        (byte-for-byte the core's canonical form, see ``musubi_core.fastpath``)."""
+        tree = plain_tree(plain)
+        if tree is not NOT_PLAIN:
+            try:
+                in_hash = plain_input_hash(tree)
+            except ValueError:  # e.g. an int too long to print: the core says why
+                return self.engine.key(op_name, plain)
+            return NodeKey(make_node_id(op_name, in_hash), op_name, op_name, in_hash, ())
+        return self.engine.key(op_name, plain)
+
     def _key(self, run: Run) -> NodeKey:
-        return self.engine.key(f"{run.kind}:{run.name}", to_plain(run.inputs))
+        plain = run.extra["plain"] if "plain" in run.extra else to_plain(run.inputs)
+        return self._node_key(f"{run.kind}:{run.name}", plain)
 
     def _edges(self, run: Run, node_id: str) -> None:
         engine = self.engine
@@ -128,11 +149,12 @@ class MusubiCallbackHandler(BaseCallbackHandler):
             return
         node_id: str | None = None
         artifact: str | None = None
+        plain = to_plain(output)
         try:
             key = self._key(run)
             rec = self.engine.record(
                 key,
-                to_plain(output),
+                storable(self.engine, plain),
                 _CHAIN_CONFIG,
                 kind=run.kind,
                 duration_s=time.monotonic() - run.started,
@@ -142,7 +164,7 @@ class MusubiCallbackHandler(BaseCallbackHandler):
             node_id, artifact = key.node_id, rec.artifact_id
             self._edges(run, node_id)
         finally:
-            self._traces.finish(run_id, atoms(output), node_id, artifact)
+            self._traces.finish(run_id, atoms(output, plain), node_id, artifact)
 
     def _error(self, run_id: UUID, error: BaseException) -> None:
         run = self._traces.get(run_id)
@@ -185,7 +207,7 @@ class MusubiCallbackHandler(BaseCallbackHandler):
             if messages is not None
             else {"prompt": run.inputs, "params": to_plain(params)}
         )
-        return self.engine.key(f"{run.kind}:{run.name}", inputs)
+        return self._node_key(f"{run.kind}:{run.name}", inputs)
 
     def _model_end(self, run_id: UUID, response: LLMResult) -> None:
         run = self._traces.get(run_id)
@@ -206,7 +228,7 @@ class MusubiCallbackHandler(BaseCallbackHandler):
                 tokens_in, tokens_out = usage_of(generations)
                 rec = self.engine.record(
                     key,
-                    encode_generations(generations),
+                    storable(self.engine, encode_generations(generations)),
                     _MODEL_CONFIG,
                     kind=run.kind,
                     duration_s=time.monotonic() - run.started,
@@ -222,7 +244,9 @@ class MusubiCallbackHandler(BaseCallbackHandler):
 
     def _safe(self, fn: Any, *args: Any) -> None:
         try:
-            fn(*args)
+            engine = self._engine if self._engine is not None else self.engine
+            with deferring(engine):  # a due batch is committed off this thread
+                fn(*args)
         except Exception as exc:  # never raise into LangChain
             self._guard.warn(exc)
 

@@ -91,12 +91,12 @@ def _plain(value: Any, depth: int = 0) -> tuple[bool, Any]:
     """(ok, value) where value is JSON-plain; objects and callables are not ok."""
     if depth > 8:
         return False, None
+    if isinstance(value, enum.Enum):  # before str/int: str-Enums must become plain values
+        return _plain(value.value, depth + 1)
     if value is None or isinstance(value, (bool, int, str)):
         return True, value
     if isinstance(value, float):
         return True, value if math.isfinite(value) else repr(value)
-    if isinstance(value, enum.Enum):
-        return _plain(value.value, depth + 1)
     if isinstance(value, Mapping):
         out: dict[str, Any] = {}
         for k, v in value.items():
@@ -133,7 +133,7 @@ def model_fingerprint(instance: Any, *, original_cls: type | None = None) -> dic
             continue
         try:
             value = getattr(instance, name)
-        except Exception:  # noqa: BLE001 - a property raising is not identity
+        except Exception:
             continue
         if callable(value) and not isinstance(value, (Mapping, Sequence)):
             continue
@@ -223,7 +223,7 @@ def _node_text(node: Any) -> str | None:
             from llama_index.core.schema import MetadataMode
 
             return str(get_content(metadata_mode=MetadataMode.ALL))
-        except Exception:  # noqa: BLE001
+        except Exception:
             return None
     return None
 
@@ -232,12 +232,12 @@ def identity_view(value: Any, depth: int = 0) -> Any:
     """Deterministic, bounded structural view of a span argument or result."""
     if depth > 6:
         return {"__truncated__": True}
+    if isinstance(value, enum.Enum):  # before str/int: str-Enums must become plain values
+        return identity_view(value.value, depth + 1)
     if value is None or isinstance(value, (bool, int, str)):
         return value
     if isinstance(value, float):
         return value if math.isfinite(value) else repr(value)
-    if isinstance(value, enum.Enum):
-        return identity_view(value.value, depth + 1)
     if isinstance(value, (bytes, bytearray)):
         return {"sha256": hashlib.sha256(bytes(value)).hexdigest()}
     if isinstance(value, (_dt.datetime, _dt.date, _dt.time)):
@@ -281,7 +281,7 @@ def identity_view(value: Any, depth: int = 0) -> Any:
     if callable(dump) and not is_component:
         try:
             data = dump()
-        except Exception:  # noqa: BLE001
+        except Exception:
             return {"__class__": class_path(type(value))}
         return {"__class__": class_path(type(value)), **identity_view(data, depth + 1)}
     # Unknown objects (components, contexts, callables): class only, never repr/id.
@@ -310,7 +310,7 @@ def text_atoms(value: Any, depth: int = 0, out: list[str] | None = None) -> list
     if hasattr(value, "get_content") and hasattr(value, "node_id"):
         try:
             text = value.get_content()
-        except Exception:  # noqa: BLE001
+        except Exception:
             return acc
         return text_atoms(text, depth + 1, acc)
     name = type(value).__name__

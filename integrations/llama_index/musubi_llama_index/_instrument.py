@@ -17,10 +17,10 @@ from typing import Any
 
 from llama_index.core.base.embeddings.base import BaseEmbedding
 from llama_index.core.base.llms.base import BaseLLM
-from llama_index.core.instrumentation import get_dispatcher
 from llama_index.core.settings import Settings
-from musubi_core import Engine
+from llama_index_instrumentation import get_dispatcher
 
+from musubi_core import Engine
 from musubi_llama_index import _lineage, _replay
 from musubi_llama_index._lineage import LineageRecorder, MusubiEventHandler, MusubiSpanHandler
 from musubi_llama_index._runtime import Runtime, warn_once
@@ -101,7 +101,8 @@ def instrument(
             _current = inst
         else:
             inst = _current
-            if path is not None or engine is not None:
+            other_path = path is not None and str(path) != inst.runtime.path
+            if other_path or (engine is not None and engine is not inst.runtime.engine()):
                 warn_once(
                     "instrument-again",
                     "instrument() is already active; keeping its store (call uninstrument() "

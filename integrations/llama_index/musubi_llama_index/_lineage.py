@@ -42,9 +42,9 @@ from llama_index.core.instrumentation.events import BaseEvent
 from llama_index.core.instrumentation.span import BaseSpan, active_span_id
 from llama_index.core.instrumentation.span_handlers import BaseSpanHandler
 from llama_index.core.tools.types import BaseTool
-from musubi_core import StepConfiguration, StepType, current_node
 from pydantic import PrivateAttr
 
+from musubi_core import StepConfiguration, StepType, current_node
 from musubi_llama_index._identity import (
     class_path,
     identity_view,
@@ -98,6 +98,7 @@ class _State:
         "data_children",
         "inputs",
         "kind",
+        "label",
         "op",
         "parent_id",
         "record",
@@ -115,6 +116,7 @@ class _State:
         self.inputs: Any = None
         self.kind = "span"
         self.op = ""
+        self.label = ""
         self.parent_id: str | None = None
         self.record = True
         self.run_id: str | None = None
@@ -144,6 +146,8 @@ class LineageRecorder:
     ) -> None:
         st = _State()
         st.op = id_.partition("-")[0]
+        # Workflow steps defined in a function have "f.<locals>.Flow.step" qualnames.
+        st.label = st.op.rsplit("<locals>.", 1)[-1]
         st.parent_id = parent_id
         st.t0 = time.perf_counter()
         st.kind = _kind_of(instance, tags)
@@ -158,7 +162,7 @@ class LineageRecorder:
             st.run_id = str(run) if run is not None else None
         with self.lock:
             parent = self.states.get(parent_id) if parent_id else None
-            if parent is None and parent_id in self.closed:
+            if parent is None and parent_id is not None and parent_id in self.closed:
                 parent_trace: _Trace | None = self.closed[parent_id][2]
             else:
                 parent_trace = parent.trace if parent is not None else None
@@ -198,9 +202,9 @@ class LineageRecorder:
                     self._edge(outer, child, "contains")
 
     def _record_span(self, st: _State, result: Any, err: BaseException | None) -> str | None:
-        engine = self.runtime.engine()
+        rt = self.runtime
         key = guarded(
-            lambda: engine.key(
+            lambda: rt.engine().key(
                 f"llama_index:{st.op}", st.inputs, fingerprint={"component": st.class_fp}
             ),
             None,
@@ -211,8 +215,8 @@ class LineageRecorder:
         duration = time.perf_counter() - st.t0
         if err is not None:
             guarded(
-                lambda: engine.record_failure(
-                    key, err, _SPAN_CONFIG, kind=st.kind, duration_s=duration, label=st.op,
+                lambda: rt.engine().record_failure(
+                    key, err, _SPAN_CONFIG, kind=st.kind, duration_s=duration, label=st.label,
                     run_id=st.run_id, defer=True,
                 ),
                 None,
@@ -222,8 +226,8 @@ class LineageRecorder:
         streaming = _is_stream(result)
         value = {"stream": True} if streaming else {"output": identity_view(result)}
         guarded(
-            lambda: engine.record(
-                key, value, _SPAN_CONFIG, kind=st.kind, duration_s=duration, label=st.op,
+            lambda: rt.engine().record(
+                key, value, _SPAN_CONFIG, kind=st.kind, duration_s=duration, label=st.label,
                 run_id=st.run_id, defer=True,
             ),
             None,
@@ -248,8 +252,8 @@ class LineageRecorder:
     def _edge(self, parent: str, child: str, kind: str) -> None:
         if parent == child:
             return
-        engine = self.runtime.engine()
-        guarded(lambda: engine.add_edge(parent, child, kind, defer=True), None, topic="edge")
+        rt = self.runtime
+        guarded(lambda: rt.engine().add_edge(parent, child, kind, defer=True), None, topic="edge")
 
     # -------------------------------------------------------------- leaves
     def leaf(
@@ -315,7 +319,7 @@ def on_leaf(
         return
     try:
         rec.leaf(node_id, kind, text, out_atoms, span_id)
-    except Exception as exc:  # noqa: BLE001 - lineage must never break a call
+    except Exception as exc:
         warn_once("lineage", f"lineage bookkeeping failed: {exc!r}")
 
 
@@ -374,7 +378,7 @@ def _component_fingerprint(instance: Any) -> Any:
     if hasattr(type(instance), "model_fields"):
         try:
             return model_fingerprint(instance)
-        except Exception:  # noqa: BLE001
+        except Exception:
             return {"class": class_path(type(instance))}
     scalars: dict[str, Any] = {}
     try:
@@ -422,7 +426,7 @@ class MusubiSpanHandler(BaseSpanHandler[BaseSpan]):
             return
         try:
             rec.enter(id_, bound_args, instance, parent_id, tags)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             warn_once("span", f"span bookkeeping failed on enter: {exc!r}")
 
     def span_exit(
@@ -438,7 +442,7 @@ class MusubiSpanHandler(BaseSpanHandler[BaseSpan]):
             return
         try:
             rec.exit(id_, result)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             warn_once("span", f"span bookkeeping failed on exit: {exc!r}")
 
     def span_drop(
@@ -454,7 +458,7 @@ class MusubiSpanHandler(BaseSpanHandler[BaseSpan]):
             return
         try:
             rec.exit(id_, None, err if err is not None else RuntimeError("span dropped"))
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             warn_once("span", f"span bookkeeping failed on drop: {exc!r}")
 
     def new_span(
@@ -527,6 +531,6 @@ class MusubiEventHandler(BaseEventHandler):
             # Only spans that exited with a generator (their result arrives here).
             if closed is not None and closed[0] is not None:
                 closed[2].register(text_atoms(response), closed[0])
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             warn_once("event", f"event bookkeeping failed: {exc!r}")
         return None

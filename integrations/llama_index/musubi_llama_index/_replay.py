@@ -33,9 +33,9 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
 
-from llama_index.core.base.llms.types import ChatResponse, CompletionResponse
-from musubi_core import StepConfiguration, StepType
+from llama_index.core.base.llms.types import ChatMessage, ChatResponse, CompletionResponse
 
+from musubi_core import StepConfiguration, StepType
 from musubi_llama_index import _lineage
 from musubi_llama_index._identity import llm_call_inputs, model_fingerprint
 from musubi_llama_index._runtime import Runtime, guarded, warn_once
@@ -221,9 +221,8 @@ def _replay_chunks(kind: str, stored: Any) -> list[Any]:
         if i == len(deltas) - 1:
             chunks.append(_decode(kind, stored, delta=d))
         elif kind == "chat":
-            msg = final.message.model_copy(deep=True)
-            msg.content = acc
-            msg.additional_kwargs = {}
+            # Intermediate chunks carry the text so far; tool calls arrive with the last one.
+            msg = ChatMessage(role=final.message.role, content=acc)
             chunks.append(ChatResponse(message=msg, delta=d, raw=None))
         else:
             chunks.append(CompletionResponse(text=acc, delta=d))
@@ -495,7 +494,7 @@ def _make_embedding_methods(cls: type) -> dict[str, Any]:
             assert rt is not None
             call = _EmbedCall(self, rt)
             keys = [call.key("text", t) for t in texts]
-            found = [call.lookup(k, t) for k, t in zip(keys, texts)]
+            found = [call.lookup(k, t) for k, t in zip(keys, texts, strict=False)]
             return call, keys, found
 
         def finish(
@@ -508,7 +507,7 @@ def _make_embedding_methods(cls: type) -> dict[str, Any]:
             duration: float,
         ) -> list[list[float]]:
             per = duration / max(1, len(missing))
-            for i, vec in zip(missing, vectors):
+            for i, vec in zip(missing, vectors, strict=False):
                 found[i] = list(vec)
                 call.record(keys[i], texts[i], vec, per)
             return found
@@ -558,7 +557,7 @@ def _make_embedding_methods(cls: type) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- class swap
-def _rebuild_original(cls: type, state: Any) -> Any:
+def _rebuild_original(cls: Any, state: Any) -> Any:
     """Unpickle a patched object as its original class (worker processes get no replay)."""
     obj = cls.__new__(cls)
     obj.__setstate__(state)
@@ -567,12 +566,12 @@ def _rebuild_original(cls: type, state: Any) -> Any:
 
 def _replay_class(cls: type, kind: str) -> type:
     with _lock:
-        sub = _subclasses.get(cls)
-        if sub is not None:
-            return sub
+        cached = _subclasses.get(cls)
+        if cached is not None:
+            return cached
         methods = _make_llm_methods(cls) if kind == "llm" else _make_embedding_methods(cls)
 
-        def __reduce_ex__(self: Any, protocol: Any) -> Any:  # noqa: N807
+        def __reduce_ex__(self: Any, protocol: Any) -> Any:
             return (_rebuild_original, (cls, self.__getstate__()))
 
         ns: dict[str, Any] = {
@@ -584,7 +583,8 @@ def _replay_class(cls: type, kind: str) -> type:
             "__reduce_ex__": __reduce_ex__,
         }
         # Same name as the original: span ids ("OpenAI.chat-<uuid>") and class_name() unchanged.
-        sub = type(cls)(cls.__name__, (cls,), ns)
+        meta: Any = type(cls)  # pydantic's model metaclass
+        sub: type = meta(cls.__name__, (cls,), ns)
         _subclasses[cls] = sub
         return sub
 

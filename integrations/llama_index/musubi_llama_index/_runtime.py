@@ -18,7 +18,7 @@ import sqlite3
 import threading
 import warnings
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from musubi_core import Engine, MusubiError, SQLiteStore, get_engine
 
@@ -47,8 +47,10 @@ def guarded(fn: Callable[[], T], default: T, *, topic: str = "store") -> T:
     try:
         return fn()
     except (MusubiError, sqlite3.Error, OSError, TypeError, ValueError) as exc:
+        # One warning per error class, whatever the operation: a broken store otherwise
+        # warns on every get/put of an ingestion run.
         warn_once(
-            f"{topic}:{type(exc).__name__}",
+            f"store:{type(exc).__name__}",
             f"{topic} failed ({type(exc).__name__}: {exc}); continuing without replay/recording",
         )
         return default
@@ -65,29 +67,36 @@ class Runtime:
         namespace: str = "default",
         ttl_seconds: float | None = None,
     ) -> None:
-        self._own = False
+        self.path = str(path) if path is not None else None
         self.ttl_seconds = ttl_seconds
-        if engine is not None:
-            self._engine: Engine | None = engine
-        elif path is not None:
-            self._engine = Engine(SQLiteStore(str(path)), namespace=namespace)
-            self._own = True
-        else:
-            self._engine = None  # resolved per call: use_engine() context, else process default
+        self.namespace = namespace
+        self._open_lock = threading.Lock()
+        self._engine: Engine | None = engine
+        # path given: opened on first use, so a broken path degrades to misses + one warning
+        # (inside guarded calls) instead of failing instrument() itself.
+        self._own = engine is None and path is not None
 
     def engine(self) -> Engine:
-        return self._engine if self._engine is not None else get_engine()
+        if self._engine is not None:
+            return self._engine
+        if self.path is None:
+            return get_engine()  # use_engine() context, else the process default
+        with self._open_lock:
+            if self._engine is None:
+                self._engine = Engine(SQLiteStore(self.path), namespace=self.namespace)
+            return self._engine
 
     def close(self) -> None:
-        if self._engine is not None:
-            eng = self._engine
-            guarded(eng.flush, None, topic="flush")
-            if self._own:
-                guarded(eng.close, None, topic="close")
+        """Flush buffered writes; close the engine if this runtime opened it."""
+        eng = self._engine
+        if eng is None:
+            if self.path is None:
+                self.flush()
+            return
+        guarded(eng.flush, None, topic="flush")
+        if self._own:
+            guarded(eng.close, None, topic="close")
+            self._engine = None
 
     def flush(self) -> None:
-        guarded(self.engine().flush, None, topic="flush")
-
-
-def describe(exc: Any) -> str:
-    return f"{type(exc).__name__}: {exc}"
+        guarded(lambda: self.engine().flush(), None, topic="flush")

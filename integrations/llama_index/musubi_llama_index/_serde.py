@@ -67,7 +67,7 @@ def jsonable(value: Any, _depth: int = 0) -> Any:
     if callable(dump):
         try:
             return jsonable(dump(mode="json"), _depth + 1)
-        except Exception:  # noqa: BLE001 - any pydantic failure: fall through
+        except Exception:
             pass
     try:
         return json.loads(json.dumps(value, default=str))
@@ -147,8 +147,8 @@ def dump_message(msg: ChatMessage) -> dict[str, Any]:
         kind = getattr(block, "block_type", None)
         if kind in _BLOCKS:
             blocks.append(jsonable(block.model_dump(mode="json")))
-        elif isinstance(getattr(block, "text", None), str):
-            blocks.append({"block_type": "text", "text": block.text})
+        elif isinstance(text := getattr(block, "text", None), str):
+            blocks.append({"block_type": "text", "text": text})
         else:
             blocks.append({"block_type": "text", "text": f"[{kind} block not stored]"})
     return {

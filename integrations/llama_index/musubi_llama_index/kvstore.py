@@ -18,15 +18,26 @@ Example::
 
 from __future__ import annotations
 
+import json
 import threading
 from typing import Any
 
-from llama_index.core.storage.kvstore.types import DEFAULT_BATCH_SIZE, DEFAULT_COLLECTION, BaseKVStore
-from musubi_core import Engine, SQLiteStore, StepConfiguration, StepType
+from llama_index.core.storage.kvstore.types import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_COLLECTION,
+    BaseKVStore,
+)
 
+from musubi_core import Engine, SQLiteStore, StepConfiguration, StepType
 from musubi_llama_index._runtime import guarded, warn_once
 
 __all__ = ["MusubiKVStore"]
+
+def _json(val: dict[str, Any]) -> Any:
+    # LlamaIndex values are JSON documents but may hold str-Enums (ObjectType) and tuples;
+    # a JSON round trip stores exactly what SimpleKVStore would persist.
+    return json.loads(json.dumps(val))
+
 
 _CONFIG = StepConfiguration(step_type=StepType.DETERMINISTIC)
 _MAX_LIST = 1_000_000
@@ -100,7 +111,7 @@ class MusubiKVStore(BaseKVStore):
             eng = self._engine()
             eng.record(
                 self._key(key, collection),
-                {"k": str(key), "v": val},
+                {"k": str(key), "v": _json(val)},
                 _CONFIG,
                 kind="kv",
                 label=f"kv:{collection}",
@@ -121,7 +132,7 @@ class MusubiKVStore(BaseKVStore):
             for key, val in kv_pairs:
                 eng.record(
                     self._key(key, collection),
-                    {"k": str(key), "v": val},
+                    {"k": str(key), "v": _json(val)},
                     _CONFIG,
                     kind="kv",
                     label=f"kv:{collection}",

@@ -1,0 +1,54 @@
+"""What every case gets: the mode, scratch folders, and anchor discovery."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import pathlib
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from _harness import Skip
+
+T = TypeVar("T")
+
+HERE = pathlib.Path(__file__).resolve().parent
+DATA = HERE / ".data"  # cached large stores (gitignored)
+
+
+@dataclass
+class Env:
+    quick: bool
+    tmp: pathlib.Path
+    data: pathlib.Path = DATA
+    skipped: list[str] = field(default_factory=list)
+    _made: dict[str, int] = field(default_factory=dict)
+
+    def path(self, name: str) -> pathlib.Path:
+        """A fresh path in the scratch folder (never one an earlier case used)."""
+        n = self._made.get(name, 0)
+        self._made[name] = n + 1
+        return self.tmp / (name if n == 0 else f"{n}-{name}")
+
+    def pick(self, quick: T, full: T) -> T:
+        return quick if self.quick else full
+
+    def missing(self, what: str) -> None:
+        msg = f"anchor not installed: {what} (pip install -r benchmarks/requirements.txt)"
+        if msg not in self.skipped:
+            self.skipped.append(msg)
+            print(f"  ! {msg}")
+
+
+def need(module: str, pip_name: str) -> Any:
+    """Import ``module`` or skip the case, naming the package to install."""
+    if importlib.util.find_spec(module.split(".")[0]) is None:
+        raise Skip(f"anchor not installed: {pip_name} (pip install -r benchmarks/requirements.txt)")
+    return importlib.import_module(module)
+
+
+def cpu_count() -> int:
+    return (
+        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    )

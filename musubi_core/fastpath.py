@@ -1,0 +1,361 @@
+"""A lean replay probe for adapters that decode (and memoise decodings) themselves.
+
+:meth:`Engine.lookup <musubi_core.engine.Engine.lookup>` builds a full ``NodeRecord``, decodes
+the artifact and counts the replay. A hot adapter path (a LangChain cache hit) only needs to know
+whether the node replays under the plain rule and what its stored bytes are: it keeps decoded
+entries by artifact id and rebuilds fresh objects from them. :func:`probe_replay` answers that
+with one primary-key probe and no decoding; :func:`count_replay` then counts the replay once the
+caller has actually served it. Anything that is not the plain case (a buffered write, a stale
+node that early cutoff might revive, a failed or pending node, an expired TTL, a missing
+artifact, ``force_reexecution``, a store without the lean probe) answers ``None``: the caller
+uses ``Engine.lookup``, which decides with the full policy (and says why).
+
+Example:
+    >>> import tempfile, os
+    >>> from musubi_core import SQLiteStore
+    >>> from musubi_core.engine import Engine
+    >>> engine = Engine(SQLiteStore(os.path.join(tempfile.mkdtemp(), "m.db")))
+    >>> key = engine.key("demo.add", {"a": 1, "b": 2})
+    >>> probe_replay(engine, key).reason.value  # never recorded: a definite miss
+    'not_found'
+    >>> _ = engine.record(key, 3)
+    >>> hit = probe_replay(engine, key)
+    >>> engine.codec.decode(hit.encoding, hit.payload)
+    3
+    >>> count_replay(engine, hit.node_id)
+    >>> engine.flush(); engine.store.get_node(key.node_id).replay_count
+    1
+    >>> engine.close()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import sqlite3
+import threading
+import time
+from typing import Any, NamedTuple
+
+from .engine import DEFAULT_CONFIG, Engine
+from .identity import NodeKey
+from .policy import Decision, ReplayReason, StepConfiguration
+from .store import SQLiteStore
+
+__all__ = [
+    "NOT_PLAIN",
+    "EncodedHit",
+    "HitMemo",
+    "count_replay",
+    "is_plain_json",
+    "plain_tree",
+    "plain_input_hash",
+    "plain_payload",
+    "probe_replay",
+]
+
+_PROBE = (
+    "SELECT n.status, n.expires_at, n.artifact_id, n.tokens_in, n.tokens_out, n.duration_s, "
+    "a.encoding, a.payload "
+    "FROM musubi_nodes n LEFT JOIN musubi_artifacts a ON a.artifact_id = n.artifact_id "
+    "WHERE n.node_id = ?"
+)
+
+_NOT_FOUND = Decision(False, ReplayReason.NOT_FOUND, "no stored node with this identity")
+
+
+class EncodedHit(NamedTuple):
+    """A node that replays, with its artifact still encoded (decode with ``engine.codec``)."""
+
+    node_id: str
+    artifact_id: str
+    encoding: str
+    payload: bytes
+    tokens_in: int | None
+    tokens_out: int | None
+    duration_s: float | None
+    expires_at: float | None = None
+
+
+def probe_replay(
+    engine: Engine, key: NodeKey, config: StepConfiguration = DEFAULT_CONFIG
+) -> EncodedHit | Decision | None:
+    """Would ``key`` replay under the plain rule? Reads only; counts nothing.
+
+    Returns an :class:`EncodedHit` (done, artifact present, not expired), the ``not_found``
+    :class:`Decision` when no node exists, or ``None`` when only ``Engine.lookup`` can tell.
+    Store errors propagate as from ``Engine.lookup``.
+    """
+    store = engine.store
+    if config.force_reexecution or not isinstance(store, SQLiteStore):
+        return None
+    buffered = engine._buffer.nodes
+    if buffered and key.node_id in buffered:
+        return None  # a deferred write: lookup() serves it from the buffer
+
+    try:
+        # This thread's connection, without the error-wrapping context of ``store.query``.
+        row = store._conn().execute(_PROBE, (key.node_id,)).fetchone()
+    except sqlite3.Error:
+        # Again through ``query``, which raises the StoreError (with its hint) lookup() would.
+        row = store.query(lambda conn: conn.execute(_PROBE, (key.node_id,)).fetchone(), "lookup")
+    if row is None:
+        if key.node_id in engine._buffer.nodes:
+            return None  # written to the buffer while we read
+        return _NOT_FOUND
+    status, expires_at, artifact_id, tokens_in, tokens_out, duration_s, encoding, payload = row
+    if status != "done" or not isinstance(artifact_id, str) or not isinstance(encoding, str):
+        return None
+    if not isinstance(payload, bytes | str):
+        return None
+    if isinstance(expires_at, int | float) and time.time() >= expires_at:
+        return None
+    return EncodedHit(
+        key.node_id,
+        artifact_id,
+        encoding,
+        payload if isinstance(payload, bytes) else payload.encode("utf-8"),
+        tokens_in if isinstance(tokens_in, int) else None,
+        tokens_out if isinstance(tokens_out, int) else None,
+        float(duration_s) if isinstance(duration_s, int | float) else None,
+        float(expires_at) if isinstance(expires_at, int | float) else None,
+    )
+
+
+def count_replay(engine: Engine, node_id: str, *, flush_when_due: bool = True) -> None:
+    """Count one replay of ``node_id`` (buffered, as ``Engine.lookup`` counts it).
+
+    ``flush_when_due=False`` only buffers the count, for engines whose buffer is committed by
+    someone else on a timer (an adapter's background writer); ``Engine.flush`` writes it.
+    """
+    if flush_when_due:
+        engine._count_replay(node_id)
+        return
+    buffer = engine._buffer
+    with buffer.lock:
+        buffer.replays[node_id] += 1
+
+
+class HitMemo:
+    """:func:`probe_replay` that remembers hits while the store is provably unchanged.
+
+    A hit is remembered together with a *change token* of the store file; while the token is
+    unchanged the stored node cannot have changed, so the remembered hit stands (its TTL is
+    still checked against the clock). Any commit to the file, by any connection in this or
+    another process (a CLI ``invalidate``, a ``gc``, another thread's write, our own replay
+    counters), changes the token and forgets everything remembered.
+
+    The token is read without running SQL when the store is in WAL mode: the first 96 bytes of
+    the ``-shm`` file are SQLite's two copies of the WAL-index header, which every commit
+    rewrites (frame count and checksums, or new salts after a WAL restart; see
+    https://www.sqlite.org/walformat.html). Only equality is used; a torn read (copies differ),
+    a missing file or any other surprise falls back to ``PRAGMA data_version`` plus this
+    connection's ``total_changes``. (An SQL statement costs a read transaction with its
+    file locks; on small VMs that alone is ~10% of a LangChain ``invoke``.)
+
+    >>> import tempfile, os
+    >>> from musubi_core import SQLiteStore
+    >>> engine = Engine(SQLiteStore(os.path.join(tempfile.mkdtemp(), "m.db")))
+    >>> key = engine.key("demo.add", {"a": 1, "b": 2})
+    >>> _ = engine.record(key, 3)
+    >>> memo = HitMemo(engine)
+    >>> memo.probe(key) is memo.probe(key)  # the second answer is remembered
+    True
+    >>> _ = engine.invalidate(key.node_id)  # any write forgets it
+    >>> memo.probe(key) is None  # stale: only Engine.lookup can tell
+    True
+    >>> engine.close()
+    """
+
+    def __init__(self, engine: Engine, *, max_entries: int = 4096) -> None:
+        self.engine = engine
+        self._max = max_entries
+        self._local = threading.local()
+        self._shm_lock = threading.Lock()
+        self._shm: tuple[int, int] | None = None  # (pid, fd) of the open -shm file
+
+    def _shm_fd(self, store: SQLiteStore) -> int | None:
+        shm = self._shm
+        if shm is not None:
+            return shm[1]
+        with self._shm_lock:
+            if self._shm is None:
+                if store.path == ":memory:" or store.path.startswith("file:"):
+                    return None
+                try:
+                    fd = os.open(store.path + "-shm", os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                except OSError:
+                    return None  # not (yet) in WAL mode: tried again on the next probe
+                self._shm = (os.getpid(), fd)
+            return self._shm[1]
+
+    def _token(self, store: SQLiteStore) -> object:
+        fd = self._shm_fd(store)
+        if fd is not None:
+            try:
+                header = os.pread(fd, 96, 0)
+            except OSError:
+                header = b""
+            if len(header) == 96 and header[:48] == header[48:] and any(header[:48]):
+                return header
+        conn = store._conn()
+        version = conn.execute("PRAGMA data_version").fetchone()[0]
+        return (conn, version, conn.total_changes)  # data_version is per connection
+
+    def probe(
+        self, key: NodeKey, config: StepConfiguration = DEFAULT_CONFIG
+    ) -> EncodedHit | Decision | None:
+        """As :func:`probe_replay`."""
+        engine = self.engine
+        store = engine.store
+        if config.force_reexecution or not isinstance(store, SQLiteStore) or store._closed:
+            return probe_replay(engine, key, config)
+        buffered = engine._buffer.nodes
+        if buffered and key.node_id in buffered:
+            return None
+        try:
+            token = self._token(store)
+        except sqlite3.Error:
+            return probe_replay(engine, key, config)  # raises lookup()'s StoreError
+        local = self._local
+        memo: dict[str, EncodedHit] | None = getattr(local, "memo", None)
+        if memo is None or local.token != token:
+            memo = local.memo = {}
+            local.token = token
+        hit = memo.get(key.node_id)
+        if hit is not None:
+            if hit.expires_at is None or time.time() < hit.expires_at:
+                return hit
+            del memo[key.node_id]
+        found = probe_replay(engine, key, config)
+        if isinstance(found, EncodedHit):
+            if len(memo) >= self._max:
+                memo.clear()
+            memo[key.node_id] = found
+        return found
+
+    def close(self) -> None:
+        """Close the ``-shm`` file descriptor (also done when the memo is collected)."""
+        with self._shm_lock:
+            shm, self._shm = self._shm, None
+        if shm is not None and shm[0] == os.getpid():
+            with contextlib.suppress(OSError):
+                os.close(shm[1])
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
+
+
+# -- plain JSON data -----------------------------------------------------------------
+#
+# For plain JSON data the type-tagged trees of :mod:`musubi_core._tagged` are the value itself
+# (canonical: with sorted keys), so its identity hash and its JSONCodec payload can be produced
+# by the C JSON encoder directly. Adapters that have already reduced a value to plain data
+# (strings, ints, bools, None, lists, dicts with string keys) use these on their hot path; the
+# results are byte-for-byte those of ``identity.input_hash`` and ``JSONCodec.encode``.
+
+
+def _plain_kind(value: object) -> int:
+    """0: not plain JSON data; 1: plain, no floats; 2: plain with (finite) floats."""
+    kind = type(value)
+    if kind is str or kind is int or kind is bool or value is None:
+        return 1
+    if kind is float:
+        return 2 if math.isfinite(value) else 0  # type: ignore[arg-type]
+    if kind is list:
+        items: Any = value
+    elif kind is dict:
+        for key in value:  # type: ignore[attr-defined]
+            if type(key) is not str or key.startswith("$"):
+                return 0
+        items = value.values()  # type: ignore[attr-defined]
+    else:
+        return 0
+    found = 1
+    for v in items:
+        t = type(v)
+        if t is str or t is int or t is bool or v is None:
+            continue  # the common leaves, without a call
+        k = _plain_kind(v)
+        if k == 0:
+            return 0
+        if k == 2:
+            found = 2
+    return found
+
+
+def _tag_floats(value: Any) -> Any:
+    kind = type(value)
+    if kind is float:
+        return {"$float": repr(value)}
+    if kind is list:
+        return [_tag_floats(v) for v in value]
+    if kind is dict:
+        return {k: _tag_floats(v) for k, v in value.items()}
+    return value
+
+
+def is_plain_json(value: object) -> bool:
+    """True for exact ``str``/``int``/``bool``/``None``, ``list`` and ``dict`` with ``str`` keys
+    not starting with ``$``, nested: the values whose tagged form is the value itself. Floats
+    (tagged), tuples (tagged), subclasses and ``$`` keys (escaped) are not plain.
+
+    >>> is_plain_json({"q": ["a", 1, True, None]}), is_plain_json({"x": 1.5}), is_plain_json((1,))
+    (True, False, False)
+    """
+    return _plain_kind(value) == 1
+
+
+_NOT_PLAIN: Any = object()
+
+
+def plain_tree(value: Any) -> Any:
+    """The tagged tree of JSON-shaped data (plain JSON plus finite floats, which the core tags
+    as ``{"$float": repr}``), or :data:`NOT_PLAIN` for anything else (use the core's encoder).
+    Feed the tree to :func:`plain_input_hash` / :func:`plain_payload`.
+
+    >>> plain_tree({"t": 0.5, "q": "a"})
+    {'t': {'$float': '0.5'}, 'q': 'a'}
+    >>> plain_tree((1,)) is NOT_PLAIN
+    True
+    """
+    kind = _plain_kind(value)
+    if kind == 1:
+        return value
+    if kind == 2:
+        return _tag_floats(value)
+    return _NOT_PLAIN
+
+
+NOT_PLAIN = _NOT_PLAIN
+
+
+def plain_input_hash(value: object) -> str:
+    """``identity.input_hash(v)`` given ``value = plain_tree(v)`` (or a plain JSON ``v``).
+
+    >>> from musubi_core.identity import input_hash
+    >>> v = {"b": [1, "x", None], "a": {"é": True}}
+    >>> plain_input_hash(v) == input_hash(v)
+    True
+    """
+    # Sorted keys are the canonical tree's order; surrogatepass as identity.canonical_bytes.
+    return hashlib.sha256(_SORTED_JSON(value).encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def plain_payload(value: object) -> bytes:
+    """``JSONCodec().encode(v)[1]`` given ``value = plain_tree(v)`` (or a plain JSON ``v``).
+
+    >>> from musubi_core.codec import JSONCodec
+    >>> v = {"b": [1, "x", None], "a": {"é": True}}
+    >>> plain_payload(v) == JSONCodec().encode(v)[1]
+    True
+    """
+    return _COMPACT_JSON(value).encode("utf-8", "surrogatepass")
+
+
+_SORTED_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode
+_COMPACT_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode

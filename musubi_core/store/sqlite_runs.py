@@ -1,0 +1,268 @@
+"""Durable-run storage for :class:`~musubi_core.store.sqlite.SQLiteStore`.
+
+Kept apart from the lineage store so each file stays readable; ``SQLiteStore``
+inherits :class:`RunStoreMixin` and so implements
+:class:`~musubi_core.store.base.RunStore`.
+
+Durability is chosen per write: a finished step is committed with
+``synchronous=FULL`` (one fsync'd commit that carries the step row, its lineage
+node, its artifact and its ``contains`` edge), while bookkeeping whose loss
+only costs a re-run (the "step started" marker, failures, the run's final
+status) commits with the store's normal setting and rides along with the next
+fsync.
+
+>>> import tempfile, os
+>>> from musubi_core.store import SQLiteStore
+>>> with SQLiteStore(os.path.join(tempfile.mkdtemp(), "m.db")) as store:
+...     store.list_runs()
+[]
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from . import sqlite as _sqlite
+from .base import ArtifactWrite, EdgeWrite, NodeWrite, RunRecord, RunStepRecord, RunStepWrite
+
+__all__ = ["RunStoreMixin"]
+
+T = TypeVar("T")
+
+_RUN_COLUMNS = (
+    "r.run_id, r.name, r.kind, r.status, r.created_at, r.started_at, r.finished_at, r.host, "
+    "r.pid, r.error, r.node_id, r.attempts, "
+    "(SELECT COUNT(*) FROM musubi_run_steps s WHERE s.run_id = r.run_id AND s.status = 'done'), "
+    "(SELECT COUNT(*) FROM musubi_run_steps s WHERE s.run_id = r.run_id)"
+)
+
+_STEP_COLUMNS = (
+    "s.run_id, s.name, s.seq, s.kind, s.status, s.fingerprint, s.artifact_id, s.node_id, "
+    "s.error, s.started_at, s.finished_at, s.wake_at, s.attempts"
+)
+
+_BEGIN_RUN = """
+INSERT INTO musubi_runs (run_id, name, kind, status, created_at, started_at, finished_at,
+                         host, pid, error, node_id, attempts)
+VALUES (?, ?, 'workflow', 'running', ?, ?, NULL, ?, ?, NULL, ?, 1)
+ON CONFLICT (run_id) DO UPDATE SET
+    name = COALESCE(excluded.name, musubi_runs.name),
+    status = 'running',
+    started_at = excluded.started_at,
+    finished_at = NULL,
+    host = excluded.host,
+    pid = excluded.pid,
+    error = NULL,
+    node_id = excluded.node_id,
+    attempts = musubi_runs.attempts + 1
+"""
+
+# A retry keeps the step's seq from its first attempt only if the body still
+# calls it at the same position; the body's order is the truth.
+_STEP_STARTED = """
+INSERT INTO musubi_run_steps (run_id, name, seq, kind, status, fingerprint, artifact_id,
+                              node_id, error, started_at, finished_at, wake_at, attempts)
+VALUES (?, ?, ?, ?, 'pending', ?, NULL, ?, NULL, ?, NULL, NULL, 1)
+ON CONFLICT (run_id, name) DO UPDATE SET
+    seq = excluded.seq,
+    kind = excluded.kind,
+    status = 'pending',
+    fingerprint = excluded.fingerprint,
+    artifact_id = NULL,
+    node_id = excluded.node_id,
+    error = NULL,
+    started_at = excluded.started_at,
+    finished_at = NULL,
+    wake_at = NULL,
+    attempts = musubi_run_steps.attempts + 1
+"""
+
+# Used for the final state of a step (done or failed). A step committed
+# without a "started" marker (a sleep, or a marker lost with the page cache)
+# still counts one attempt.
+_STEP_FINISHED = """
+INSERT INTO musubi_run_steps (run_id, name, seq, kind, status, fingerprint, artifact_id,
+                              node_id, error, started_at, finished_at, wake_at, attempts)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1)
+ON CONFLICT (run_id, name) DO UPDATE SET
+    seq = excluded.seq,
+    kind = excluded.kind,
+    status = excluded.status,
+    fingerprint = excluded.fingerprint,
+    artifact_id = excluded.artifact_id,
+    node_id = excluded.node_id,
+    error = excluded.error,
+    started_at = COALESCE(excluded.started_at, musubi_run_steps.started_at),
+    finished_at = excluded.finished_at,
+    wake_at = excluded.wake_at
+"""
+
+
+def _step_params(step: RunStepWrite) -> tuple[Any, ...]:
+    return (
+        step.run_id, step.name, step.seq, step.kind, step.status, step.fingerprint,
+        step.artifact_id, step.node_id, step.error, step.started_at, step.finished_at,
+        step.wake_at,
+    )
+
+
+def _step_record(row: Sequence[Any]) -> RunStepRecord:
+    payload = row[14] if len(row) > 14 else None
+    return RunStepRecord(
+        run_id=row[0], name=row[1], seq=row[2], kind=row[3], status=row[4],
+        fingerprint=row[5], artifact_id=row[6], node_id=row[7], error=row[8],
+        started_at=row[9], finished_at=row[10], wake_at=row[11], attempts=row[12],
+        encoding=row[13] if len(row) > 13 else None,
+        payload=None if payload is None else bytes(payload),
+    )
+
+
+class RunStoreMixin:
+    """The :class:`~musubi_core.store.base.RunStore` methods of the SQLite store."""
+
+    if TYPE_CHECKING:  # provided by SQLiteStore
+
+        def commit_durable(
+            self, fn: Callable[[sqlite3.Connection], T], action: str = ...
+        ) -> T: ...
+
+        def transaction(self, fn: Callable[[sqlite3.Connection], T], action: str = ...) -> T: ...
+
+        def query(self, fn: Callable[[sqlite3.Connection], T], action: str = ...) -> T: ...
+
+    def begin_run(
+        self,
+        run_id: str,
+        *,
+        name: str | None,
+        node_id: str,
+        parent_node: str | None,
+        host: str,
+        pid: int,
+        now: float,
+    ) -> list[RunStepRecord]:
+        edges = [EdgeWrite(parent_node, node_id, "contains")] if parent_node else []
+
+        def apply(c: sqlite3.Connection) -> list[RunStepRecord]:
+            c.execute(_BEGIN_RUN, (run_id, name, now, now, host, pid, node_id))
+            _sqlite._write_rows(c, (), (), edges, now)
+            rows = c.execute(
+                f"SELECT {_STEP_COLUMNS}, a.encoding, a.payload FROM musubi_run_steps s "
+                "LEFT JOIN musubi_artifacts a ON a.artifact_id = s.artifact_id "
+                "WHERE s.run_id = ? ORDER BY s.seq",
+                (run_id,),
+            ).fetchall()
+            return [_step_record(r) for r in rows]
+
+        # Reading the steps inside the same transaction that claims the run
+        # means no reader-visible state can slip between the two.
+        return self.transaction(apply, "begin run")
+
+    def discard_steps_from(self, run_id: str, name: str) -> list[str]:
+        def apply(c: sqlite3.Connection) -> list[str]:
+            row = c.execute(
+                "SELECT seq FROM musubi_run_steps WHERE run_id = ? AND name = ?", (run_id, name)
+            ).fetchone()
+            if row is None:
+                return []
+            names = [
+                r[0]
+                for r in c.execute(
+                    "SELECT name FROM musubi_run_steps WHERE run_id = ? AND seq >= ? ORDER BY seq",
+                    (run_id, row[0]),
+                ).fetchall()
+            ]
+            c.execute("DELETE FROM musubi_run_steps WHERE run_id = ? AND seq >= ?", (run_id, row[0]))
+            return names
+
+        # Durable: after "accept the change" returns, a power cut must not
+        # bring the discarded results back.
+        return self.commit_durable(apply, "discard steps")
+
+    def mark_step_started(self, step: RunStepWrite) -> None:
+        params = (
+            step.run_id, step.name, step.seq, step.kind, step.fingerprint, step.node_id,
+            step.started_at,
+        )
+        self.transaction(lambda c: c.execute(_STEP_STARTED, params), "mark step started")
+
+    def checkpoint_step(
+        self,
+        step: RunStepWrite,
+        node: NodeWrite,
+        artifact: ArtifactWrite | None,
+        edges: Sequence[EdgeWrite],
+    ) -> None:
+        now = step.finished_at or node.finished_at or 0.0
+        params = _step_params(step)
+
+        def apply(c: sqlite3.Connection) -> None:
+            _sqlite._write_rows(c, [node], [artifact] if artifact else (), edges, now)
+            c.execute(_STEP_FINISHED, params)
+
+        self.commit_durable(apply, f"checkpoint step {step.name!r}")
+
+    def record_step_failure(
+        self, step: RunStepWrite, node: NodeWrite, edges: Sequence[EdgeWrite]
+    ) -> None:
+        now = step.finished_at or 0.0
+        params = _step_params(step)
+
+        def apply(c: sqlite3.Connection) -> None:
+            _sqlite._write_rows(c, [node], (), edges, now)
+            c.execute(_STEP_FINISHED, params)
+
+        self.transaction(apply, f"record failure of step {step.name!r}")
+
+    def finish_run(
+        self,
+        run_id: str,
+        *,
+        status: str,
+        error: str | None,
+        node: NodeWrite,
+        artifact: ArtifactWrite | None,
+        now: float,
+    ) -> None:
+        def apply(c: sqlite3.Connection) -> None:
+            _sqlite._write_rows(c, [node], [artifact] if artifact else (), (), now)
+            c.execute(
+                "UPDATE musubi_runs SET status = ?, error = ?, finished_at = ? WHERE run_id = ?",
+                (status, error, now, run_id),
+            )
+
+        self.transaction(apply, "finish run")
+
+    def get_run(self, run_id: str) -> RunRecord | None:
+        row = self.query(
+            lambda c: c.execute(
+                f"SELECT {_RUN_COLUMNS} FROM musubi_runs r WHERE r.run_id = ?", (run_id,)
+            ).fetchone(),
+            "get run",
+        )
+        return None if row is None else RunRecord(*row)
+
+    def list_runs(self, *, limit: int = 50) -> list[RunRecord]:
+        rows = self.query(
+            lambda c: c.execute(
+                f"SELECT {_RUN_COLUMNS} FROM musubi_runs r "
+                "ORDER BY COALESCE(r.started_at, r.created_at) DESC LIMIT ?",
+                (limit,),
+            ).fetchall(),
+            "list runs",
+        )
+        return [RunRecord(*r) for r in rows]
+
+    def run_steps(self, run_id: str, *, payloads: bool = False) -> list[RunStepRecord]:
+        if payloads:
+            sql = (
+                f"SELECT {_STEP_COLUMNS}, a.encoding, a.payload FROM musubi_run_steps s "
+                "LEFT JOIN musubi_artifacts a ON a.artifact_id = s.artifact_id "
+                "WHERE s.run_id = ? ORDER BY s.seq"
+            )
+        else:
+            sql = f"SELECT {_STEP_COLUMNS} FROM musubi_run_steps s WHERE s.run_id = ? ORDER BY s.seq"
+        rows = self.query(lambda c: c.execute(sql, (run_id,)).fetchall(), "list run steps")
+        return [_step_record(r) for r in rows]

@@ -1,0 +1,276 @@
+"""The adapter's hot paths give exactly the answers of the slow paths they stand in for."""
+
+from __future__ import annotations
+
+import os
+import random
+import sqlite3
+import time
+import warnings
+from typing import Any
+
+import pytest
+from langchain_core.language_models import FakeListChatModel
+from langchain_core.load import dumpd, dumps
+from langchain_core.messages import (
+    AIMessage,
+    AIMessageChunk,
+    ChatMessage,
+    FunctionMessage,
+    HumanMessage,
+    SystemMessage,
+    ToolMessage,
+)
+from langchain_core.outputs import ChatGeneration, Generation
+
+from musubi_core import SQLiteStore
+from musubi_core.codec import JSONCodec
+from musubi_core.engine import Engine
+from musubi_core.fastpath import (
+    NOT_PLAIN,
+    EncodedHit,
+    HitMemo,
+    is_plain_json,
+    plain_input_hash,
+    plain_payload,
+    plain_tree,
+    probe_replay,
+)
+from musubi_core.identity import input_hash
+from musubi_core.policy import StepConfiguration, StepType
+from musubi_langchain import MusubiCache, MusubiCallbackHandler, MusubiLangChainWarning
+from musubi_langchain._codec import Template, decode_generations, encode_generations
+from musubi_langchain._engine import PlainAwareCodec, Precoded, WriteBehindEngine, storable
+from musubi_langchain._keys import _fast_dumpd, canonical_message_objects, canonical_messages
+
+
+def _random_plain(rng: random.Random, depth: int = 0) -> Any:
+    choice = rng.randrange(9 if depth < 4 else 5)
+    if choice == 8 or (choice == 4 and depth >= 4):
+        return rng.choice([0.0, -1.5, 1e300, 2.5e-8, 3.0])
+    if choice == 0:
+        return rng.choice(["", "a", "é東京", "line\nbreak", '"quoted"', "$dollar", "\u2028", "lone\udc80"])
+    if choice == 1:
+        return rng.choice([0, 1, -7, 2**70])
+    if choice == 2:
+        return rng.choice([True, False])
+    if choice == 3:
+        return None
+    if choice in (4, 5):
+        return [_random_plain(rng, depth + 1) for _ in range(rng.randrange(4))]
+    keys = ["a", "B", "é", "z1", "_", "lc", "10", "2"]
+    return {rng.choice(keys): _random_plain(rng, depth + 1) for _ in range(rng.randrange(4))}
+
+
+def test_plain_json_hash_and_payload_match_the_core() -> None:
+    rng = random.Random(7)
+    codec = JSONCodec()
+    checked = 0
+    floats = 0
+    for _ in range(1000):
+        value = _random_plain(rng)
+        tree = plain_tree(value)
+        assert tree is not NOT_PLAIN
+        floats += not is_plain_json(value)
+        assert plain_input_hash(tree) == input_hash(value)
+        assert plain_payload(tree) == codec.encode(value)[1]
+        checked += 1
+    assert checked == 1000 and floats > 50
+    for not_plain in ((1, 2), {"$x": 1}, {1: "a"}, {"a": {"b": (1,)}}, b"x", float("nan"), [float("inf")]):
+        assert plain_tree(not_plain) is NOT_PLAIN
+
+
+def test_precoded_values_store_the_codec_bytes(tmp_path: Any) -> None:
+    engine = WriteBehindEngine(SQLiteStore(str(tmp_path / "m.db")))
+    assert type(engine.codec) is PlainAwareCodec
+    value = {"q": ["a", 1, None]}
+    stored = storable(engine, value)
+    assert isinstance(stored, Precoded)
+    assert engine.codec.encode(stored) == JSONCodec().encode(value)
+    assert engine.codec.encode(storable(engine, {"t": 0.5})) == JSONCodec().encode({"t": 0.5})
+    assert storable(engine, {"t": (1,)}) == {"t": (1,)}  # not JSON-shaped: the codec's path
+    key = engine.key("op", 1)
+    engine.record(key, stored)
+    assert engine.lookup(key).value == value
+    engine.close()
+
+
+_MESSAGES = [
+    HumanMessage("hi"),
+    HumanMessage("hi", name="bob", id="x1"),
+    SystemMessage("sys"),
+    AIMessage(
+        "",
+        tool_calls=[{"name": "f", "args": {"a": 1, "b": [1, None, True]}, "id": "call_1"}],
+        usage_metadata={"input_tokens": 1, "output_tokens": 2, "total_tokens": 3},
+        response_metadata={"model": "x", "t": 0.5},
+        id="run-1",
+    ),
+    AIMessage(
+        content=[{"type": "text", "text": "hello"}, {"type": "tool_use", "id": "tu_1", "name": "f", "input": {}}],
+        additional_kwargs={"tool_calls": [{"id": "c"}], "refusal": None, "x": {"lc": 1}},
+    ),
+    ToolMessage("42", tool_call_id="call_1"),
+    ToolMessage("err", tool_call_id="call_1", status="error", artifact={"a": 1}),
+    ChatMessage(content="c", role="critic"),
+    FunctionMessage(content="f", name="fn"),
+    AIMessageChunk(content="par", tool_call_chunks=[{"name": "f", "args": '{"a"', "id": "c1", "index": 0}]),
+    AIMessage("x", example=True),
+    HumanMessage("t", additional_kwargs={"k": (1, 2)}),
+    AIMessage("y", additional_kwargs={"__lc_escaped__": {"a": 1}}),
+    AIMessage("z", additional_kwargs={"n": 0, "f": False, "e": ""}),
+    HumanMessage([{"type": "image_url", "image_url": {"url": "data:..."}}]),
+]
+
+
+@pytest.mark.parametrize("message", _MESSAGES, ids=lambda m: type(m).__name__)
+def test_fast_message_serialisation_matches_dumpd(message: Any) -> None:
+    fast = _fast_dumpd(message)
+    if fast is not None:
+        assert fast == dumpd(message)
+    assert canonical_message_objects([message]) == canonical_messages([dumpd(message)])
+
+
+def test_fast_path_covers_the_common_messages() -> None:
+    assert sum(_fast_dumpd(m) is not None for m in _MESSAGES) >= 10
+    # A whole conversation keys the same either way (tool-call aliases run across messages).
+    assert canonical_message_objects(_MESSAGES) == canonical_messages([dumpd(m) for m in _MESSAGES])
+
+
+def test_template_copies_share_nothing_and_equal_a_fresh_decode() -> None:
+    gens = [
+        ChatGeneration(
+            message=AIMessage(
+                "hi",
+                tool_calls=[{"name": "f", "args": {"x": [1, {"y": 2}]}, "id": "c1"}],
+                usage_metadata={"input_tokens": 1, "output_tokens": 2, "total_tokens": 3},
+                response_metadata={"nested": {"a": [1, 2]}},
+            ),
+            generation_info={"finish_reason": "stop", "logprobs": {"x": [0.1]}},
+        ),
+        Generation(text="plain", generation_info={"k": ["v"]}),
+    ]
+    data = encode_generations(gens)
+    template = Template(decode_generations(data))
+    a, b = template.fresh(), template.fresh()
+    assert a == b == decode_generations(data)
+    assert a is not b and a[0] is not b[0] and a[0].message is not b[0].message  # type: ignore[attr-defined]
+    a[0].message.tool_calls[0]["args"]["x"][1]["y"] = 99  # type: ignore[attr-defined]
+    a[0].message.response_metadata["nested"]["a"].append(3)  # type: ignore[attr-defined]
+    a[0].generation_info["logprobs"]["x"].append(0.2)  # type: ignore[index]
+    a[1].generation_info["k"].append("w")  # type: ignore[index]
+    assert template.fresh() == decode_generations(data)
+
+
+def _engine(path: str) -> Engine:
+    return Engine(SQLiteStore(path))
+
+
+def test_hit_memo_sees_writes_by_other_connections(tmp_path: Any) -> None:
+    db = str(tmp_path / "m.db")
+    engine = _engine(db)
+    key = engine.key("op", {"a": 1})
+    engine.record(key, "v")
+    memo = HitMemo(engine)
+    first = memo.probe(key)
+    assert isinstance(first, EncodedHit)
+    assert memo.probe(key) is first  # remembered
+    con = sqlite3.connect(db)  # another connection, as the CLI would be
+    con.execute("UPDATE musubi_nodes SET status = 'stale', stale_cause = 'invalidated'")
+    con.commit()
+    con.close()
+    assert memo.probe(key) is None  # stale: Engine.lookup decides
+    assert engine.lookup(key).replay is False
+    memo.close()
+    engine.close()
+
+
+def test_hit_memo_respects_ttl_and_force(tmp_path: Any) -> None:
+    engine = _engine(str(tmp_path / "m.db"))
+    config = StepConfiguration(step_type=StepType.STOCHASTIC, ttl_seconds=0.2)
+    key = engine.key("op", 1)
+    engine.record(key, "v", config)
+    memo = HitMemo(engine)
+    assert isinstance(memo.probe(key, config), EncodedHit)
+    assert isinstance(memo.probe(key, config), EncodedHit)
+    time.sleep(0.25)
+    assert memo.probe(key, config) is None  # expired: lookup() says TTL_EXPIRED
+    assert probe_replay(engine, key, StepConfiguration(force_reexecution=True)) is None
+    memo.close()
+    engine.close()
+
+
+def test_tampered_after_memoised_hit_is_a_miss(tmp_path: Any) -> None:
+    db = str(tmp_path / "m.db")
+    cache = MusubiCache(db)
+    model = FakeListChatModel(responses=["real", "again"], cache=cache)
+    assert model.invoke("q").content == "real"
+    assert model.invoke("q").content == "real"  # hit: decoded entry memoised
+    con = sqlite3.connect(db)
+    for artifact_id, payload in con.execute("SELECT artifact_id, payload FROM musubi_artifacts").fetchall():
+        evil = bytes(payload).replace(b'"ai"', b'"langchain_community.llms.Evil"')
+        con.execute("UPDATE musubi_artifacts SET payload = ? WHERE artifact_id = ?", (evil, artifact_id))
+    con.commit()
+    con.close()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert model.invoke("q").content == "again"  # not served from the memo
+    assert any(issubclass(w.category, MusubiLangChainWarning) for w in caught)
+
+
+def test_hits_are_counted_and_keys_memoised(tmp_path: Any) -> None:
+    db = str(tmp_path / "m.db")
+    cache = MusubiCache(db)
+    model = FakeListChatModel(responses=["one"], cache=cache)
+    for _ in range(5):
+        assert model.invoke("q").content == "one"
+    cache.engine.flush()
+    (count,) = sqlite3.connect(db).execute("SELECT replay_count FROM musubi_nodes").fetchone()
+    assert count == 4
+    prompt = dumps([HumanMessage("q")])
+    key = cache.node_key(prompt, model._get_llm_string(stop=None))
+    assert cache.node_key(prompt, model._get_llm_string(stop=None)) is key
+
+
+def test_write_behind_engine_commits_in_the_background(tmp_path: Any) -> None:
+    db = str(tmp_path / "m.db")
+    engine = WriteBehindEngine(SQLiteStore(db))
+    engine.BATCH_SECONDS = 0.05  # type: ignore[misc]
+    keys = [engine.key("op", i) for i in range(5)]
+    with engine.deferring():
+        for k in keys:
+            engine.record(k, "v", defer=True)
+            engine.flush()  # due or not: from a deferring context this only wakes the writer
+    deadline = time.monotonic() + 10
+    con = sqlite3.connect(db)
+    while time.monotonic() < deadline:
+        (n,) = con.execute("SELECT COUNT(*) FROM musubi_nodes").fetchone()
+        if n == 5:
+            break
+        time.sleep(0.02)
+    con.close()
+    assert n == 5
+    engine.close()
+
+
+def test_explicit_flush_is_synchronous(tmp_path: Any) -> None:
+    db = str(tmp_path / "m.db")
+    handler = MusubiCallbackHandler(db)
+    from langchain_core.prompts import ChatPromptTemplate
+
+    chain = ChatPromptTemplate.from_template("say {x}") | FakeListChatModel(responses=["ok"])
+    for i in range(3):
+        chain.invoke({"x": str(i)}, config={"callbacks": [handler]})
+    handler.flush()
+    (n,) = sqlite3.connect(db).execute("SELECT COUNT(*) FROM musubi_nodes").fetchone()
+    assert n == 9  # 3 x (sequence, prompt, model)
+
+
+def test_handler_plain_keys_equal_engine_keys(tmp_path: Any) -> None:
+    handler = MusubiCallbackHandler(str(tmp_path / "m.db"))
+    rng = random.Random(3)
+    for _ in range(100):
+        value = _random_plain(rng)
+        assert handler._node_key("chain:x", value) == handler.engine.key("chain:x", value)
+    assert handler._node_key("chain:x", {"t": 0.5}) == handler.engine.key("chain:x", {"t": 0.5})
+    assert os.path.exists(str(tmp_path / "m.db"))

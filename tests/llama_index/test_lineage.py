@@ -1,0 +1,164 @@
+"""Spans become nodes; lineage of a query shows embedding -> retrieval -> synthesis -> LLM."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+from collections import defaultdict
+from typing import Any
+
+import pytest
+from llama_index.core import VectorStoreIndex
+
+from musubi_llama_index import instrument, uninstrument
+from tests.support.openai_server import OpenAIServer
+
+
+def _graph(db_path: str) -> tuple[dict[str, tuple[str, str]], list[tuple[str, str, str]]]:
+    with sqlite3.connect(db_path) as c:
+        nodes = {
+            nid: (kind, label or "")
+            for nid, kind, label in c.execute("SELECT node_id, kind, label FROM musubi_nodes")
+        }
+        edges = list(c.execute("SELECT parent, child, kind FROM musubi_edges"))
+    return nodes, edges
+
+
+def _reachable(edges: list[tuple[str, str, str]], start: set[str], kinds: set[str]) -> set[str]:
+    out: dict[str, set[str]] = defaultdict(set)
+    for p, ch, k in edges:
+        if k in kinds:
+            out[p].add(ch)
+    seen, stack = set(start), list(start)
+    while stack:
+        for nxt in out[stack.pop()]:
+            if nxt not in seen:
+                seen.add(nxt)
+                stack.append(nxt)
+    return seen
+
+
+def _record_query(db_path: str, llm: Any, embed_model: Any, documents: list[Any]) -> None:
+    instrument(db_path, llm=llm, embed_model=embed_model)
+    index = VectorStoreIndex.from_documents(documents, embed_model=embed_model)
+    index.as_query_engine(llm=llm).query("What does musubi mean?")
+    uninstrument()  # flushes buffered span nodes
+
+
+def test_query_lineage_chain(
+    openai_server: OpenAIServer, db_path: str, llm: Any, embed_model: Any, documents: list[Any]
+) -> None:
+    _record_query(db_path, llm, embed_model, documents)
+    nodes, edges = _graph(db_path)
+
+    def ids(pred: Any) -> set[str]:
+        return {n for n, (kind, label) in nodes.items() if pred(kind, label)}
+
+    query_embeddings = ids(lambda k, lab: k == "embedding")
+    retrievals = ids(lambda k, lab: lab == "VectorIndexRetriever.retrieve")
+    synth = ids(lambda k, lab: lab == "CompactAndRefine.synthesize")
+    llms = ids(lambda k, lab: k == "llm")
+    roots = ids(lambda k, lab: lab == "RetrieverQueryEngine.query")
+    assert len(retrievals) == len(synth) == len(llms) == len(roots) == 1
+
+    # data: embedding -> retrieval -> synthesis; synthesis contains the LLM call, and the
+    # LLM call depends (by content: retrieved text in its prompt) on the retrieval.
+    data_from_embeddings = _reachable(edges, query_embeddings, {"data"})
+    assert retrievals <= data_from_embeddings
+    assert synth <= _reachable(edges, retrievals, {"data"})
+    assert llms <= _reachable(edges, synth, {"contains"})
+    assert llms <= _reachable(edges, retrievals, {"data"})
+    # the LLM answer flows back up into the query result
+    assert roots <= _reachable(edges, llms, {"data"})
+    # and the query contains everything
+    assert retrievals | synth | llms <= _reachable(edges, roots, {"contains"})
+
+
+def test_musubi_lineage_command_shows_chain(
+    openai_server: OpenAIServer, db_path: str, llm: Any, embed_model: Any, documents: list[Any]
+) -> None:
+    _record_query(db_path, llm, embed_model, documents)
+    nodes, _ = _graph(db_path)
+    (llm_node,) = [n for n, (kind, _) in nodes.items() if kind == "llm"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "musubi_core.cli", "--db", db_path, "lineage", llm_node,
+         "--format", "json"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    text = json.dumps(data)
+    for label in ("OpenAIEmbedding.embedding", "VectorIndexRetriever.retrieve",
+                  "CompactAndRefine.synthesize", "OpenAI.chat"):
+        assert label in text, label
+
+
+def test_replayed_query_reuses_the_same_nodes(
+    openai_server: OpenAIServer, db_path: str, llm: Any, embed_model: Any, documents: list[Any]
+) -> None:
+    _record_query(db_path, llm, embed_model, documents)
+    before, _ = _graph(db_path)
+    _record_query(db_path, llm, embed_model, documents)
+    after, _ = _graph(db_path)
+    assert set(after) == set(before)  # deterministic span identity: no new nodes
+
+
+def test_workflow_steps_are_nodes_of_their_run(
+    openai_server: OpenAIServer, db_path: str, llm: Any
+) -> None:
+    import asyncio
+
+    from llama_index.core.workflow import Event, StartEvent, StopEvent, Workflow, step
+
+    class Drafted(Event):
+        draft: str
+
+    class Writer(Workflow):
+        @step
+        async def draft(self, ev: StartEvent) -> Drafted:
+            resp = await llm.acomplete(f"Draft a line about {ev.topic}")
+            return Drafted(draft=resp.text)
+
+        @step
+        async def polish(self, ev: Drafted) -> StopEvent:
+            resp = await llm.acomplete(f"Polish: {ev.draft}")
+            return StopEvent(result=resp.text)
+
+    instrument(db_path, llm=llm)
+
+    async def run() -> str:
+        return str(await Writer(timeout=30).run(topic="knots"))
+
+    first = asyncio.run(run())
+    assert openai_server.count("chat") == 2
+    openai_server.clear_log()
+    assert asyncio.run(run()) == first
+    assert openai_server.count() == 0
+    uninstrument()
+
+    with sqlite3.connect(db_path) as c:
+        steps = c.execute(
+            "SELECT label, run_id FROM musubi_nodes WHERE kind = 'workflow_step'"
+        ).fetchall()
+    labels = {label for label, _ in steps}
+    assert {"Writer.draft", "Writer.polish"} <= labels
+    assert all(run_id for _, run_id in steps)
+    nodes, edges = _graph(db_path)
+    step_ids = {n for n, (_, lab) in nodes.items() if lab in ("Writer.draft", "Writer.polish")}
+    llm_ids = {n for n, (k, _) in nodes.items() if k == "llm"}
+    assert llm_ids <= _reachable(edges, step_ids, {"contains"})
+
+
+def test_broken_store_never_breaks_llamaindex(
+    openai_server: OpenAIServer, tmp_path: Any, llm: Any, embed_model: Any, documents: list[Any]
+) -> None:
+    bad = tmp_path / "not_a_db"
+    bad.mkdir()
+    with pytest.warns(RuntimeWarning, match="musubi"):
+        instrument(str(bad), llm=llm, embed_model=embed_model)
+        index = VectorStoreIndex.from_documents(documents, embed_model=embed_model)
+        answer = index.as_query_engine(llm=llm).query("What does musubi mean?")
+    assert "answer-" in str(answer)
+    assert openai_server.count("chat") == 1
