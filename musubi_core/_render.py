@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
+import html
 import json
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -76,18 +77,23 @@ def lineage_text(root: str, nodes: list[NodeRecord], edges: list[EdgeRecord]) ->
     return "\n".join(lines)
 
 
+def _dot_text(text: str) -> str:
+    return text.replace("\\", "\\\\").replace('"', '\\"')
+
+
 def _label(node: NodeRecord) -> str:
-    return f"{node.kind}: {title(node)}\\n{short(node.node_id)} {node.status}".replace('"', "'")
+    return f"{_dot_text(node.kind + ': ' + title(node))}\\n{short(node.node_id)} {node.status}"
 
 
 def lineage_dot(root: str, nodes: list[NodeRecord], edges: list[EdgeRecord]) -> str:
+    # Full node ids as graph identifiers: 12-character prefixes can collide.
     lines = ["digraph lineage {", "  rankdir=LR;", "  node [shape=box];"]
     for node in nodes:
         style = ", style=bold" if node.node_id == root else ""
-        lines.append(f'  "{short(node.node_id)}" [label="{_label(node)}"{style}];')
+        lines.append(f'  "{node.node_id}" [label="{_label(node)}"{style}];')
     for edge in edges:
         style = "" if edge.kind == "data" else " [style=dashed]"
-        lines.append(f'  "{short(edge.parent)}" -> "{short(edge.child)}"{style};')
+        lines.append(f'  "{edge.parent}" -> "{edge.child}"{style};')
     lines.append("}")
     return "\n".join(lines)
 
@@ -95,13 +101,11 @@ def lineage_dot(root: str, nodes: list[NodeRecord], edges: list[EdgeRecord]) -> 
 def lineage_mermaid(root: str, nodes: list[NodeRecord], edges: list[EdgeRecord]) -> str:
     lines = ["graph LR"]
     for node in nodes:
-        text = f"{node.kind}: {title(node)}<br/>{short(node.node_id)} {node.status}".replace(
-            '"', "'"
-        )
-        lines.append(f'  n{short(node.node_id)}["{text}"]')
+        name = html.escape(f"{node.kind}: {title(node)}", quote=True)
+        lines.append(f'  n{node.node_id}["{name}<br/>{short(node.node_id)} {node.status}"]')
     for edge in edges:
         arrow = "-->" if edge.kind == "data" else "-.->"
-        lines.append(f"  n{short(edge.parent)} {arrow} n{short(edge.child)}")
+        lines.append(f"  n{edge.parent} {arrow} n{edge.child}")
     return "\n".join(lines)
 
 

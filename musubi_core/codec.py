@@ -274,7 +274,10 @@ def _dec_dataclass(cls: type, fields: dict[str, Any]) -> Any:
         # Only declared fields may be set: a tampered artifact must not be
         # able to plant arbitrary attributes (``__dict__``, ...).
         raise DecodeError(f"{class_path(cls)} has no field(s) {sorted(unknown)[:3]}")
+    # __init__ runs (and with it __post_init__ validation), then every stored
+    # field is put back as stored: a __post_init__ that transforms a field
+    # (x * 2) must not be applied a second time on replay.
     obj = cls(**{k: v for k, v in fields.items() if k in init_fields})
-    for name in other_fields & set(fields):
-        object.__setattr__(obj, name, fields[name])
+    for name, value in fields.items():
+        object.__setattr__(obj, name, value)
     return obj

@@ -78,20 +78,41 @@ class StepFunction(Generic[P, R]):
         semantics: StepConfiguration,
         name: str | None,
         engine: Engine | None,
+        ignore: tuple[str, ...] = (),
     ) -> None:
+        if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
+            raise TypeError(
+                f"@step cannot wrap generator function {getattr(fn, '__qualname__', fn)!r}: "
+                "its output is produced lazily; return a list instead"
+            )
         self.fn = fn
         self.semantics = semantics
-        self.name = name or f"{fn.__module__}.{fn.__qualname__}"
+        # A functools.partial is named after the function it wraps; its bound
+        # arguments join the fingerprint below.
+        target = fn.func if isinstance(fn, functools.partial) else fn
+        qualname = getattr(target, "__qualname__", None) or type(target).__qualname__
+        self.label = qualname
+        self.name = name or f"{getattr(target, '__module__', None) or 'builtins'}.{qualname}"
         self._engine = engine
         self._signature = inspect.signature(fn)
+        param_names = list(self._signature.parameters)
+        # A method's receiver (self/cls) usually holds clients and config, not
+        # inputs: it stays out of identity, like any name listed in ``ignore``.
+        receiver = param_names[:1] if param_names[:1] in (["self"], ["cls"]) else []
+        self.ignore = frozenset(ignore) | frozenset(receiver)
+        unknown = set(ignore) - set(param_names)
+        if unknown:
+            raise TypeError(f"@step(ignore=...) names no parameter of {qualname}: {sorted(unknown)}")
         self.is_async = inspect.iscoroutinefunction(fn)
         # The code fingerprint: a version pin wins over the AST hash, so a
         # user can refactor without invalidating stored results.
-        self.fingerprint = (
+        self.fingerprint: dict[str, Any] = (
             {"version": semantics.version}
             if semantics.version is not None
-            else {"code": function_fingerprint(fn)}
+            else {"code": function_fingerprint(target)}
         )
+        if isinstance(fn, functools.partial):
+            self.fingerprint["partial"] = [list(fn.args), dict(fn.keywords)]
         with contextlib.suppress(Exception):
             hints = typing.get_type_hints(fn)
             if "return" in hints:
@@ -108,7 +129,18 @@ class StepFunction(Generic[P, R]):
         )
         self._names: tuple[str, ...] | None = tuple(p.name for p in params) if simple else None
         self._defaults: tuple[Any, ...] = tuple(p.default for p in params)
-        functools.update_wrapper(self, fn)
+        with contextlib.suppress(AttributeError, TypeError):
+            functools.update_wrapper(self, fn)
+        if self.is_async and hasattr(inspect, "markcoroutinefunction"):
+            # 3.12+: inspect.iscoroutinefunction(step_fn) stays true.
+            inspect.markcoroutinefunction(self)
+
+    def __get__(self, instance: Any, owner: type | None = None) -> Any:
+        """Decorating a method: ``obj.method(x)`` calls the step with ``obj``
+        bound (and, as the receiver, kept out of identity)."""
+        if instance is None:
+            return self
+        return _BoundStep(self, instance)
 
     @property
     def engine(self) -> Engine:
@@ -139,6 +171,15 @@ class StepFunction(Generic[P, R]):
         return key, upstream_artifacts
 
     def _arguments(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The arguments that make up identity: bound, defaults applied,
+        ignored names dropped, in parameter order."""
+        arguments = self._bind(args, kwargs)
+        if self.ignore:
+            for name in self.ignore:
+                arguments.pop(name, None)
+        return arguments
+
+    def _bind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
         """``Signature.bind`` + ``apply_defaults``, as a dict in parameter order."""
         names = self._names
         if names is not None and not kwargs and len(args) <= len(names):
@@ -171,7 +212,7 @@ class StepFunction(Generic[P, R]):
             self.semantics,
             kind="step",
             parent=current_node(),
-            label=self.fn.__qualname__,
+            label=self.label,
             upstream_artifacts=upstream_artifacts,
         )
         return Result(
@@ -191,7 +232,7 @@ class StepFunction(Generic[P, R]):
             self.semantics,
             kind="step",
             parent=current_node(),
-            label=self.fn.__qualname__,
+            label=self.label,
             upstream_artifacts=upstream_artifacts,
         )
         return Result(
@@ -204,6 +245,23 @@ class StepFunction(Generic[P, R]):
 
     def __repr__(self) -> str:
         return f"<musubi step {self.name} ({self.semantics.step_type.value})>"
+
+
+class _BoundStep:
+    """A step method bound to its instance."""
+
+    def __init__(self, step: StepFunction[Any, Any], instance: Any) -> None:
+        self.step = step
+        self.instance = instance
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.step(self.instance, *args, **kwargs)
+
+    def explain(self, *args: Any, **kwargs: Any) -> Decision:
+        return self.step.explain(self.instance, *args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<bound {self.step!r} of {type(self.instance).__name__}>"
 
 
 @overload
@@ -219,6 +277,7 @@ def step(
     step_type: StepType | None = None,
     ttl_seconds: float | None = None,
     engine: Engine | None = None,
+    ignore: tuple[str, ...] = (),
 ) -> Callable[[Callable[P, R]], StepFunction[P, R]]: ...
 
 
@@ -232,6 +291,7 @@ def step(
     step_type: StepType | None = None,
     ttl_seconds: float | None = None,
     engine: Engine | None = None,
+    ignore: tuple[str, ...] = (),
 ) -> StepFunction[P, R] | Callable[[Callable[P, R]], StepFunction[P, R]]:
     """Make a function a lineage node: same inputs, same code, same upstream
     results -> the stored output is returned instead of running it again.
@@ -240,6 +300,8 @@ def step(
     takes a full :class:`StepConfiguration`; ``step_type``, ``ttl_seconds`` and
     ``version`` are shortcuts for its fields. ``name`` overrides the operation
     name (default ``module.qualname``): keep it stable if you move the code.
+    ``ignore`` names parameters that do not enter identity (a client, a
+    logger); a method's ``self``/``cls`` never does.
     """
     config = semantics or StepConfiguration()
     overrides: dict[str, Any] = {}
@@ -255,7 +317,7 @@ def step(
     def wrap(f: Callable[P, R]) -> StepFunction[P, R]:
         if not callable(f):
             raise TypeError(f"@step decorates functions, got {type(f).__name__}")
-        return StepFunction(f, semantics=config, name=name, engine=engine)
+        return StepFunction(f, semantics=config, name=name, engine=engine, ignore=tuple(ignore))
 
     if fn is not None:
         return wrap(fn)

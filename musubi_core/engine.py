@@ -330,7 +330,13 @@ class Engine:
         if found is None:
             raise NodeNotFoundError(ref)
         node, _encoding, payload = found
-        config = StepConfiguration(step_type=StepType(node.step_type))
+        try:
+            config = StepConfiguration(step_type=StepType(node.step_type))
+        except ValueError:
+            raise MusubiError(
+                f"node {node.node_id[:12]} has unknown step type {node.step_type!r}; "
+                "the store was written by a newer musubi or edited by hand"
+            ) from None
         fresh = (
             node.status == "stale"
             and node.stale_cause == "upstream"

@@ -9,9 +9,9 @@ from ..errors import SchemaError
 SCHEMA_VERSION = 1
 APP_ID = "musubi"
 
-# Table names carry a prefix so a musubi store can live beside an
-# application's own tables without collisions, and so a foreign file is easy
-# to recognise.
+# Table names carry a prefix so a musubi store is recognisable at a glance
+# (and a foreign database is recognised as such). A store is a file of its
+# own: check_version() refuses a database that holds other tables.
 DDL = """
 CREATE TABLE IF NOT EXISTS musubi_meta (
     key   TEXT PRIMARY KEY,

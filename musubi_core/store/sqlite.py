@@ -698,7 +698,9 @@ class SQLiteStore(RunStoreMixin):
                 c.execute(
                     "DELETE FROM musubi_nodes WHERE status IN ('stale', 'failed') AND created_at < ? "
                     "OR (status = 'done' AND COALESCE(last_replayed_at, finished_at, created_at) < ? "
-                    "    AND run_id IS NULL)",
+                    # An external effect's record is what stops it from being
+                    # issued twice: age never makes it garbage.
+                    "    AND run_id IS NULL AND step_type != 'external_effect')",
                     (cutoff, cutoff),
                 )
                 removed_nodes = c.execute("SELECT changes()").fetchone()[0]

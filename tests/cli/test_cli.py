@@ -124,9 +124,9 @@ def test_show_explain_and_lineage_formats(recorded: tuple[Path, Path, Path, list
     text = musubi("lineage", count_id[:8], db=db).stdout
     assert "extract" in text and "--data-->" in text
     dot = musubi("lineage", count_id[:8], "--format", "dot", db=db).stdout
-    assert dot.startswith("digraph") and f'"{extract_id[:12]}" -> "{count_id[:12]}"' in dot
+    assert dot.startswith("digraph") and f'"{extract_id}" -> "{count_id}"' in dot
     mermaid = musubi("lineage", count_id[:8], "--format", "mermaid", db=db).stdout
-    assert f"n{extract_id[:12]} --> n{count_id[:12]}" in mermaid
+    assert f"n{extract_id} --> n{count_id}" in mermaid
     graph = json.loads(musubi("lineage", count_id[:8], "--format", "json", db=db).stdout)
     assert {n["node_id"] for n in graph["nodes"]} == {extract_id, count_id}
 

@@ -274,3 +274,38 @@ def test_handler_plain_keys_equal_engine_keys(tmp_path: Any) -> None:
         assert handler._node_key("chain:x", value) == handler.engine.key("chain:x", value)
     assert handler._node_key("chain:x", {"t": 0.5}) == handler.engine.key("chain:x", {"t": 0.5})
     assert os.path.exists(str(tmp_path / "m.db"))
+
+
+def test_idle_writer_retires_and_restarts(tmp_path: Any) -> None:
+    db = str(tmp_path / "m.db")
+    engine = WriteBehindEngine(SQLiteStore(db))
+    engine.BATCH_SECONDS = 0.02  # type: ignore[misc]
+    engine.IDLE_PERIODS = 3  # type: ignore[misc]
+
+    def committed() -> int:
+        con = sqlite3.connect(db)
+        try:
+            return int(con.execute("SELECT COUNT(*) FROM musubi_nodes").fetchone()[0])
+        finally:
+            con.close()
+
+    def wait_for(predicate: Any) -> bool:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if predicate():
+                return True
+            time.sleep(0.01)
+        return False
+
+    with engine.deferring():
+        engine.record(engine.key("op", 1), "v", defer=True)
+        engine.flush()
+    assert wait_for(lambda: committed() == 1)
+    assert wait_for(lambda: engine._writer is None)  # retired: the engine can be collected
+    with engine.deferring():
+        engine.record(engine.key("op", 2), "v", defer=True)
+        engine.flush()
+    assert wait_for(lambda: committed() == 2)  # a new writer committed it
+    engine.count_replay(engine.key("op", 2).node_id)
+    assert wait_for(lambda: engine.store.get_node(engine.key("op", 2).node_id).replay_count == 1)  # type: ignore[union-attr]
+    engine.close()

@@ -49,6 +49,11 @@ def push(run_id: UUID) -> None:
     _pending.set((*_pending.get(), run_id))
 
 
+def pending() -> bool:
+    """Is any run waiting for its cache lookup in this context? (cheap pre-check for claim)"""
+    return bool(_pending.get())
+
+
 def claim() -> UUID | None:
     """The oldest pending run in this context (LangChain looks up in start order)."""
     pending = _pending.get()

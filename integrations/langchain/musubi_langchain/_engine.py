@@ -152,12 +152,11 @@ class WriteBehindEngine(Engine):
 
     def count_replay(self, node_id: str) -> None:
         """Count a replay; the writer thread commits the counts with its next batch."""
+        count_replay(self, node_id, flush_when_due=False)  # first: see _writer_loop
         writer = self._writer
-        running = writer is not None and writer[0] == _PID[0] and not self._closed
-        if not running and (self._closed or not self._ensure_writer()):
-            count_replay(self, node_id)  # no writer: counted (and flushed) the plain way
-            return
-        count_replay(self, node_id, flush_when_due=False)
+        if (writer is None or writer[0] != _PID[0]) and not self._closed and not self._ensure_writer():
+            with self._io:  # no writer thread can start (interpreter exit): commit inline
+                Engine.flush(self)
 
     def _ensure_writer(self) -> bool:
         writer = self._writer
@@ -181,15 +180,41 @@ class WriteBehindEngine(Engine):
     # nobody uses any more can be collected; the next deferred write starts a new one.
     IDLE_PERIODS = 30
 
+    def _pending(self) -> bool:
+        buffer = self._buffer
+        return bool(buffer.nodes or buffer.edges or buffer.replays or buffer.artifacts)
+
     def _run_writer(self) -> None:
+        me = threading.current_thread()
+        try:
+            self._writer_loop(me)
+        finally:
+            with self._writer_lock:
+                if self._writer is not None and self._writer[1] is me:
+                    self._writer = None
+
+    def _writer_loop(self, me: threading.Thread) -> None:
         idle = 0
-        while not self._closed and idle < self.IDLE_PERIODS:
+        while not self._closed:
             self._wake.wait(self.BATCH_SECONDS)
             self._wake.clear()
-            buffer = self._buffer
-            if not (buffer.nodes or buffer.edges or buffer.replays or buffer.artifacts):
+            if not self._pending():
                 idle += 1
-                continue
+                if idle < self.IDLE_PERIODS:
+                    continue
+                # Retire. Recorders only skip waking a writer while ``_writer`` is set, so
+                # clear it first, then look once more: a write that slipped in between is
+                # either seen here or finds ``_writer`` unset and starts a new thread.
+                with self._writer_lock:
+                    if self._writer is None or self._writer[1] is not me:
+                        return
+                    self._writer = None
+                if not self._pending():
+                    return
+                with self._writer_lock:
+                    if self._writer is not None:
+                        return  # a new writer took over
+                    self._writer = (_PID[0], me)
             idle = 0
             try:
                 with self._io:

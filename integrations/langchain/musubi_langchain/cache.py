@@ -170,13 +170,20 @@ class MusubiCache(BaseCache):
         return template.fresh()
 
     def _lookup(self, prompt: str, llm_string: str) -> list[Generation] | None:
-        run_id = _correlate.claim()
-        key = self.node_key(prompt, llm_string)
-        engine = self.engine
-        probed = self._hit_memo.probe(key, self.config)
+        run_id = _correlate.claim() if _correlate.pending() else None
+        key = self._keys.get((prompt, llm_string)) if llm_call_kwargs.get() is None else None
+        if key is None:
+            key = self.node_key(prompt, llm_string)
+        engine = self._engine if self._engine is not None else self.engine
+        hits = self._hits if self._hits is not None else self._hit_memo
+        probed = hits.probe(key, self.config)
         if isinstance(probed, EncodedHit):
             try:
-                generations: list[Generation] | None = self._generations(probed)
+                memo = self._decoded.get(probed.artifact_id)
+                if memo is not None and memo[1] == probed.payload and memo[0] == probed.encoding:
+                    generations: list[Generation] | None = memo[2].fresh()
+                else:
+                    generations = self._generations(probed)
             except Exception:
                 # Undecodable bytes: the full lookup decides and warns exactly as it always has.
                 generations = self._slow_lookup(key, run_id)
