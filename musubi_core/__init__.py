@@ -38,7 +38,7 @@ from .identity import NodeKey, input_hash
 from .policy import Decision, ReplayReason, StepConfiguration, StepType
 from .result import Result
 from .runner import Context, arun, run
-from .store import SQLiteStore, Store
+from .store import PostgresStore, SQLiteStore, Store
 
 __version__ = "0.1.0"
 
@@ -59,6 +59,7 @@ __all__ = [
     "NodeKey",
     "NodeNotFoundError",
     "Outcome",
+    "PostgresStore",
     "ReplayReason",
     "Result",
     "SQLiteStore",

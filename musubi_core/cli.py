@@ -23,7 +23,7 @@ from typing import Any
 from . import _render
 from .engine import DEFAULT_PATH, Engine
 from .errors import LockedError, MusubiError, SchemaError
-from .store import SQLiteStore
+from .store import SQLiteStore, is_postgres_target, open_store
 
 __all__ = ["build_parser", "main"]
 
@@ -47,6 +47,8 @@ def _default_db() -> str:
 
 def _open(args: argparse.Namespace) -> Engine:
     path = args.db
+    if is_postgres_target(path):
+        return Engine(open_store(path))
     if args.command not in ("demo",) and not os.path.exists(path):
         raise MusubiError(
             f"no musubi store at {path}; pass --db PATH or set MUSUBI_DB "

@@ -46,7 +46,7 @@ from .errors import (
 )
 from .identity import NodeKey, input_hash, make_node_id, make_op
 from .policy import Decision, ReplayReason, StepConfiguration, StepType, decide, expiry
-from .store import ArtifactWrite, EdgeWrite, NodeRecord, NodeWrite, SQLiteStore, Store
+from .store import ArtifactWrite, EdgeWrite, NodeRecord, NodeWrite, Store, open_store
 
 __all__ = ["Engine", "Lookup", "Outcome", "Recorded", "get_engine", "use_engine"]
 
@@ -830,14 +830,15 @@ _DEFAULT_LOCK = threading.Lock()
 
 def get_engine() -> Engine:
     """The engine in effect: the one set by :func:`use_engine`, else a
-    process-wide default on ``$MUSUBI_DB`` or ``.musubi/musubi.db``."""
+    process-wide default on ``$MUSUBI_DB`` (a path, or a PostgreSQL URL) or
+    ``.musubi/musubi.db``."""
     engine = _CURRENT.get()
     if engine is not None:
         return engine
     global _DEFAULT
     with _DEFAULT_LOCK:
         if _DEFAULT is None or _DEFAULT._closed:
-            _DEFAULT = Engine(SQLiteStore(os.environ.get("MUSUBI_DB") or DEFAULT_PATH))
+            _DEFAULT = Engine(open_store(os.environ.get("MUSUBI_DB") or DEFAULT_PATH))
         return _DEFAULT
 
 

@@ -42,7 +42,7 @@ from typing import Any, NamedTuple
 
 from .engine import DEFAULT_CONFIG, Engine
 from .identity import NodeKey
-from .policy import Decision, ReplayReason, StepConfiguration
+from .policy import Decision, ReplayReason, StepConfiguration, StepType
 from .store import SQLiteStore
 
 __all__ = [
@@ -59,7 +59,7 @@ __all__ = [
 
 _PROBE = (
     "SELECT n.status, n.expires_at, n.artifact_id, n.tokens_in, n.tokens_out, n.duration_s, "
-    "a.encoding, a.payload "
+    "a.encoding, a.payload, n.finished_at "
     "FROM musubi_nodes n LEFT JOIN musubi_artifacts a ON a.artifact_id = n.artifact_id "
     "WHERE n.node_id = ?"
 )
@@ -106,7 +106,15 @@ def probe_replay(
         if key.node_id in engine._buffer.nodes:
             return None  # written to the buffer while we read
         return _NOT_FOUND
-    status, expires_at, artifact_id, tokens_in, tokens_out, duration_s, encoding, payload = row
+    status, expires_at, artifact_id, tokens_in, tokens_out, duration_s, encoding, payload, done_at = row
+    if (
+        config.step_type is StepType.STOCHASTIC
+        and config.ttl_seconds is not None
+        and isinstance(done_at, int | float)
+    ):
+        # The caller's current TTL tightens the stored expiry (as in policy.decide).
+        tightened = done_at + config.ttl_seconds
+        expires_at = tightened if expires_at is None else min(expires_at, tightened)
     if status != "done" or not isinstance(artifact_id, str) or not isinstance(encoding, str):
         return None
     if not isinstance(payload, bytes | str):

@@ -24,7 +24,6 @@ import sqlite3
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from . import sqlite as _sqlite
 from .base import ArtifactWrite, EdgeWrite, NodeWrite, RunRecord, RunStepRecord, RunStepWrite
 
 __all__ = ["RunStoreMixin"]
@@ -132,6 +131,15 @@ class RunStoreMixin:
 
         def query(self, fn: Callable[[sqlite3.Connection], T], action: str = ...) -> T: ...
 
+        def _write_rows(
+            self,
+            c: Any,
+            nodes: Sequence[NodeWrite],
+            artifacts: Sequence[ArtifactWrite],
+            edges: Sequence[EdgeWrite],
+            now: float,
+        ) -> None: ...
+
     def begin_run(
         self,
         run_id: str,
@@ -147,7 +155,7 @@ class RunStoreMixin:
 
         def apply(c: sqlite3.Connection) -> list[RunStepRecord]:
             c.execute(_BEGIN_RUN, (run_id, name, now, now, host, pid, node_id))
-            _sqlite._write_rows(c, (), (), edges, now)
+            self._write_rows(c, (), (), edges, now)
             rows = c.execute(
                 f"SELECT {_STEP_COLUMNS}, a.encoding, a.payload FROM musubi_run_steps s "
                 "LEFT JOIN musubi_artifacts a ON a.artifact_id = s.artifact_id "
@@ -199,7 +207,7 @@ class RunStoreMixin:
         params = _step_params(step)
 
         def apply(c: sqlite3.Connection) -> None:
-            _sqlite._write_rows(c, [node], [artifact] if artifact else (), edges, now)
+            self._write_rows(c, [node], [artifact] if artifact else (), edges, now)
             c.execute(_STEP_FINISHED, params)
 
         self.commit_durable(apply, f"checkpoint step {step.name!r}")
@@ -211,7 +219,7 @@ class RunStoreMixin:
         params = _step_params(step)
 
         def apply(c: sqlite3.Connection) -> None:
-            _sqlite._write_rows(c, [node], (), edges, now)
+            self._write_rows(c, [node], (), edges, now)
             c.execute(_STEP_FINISHED, params)
 
         self.transaction(apply, f"record failure of step {step.name!r}")
@@ -227,7 +235,7 @@ class RunStoreMixin:
         now: float,
     ) -> None:
         def apply(c: sqlite3.Connection) -> None:
-            _sqlite._write_rows(c, [node], [artifact] if artifact else (), (), now)
+            self._write_rows(c, [node], [artifact] if artifact else (), (), now)
             c.execute(
                 "UPDATE musubi_runs SET status = ?, error = ?, finished_at = ? WHERE run_id = ?",
                 (status, error, now, run_id),

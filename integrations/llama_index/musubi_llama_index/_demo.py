@@ -44,7 +44,7 @@ def demo(db_path: str, out: TextIO) -> None:
             llm_n, emb_n = llm.calls - llm_before, embed_model.calls - emb_before
             what = "executed" if run == 1 else "executed (the rest replayed)"
             out.write(
-                f"llama-index run {run}: {elapsed:.2f}s, LLM calls {what}: {llm_n}, "
+                f"  run {run}: {elapsed:.2f}s  LLM calls {what}: {llm_n}, "
                 f"texts embedded: {emb_n}\n"
             )
         out.write(f"  answer: {answers[0][:90]}\n")
