@@ -500,7 +500,9 @@ class Engine:
         try:
             self.flush()
         except MusubiError as err:
-            warnings.warn(f"musubi: could not write buffered records: {err}", RuntimeWarning, stacklevel=4)
+            warnings.warn(
+                f"musubi: could not write buffered records: {err}", RuntimeWarning, stacklevel=4
+            )
 
     def _unbuffer(self, node_id: str) -> None:
         """Drop a deferred write of ``node_id``: a direct write about to
@@ -560,29 +562,23 @@ class Engine:
         upstream_artifacts: Mapping[str, str] | None = None,
     ) -> Outcome:
         """Replay ``key`` or run ``fn`` and record its output."""
-        owner = _new_owner()
-        _INFLIGHT.add(owner)
-        try:
-            deadline = time.monotonic() + EFFECT_WAIT_SECONDS
-            replay = self._before(key, config, owner)
-            while isinstance(replay, _Waiting):
-                self._check_deadline(key, deadline)
-                time.sleep(0.05)
-                replay = self._before(key, config, owner)
-            if isinstance(replay, Outcome):
-                return replay
-            started, t0 = time.time(), time.perf_counter()
+        run = _Call(key, config, kind, parent, label, upstream_artifacts)
+        if config.step_type is StepType.EXTERNAL_EFFECT:
+            owner = _new_owner()
+            _INFLIGHT.add(owner)
             try:
-                with running_node(key.node_id):
-                    value = fn()
-            except BaseException as exc:
-                self._fail(key, exc, config, kind, started, t0, parent, label)
-                raise
-            return self._after(
-                key, value, config, kind, started, t0, parent, label, upstream_artifacts
-            )
-        finally:
-            _INFLIGHT.discard(owner)
+                deadline = time.monotonic() + EFFECT_WAIT_SECONDS
+                replay = self._before(key, config, owner)
+                while isinstance(replay, _Waiting):
+                    self._check_deadline(key, deadline)
+                    time.sleep(0.05)
+                    replay = self._before(key, config, owner)
+                return replay if isinstance(replay, Outcome) else self._run(run, fn)
+            finally:
+                _INFLIGHT.discard(owner)
+        # Plain steps: no intent row, no owner; one lookup, then run.
+        found = self.lookup(key, config)
+        return _outcome_from(found) if found.replay else self._run(run, fn)
 
     async def aexecute(
         self,
@@ -596,29 +592,53 @@ class Engine:
         upstream_artifacts: Mapping[str, str] | None = None,
     ) -> Outcome:
         """Async :meth:`execute`."""
-        owner = _new_owner()
-        _INFLIGHT.add(owner)
-        try:
-            deadline = time.monotonic() + EFFECT_WAIT_SECONDS
-            replay = self._before(key, config, owner)
-            while isinstance(replay, _Waiting):
-                self._check_deadline(key, deadline)
-                await asyncio.sleep(0.05)
-                replay = self._before(key, config, owner)
-            if isinstance(replay, Outcome):
-                return replay
-            started, t0 = time.time(), time.perf_counter()
+        if config.step_type is StepType.EXTERNAL_EFFECT:
+            owner = _new_owner()
+            _INFLIGHT.add(owner)
             try:
-                with running_node(key.node_id):
-                    value = await fn()
-            except BaseException as exc:
-                self._fail(key, exc, config, kind, started, t0, parent, label)
-                raise
-            return self._after(
-                key, value, config, kind, started, t0, parent, label, upstream_artifacts
-            )
-        finally:
-            _INFLIGHT.discard(owner)
+                deadline = time.monotonic() + EFFECT_WAIT_SECONDS
+                replay = self._before(key, config, owner)
+                while isinstance(replay, _Waiting):
+                    self._check_deadline(key, deadline)
+                    await asyncio.sleep(0.05)
+                    replay = self._before(key, config, owner)
+                if isinstance(replay, Outcome):
+                    return replay
+            finally:
+                _INFLIGHT.discard(owner)
+        else:
+            found = self.lookup(key, config)
+            if found.replay:
+                return _outcome_from(found)
+        started, t0 = time.time(), time.perf_counter()
+        try:
+            with running_node(key.node_id):
+                value = await fn()
+        except BaseException as exc:
+            self._fail(key, exc, config, kind, started, t0, parent, label)
+            raise
+        return self._after(key, value, config, kind, started, t0, parent, label, upstream_artifacts)
+
+    def _run(self, call: _Call, fn: Callable[[], Any]) -> Outcome:
+        """Execute ``fn`` as the node of ``call`` and record its output (or failure)."""
+        started, t0 = time.time(), time.perf_counter()
+        try:
+            with running_node(call.key.node_id):
+                value = fn()
+        except BaseException as exc:
+            self._fail(call.key, exc, call.config, call.kind, started, t0, call.parent, call.label)
+            raise
+        return self._after(
+            call.key,
+            value,
+            call.config,
+            call.kind,
+            started,
+            t0,
+            call.parent,
+            call.label,
+            call.upstream_artifacts,
+        )
 
     def _check_deadline(self, key: NodeKey, deadline: float) -> None:
         if time.monotonic() > deadline:
@@ -758,6 +778,18 @@ class Engine:
                 parent=parent,
                 label=label,
             )
+
+
+@dataclass(frozen=True, slots=True)
+class _Call:
+    """What recording one execution needs besides its value."""
+
+    key: NodeKey
+    config: StepConfiguration
+    kind: str
+    parent: str | None
+    label: str | None
+    upstream_artifacts: Mapping[str, str] | None
 
 
 class _Waiting:
