@@ -38,7 +38,7 @@ def title(node: NodeRecord) -> str:
 
 
 def node_dict(node: NodeRecord) -> dict[str, Any]:
-    data = dataclasses.asdict(node)
+    data = node._asdict()
     if node.meta:
         with contextlib.suppress(ValueError):
             data["meta"] = json.loads(node.meta)

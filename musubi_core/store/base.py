@@ -2,7 +2,8 @@
 
 Every backend (SQLite today, PostgreSQL for teams) implements :class:`Store`
 and is proven by the one conformance suite in :mod:`musubi_core.testing`.
-Records are plain frozen dataclasses so that nothing framework-specific or
+Records are plain immutable values (frozen dataclasses, and a NamedTuple for
+the hot NodeRecord) so that nothing framework-specific or
 executable ever comes out of a store.
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 __all__ = [
     "ArtifactWrite",
@@ -31,9 +32,12 @@ NODE_STATUSES = ("pending", "done", "failed", "stale")
 EDGE_KINDS = ("data", "contains")
 
 
-@dataclass(frozen=True, slots=True)
-class NodeRecord:
-    """One stored lineage node."""
+class NodeRecord(NamedTuple):
+    """One stored lineage node (immutable).
+
+    A ``NamedTuple`` rather than a dataclass: a replay builds one per lookup,
+    and a tuple is built from the database row in one C call.
+    """
 
     node_id: str
     op: str
