@@ -1,9 +1,11 @@
 """LlamaIndex: a query replayed by ``musubi_llama_index.instrument`` vs the same query
-computed by an instant offline LLM (so the difference is musubi's own cost)."""
+computed by an instant offline LLM (so the difference is musubi's own cost), and the
+span/event handlers' recording overhead on a query that runs (nothing replayed)."""
 
 from __future__ import annotations
 
 import itertools
+import sqlite3
 from typing import Any
 
 from _env import Env, need
@@ -140,4 +142,150 @@ def query_replay(env: Env) -> Comparison:
     )
 
 
-CASES = [query_replay]
+def spans(env: Env) -> Comparison:
+    """The cost of lineage recording alone: the same query engine, queried with a fresh
+    question every op, with musubi's span and event handlers on the root dispatcher vs not.
+
+    The models are *not* patched (``instrument()`` is given none and ``use_settings=False``),
+    so the replay layer never runs: every query reaches the LLM and the query embedding, and
+    the only musubi code on the path is the handlers (span identity at enter, node + edges at
+    exit, deferred writes flushed into SQLite every 64 items inside the timed blocks). The
+    handlers are global to the root dispatcher, so the baseline block runs with them
+    uninstalled (``uninstrument()`` in the untimed setup) - one query engine for both.
+    """
+    need("llama_index.core", "llama-index-core")
+    try:
+        from musubi_llama_index import instrument, is_instrumented, uninstrument
+    except ImportError as exc:
+        raise Skip(f"musubi_llama_index not importable ({exc})") from exc
+    from llama_index.core import Document, VectorStoreIndex
+    from llama_index_instrumentation import get_dispatcher
+
+    from musubi_core import Engine, SQLiteStore
+
+    if is_instrumented():
+        raise RuntimeError("another case left musubi_llama_index instrumented")
+    dispatcher = get_dispatcher()
+    handlers_before = (list(dispatcher.span_handlers), list(dispatcher.event_handlers))
+    llm, emb = _models()
+    llm_cls, emb_cls = type(llm), type(emb)
+    qe = VectorStoreIndex.from_documents(
+        [Document(text=t) for t in DOCS], embed_model=emb
+    ).as_query_engine(llm=llm)
+    db = env.path("llama_spans.db")
+    # An engine the benchmark owns: opened once here (not lazily inside a timed block)
+    # and kept open across the instrument()/uninstrument() toggles.
+    engine = Engine(SQLiteStore(str(db)), namespace="bench")
+    fresh = itertools.count()
+
+    def question() -> str:
+        return f"What does musubi mean? (variant {next(fresh)})"
+
+    def installed() -> bool:
+        return any(type(h).__name__ == "MusubiSpanHandler" for h in dispatcher.span_handlers)
+
+    def counts() -> tuple[int, int, int, int, int]:
+        """(nodes, query-span nodes, LLM-span nodes, edges, replays) in the store."""
+        engine.flush()
+        with sqlite3.connect(db) as con:
+            nodes, replays = con.execute(
+                "SELECT COUNT(*), COALESCE(SUM(replay_count), 0) FROM musubi_nodes"
+            ).fetchone()
+            q = con.execute(
+                "SELECT COUNT(*) FROM musubi_nodes WHERE kind = 'query' AND op_name = ?",
+                ("llama_index:RetrieverQueryEngine.query",),
+            ).fetchone()[0]
+            lm = con.execute(
+                "SELECT COUNT(*) FROM musubi_nodes WHERE kind = 'llm' AND op_name LIKE ?",
+                (f"llama_index:{llm_cls.__name__}.complete",),
+            ).fetchone()[0]
+            edges = con.execute("SELECT COUNT(*) FROM musubi_edges").fetchone()[0]
+        con.close()
+        return nodes, q, lm, edges, replays
+
+    state: dict[str, Any] = {}
+
+    def arm(on: bool) -> None:
+        if on and not is_instrumented():
+            inst = instrument(engine=engine, lineage=True, use_settings=False)
+            assert inst.patched == [] and inst.span_handler is not None
+        elif not on:
+            uninstrument()
+        assert installed() == on
+        state["models"] = (llm.calls, emb.calls)
+        state["store"] = counts()
+
+    def ran_every_query(n: int) -> None:
+        # Nothing replayed: the LLM and the query embedding ran once per query, and the
+        # models were never patched (their class is the user's own).
+        assert (llm.calls, emb.calls) == (state["models"][0] + n, state["models"][1] + n), (
+            "a query did not reach the LLM / embedding model once"
+        )
+        assert type(llm) is llm_cls and type(emb) is emb_cls, "a model was patched"
+
+    def check_plain(n: int) -> None:
+        ran_every_query(n)
+        assert counts() == state["store"], "lineage was recorded with musubi uninstalled"
+
+    def check_spans(n: int) -> None:
+        ran_every_query(n)
+        nodes, q, lm, edges, replays = counts()
+        nodes0, q0, lm0, edges0, replays0 = state["store"]
+        # Every query recorded its own span tree: a query-engine node and an LLM node
+        # per (fresh) question, plus retrieval / synthesis / embedding spans and edges.
+        assert q - q0 == n, f"{q - q0} query span nodes recorded for {n} queries"
+        assert lm - lm0 == n, f"{lm - lm0} LLM span nodes recorded for {n} queries"
+        assert nodes - nodes0 >= 8 * n, f"only {nodes - nodes0} span nodes for {n} queries"
+        assert edges - edges0 >= 8 * n, f"only {edges - edges0} edges for {n} queries"
+        assert replays == replays0 == 0, "a span node was replayed"
+
+    def finish() -> None:
+        uninstrument()
+        engine.close()
+        assert (dispatcher.span_handlers, dispatcher.event_handlers) == handlers_before, (
+            "uninstrument() did not restore the dispatcher's handlers"
+        )
+
+    try:
+        # Untimed sanity pass: one query with the handlers recorded its span tree.
+        arm(True)
+        qe.query(question())
+        check_spans(1)
+        arm(False)
+    except BaseException:
+        uninstrument()
+        engine.close()
+        raise
+
+    return Comparison(
+        "llama_index_spans",
+        "LlamaIndex `query_engine.query` with musubi's span/event handlers, nothing replayed",
+        [
+            Variant(
+                "no musubi (handlers not installed)",
+                lambda: qe.query(question()),
+                setup=lambda: arm(False),
+                check=check_plain,
+            ),
+            Variant(
+                "musubi span handler (recording only)",
+                lambda: qe.query(question()),
+                setup=lambda: arm(True),
+                check=check_spans,
+                note="models not patched; LLM and embedding run every query",
+            ),
+        ],
+        [
+            Ratio(
+                "span handler / no musubi",
+                "musubi span handler (recording only)",
+                "no musubi (handlers not installed)",
+            )
+        ],
+        ops_per_block=env.pick(5, 30),
+        rounds=env.pick(3, 15),
+        finish=finish,
+    )
+
+
+CASES = [query_replay, spans]

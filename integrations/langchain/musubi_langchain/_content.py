@@ -4,7 +4,10 @@
 into JSON-shaped data the core can hash and store, without ``repr`` (memory addresses) and without
 pickling. ``atoms`` extracts the pieces of a value that can flow from one run into another
 (strings, message contents, tool-call arguments, document texts): a run whose input contains an
-atom that an earlier run in the same trace produced depends on that run.
+atom that an earlier run in the same trace produced depends on that run. ``flow_atoms`` is the
+callback handler's cheaper form: containers, messages and documents by identity (the object one
+step returns is the object the next step gets), strings by content, and the content of tool-call
+arguments (a tool gets a filtered copy of them).
 
 Example:
     >>> from langchain_core.documents import Document
@@ -24,13 +27,13 @@ import enum
 import json
 import math
 import uuid
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from typing import Any
 
 from langchain_core.documents import Document
 from langchain_core.messages import BaseMessage
 from langchain_core.outputs import ChatGeneration, Generation, LLMResult
-from langchain_core.prompt_values import PromptValue
+from langchain_core.prompt_values import ChatPromptValue, PromptValue, StringPromptValue
 from pydantic import BaseModel
 
 from ._keys import canonical_message_objects
@@ -149,4 +152,91 @@ def atoms(value: Any, plain: Any = None) -> set[str]:
     when the caller already has it."""
     out: set[str] = set()
     _add(out, value, 0, plain)
+    return out
+
+
+def content_atom(out: set[Hashable], value: Any) -> None:
+    """Add the content atom of a non-empty mapping (what a filtered copy of it still matches)."""
+    if isinstance(value, Mapping) and value:
+        with contextlib.suppress(TypeError, ValueError):
+            out.add(("d", json.dumps(to_plain(value), sort_keys=True, ensure_ascii=False)))
+
+
+def _flow(out: set[Hashable], keep: list[Any] | None, value: Any, depth: int) -> None:
+    kind = type(value)
+    if kind is str:
+        if len(value) >= MIN_ATOM_CHARS:
+            out.add(value)
+        return
+    if kind is int or kind is float or kind is bool or value is None or depth > _MAX_DEPTH:
+        return  # scalars carry no evidence
+    d = depth + 1
+    if kind is dict or kind is list or kind is tuple:
+        if value:
+            if keep is not None:
+                out.add(id(value))
+                keep.append(value)
+            for v in value.values() if kind is dict else value:
+                _flow(out, keep, v, d)
+        return
+    if isinstance(value, str):  # a str subclass (LangChain's TextAccessor) matches by content
+        if len(value) >= MIN_ATOM_CHARS:
+            out.add(str(value))
+        return
+    if keep is not None and isinstance(
+        value,
+        (BaseMessage, Document, PromptValue, Generation, LLMResult, BaseModel, Mapping, list, tuple),
+    ):
+        out.add(id(value))
+        keep.append(value)
+    if isinstance(value, BaseMessage):
+        _flow(out, keep, value.content, d)
+        for call in getattr(value, "tool_calls", None) or ():
+            args = call.get("args")
+            _flow(out, keep, args, d)
+            content_atom(out, args)
+    elif isinstance(value, Document):
+        _flow(out, keep, value.page_content, d)
+    elif isinstance(value, ChatPromptValue):
+        _flow(out, keep, value.messages, d)
+    elif isinstance(value, StringPromptValue):
+        _flow(out, keep, value.text, d)
+    elif isinstance(value, PromptValue):
+        _flow(out, None, value.to_messages(), d)  # a new list each call: no identities
+    elif isinstance(value, LLMResult):
+        for gens in value.generations:
+            for g in gens:
+                _flow(out, keep, g, d)
+    elif isinstance(value, ChatGeneration):
+        _flow(out, keep, value.message, d)
+    elif isinstance(value, Generation):
+        _flow(out, keep, value.text, d)
+    elif isinstance(value, BaseModel):
+        try:
+            dumped = value.model_dump(mode="json")
+        except Exception:
+            return
+        _flow(out, None, dumped, d)  # a new dict each call: no identities
+    elif isinstance(value, Mapping):
+        for v in value.values():
+            _flow(out, keep, v, d)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            _flow(out, keep, v, d)
+
+
+def flow_atoms(value: Any, keep: list[Any]) -> set[Hashable]:
+    """The handler's data-flow atoms of ``value``: strings of at least ``MIN_ATOM_CHARS`` by
+    content, non-empty containers, messages, documents, prompt values and generations by
+    ``id()`` (each object is appended to ``keep``, which the caller holds while the ids are
+    compared), and tool-call arguments by content too.
+
+    >>> from langchain_core.messages import AIMessage
+    >>> keep: list[Any] = []
+    >>> msg = AIMessage("musubi ties things")
+    >>> flow_atoms(msg, keep) == {id(msg), "musubi ties things"} and keep == [msg]
+    True
+    """
+    out: set[Hashable] = set()
+    _flow(out, keep, value, 0)
     return out

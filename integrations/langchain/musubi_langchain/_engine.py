@@ -17,14 +17,14 @@ import os
 import sqlite3
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from musubi_core.codec import JSON_ENCODING, JSONCodec
 from musubi_core.engine import Engine, get_engine
 from musubi_core.errors import MusubiError
 from musubi_core.fastpath import NOT_PLAIN, count_replay, plain_payload, plain_tree
-from musubi_core.store import SQLiteStore
+from musubi_core.store import ArtifactWrite, EdgeWrite, NodeWrite, SQLiteStore
 
 T = TypeVar("T")
 
@@ -150,6 +150,20 @@ class WriteBehindEngine(Engine):
         with self._io:
             Engine.flush(self)
 
+    def kick(self) -> None:
+        """After writes were added to the buffer (see :func:`push`): make sure the writer
+        thread will commit them, waking it at once when the batch is full."""
+        writer = self._writer
+        if writer is not None and writer[0] == _PID[0]:
+            if not self._wake.is_set():
+                buffer = self._buffer
+                if len(buffer.nodes) + len(buffer.edges) + len(buffer.replays) >= self.BATCH_ITEMS:
+                    self._wake.set()
+            return
+        if self._closed or not self._ensure_writer():
+            with self._io:  # no writer thread can start (interpreter exit): commit inline
+                Engine.flush(self)
+
     def count_replay(self, node_id: str) -> None:
         """Count a replay; the writer thread commits the counts with its next batch."""
         count_replay(self, node_id, flush_when_due=False)  # first: see _writer_loop
@@ -241,6 +255,33 @@ def make_engine(
     if default.namespace == namespace:
         return default
     return WriteBehindEngine(default.store, namespace=namespace)
+
+
+def push(
+    engine: Engine,
+    nodes: Sequence[NodeWrite],
+    artifacts: Sequence[ArtifactWrite],
+    edges: Sequence[EdgeWrite],
+) -> None:
+    """Add finished writes to ``engine``'s write-behind buffer, as ``record(..., defer=True)``
+    and ``add_edge(..., defer=True)`` do, in one step (the handler builds the rows itself).
+
+    A :class:`WriteBehindEngine` leaves the commit to its writer thread; any other engine
+    commits inline once its buffer is due, as the core's deferred writes do.
+    """
+    buffer = engine._buffer
+    with buffer.lock:
+        buffered = buffer.nodes
+        for node in nodes:
+            buffered[node.node_id] = node
+        for artifact in artifacts:
+            buffer.artifacts[artifact.artifact_id] = artifact
+        if edges:
+            buffer.edges.extend(edges)
+    if isinstance(engine, WriteBehindEngine):
+        engine.kick()
+    elif buffer.due():
+        engine.flush()
 
 
 class _NoDefer:

@@ -1,30 +1,35 @@
 """Run-tree bookkeeping for the callback handler (pure data structures, no store access).
 
-A *trace* is one root LangChain run and everything under it. For each run we keep what is needed
-to record its node when it ends: its parent (for ``contains`` edges), its input, and the data
-upstream inferred by content: a run whose input holds an atom (see ``_content.atoms``) that an
-earlier, finished run of the same trace produced depends on that run. Atoms the run merely
-inherited from an enclosing run's input (the question every branch of a RunnableParallel sees)
-are not evidence, and among matching runs an enclosing chain yields to the run inside it that
-actually produced the value.
+A *trace* is one root LangChain run and everything under it. For each live run we keep what is
+needed to record its node when it ends: its parent (for ``contains`` edges), its node identity,
+its input atoms and the data upstream inferred by content: a run whose input holds an atom (see
+``_content.flow_atoms``) that an earlier, finished run of the same trace produced depends on that
+run. Atoms the run merely inherited from an enclosing run's input (the question every branch of a
+RunnableParallel sees) are not evidence, and among matching runs an enclosing chain yields to the
+run inside it that actually produced the value.
+
+Everything here is lock-free: the only shared structures are dicts and lists whose single
+operations are atomic (``dict.get``/``pop``/``setdefault``, ``list.append``, ``next(count)``),
+so concurrent branches of one trace (RunnableParallel threads) and concurrent traces are safe.
 
 Example:
     >>> t = Traces()
     >>> import uuid
     >>> root, a, b = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
-    >>> _ = t.start(root, None, "chain", "rag", {"s:what is musubi"})
-    >>> _ = t.start(a, root, "retriever", "docs", {"s:what is musubi"})
-    >>> t.finish(a, {"s:musubi ties things"}, "node-a", "art-a") is not None
+    >>> r = t.start(root, None, "chain", "rag", {"what is musubi"})
+    >>> ra = t.start(a, root, "retriever", "docs", {"what is musubi"})
+    >>> ra.node_id, ra.artifact_id = "node-a", "art-a"
+    >>> t.finish(a, {"musubi ties things"}) is ra
     True
-    >>> t.start(b, root, "chain", "prompt", {"s:musubi ties things"}).upstream
+    >>> t.start(b, root, "chain", "prompt", {"musubi ties things"}).upstream
     {'node-a': 'art-a'}
 """
 
 from __future__ import annotations
 
-import threading
+import itertools
 import time
-from dataclasses import dataclass, field
+from collections.abc import Hashable, Iterable
 from typing import Any
 from uuid import UUID
 
@@ -32,21 +37,70 @@ from uuid import UUID
 # must not make every step slower); edges inferred before that point are kept.
 MAX_INDEXED_RUNS = 5_000
 
+_NO_UPSTREAM: dict[str, str | None] = {}
 
-@dataclass(slots=True)
+
+class Trace:
+    """One root run and its descendants: the output index used to infer data edges."""
+
+    __slots__ = ("index", "indexed", "keep")
+
+    def __init__(self) -> None:
+        # atom -> finished runs that produced it (as output)
+        self.index: dict[Hashable, list[Run]] = {}
+        self.indexed = 0
+        # Objects whose ``id()`` is an atom of this trace: kept alive until the trace ends, so
+        # an id can never be reused by another object while it is compared.
+        self.keep: list[Any] = []
+
+    def close(self) -> None:
+        self.index = {}
+        self.keep = []
+
+
 class Run:
-    run_id: UUID
-    parent: Run | None
-    kind: str
-    name: str
-    inherited: frozenset[str]
-    input_atoms: set[str]
-    started: float = field(default_factory=time.monotonic)
-    upstream: dict[str, str | None] = field(default_factory=dict)  # node id -> artifact id
-    node_id: str | None = None
-    children: list[str] = field(default_factory=list)  # node ids of finished children
-    inputs: Any = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    """One live LangChain run."""
+
+    __slots__ = (
+        "run_id",
+        "parent",
+        "trace",
+        "kind",
+        "name",
+        "input_atoms",
+        "upstream",
+        "started",
+        "node_id",
+        "op_name",
+        "input_hash",
+        "artifact_id",
+        "children",
+        "positions",
+        "plain",
+        "messages",
+        "params",
+    )
+
+    def __init__(
+        self, run_id: UUID, parent: Run | None, trace: Trace, kind: str, name: str
+    ) -> None:
+        self.run_id = run_id
+        self.parent = parent
+        self.trace = trace
+        self.kind = kind
+        self.name = name
+        self.input_atoms: set[Hashable] = set()
+        self.upstream = _NO_UPSTREAM  # node id -> artifact id
+        self.started = time.monotonic()
+        self.node_id: str | None = None
+        self.op_name = ""
+        self.input_hash = ""
+        self.artifact_id: str | None = None
+        self.children: list[str] | None = None  # node ids of children that ended before us
+        self.positions: dict[Any, itertools.count[int]] | None = None
+        self.plain: Any = None
+        self.messages: Any = None
+        self.params: Any = None
 
     def is_ancestor_of(self, other: Run) -> bool:
         cur = other.parent
@@ -56,29 +110,61 @@ class Run:
             cur = cur.parent
         return False
 
+    def position(self, key: Any) -> int:
+        """How many children with this ``key`` started before (atomic under threads)."""
+        positions = self.positions
+        if positions is None:
+            positions = self.positions = {}
+        counter = positions.get(key)
+        if counter is None:
+            counter = positions.setdefault(key, itertools.count())
+        return next(counter)
 
-@dataclass
-class _Trace:
-    root: UUID
-    # atom -> finished runs that produced it (as output)
-    index: dict[str, list[Run]] = field(default_factory=dict)
-    finished: int = 0
-    live: int = 0
-    # node id + artifact id of finished runs, for data edges
-    produced: dict[UUID, tuple[str, str | None]] = field(default_factory=dict)
+
+def _inherited(run: Run, atom: Hashable) -> bool:
+    cur = run.parent
+    while cur is not None:
+        if atom in cur.input_atoms:
+            return True
+        cur = cur.parent
+    return False
+
+
+def infer(trace: Trace, run: Run) -> dict[str, str | None]:
+    """Data upstream of ``run`` (node id -> artifact id) among the trace's finished runs."""
+    index = trace.index
+    if not index:
+        return _NO_UPSTREAM
+    found: dict[Run, None] | None = None
+    for atom in run.input_atoms:
+        producers = index.get(atom)
+        if producers is None or _inherited(run, atom):
+            continue
+        if found is None:
+            found = {}
+        for p in producers:
+            found[p] = None
+    if not found:
+        return _NO_UPSTREAM
+    if len(found) == 1:
+        (only,) = found
+        return {only.node_id: only.artifact_id} if only.node_id is not None else _NO_UPSTREAM
+    # An enclosing chain's output repeats its last child's: keep the innermost producer.
+    out: dict[str, str | None] = {}
+    for c in found:
+        if c.node_id is not None and not any(c is not o and c.is_ancestor_of(o) for o in found):
+            out[c.node_id] = c.artifact_id
+    return out
 
 
 class Traces:
-    """Thread-safe map of live runs grouped by trace."""
+    """Map of live runs (grouped by trace)."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
         self._runs: dict[UUID, Run] = {}
-        self._trace_of: dict[UUID, _Trace] = {}
 
     def get(self, run_id: UUID) -> Run | None:
-        with self._lock:
-            return self._runs.get(run_id)
+        return self._runs.get(run_id)
 
     def start(
         self,
@@ -86,68 +172,45 @@ class Traces:
         parent_run_id: UUID | None,
         kind: str,
         name: str,
-        input_atoms: set[str],
+        input_atoms: Iterable[Hashable] = (),
     ) -> Run:
-        with self._lock:
-            parent = self._runs.get(parent_run_id) if parent_run_id is not None else None
-            trace = self._trace_of.get(parent.run_id) if parent is not None else None
-            if trace is None:
-                trace = _Trace(root=run_id)
-            inherited = (
-                parent.inherited | frozenset(parent.input_atoms) if parent is not None else frozenset()
-            )
-            run = Run(run_id, parent, kind, name, inherited, input_atoms)
-            run.upstream = self._infer(trace, run)
-            self._runs[run_id] = run
-            self._trace_of[run_id] = trace
-            trace.live += 1
-            return run
+        parent = self._runs.get(parent_run_id) if parent_run_id is not None else None
+        run = Run(run_id, parent, parent.trace if parent is not None else Trace(), kind, name)
+        run.input_atoms = set(input_atoms)
+        run.upstream = infer(run.trace, run)
+        self._runs[run_id] = run
+        return run
+
+    def add(self, run: Run) -> None:
+        self._runs[run.run_id] = run
+
+    def pop(self, run_id: UUID) -> Run | None:
+        return self._runs.pop(run_id, None)
 
     @staticmethod
-    def _infer(trace: _Trace, run: Run) -> dict[str, str | None]:
-        candidates: dict[UUID, Run] = {}
-        for atom in run.input_atoms:
-            if atom in run.inherited:
-                continue
-            for producer in trace.index.get(atom, ()):
-                candidates[producer.run_id] = producer
-        if not candidates:
-            return {}
-        found = list(candidates.values())
-        # An enclosing chain's output repeats its last child's: keep the innermost producer.
-        kept = [c for c in found if not any(c is not o and c.is_ancestor_of(o) for o in found)]
-        out: dict[str, str | None] = {}
-        for c in kept:
-            produced = trace.produced.get(c.run_id)
-            if produced is not None:
-                out[produced[0]] = produced[1]
-        return out
+    def index(run: Run, output_atoms: Iterable[Hashable]) -> None:
+        """Make ``run`` (finished, with a node id) a producer of ``output_atoms``."""
+        trace = run.trace
+        if run.parent is None or trace.indexed >= MAX_INDEXED_RUNS:
+            return  # a root's output feeds nothing inside its own (now finished) trace
+        trace.indexed += 1
+        index = trace.index
+        for atom in output_atoms:
+            producers = index.get(atom)
+            if producers is None:
+                producers = index.setdefault(atom, [])
+            producers.append(run)
 
-    def finish(
-        self, run_id: UUID, output_atoms: set[str], node_id: str | None, artifact_id: str | None
-    ) -> Run | None:
-        """Mark a run finished; returns it (None if unknown). Drops the trace at its root's end."""
-        with self._lock:
-            run = self._runs.pop(run_id, None)
-            trace = self._trace_of.pop(run_id, None)
-            if run is None or trace is None:
-                return None
-            run.node_id = node_id
-            if node_id is not None:
-                if run.parent is not None:
-                    run.parent.children.append(node_id)
-                if trace.finished < MAX_INDEXED_RUNS:
-                    trace.produced[run_id] = (node_id, artifact_id)
-                    for atom in output_atoms:
-                        trace.index.setdefault(atom, []).append(run)
-                    trace.finished += 1
-            trace.live -= 1
-            if trace.live <= 0:
-                # Root finished: release the trace's memory (index, produced, runs).
-                trace.index.clear()
-                trace.produced.clear()
-            return run
+    def finish(self, run_id: UUID, output_atoms: Iterable[Hashable]) -> Run | None:
+        """Pop a finished run and index its output (it must carry its ``node_id``)."""
+        run = self._runs.pop(run_id, None)
+        if run is None:
+            return None
+        if run.node_id is not None:
+            self.index(run, output_atoms)
+        if run.parent is None:
+            run.trace.close()
+        return run
 
     def __len__(self) -> int:
-        with self._lock:
-            return len(self._runs)
+        return len(self._runs)

@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import datetime as _dt
 import enum
+import functools
 import hashlib
 import math
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -80,6 +82,9 @@ def class_path(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+# Pure function of the name, called for every field and mapping key of every span argument
+# (thousands per query): memoised. Bounded, since mapping keys can be arbitrary strings.
+@functools.lru_cache(maxsize=4096)
 def _denied(name: str) -> bool:
     low = name.lower()
     if low in _ALLOW_EXACT:
@@ -123,14 +128,31 @@ def scrub(value: Any) -> Any:
     return out if ok else None
 
 
+def _identity_fields(cls: type) -> tuple[str, ...]:
+    """Sorted names of ``cls``'s pydantic fields that may enter identity (a class-level fact,
+    computed once per class; the values are read from the instance on every call)."""
+    fields = getattr(cls, "model_fields", None) or {}
+    cached = _FIELDS_CACHE.get(cls)
+    # model_fields is fixed once a class is built; the identity check covers a class whose
+    # fields are rebuilt (model_rebuild) after the first call.
+    if cached is not None and cached[0] is fields:
+        return cached[1]
+    names = tuple(n for n in sorted(fields) if not (_denied(n) or n.startswith("_")))
+    _FIELDS_CACHE[cls] = (fields, names)
+    return names
+
+
+# Weak keys: classes made at run time (tests, notebooks) are not kept alive by the cache.
+_FIELDS_CACHE: weakref.WeakKeyDictionary[type, tuple[Any, tuple[str, ...]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
 def model_fingerprint(instance: Any, *, original_cls: type | None = None) -> dict[str, Any]:
     """Class + identity-relevant parameters read from a pydantic LLM/embedding instance."""
     cls = original_cls or type(instance)
     params: dict[str, Any] = {}
-    fields = getattr(type(instance), "model_fields", {}) or {}
-    for name in sorted(fields):
-        if _denied(name) or name.startswith("_"):
-            continue
+    for name in _identity_fields(type(instance)):
         try:
             value = getattr(instance, name)
         except Exception:
