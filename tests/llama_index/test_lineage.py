@@ -162,3 +162,29 @@ def test_broken_store_never_breaks_llamaindex(
         answer = index.as_query_engine(llm=llm).query("What does musubi mean?")
     assert "answer-" in str(answer)
     assert openai_server.count("chat") == 1
+
+
+@pytest.mark.parametrize(
+    "component",
+    [
+        None,
+        {"class": "x.Y", "params": {"top_k": 2, "mode": "compact"}},
+        # Equal under ==, different canonical encodings: the memo must keep them apart.
+        {"class": "x.Y", "params": {"v": 1}},
+        {"class": "x.Y", "params": {"v": 1.0}},
+        {"class": "x.Y", "params": {"v": True}},
+        {"class": "x.Y", "params": {"v": [1, "a", None, 0.5]}},
+    ],
+)
+def test_span_key_memo_matches_engine_key(tmp_path: Any, component: Any) -> None:
+    from musubi_core import Engine, SQLiteStore
+    from musubi_llama_index._lineage import span_key
+
+    with Engine(SQLiteStore(str(tmp_path / "k.db"))) as engine:
+        inputs = {"query": "What is musubi?", "n": 3}
+        for _ in range(2):  # a miss, then a memo hit
+            got = span_key("llama_index:X.query", inputs, component)
+            want = engine.key("llama_index:X.query", inputs, fingerprint={"component": component})
+            assert got == want
+    ids = {span_key("op", {}, {"params": {"v": v}}).node_id for v in (1, 1.0, True)}
+    assert len(ids) == 3

@@ -26,6 +26,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import inspect
 import threading
 import time
@@ -45,6 +46,7 @@ from llama_index.core.tools.types import BaseTool
 from pydantic import PrivateAttr
 
 from musubi_core import StepConfiguration, StepType, current_node
+from musubi_core.identity import NodeKey, input_hash, make_node_id, make_op
 from musubi_llama_index._identity import (
     class_path,
     identity_view,
@@ -204,9 +206,7 @@ class LineageRecorder:
     def _record_span(self, st: _State, result: Any, err: BaseException | None) -> str | None:
         rt = self.runtime
         key = guarded(
-            lambda: rt.engine().key(
-                f"llama_index:{st.op}", st.inputs, fingerprint={"component": st.class_fp}
-            ),
+            lambda: span_key(f"llama_index:{st.op}", st.inputs, st.class_fp),
             None,
             topic="span key",
         )
@@ -346,6 +346,30 @@ def input_text(payload: Any) -> str:
 
 
 # ----------------------------------------------------------------------------- helpers
+# op_name + repr(component fingerprint) -> op (name + digest of the fingerprint). The same
+# few components run every query, and hashing their fingerprint (a type-tagged canonical
+# encoding in Python) was a tenth of the span handler's cost. repr() of the JSON-plain
+# fingerprint (str/int/float/bool/None in dicts and lists) is exact and type-distinguishing
+# (1, 1.0 and True differ), so equal reprs mean equal canonical bytes: a hit never changes
+# an identity. A differently ordered but equal dict is a miss, computed afresh.
+_OPS: dict[tuple[str, str], str] = {}
+_OPS_MAX = 2048
+
+
+def span_key(op_name: str, inputs: Any, component: Any) -> NodeKey:
+    """``Engine.key(op_name, inputs, fingerprint={"component": component})``, with the op
+    digest memoised per component fingerprint (span nodes have no upstream in their key)."""
+    memo = (op_name, repr(component))
+    op = _OPS.get(memo)
+    if op is None:
+        op = make_op(op_name, {"component": component})
+        if len(_OPS) >= _OPS_MAX:
+            _OPS.clear()
+        _OPS[memo] = op
+    in_hash = input_hash(inputs)
+    return NodeKey(make_node_id(op, in_hash, ()), op, op_name, in_hash, ())
+
+
 def _is_stream(result: Any) -> bool:
     if isinstance(result, (Generator, AsyncGenerator)):
         return True
@@ -387,11 +411,18 @@ def _component_fingerprint(instance: Any) -> Any:
         attrs = {}
     for name, value in sorted(attrs.items()):
         if isinstance(value, (bool, int, float)) or (isinstance(value, str) and len(value) < 200):
-            low = name.lower()
-            if any(s in low for s in ("key", "secret", "token", "password", "id")):
+            if _secret_like(name):
                 continue
             scalars[name] = value if not isinstance(value, float) or value == value else None
     return {"class": class_path(type(instance)), "params": scalars}
+
+
+@functools.lru_cache(maxsize=4096)
+def _secret_like(name: str) -> bool:
+    """Attribute names kept out of a component's fingerprint (memoised: pure, and asked for
+    every attribute of every component on every span)."""
+    low = name.lower()
+    return any(s in low for s in ("key", "secret", "token", "password", "id"))
 
 
 # ----------------------------------------------------------------------------- handlers
