@@ -149,7 +149,10 @@ class _Buffer:
     """Write-behind buffer: deferred node writes and replay counters, flushed
     in one transaction. Lookups consult it so deferred nodes replay at once."""
 
-    def __init__(self, max_items: int = 64, max_age: float = 0.5) -> None:
+    # Each commit costs far more than a row, so deferred writes (spans,
+    # lineage edges, replay counters) go in batches of up to 512 or 1 s; what
+    # is deferred is cheap to lose in a crash (never a paid-for LLM result).
+    def __init__(self, max_items: int = 512, max_age: float = 1.0) -> None:
         self.lock = threading.Lock()
         self.nodes: dict[str, NodeWrite] = {}
         self.artifacts: dict[str, ArtifactWrite] = {}
