@@ -27,7 +27,6 @@ Example:
 
 from __future__ import annotations
 
-import itertools
 import time
 from collections.abc import Hashable, Iterable
 from typing import Any
@@ -43,7 +42,7 @@ _NO_UPSTREAM: dict[str, str | None] = {}
 class Trace:
     """One root run and its descendants: the output index used to infer data edges."""
 
-    __slots__ = ("index", "indexed", "keep")
+    __slots__ = ("index", "indexed", "keep", "root_hash", "slots")
 
     def __init__(self) -> None:
         # atom -> finished runs that produced it (as output)
@@ -52,33 +51,47 @@ class Trace:
         # Objects whose ``id()`` is an atom of this trace: kept alive until the trace ends, so
         # an id can never be reused by another object while it is compared.
         self.keep: list[Any] = []
+        # Chain spans: the root run's input hash, and the values chain runs were given, numbered
+        # in the order the trace first saw them (by identity; strings by content).
+        self.root_hash: str | None = None
+        self.slots: dict[Hashable, int] = {}
+
+    def slot(self, value: Any) -> int:
+        """The number of ``value`` among the chain inputs of this trace (first seen: next)."""
+        key: Hashable = value if type(value) is str else id(value)
+        slots = self.slots
+        n = slots.get(key)
+        if n is None:
+            if type(value) is not str:
+                self.keep.append(value)  # its id stays this value's for the trace's lifetime
+            n = slots.setdefault(key, len(slots))
+        return n
 
     def close(self) -> None:
         self.index = {}
         self.keep = []
+        self.slots = {}
 
 
 class Run:
     """One live LangChain run."""
 
     __slots__ = (
-        "run_id",
-        "parent",
-        "trace",
-        "kind",
-        "name",
-        "input_atoms",
-        "upstream",
-        "started",
-        "node_id",
-        "op_name",
-        "input_hash",
         "artifact_id",
         "children",
-        "positions",
-        "plain",
+        "input_atoms",
+        "key",
+        "kind",
         "messages",
+        "name",
+        "node_id",
         "params",
+        "parent",
+        "plain",
+        "run_id",
+        "started",
+        "trace",
+        "upstream",
     )
 
     def __init__(
@@ -93,11 +106,9 @@ class Run:
         self.upstream = _NO_UPSTREAM  # node id -> artifact id
         self.started = time.monotonic()
         self.node_id: str | None = None
-        self.op_name = ""
-        self.input_hash = ""
+        self.key: Any = None  # its NodeKey, once computed
         self.artifact_id: str | None = None
-        self.children: list[str] | None = None  # node ids of children that ended before us
-        self.positions: dict[Any, itertools.count[int]] | None = None
+        self.children: list[str] = []  # node ids of children that ended before our node id
         self.plain: Any = None
         self.messages: Any = None
         self.params: Any = None
@@ -109,16 +120,6 @@ class Run:
                 return True
             cur = cur.parent
         return False
-
-    def position(self, key: Any) -> int:
-        """How many children with this ``key`` started before (atomic under threads)."""
-        positions = self.positions
-        if positions is None:
-            positions = self.positions = {}
-        counter = positions.get(key)
-        if counter is None:
-            counter = positions.setdefault(key, itertools.count())
-        return next(counter)
 
 
 def _inherited(run: Run, atom: Hashable) -> bool:

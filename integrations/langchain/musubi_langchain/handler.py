@@ -14,7 +14,9 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import os
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -25,23 +27,28 @@ from langchain_core.documents import Document
 from langchain_core.messages import BaseMessage
 from langchain_core.outputs import LLMResult
 
-from musubi_core.context import current_node
-from musubi_core.engine import Engine
+from musubi_core.context import current_node, current_run
+from musubi_core.engine import Engine, artifact_id_for
 from musubi_core.fastpath import NOT_PLAIN, plain_input_hash, plain_tree
 from musubi_core.identity import NodeKey, make_node_id
-from musubi_core.policy import StepConfiguration, StepType
+from musubi_core.policy import StepConfiguration, StepType, expiry
+from musubi_core.store import ArtifactWrite, EdgeWrite, NodeWrite
 
 from . import _correlate
 from ._codec import encode_generations, usage_of
-from ._content import atoms, to_plain
-from ._engine import Guard, WriteBehindEngine, deferring, make_engine, storable
+from ._content import content_atom, flow_atoms, to_plain
+from ._engine import Guard, WriteBehindEngine, make_engine, push, storable
 from ._keys import canonical_message_objects
-from ._runs import Run, Traces
+from ._runs import Run, Trace, Traces, infer
 
 _CHAIN_CONFIG = StepConfiguration()  # recorded, never replayed by the handler itself
 _MODEL_CONFIG = StepConfiguration(step_type=StepType.STOCHASTIC)
+_CHAIN_STEP_TYPE = _CHAIN_CONFIG.step_type.value
+_MODEL_STEP_TYPE = _MODEL_CONFIG.step_type.value
 # Invocation params that are bookkeeping, not sampling (mirrors _keys' volatile model fields).
 _VOLATILE_PARAMS = frozenset({"stream", "stream_options", "_type", "request_timeout", "max_retries"})
+_MODEL_KINDS = frozenset({"chat_model", "llm"})
+_SPAN_SCHEME = "musubi_langchain/span/1"
 
 
 def _name(serialized: dict[str, Any] | None, kwargs: dict[str, Any], default: str) -> str:
@@ -57,6 +64,26 @@ def _name(serialized: dict[str, Any] | None, kwargs: dict[str, Any], default: st
     return default
 
 
+def _span_key(trace: Trace, op_name: str, inputs: Any) -> NodeKey:
+    """The key of a chain run in a trace: the root run's input hash and which of the trace's
+    values (numbered in the order the trace met them, by identity) the run was given.
+
+    A chain span is never replayed, so its key needs no canonical form of its input: it is
+    stable across runs of the same root input (same chain, same ids), distinct for different
+    root inputs, and, as with content keys, two runs of one operation given the same value in
+    a trace are one node (a RunnableSequence inside a RunnableParallel that got the root
+    sequence's input is the root's node). One hash instead of reducing every intermediate
+    value (prompt values, messages) to canonical data.
+    """
+    material = f"{_SPAN_SCHEME}\x1f{trace.root_hash}\x1f{trace.slot(inputs)}"
+    in_hash = hashlib.sha256(material.encode("utf-8")).hexdigest()
+    return NodeKey(make_node_id(op_name, in_hash), op_name, op_name, in_hash, ())
+
+
+def _error_text(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"[:4000]
+
+
 class MusubiCallbackHandler(BaseCallbackHandler):
     """Records LangChain runs as musubi lineage nodes.
 
@@ -64,8 +91,13 @@ class MusubiCallbackHandler(BaseCallbackHandler):
       a trace (a run whose input holds an earlier run's output depends on it).
     * A chat-model run served or filled by :class:`~musubi_langchain.MusubiCache` is linked to the
       cache's node, so a hit shows as a replay (with the tokens and seconds it saved).
+    * Chain runs (prompts, parsers, lambdas, sequences) are nodes without a stored value (they
+      are never replayed): a root chain is keyed by its input, the chains inside it by the
+      root's input and the value they were given (see ``_span_key``). Tool and retriever nodes
+      keep their output; model nodes are the cache's (or, without a musubi cache, the
+      handler's own record of the completion).
     * Never raises into LangChain (a failure warns once); runs inline (deterministic order, and
-      the cache correlation needs the caller's context); chain nodes are written in batches.
+      the cache correlation needs the caller's context); nodes are written in batches.
 
     Args:
         path: SQLite file (default: ``$MUSUBI_DB`` or ``.musubi/musubi.db``).
@@ -87,16 +119,25 @@ class MusubiCallbackHandler(BaseCallbackHandler):
         super().__init__()
         self._path, self._store, self._namespace = path, store, namespace
         self._engine = engine
+        self._ready: Engine | None = None  # the engine, once wired to our guard
+        self._engine_lock = threading.Lock()
         self._traces = Traces()
         self._guard = Guard("MusubiCallbackHandler")
 
     @property
     def engine(self) -> Engine:
-        engine = self._engine
-        if engine is None:
-            engine = self._engine = make_engine(self._path, self._store, self._namespace)
-        if isinstance(engine, WriteBehindEngine) and engine.on_error is None:
-            engine.on_error = self._guard.warn  # batches committed in the background
+        engine = self._ready
+        if engine is not None:
+            return engine
+        # Locked: the first run to end may be a RunnableParallel branch on a worker thread,
+        # racing its siblings; two engines would split (and lose) the buffered writes.
+        with self._engine_lock:
+            engine = self._engine
+            if engine is None:
+                engine = self._engine = make_engine(self._path, self._store, self._namespace)
+            if isinstance(engine, WriteBehindEngine) and engine.on_error is None:
+                engine.on_error = self._guard.warn  # batches committed in the background
+            self._ready = engine
         return engine
 
     def flush(self) -> None:
@@ -104,17 +145,6 @@ class MusubiCallbackHandler(BaseCallbackHandler):
         self._guard.call(self.engine.flush, None)
 
     # ------------------------------------------------------------------ core logic
-    def _start(
-        self, run_id: UUID, parent_run_id: UUID | None, kind: str, name: str, inputs: Any
-    ) -> Run:
-        # The input is reduced to plain data once, when the run starts: it is what the run was
-        # given (identity), and the data-edge atoms of a mapping input reuse it.
-        plain = to_plain(inputs)
-        run = self._traces.start(run_id, parent_run_id, kind, name, atoms(inputs, plain))
-        run.inputs = inputs
-        run.extra["plain"] = plain
-        return run
-
     def _node_key(self, op_name: str, plain: Any) -> NodeKey:
         """``engine.key(op_name, plain)``; plain JSON data is hashed by the C JSON encoder
         (byte-for-byte the core's canonical form, see ``musubi_core.fastpath``)."""
@@ -127,130 +157,211 @@ class MusubiCallbackHandler(BaseCallbackHandler):
             return NodeKey(make_node_id(op_name, in_hash), op_name, op_name, in_hash, ())
         return self.engine.key(op_name, plain)
 
-    def _key(self, run: Run) -> NodeKey:
-        plain = run.extra["plain"] if "plain" in run.extra else to_plain(run.inputs)
-        return self._node_key(f"{run.kind}:{run.name}", plain)
+    def _begin(
+        self,
+        run_id: UUID,
+        parent_run_id: UUID | None,
+        kind: str,
+        name: str,
+        inputs: Any,
+    ) -> Run:
+        """Register a run: its input atoms, its data upstream and (but for models) its key."""
+        traces = self._traces
+        parent = traces.get(parent_run_id) if parent_run_id is not None else None
+        trace = parent.trace if parent is not None else Trace()
+        run = Run(run_id, parent, trace, kind, name)
+        atoms = run.input_atoms = flow_atoms(inputs, trace.keep)
+        if kind == "tool":
+            content_atom(atoms, inputs)  # a tool gets a filtered copy of the call's args
+        if trace.index:
+            run.upstream = infer(trace, run)
+        traces.add(run)
+        if kind in _MODEL_KINDS:
+            return run  # keyed when it ends: by the cache's report, or by _model_key
+        op_name = f"{kind}:{name}"
+        if kind != "chain" or trace.root_hash is None:
+            # What the run was given is its identity (reduced to plain data when it starts).
+            key = self._node_key(op_name, to_plain(inputs))
+            if parent is None:
+                trace.root_hash = key.input_hash
+        if kind == "chain" and trace.root_hash is not None:
+            key = _span_key(trace, op_name, inputs)
+        run.node_id, run.key = key.node_id, key
+        return run
 
-    def _edges(self, run: Run, node_id: str) -> None:
-        engine = self.engine
-        for child in run.children:
-            engine.add_edge(node_id, child, "contains", defer=True)
-        for up, artifact in run.upstream.items():
-            if up != node_id:
-                engine.add_edge(up, node_id, "data", defer=True, parent_artifact_id=artifact)
-        if run.parent is None:
+    def _write(
+        self, run: Run, node: NodeWrite | None, artifact: ArtifactWrite | None
+    ) -> None:
+        """Buffer ``run``'s node (None: the cache wrote it) and its edges."""
+        node_id = run.node_id
+        assert node_id is not None
+        edges: list[EdgeWrite] = []
+        parent = run.parent
+        if parent is None:
             outer = current_node()  # a @step / ctx.step this trace runs inside
             if outer is not None and outer != node_id:
-                engine.add_edge(outer, node_id, "contains", defer=True)
+                edges.append(EdgeWrite(outer, node_id, "contains"))
+        elif parent.node_id is not None:
+            edges.append(EdgeWrite(parent.node_id, node_id, "contains"))
+        else:  # a model run's node is known when it ends: it adds the edge then
+            parent.children.append(node_id)
+        for child in run.children:
+            edges.append(EdgeWrite(node_id, child, "contains"))
+        for up, up_artifact in run.upstream.items():
+            if up != node_id:
+                edges.append(EdgeWrite(up, node_id, "data", up_artifact))
+        push(
+            self.engine,
+            () if node is None else (node,),
+            () if artifact is None else (artifact,),
+            edges,
+        )
 
-    def _end(self, run_id: UUID, output: Any, *, label: str | None = None) -> None:
-        run = self._traces.get(run_id)
+    def _artifact(self, engine: Engine, node_id: str, plain: Any) -> ArtifactWrite:
+        encoding, payload = engine.codec.encode(storable(engine, plain))
+        return ArtifactWrite(artifact_id_for(encoding, payload), encoding, payload, node_id)
+
+    def _end(self, run_id: UUID, output: Any) -> None:
+        run = self._traces.pop(run_id)
         if run is None:
             return
-        node_id: str | None = None
-        artifact: str | None = None
-        plain = to_plain(output)
         try:
-            key = self._key(run)
-            rec = self.engine.record(
-                key,
-                storable(self.engine, plain),
-                _CHAIN_CONFIG,
-                kind=run.kind,
-                duration_s=time.monotonic() - run.started,
-                label=label or run.name,
-                defer=True,
+            key = run.key
+            if not isinstance(key, NodeKey):
+                return  # its key could not be computed (already warned)
+            engine = self.engine
+            artifact = None
+            if run.kind != "chain":  # tools and retrievers keep their output
+                artifact = self._artifact(engine, key.node_id, to_plain(output))
+                run.artifact_id = artifact.artifact_id
+            now = time.time()
+            node = NodeWrite(
+                key.node_id,
+                key.op,
+                key.op_name,
+                run.kind,
+                _CHAIN_STEP_TYPE,
+                key.input_hash,
+                "done",
+                run.artifact_id,
+                engine.namespace,
+                None,
+                now,
+                None,
+                time.monotonic() - run.started,
+                label=run.name,
+                run_id=current_run(),
             )
-            node_id, artifact = key.node_id, rec.artifact_id
-            self._edges(run, node_id)
+            self._write(run, node, artifact)
+            if run.parent is not None:
+                Traces.index(run, flow_atoms(output, run.trace.keep))
         finally:
-            self._traces.finish(run_id, atoms(output, plain), node_id, artifact)
+            if run.parent is None:
+                run.trace.close()
 
     def _error(self, run_id: UUID, error: BaseException) -> None:
-        run = self._traces.get(run_id)
+        run = self._traces.pop(run_id)
         if run is None:
             return
-        node_id: str | None = None
-        model = run.kind in ("chat_model", "llm")
         try:
+            model = run.kind in _MODEL_KINDS
             if model:
                 _correlate.discard(run_id)
                 _correlate.take(run_id)
-            # Our own key, never the cache's node: a failed call must not overwrite (or
-            # poison) the completion a later retry will store there.
-            key = self._model_key(run) if model else self._key(run)
-            self.engine.record_failure(
-                key,
-                error,
-                _MODEL_CONFIG if model else _CHAIN_CONFIG,
-                kind=run.kind,
+                # Our own key, never the cache's node: a failed call must not overwrite (or
+                # poison) the completion a later retry will store there.
+                key = self._model_key(run)
+                run.node_id = key.node_id
+            elif isinstance(run.key, NodeKey):
+                key = run.key
+            else:
+                return
+            engine = self.engine
+            node = NodeWrite(
+                key.node_id,
+                key.op,
+                key.op_name,
+                run.kind,
+                _MODEL_STEP_TYPE if model else _CHAIN_STEP_TYPE,
+                key.input_hash,
+                "failed",
+                namespace=engine.namespace,
+                finished_at=time.time(),
                 duration_s=time.monotonic() - run.started,
+                error=_error_text(error),
                 label=run.name,
-                defer=True,
+                run_id=current_run(),
             )
-            node_id = key.node_id
-            self._edges(run, node_id)
+            # A failed run produced nothing downstream can depend on: it is not indexed.
+            self._write(run, node, None)
         finally:
-            # A failed run produced nothing downstream can depend on.
-            self._traces.finish(run_id, set(), node_id, None)
+            if run.parent is None:
+                run.trace.close()
 
     def _model_key(self, run: Run) -> NodeKey:
         """The handler's own key for a model run no musubi cache looked up."""
-        messages = run.extra.get("messages")
+        messages = run.messages
         params = {
             k: v
-            for k, v in (run.extra.get("params") or {}).items()
+            for k, v in (run.params or {}).items()
             if k not in _VOLATILE_PARAMS and v is not None
         }
         inputs = (
             {"messages": canonical_message_objects(messages), "params": to_plain(params)}
             if messages is not None
-            else {"prompt": run.inputs, "params": to_plain(params)}
+            else {"prompt": run.plain, "params": to_plain(params)}
         )
         return self._node_key(f"{run.kind}:{run.name}", inputs)
 
     def _model_end(self, run_id: UUID, response: LLMResult) -> None:
-        run = self._traces.get(run_id)
+        run = self._traces.pop(run_id)
         if run is None:
             return
-        _correlate.discard(run_id)
-        report = _correlate.take(run_id)
-        node_id: str | None = None
-        artifact: str | None = None
         try:
-            generations = [g for gens in response.generations for g in gens]
+            _correlate.discard(run_id)
+            report = _correlate.take(run_id)
+            node: NodeWrite | None = None
+            artifact: ArtifactWrite | None = None
             if report is not None:
                 # The cache looked this call up: its lookup counted the replay (hit) or its
                 # update recorded the node (miss). Only the trace edges are ours to add.
-                node_id = report.node_id
+                run.node_id = report.node_id
             else:
                 key = self._model_key(run)
+                engine = self.engine
+                generations = [g for gens in response.generations for g in gens]
                 tokens_in, tokens_out = usage_of(generations)
-                rec = self.engine.record(
-                    key,
-                    storable(self.engine, encode_generations(generations)),
-                    _MODEL_CONFIG,
-                    kind=run.kind,
-                    duration_s=time.monotonic() - run.started,
-                    tokens_in=tokens_in,
-                    tokens_out=tokens_out,
+                artifact = self._artifact(engine, key.node_id, encode_generations(generations))
+                now = time.time()
+                node = NodeWrite(
+                    key.node_id,
+                    key.op,
+                    key.op_name,
+                    run.kind,
+                    _MODEL_STEP_TYPE,
+                    key.input_hash,
+                    "done",
+                    artifact.artifact_id,
+                    engine.namespace,
+                    None,
+                    now,
+                    expiry(_MODEL_CONFIG, now),
+                    time.monotonic() - run.started,
+                    tokens_in,
+                    tokens_out,
                     label=run.name,
-                    defer=True,
+                    run_id=current_run(),
                 )
-                node_id, artifact = key.node_id, rec.artifact_id
-            self._edges(run, node_id)
+                run.node_id, run.artifact_id = key.node_id, artifact.artifact_id
+            self._write(run, node, artifact)
+            if run.parent is not None:
+                Traces.index(run, flow_atoms(response, run.trace.keep))
         finally:
-            self._traces.finish(run_id, atoms(response), node_id, artifact)
-
-    def _safe(self, fn: Any, *args: Any) -> None:
-        try:
-            engine = self._engine if self._engine is not None else self.engine
-            with deferring(engine):  # a due batch is committed off this thread
-                fn(*args)
-        except Exception as exc:  # never raise into LangChain
-            self._guard.warn(exc)
+            if run.parent is None:
+                run.trace.close()
 
     # ------------------------------------------------------------------ chains
+    # Each callback does its own try/except (no wrapper call): the handler runs on every step.
     def on_chain_start(
         self,
         serialized: dict[str, Any] | None,
@@ -258,37 +369,33 @@ class MusubiCallbackHandler(BaseCallbackHandler):
         *,
         run_id: UUID,
         parent_run_id: UUID | None = None,
+        tags: list[str] | None = None,
         **kwargs: Any,
     ) -> None:
         """Start a chain run (prompt, parser, lambda, sequence, parallel, agent, graph node)."""
-        self._safe(self._start, run_id, parent_run_id, "chain", _name(serialized, kwargs, "chain"), inputs)
+        try:
+            name = kwargs.get("name")
+            if not name or type(name) is not str:
+                name = _name(serialized, kwargs, "chain")
+            self._begin(run_id, parent_run_id, "chain", name, inputs)
+        except Exception as exc:  # never raise into LangChain
+            self._guard.warn(exc)
 
     def on_chain_end(self, outputs: dict[str, Any] | Any, *, run_id: UUID, **kwargs: Any) -> None:
         """Record the chain node."""
-        self._safe(self._end, run_id, outputs)
+        try:
+            self._end(run_id, outputs)
+        except Exception as exc:
+            self._guard.warn(exc)
 
     def on_chain_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
         """Record the chain node as failed."""
-        self._safe(self._error, run_id, error)
+        try:
+            self._error(run_id, error)
+        except Exception as exc:
+            self._guard.warn(exc)
 
     # ------------------------------------------------------------------ models
-    def _model_start(
-        self,
-        kind: str,
-        serialized: dict[str, Any] | None,
-        inputs: Any,
-        messages: Sequence[BaseMessage] | None,
-        run_id: UUID,
-        parent_run_id: UUID | None,
-        kwargs: dict[str, Any],
-    ) -> None:
-        if kind == "chat_model":
-            _correlate.push(run_id)  # first: the cache lookup follows right after this callback
-        name = _name(serialized, kwargs, kind)
-        run = self._start(run_id, parent_run_id, kind, name, inputs)
-        run.extra["messages"] = messages
-        run.extra["params"] = kwargs.get("invocation_params") or {}
-
     def on_chat_model_start(
         self,
         serialized: dict[str, Any],
@@ -296,11 +403,20 @@ class MusubiCallbackHandler(BaseCallbackHandler):
         *,
         run_id: UUID,
         parent_run_id: UUID | None = None,
+        tags: list[str] | None = None,
         **kwargs: Any,
     ) -> None:
         """Start a chat-model run (and announce it to the cache for correlation)."""
-        msgs = messages[0] if messages else []
-        self._safe(self._model_start, "chat_model", serialized, msgs, msgs, run_id, parent_run_id, kwargs)
+        try:
+            _correlate.push(run_id)  # first: the cache lookup follows right after this callback
+            msgs = messages[0] if messages else []
+            run = self._begin(
+                run_id, parent_run_id, "chat_model", _name(serialized, kwargs, "chat_model"), msgs
+            )
+            run.messages = msgs
+            run.params = kwargs.get("invocation_params")
+        except Exception as exc:
+            self._guard.warn(exc)
 
     def on_llm_start(
         self,
@@ -309,19 +425,31 @@ class MusubiCallbackHandler(BaseCallbackHandler):
         *,
         run_id: UUID,
         parent_run_id: UUID | None = None,
+        tags: list[str] | None = None,
         **kwargs: Any,
     ) -> None:
         """Start a text-LLM run (LangChain sends none for a cache hit of a text LLM)."""
-        prompt = prompts[0] if prompts else ""
-        self._safe(self._model_start, "llm", serialized, prompt, None, run_id, parent_run_id, kwargs)
+        try:
+            prompt = prompts[0] if prompts else ""
+            run = self._begin(run_id, parent_run_id, "llm", _name(serialized, kwargs, "llm"), prompt)
+            run.plain = to_plain(prompt)
+            run.params = kwargs.get("invocation_params")
+        except Exception as exc:
+            self._guard.warn(exc)
 
     def on_llm_end(self, response: LLMResult, *, run_id: UUID, **kwargs: Any) -> None:
         """Link (or, without a musubi cache, record) the model node."""
-        self._safe(self._model_end, run_id, response)
+        try:
+            self._model_end(run_id, response)
+        except Exception as exc:
+            self._guard.warn(exc)
 
     def on_llm_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
         """Record the model node as failed."""
-        self._safe(self._error, run_id, error)
+        try:
+            self._error(run_id, error)
+        except Exception as exc:
+            self._guard.warn(exc)
 
     # ------------------------------------------------------------------ tools, retrievers
     def on_tool_start(
@@ -331,20 +459,31 @@ class MusubiCallbackHandler(BaseCallbackHandler):
         *,
         run_id: UUID,
         parent_run_id: UUID | None = None,
+        tags: list[str] | None = None,
         inputs: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         """Start a tool run (its structured ``inputs`` when given, else the input string)."""
-        value = inputs if inputs is not None else input_str
-        self._safe(self._start, run_id, parent_run_id, "tool", _name(serialized, kwargs, "tool"), value)
+        try:
+            value = inputs if inputs is not None else input_str
+            name = _name(serialized, kwargs, "tool")
+            self._begin(run_id, parent_run_id, "tool", name, value)
+        except Exception as exc:
+            self._guard.warn(exc)
 
     def on_tool_end(self, output: Any, *, run_id: UUID, **kwargs: Any) -> None:
         """Record the tool node."""
-        self._safe(self._end, run_id, output)
+        try:
+            self._end(run_id, output)
+        except Exception as exc:
+            self._guard.warn(exc)
 
     def on_tool_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
         """Record the tool node as failed."""
-        self._safe(self._error, run_id, error)
+        try:
+            self._error(run_id, error)
+        except Exception as exc:
+            self._guard.warn(exc)
 
     def on_retriever_start(
         self,
@@ -353,16 +492,26 @@ class MusubiCallbackHandler(BaseCallbackHandler):
         *,
         run_id: UUID,
         parent_run_id: UUID | None = None,
+        tags: list[str] | None = None,
         **kwargs: Any,
     ) -> None:
         """Start a retriever run."""
-        name = _name(serialized, kwargs, "retriever")
-        self._safe(self._start, run_id, parent_run_id, "retriever", name, {"query": query})
+        try:
+            name = _name(serialized, kwargs, "retriever")
+            self._begin(run_id, parent_run_id, "retriever", name, {"query": query})
+        except Exception as exc:
+            self._guard.warn(exc)
 
     def on_retriever_end(self, documents: Sequence[Document], *, run_id: UUID, **kwargs: Any) -> None:
         """Record the retriever node (its documents are the artifact)."""
-        self._safe(self._end, run_id, list(documents))
+        try:
+            self._end(run_id, list(documents))
+        except Exception as exc:
+            self._guard.warn(exc)
 
     def on_retriever_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
         """Record the retriever node as failed."""
-        self._safe(self._error, run_id, error)
+        try:
+            self._error(run_id, error)
+        except Exception as exc:
+            self._guard.warn(exc)
