@@ -188,3 +188,75 @@ def test_span_key_memo_matches_engine_key(tmp_path: Any, component: Any) -> None
             assert got == want
     ids = {span_key("op", {}, {"params": {"v": v}}).node_id for v in (1, 1.0, True)}
     assert len(ids) == 3
+
+
+def _echo_llm() -> Any:
+    """An in-process LLM whose answer carries the question of its prompt: distinct questions
+    over the same retrieved context give distinct outputs."""
+    from llama_index.core.llms import CompletionResponse, CustomLLM, LLMMetadata
+    from llama_index.core.llms.callbacks import llm_completion_callback
+
+    class EchoLLM(CustomLLM):
+        model: str = "echo"
+
+        @property
+        def metadata(self) -> LLMMetadata:
+            return LLMMetadata(model_name=self.model)
+
+        @llm_completion_callback()
+        def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> Any:
+            question = prompt.rsplit("Query:", 1)[-1].split("Answer:", 1)[0].strip()
+            return CompletionResponse(text=f"the answer to {question!r}")
+
+        @llm_completion_callback()
+        def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> Any:
+            raise NotImplementedError
+
+    return EchoLLM()
+
+
+def test_distinct_queries_never_share_a_span_node(db_path: str, documents: list[Any]) -> None:
+    """Regression: ``DefaultRefineProgram.__call__`` is called with the context only (the
+    question is partially formatted into the prompt the program holds), so its identity
+    missed the question: distinct queries over the same context collided on one node, which
+    was re-written with each new answer (its data-descendants marked stale)."""
+    from llama_index.core.embeddings import MockEmbedding
+
+    from musubi_core import Engine, SQLiteStore
+
+    # A constant embedding: every question retrieves the same context (the worst case).
+    index = VectorStoreIndex.from_documents(documents, embed_model=MockEmbedding(embed_dim=8))
+    engine = Engine(SQLiteStore(db_path), namespace="t")
+    # Models not patched: lineage only, every query runs (as in the span benchmark).
+    instrument(engine=engine, lineage=True, use_settings=False)
+    qe = index.as_query_engine(llm=_echo_llm())
+    n = 6
+    for i in range(n):
+        qe.query(f"What does musubi mean? (variant {i})")
+        engine.flush()  # one write batch per query: a collision is a re-write, not a merge
+
+    def rows() -> list[tuple[str, str, int, str]]:
+        with sqlite3.connect(db_path) as c:
+            return list(c.execute("SELECT node_id, op_name, exec_count, status FROM musubi_nodes"))
+
+    first = rows()
+    # A text splitter sees the same context text under the same settings: a legitimate
+    # re-execution with the same output. Every other span ran once per distinct query.
+    repeating = {"llama_index:TokenTextSplitter.split_text"}
+    rewritten = [(op, cnt) for _, op, cnt, _ in first if cnt != 1 and op not in repeating]
+    assert rewritten == []
+    assert [op for _, op, _, status in first if status != "done"] == []
+    per_op: dict[str, int] = defaultdict(int)
+    for _, op, _, _ in first:
+        per_op[op] += 1
+    assert per_op["llama_index:DefaultRefineProgram.__call__"] == n
+    assert per_op["llama_index:RetrieverQueryEngine.query"] == n
+
+    # The same query again maps onto the same nodes: nothing added, nothing stale.
+    qe.query("What does musubi mean? (variant 2)")
+    engine.flush()
+    again = rows()
+    uninstrument()
+    engine.close()
+    assert {r[0] for r in again} == {r[0] for r in first}
+    assert [op for _, op, _, status in again if status != "done"] == []

@@ -3,9 +3,11 @@
 A LlamaIndex span (``RetrieverQueryEngine.query``, ``VectorIndexRetriever.retrieve``,
 ``CompactAndRefine.synthesize``, a workflow step, ...) becomes a musubi node when it exits:
 
-* identity: op name (``id_.partition("-")[0]``) + the component's configuration + a
-  deterministic view of the span's arguments, computed at *enter* (LlamaIndex mutates some
-  arguments in place, e.g. ``QueryBundle.embedding``);
+* identity: op name (``id_.partition("-")[0]``) + the component's configuration (including
+  the models it holds) + a deterministic view of the span's arguments and of the prompt
+  templates the component holds, computed at *enter* (LlamaIndex mutates some arguments in
+  place, e.g. ``QueryBundle.embedding``; and ``DefaultRefineProgram`` is called with the
+  context only, the question being partially formatted into its prompt);
 * ``contains`` edges from the enclosing span's node (the call tree);
 * ``data`` edges by content: a span whose inputs carry texts produced earlier in the same
   trace (retrieved nodes fed to synthesis) depends on their producer; a span whose result
@@ -42,6 +44,7 @@ from llama_index.core.instrumentation.event_handlers import BaseEventHandler
 from llama_index.core.instrumentation.events import BaseEvent
 from llama_index.core.instrumentation.span import BaseSpan, active_span_id
 from llama_index.core.instrumentation.span_handlers import BaseSpanHandler
+from llama_index.core.prompts.base import BasePromptTemplate
 from llama_index.core.tools.types import BaseTool
 from pydantic import PrivateAttr
 
@@ -51,6 +54,7 @@ from musubi_llama_index._identity import (
     class_path,
     identity_view,
     model_fingerprint,
+    prompt_identity,
     text_atoms,
 )
 from musubi_llama_index._runtime import Runtime, guarded, warn_once
@@ -173,7 +177,11 @@ class LineageRecorder:
         if st.record:
             args = dict(bound_args.arguments)
             st.inputs = identity_view(args)
-            st.class_fp = _component_fingerprint(instance)
+            attrs = _held_objects(instance)
+            prompts = _held_prompts(attrs)
+            if prompts:
+                st.inputs = {"args": st.inputs, "prompts": prompts}
+            st.class_fp = _component_fingerprint(instance, attrs)
             st.upstream = st.trace.producers_exact(text_atoms(args))
         with self.lock:
             self.states[id_] = st
@@ -395,26 +403,67 @@ def _kind_of(instance: Any, tags: dict[str, Any] | None) -> str:
     return "span"
 
 
-def _component_fingerprint(instance: Any) -> Any:
-    """Class + scalar configuration of the component a span runs on (no secrets, no ids)."""
+def _held_objects(instance: Any) -> list[tuple[str, Any]]:
+    """The instance's attributes, sorted by name: ``vars()`` (plain attributes, pydantic
+    fields) and pydantic private attributes (``PrivateAttr``)."""
     if instance is None:
-        return None
-    if hasattr(type(instance), "model_fields"):
-        try:
-            return model_fingerprint(instance)
-        except Exception:
-            return {"class": class_path(type(instance))}
-    scalars: dict[str, Any] = {}
+        return []
     try:
-        attrs = vars(instance)
+        attrs = dict(vars(instance))
     except TypeError:
         attrs = {}
-    for name, value in sorted(attrs.items()):
+    private = getattr(instance, "__pydantic_private__", None)
+    if isinstance(private, dict):
+        for name, value in private.items():
+            attrs.setdefault(name, value)
+    return sorted(attrs.items())
+
+
+def _held_prompts(attrs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """Prompt templates a component holds: they are part of what its spans compute from
+    (``DefaultRefineProgram(prompt).__call__(context_str=...)``: the question is only in the
+    partially formatted prompt), so they enter the span's inputs."""
+    return {
+        name: prompt_identity(value)
+        for name, value in attrs
+        if isinstance(value, BasePromptTemplate)
+    }
+
+
+def _held_models(attrs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """Fingerprints of the LLMs / embedding models a component holds (configuration)."""
+    out: dict[str, Any] = {}
+    for name, value in attrs:
+        if isinstance(value, (BaseLLM, BaseEmbedding)):
+            original = type(value).__dict__.get("__musubi_original__", type(value))
+            try:
+                out[name] = model_fingerprint(value, original_cls=original)
+            except Exception:
+                out[name] = {"class": class_path(original)}
+    return out
+
+
+def _component_fingerprint(instance: Any, attrs: list[tuple[str, Any]] | None = None) -> Any:
+    """Class + scalar configuration of the component a span runs on, and the models it
+    holds (no secrets, no ids)."""
+    if instance is None:
+        return None
+    held = _held_objects(instance) if attrs is None else attrs
+    models = _held_models(held)
+    if hasattr(type(instance), "model_fields"):
+        try:
+            fp = model_fingerprint(instance)
+        except Exception:
+            fp = {"class": class_path(type(instance))}
+        return {**fp, "models": models} if models else fp
+    scalars: dict[str, Any] = {}
+    for name, value in held:
         if isinstance(value, (bool, int, float)) or (isinstance(value, str) and len(value) < 200):
             if _secret_like(name):
                 continue
             scalars[name] = value if not isinstance(value, float) or value == value else None
-    return {"class": class_path(type(instance)), "params": scalars}
+    fp = {"class": class_path(type(instance)), "params": scalars}
+    return {**fp, "models": models} if models else fp
 
 
 @functools.lru_cache(maxsize=4096)
