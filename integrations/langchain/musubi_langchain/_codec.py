@@ -63,6 +63,13 @@ def _plain(value: Any) -> Any:
     The structured-output parsers accept a dict there (``schema(**parsed)``), so a replayed
     message still parses into the user's model class without us ever naming that class.
     """
+    kind = type(value)  # exact JSON types first: the ABC checks below are slow
+    if kind is str or kind is int or kind is float or kind is bool or value is None:
+        return value
+    if kind is dict:
+        return {str(k): _plain(v) for k, v in value.items()}
+    if kind is list:
+        return [_plain(v) for v in value]
     if isinstance(value, BaseModel):
         return _plain(value.model_dump(mode="json"))
     if isinstance(value, Mapping):

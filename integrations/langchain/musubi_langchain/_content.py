@@ -162,6 +162,74 @@ def content_atom(out: set[Hashable], value: Any) -> None:
             out.add(("d", json.dumps(to_plain(value), sort_keys=True, ensure_ascii=False)))
 
 
+# message class -> where its tool calls are: 1 a model field, 2 some other attribute (a
+# property), 0 nowhere but possibly an extra field (BaseMessage allows extras).
+_TOOL_CALLS_AT: dict[type, int] = {}
+
+
+def _tool_calls(message: BaseMessage) -> Any:
+    """``getattr(message, "tool_calls", None)`` without pydantic's slow attribute miss."""
+    cls = type(message)
+    at = _TOOL_CALLS_AT.get(cls)
+    if at is None:
+        at = 1 if "tool_calls" in cls.model_fields else 2 if hasattr(cls, "tool_calls") else 0
+        _TOOL_CALLS_AT[cls] = at
+    if at == 1:
+        return message.__dict__.get("tool_calls")
+    if at == 2:
+        return getattr(message, "tool_calls", None)
+    extra = message.__pydantic_extra__
+    return extra.get("tool_calls") if extra else None
+
+
+# What _flow does with an object of a class (decided once per class, by the isinstance checks
+# below it stands for): whether the object is an identity atom, and which branch walks it.
+(
+    _F_OTHER,
+    _F_STR,
+    _F_MESSAGE,
+    _F_DOCUMENT,
+    _F_CHAT_PROMPT,
+    _F_STRING_PROMPT,
+    _F_PROMPT,
+    _F_RESULT,
+    _F_CHAT_GENERATION,
+    _F_GENERATION,
+    _F_MODEL,
+    _F_MAPPING,
+    _F_SEQUENCE,
+) = range(13)
+_KEPT = (BaseMessage, Document, PromptValue, Generation, LLMResult, BaseModel, Mapping, list, tuple)
+_FLOW_CLASSES: dict[type, tuple[int, bool]] = {}
+
+
+def _flow_class(cls: type) -> tuple[int, bool]:
+    found = _FLOW_CLASSES.get(cls)
+    if found is not None:
+        return found
+    branch = _F_OTHER
+    for base, b in (
+        (str, _F_STR),
+        (BaseMessage, _F_MESSAGE),
+        (Document, _F_DOCUMENT),
+        (ChatPromptValue, _F_CHAT_PROMPT),
+        (StringPromptValue, _F_STRING_PROMPT),
+        (PromptValue, _F_PROMPT),
+        (LLMResult, _F_RESULT),
+        (ChatGeneration, _F_CHAT_GENERATION),
+        (Generation, _F_GENERATION),
+        (BaseModel, _F_MODEL),
+        (Mapping, _F_MAPPING),
+        (list, _F_SEQUENCE),
+        (tuple, _F_SEQUENCE),
+    ):
+        if issubclass(cls, base):
+            branch = b
+            break
+    found = _FLOW_CLASSES[cls] = (branch, issubclass(cls, _KEPT))
+    return found
+
+
 def _flow(out: set[Hashable], keep: list[Any] | None, value: Any, depth: int) -> None:
     kind = type(value)
     if kind is str:
@@ -179,49 +247,44 @@ def _flow(out: set[Hashable], keep: list[Any] | None, value: Any, depth: int) ->
             for v in value.values() if kind is dict else value:
                 _flow(out, keep, v, d)
         return
-    if isinstance(value, str):  # a str subclass (LangChain's TextAccessor) matches by content
+    branch, kept = _FLOW_CLASSES.get(kind) or _flow_class(kind)
+    if branch == _F_STR:  # a str subclass (LangChain's TextAccessor) matches by content
         if len(value) >= MIN_ATOM_CHARS:
             out.add(str(value))
         return
-    if keep is not None and isinstance(
-        value,
-        (BaseMessage, Document, PromptValue, Generation, LLMResult, BaseModel, Mapping, list, tuple),
-    ):
+    if keep is not None and kept:
         out.add(id(value))
         keep.append(value)
-    if isinstance(value, BaseMessage):
+    if branch == _F_MESSAGE:
         _flow(out, keep, value.content, d)
-        for call in getattr(value, "tool_calls", None) or ():
+        for call in _tool_calls(value) or ():
             args = call.get("args")
             _flow(out, keep, args, d)
             content_atom(out, args)
-    elif isinstance(value, Document):
+    elif branch == _F_DOCUMENT:
         _flow(out, keep, value.page_content, d)
-    elif isinstance(value, ChatPromptValue):
+    elif branch == _F_CHAT_PROMPT:
         _flow(out, keep, value.messages, d)
-    elif isinstance(value, StringPromptValue):
+    elif branch == _F_STRING_PROMPT:
         _flow(out, keep, value.text, d)
-    elif isinstance(value, PromptValue):
+    elif branch == _F_PROMPT:
         _flow(out, None, value.to_messages(), d)  # a new list each call: no identities
-    elif isinstance(value, LLMResult):
+    elif branch == _F_RESULT:
         for gens in value.generations:
             for g in gens:
                 _flow(out, keep, g, d)
-    elif isinstance(value, ChatGeneration):
+    elif branch == _F_CHAT_GENERATION:
         _flow(out, keep, value.message, d)
-    elif isinstance(value, Generation):
+    elif branch == _F_GENERATION:
         _flow(out, keep, value.text, d)
-    elif isinstance(value, BaseModel):
+    elif branch == _F_MODEL:
         try:
             dumped = value.model_dump(mode="json")
         except Exception:
             return
         _flow(out, None, dumped, d)  # a new dict each call: no identities
-    elif isinstance(value, Mapping):
-        for v in value.values():
-            _flow(out, keep, v, d)
-    elif isinstance(value, (list, tuple)):
-        for v in value:
+    elif branch in (_F_MAPPING, _F_SEQUENCE):
+        for v in value.values() if branch == _F_MAPPING else value:
             _flow(out, keep, v, d)
 
 

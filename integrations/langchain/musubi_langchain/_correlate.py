@@ -66,6 +66,12 @@ def claim() -> UUID | None:
 def discard(run_id: UUID) -> None:
     """Forget a pending run that never reached a cache (no cache configured, or an error)."""
     pending = _pending.get()
+    if not pending:
+        return
+    if len(pending) == 1:  # the common case: no generator, no UUID.__ne__ per entry
+        if pending[0] == run_id:
+            _pending.set(())
+        return
     if run_id in pending:
         _pending.set(tuple(r for r in pending if r != run_id))
 
@@ -78,5 +84,7 @@ def report(run_id: UUID, value: CacheReport) -> None:
 
 
 def take(run_id: UUID) -> CacheReport | None:
+    if not _reports:  # a report for this run was made (by the cache, inline) before its end
+        return None
     with _lock:
         return _reports.pop(run_id, None)

@@ -13,18 +13,22 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import json
+import json.encoder
 import os
 import sqlite3
 import threading
 import warnings
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from musubi_core.codec import JSON_ENCODING, JSONCodec
-from musubi_core.engine import Engine, get_engine
+from musubi_core.engine import Engine, Recorded, get_engine
 from musubi_core.errors import MusubiError
-from musubi_core.fastpath import NOT_PLAIN, count_replay, plain_payload, plain_tree
-from musubi_core.store import ArtifactWrite, EdgeWrite, NodeWrite, SQLiteStore
+from musubi_core.fastpath import NOT_PLAIN, count_replay, plain_tree
+from musubi_core.identity import NodeKey
+from musubi_core.store import ArtifactWrite, EdgeWrite, NodeRecord, NodeWrite, SQLiteStore
 
 T = TypeVar("T")
 
@@ -43,9 +47,61 @@ _PID = [os.getpid()]
 
 def _after_fork() -> None:
     _PID[0] = os.getpid()
+    # The parent commits its own staged rows; the child must not repeat them (as the core
+    # does for its write-behind buffers).
+    for engine in list(_STAGING_ENGINES):
+        engine._reset_staging()
 
 
 os.register_at_fork(after_in_child=_after_fork)
+
+
+# Rows the callback handler hands over (see :meth:`WriteBehindEngine.stage`): plain tuples in
+# the field order of NodeWrite, ArtifactWrite and EdgeWrite. They are staged flat (their fields
+# appended to one list per kind), so rows waiting up to a second for the writer thread are no
+# objects the garbage collector counts, scans or promotes: the write objects of the core, which
+# stay tracked, made a chain's allocations outnumber its deallocations and so triggered young
+# collections and, by promoting them, full ones over the whole heap.
+NodeRow = tuple[
+    str, str, str, str, str, str, str, "str | None", str, "float | None", "float | None",
+    "float | None", "float | None", "int | None", "int | None", "str | None", "str | None",
+    "str | None", "str | None", "str | None", int,
+]
+ArtifactRow = tuple[str, str, bytes, str]
+EdgeRow = tuple[str, str, str, "str | None"]
+_NODE_WIDTH = 21  # len(dataclasses.fields(NodeWrite)), checked in the tests
+_EDGE_WIDTH = 4
+_ARTIFACT_WIDTH = 4
+
+_STAGING_ENGINES: weakref.WeakSet[WriteBehindEngine] = weakref.WeakSet()
+
+
+def _json_text(*, sort_keys: bool) -> Callable[[Any], str]:
+    """``json.JSONEncoder(sort_keys=..., separators=(",", ":"), ensure_ascii=False).encode``
+    with its C encoder made once instead of per call (the same text: these are the settings of
+    ``musubi_core.fastpath``'s canonical and payload encoders)."""
+    encoder = json.JSONEncoder(sort_keys=sort_keys, separators=(",", ":"), ensure_ascii=False)
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:
+        return encoder.encode
+    # (markers, default, encoder, indent, key_separator, item_separator, sort_keys, skipkeys,
+    # allow_nan), as JSONEncoder.iterencode passes them, but without the circular-reference
+    # markers (state shared by every caller): a plain tree is acyclic (``plain_tree`` recurses
+    # through it first), so the instance keeps no state and serves every thread.
+    iterencode = make(
+        None, encoder.default, json.encoder.encode_basestring, None, ":", ",", sort_keys, False, True
+    )
+
+    def text(value: Any) -> str:
+        return "".join(iterencode(value, 0))
+
+    return text
+
+
+# Text of a plain tree (see ``musubi_core.fastpath.plain_tree``): canonical (sorted keys, what
+# ``plain_input_hash`` hashes) and compact (what ``plain_payload`` stores).
+canonical_json = _json_text(sort_keys=True)
+compact_json = _json_text(sort_keys=False)
 
 
 class Precoded:
@@ -74,7 +130,7 @@ def storable(engine: Engine, plain: Any) -> Any:
         tree = plain_tree(plain)
         if tree is not NOT_PLAIN:
             try:
-                return Precoded(plain_payload(tree))
+                return Precoded(compact_json(tree).encode("utf-8", "surrogatepass"))
             except ValueError:  # e.g. an int too long to print: the codec says why
                 return plain
     return plain
@@ -111,6 +167,102 @@ class WriteBehindEngine(Engine):
         self._writer: tuple[int, threading.Thread] | None = None
         self._writer_lock = threading.Lock()
         self._deferring = WriteBehindEngine._Deferring(self._mode)
+        self._reset_staging()
+        _STAGING_ENGINES.add(self)
+
+    def _reset_staging(self) -> None:
+        """Empty staging (new locks too: in a forked child another thread may hold the old)."""
+        self._stage_lock = threading.Lock()
+        self._drain_lock = threading.Lock()  # one move of staged rows into the buffer at a time
+        # Flat: the fields of row i are [i * width:(i + 1) * width].
+        self._staged_nodes: list[Any] = []
+        self._staged_artifacts: list[Any] = []
+        self._staged_edges: list[Any] = []
+        # Node ids of staged rows (and of rows being moved into the buffer): lookups of them
+        # move the rows first. A stale entry only costs a needless (cheap) drain.
+        self._staged_ids: set[str] = set()
+
+    def stage(
+        self, node: NodeRow | None, artifact: ArtifactRow | None, edges: Sequence[EdgeRow]
+    ) -> None:
+        """Buffer one run's finished rows (the handler's writes), flat (see ``NodeRow``); they
+        become the core's write objects only when they are committed (on the writer thread) or
+        when something needs them in the buffer first (a lookup or a write of a staged node,
+        :meth:`flush`)."""
+        with self._stage_lock:
+            if node is not None:
+                self._staged_nodes.extend(node)
+                self._staged_ids.add(node[0])
+            if artifact is not None:
+                self._staged_artifacts.extend(artifact)
+            if edges:
+                staged = self._staged_edges
+                for edge in edges:
+                    staged.extend(edge)
+        self.kick()
+
+    def _staged_size(self) -> int:
+        return len(self._staged_nodes) // _NODE_WIDTH + len(self._staged_edges) // _EDGE_WIDTH
+
+    def _drain(self) -> None:
+        """Move the staged rows into the core's write-behind buffer, in the order staged."""
+        if self._staged_nodes or self._staged_artifacts or self._staged_edges:
+            self._move_staged()
+
+    def _drain_for(self, node_id: str) -> None:
+        if node_id in self._staged_ids:
+            # Even when the lists look empty: another thread may be moving this row right now,
+            # and the buffer holds it only once that move (under _drain_lock) is done.
+            self._move_staged()
+
+    def _move_staged(self) -> None:
+        with self._drain_lock:
+            with self._stage_lock:
+                nodes, artifacts, edges = (
+                    self._staged_nodes,
+                    self._staged_artifacts,
+                    self._staged_edges,
+                )
+                self._staged_nodes, self._staged_artifacts, self._staged_edges = [], [], []
+            buffer = self._buffer
+            with buffer.lock:
+                buffered = buffer.nodes
+                for i in range(0, len(nodes), _NODE_WIDTH):
+                    buffered[nodes[i]] = NodeWrite(*nodes[i : i + _NODE_WIDTH])
+                buffered_artifacts = buffer.artifacts
+                for i in range(0, len(artifacts), _ARTIFACT_WIDTH):
+                    buffered_artifacts[artifacts[i]] = ArtifactWrite(
+                        *artifacts[i : i + _ARTIFACT_WIDTH]
+                    )
+                if edges:
+                    buffer.edges.extend(
+                        [EdgeWrite(*edges[i : i + _EDGE_WIDTH]) for i in range(0, len(edges), _EDGE_WIDTH)]
+                    )
+            with self._stage_lock:  # the moved rows are now visible in the buffer
+                self._staged_ids = set(self._staged_nodes[::_NODE_WIDTH])
+
+    def _commit(self) -> None:
+        """Commit everything staged and buffered (the caller holds ``_io``)."""
+        self._move_staged()  # (after any move another thread has under way)
+        Engine.flush(self)
+
+    # Staged rows must be in the buffer before the core looks at (or writes) the same node,
+    # so that lookups see them and a newer write of the node is not overwritten by them.
+    def _find(self, node_id: str) -> tuple[NodeRecord, str | None, bytes | None] | None:
+        self._drain_for(node_id)
+        return super()._find(node_id)
+
+    def _unbuffer(self, node_id: str) -> None:
+        self._drain_for(node_id)
+        super()._unbuffer(node_id)
+
+    def record(self, key: NodeKey, *args: Any, **kwargs: Any) -> Recorded:
+        self._drain_for(key.node_id)
+        return super().record(key, *args, **kwargs)
+
+    def record_failure(self, key: NodeKey, *args: Any, **kwargs: Any) -> Recorded:
+        self._drain_for(key.node_id)
+        return super().record_failure(key, *args, **kwargs)
 
     class _Deferring:
         __slots__ = ("_mode",)
@@ -139,7 +291,9 @@ class WriteBehindEngine(Engine):
         """Commit everything buffered now (from a deferring context: wake the writer)."""
         if getattr(self._mode, "on", False) and not self._closed:
             buffer = self._buffer
-            size = len(buffer.nodes) + len(buffer.edges) + len(buffer.replays)
+            size = (
+                len(buffer.nodes) + len(buffer.edges) + len(buffer.replays) + self._staged_size()
+            )
             writer = self._writer
             if size < self.BATCH_ITEMS and writer is not None and writer[0] == _PID[0]:
                 return  # the writer's timer commits it
@@ -148,7 +302,7 @@ class WriteBehindEngine(Engine):
                     self._wake.set()
                 return
         with self._io:
-            Engine.flush(self)
+            self._commit()
 
     def kick(self) -> None:
         """After writes were added to the buffer (see :func:`push`): make sure the writer
@@ -157,12 +311,18 @@ class WriteBehindEngine(Engine):
         if writer is not None and writer[0] == _PID[0]:
             if not self._wake.is_set():
                 buffer = self._buffer
-                if len(buffer.nodes) + len(buffer.edges) + len(buffer.replays) >= self.BATCH_ITEMS:
+                size = (
+                    len(buffer.nodes)
+                    + len(buffer.edges)
+                    + len(buffer.replays)
+                    + self._staged_size()
+                )
+                if size >= self.BATCH_ITEMS:
                     self._wake.set()
             return
         if self._closed or not self._ensure_writer():
             with self._io:  # no writer thread can start (interpreter exit): commit inline
-                Engine.flush(self)
+                self._commit()
 
     def count_replay(self, node_id: str) -> None:
         """Count a replay; the writer thread commits the counts with its next batch."""
@@ -170,7 +330,7 @@ class WriteBehindEngine(Engine):
         writer = self._writer
         if (writer is None or writer[0] != _PID[0]) and not self._closed and not self._ensure_writer():
             with self._io:  # no writer thread can start (interpreter exit): commit inline
-                Engine.flush(self)
+                self._commit()
 
     def _ensure_writer(self) -> bool:
         writer = self._writer
@@ -196,7 +356,15 @@ class WriteBehindEngine(Engine):
 
     def _pending(self) -> bool:
         buffer = self._buffer
-        return bool(buffer.nodes or buffer.edges or buffer.replays or buffer.artifacts)
+        return bool(
+            buffer.nodes
+            or buffer.edges
+            or buffer.replays
+            or buffer.artifacts
+            or self._staged_nodes
+            or self._staged_artifacts
+            or self._staged_edges
+        )
 
     def _run_writer(self) -> None:
         me = threading.current_thread()
@@ -234,7 +402,7 @@ class WriteBehindEngine(Engine):
                 with self._io:
                     if self._closed:
                         return
-                    Engine.flush(self)
+                    self._commit()
             except Exception as exc:
                 handler = self.on_error
                 if handler is not None:
@@ -259,28 +427,30 @@ def make_engine(
 
 def push(
     engine: Engine,
-    nodes: Sequence[NodeWrite],
-    artifacts: Sequence[ArtifactWrite],
-    edges: Sequence[EdgeWrite],
+    node: NodeRow | None,
+    artifact: ArtifactRow | None,
+    edges: Sequence[EdgeRow],
 ) -> None:
-    """Add finished writes to ``engine``'s write-behind buffer, as ``record(..., defer=True)``
-    and ``add_edge(..., defer=True)`` do, in one step (the handler builds the rows itself).
+    """Add one run's finished rows to ``engine``'s write-behind buffer, as ``record(...,
+    defer=True)`` and ``add_edge(..., defer=True)`` do, in one step (the handler builds the
+    rows itself).
 
-    A :class:`WriteBehindEngine` leaves the commit to its writer thread; any other engine
-    commits inline once its buffer is due, as the core's deferred writes do.
+    A :class:`WriteBehindEngine` stages them as tuples and leaves the commit to its writer
+    thread; any other engine gets the write objects and commits inline once its buffer is
+    due, as the core's deferred writes do.
     """
+    if isinstance(engine, WriteBehindEngine):
+        engine.stage(node, artifact, edges)
+        return
     buffer = engine._buffer
     with buffer.lock:
-        buffered = buffer.nodes
-        for node in nodes:
-            buffered[node.node_id] = node
-        for artifact in artifacts:
-            buffer.artifacts[artifact.artifact_id] = artifact
+        if node is not None:
+            buffer.nodes[node[0]] = NodeWrite(*node)
+        if artifact is not None:
+            buffer.artifacts[artifact[0]] = ArtifactWrite(*artifact)
         if edges:
-            buffer.edges.extend(edges)
-    if isinstance(engine, WriteBehindEngine):
-        engine.kick()
-    elif buffer.due():
+            buffer.edges.extend([EdgeWrite(*e) for e in edges])
+    if buffer.due():
         engine.flush()
 
 

@@ -260,11 +260,43 @@ def _fast_dumpd(message: BaseMessage) -> dict[str, Any] | None:
     return {"lc": 1, "type": "constructor", "id": ident, "kwargs": kwargs}
 
 
+# Messages whose canonical form, when their content is a string and they carry no
+# additional_kwargs, is just their type, content and name (every other field is volatile).
+_SIMPLE_MESSAGES = frozenset({HumanMessage, SystemMessage})
+_SIMPLE_FIELDS = frozenset({"content", "additional_kwargs", "response_metadata", "type", "name", "id"})
+
+
+def _simple_canonical(message: BaseMessage) -> dict[str, Any] | None:
+    """``_canonical_message(_fast_dumpd(message))`` for a plain human/system message (the
+    prompt's usual output), without building its serialised form; None for anything else."""
+    values = message.__dict__
+    content = values.get("content")
+    if type(content) is not str or values.get("additional_kwargs") or len(values) != 6:
+        return None
+    kind = values.get("type")
+    name = values.get("name")
+    if type(kind) is not str or not kind or not (name is None or type(name) is str):
+        return None
+    if not _SIMPLE_FIELDS.issuperset(values):
+        return None
+    if kind.endswith("Chunk"):
+        return None
+    out: dict[str, Any] = {"type": kind, "content": content}
+    if name:
+        out["name"] = name
+    return out
+
+
 def canonical_message_objects(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
     """Canonical form of message objects (the handler's view of a chat-model input)."""
     ids = _ToolCallIds()
     out = []
     for m in messages:
+        if type(m) in _SIMPLE_MESSAGES:
+            simple = _simple_canonical(m)
+            if simple is not None:
+                out.append(simple)
+                continue
         raw = _fast_dumpd(m)
         if raw is None:
             out.append(_canonical_message(dumpd(m), ids))

@@ -159,13 +159,14 @@ def infer(trace: Trace, run: Run) -> dict[str, str | None]:
 
 
 class Traces:
-    """Map of live runs (grouped by trace)."""
+    """Map of live runs (grouped by trace), keyed by the run id's integer (``UUID.__hash__`` is
+    Python code; a run is looked up three or four times)."""
 
     def __init__(self) -> None:
-        self._runs: dict[UUID, Run] = {}
+        self._runs: dict[int, Run] = {}
 
     def get(self, run_id: UUID) -> Run | None:
-        return self._runs.get(run_id)
+        return self._runs.get(run_id.int)
 
     def start(
         self,
@@ -175,18 +176,18 @@ class Traces:
         name: str,
         input_atoms: Iterable[Hashable] = (),
     ) -> Run:
-        parent = self._runs.get(parent_run_id) if parent_run_id is not None else None
+        parent = self._runs.get(parent_run_id.int) if parent_run_id is not None else None
         run = Run(run_id, parent, parent.trace if parent is not None else Trace(), kind, name)
         run.input_atoms = set(input_atoms)
         run.upstream = infer(run.trace, run)
-        self._runs[run_id] = run
+        self._runs[run_id.int] = run
         return run
 
     def add(self, run: Run) -> None:
-        self._runs[run.run_id] = run
+        self._runs[run.run_id.int] = run
 
     def pop(self, run_id: UUID) -> Run | None:
-        return self._runs.pop(run_id, None)
+        return self._runs.pop(run_id.int, None)
 
     @staticmethod
     def index(run: Run, output_atoms: Iterable[Hashable]) -> None:
@@ -204,7 +205,7 @@ class Traces:
 
     def finish(self, run_id: UUID, output_atoms: Iterable[Hashable]) -> Run | None:
         """Pop a finished run and index its output (it must carry its ``node_id``)."""
-        run = self._runs.pop(run_id, None)
+        run = self._runs.pop(run_id.int, None)
         if run is None:
             return None
         if run.node_id is not None:

@@ -19,7 +19,7 @@ import os
 import threading
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 from uuid import UUID
 
 from langchain_core.callbacks import BaseCallbackHandler
@@ -29,15 +29,24 @@ from langchain_core.outputs import LLMResult
 
 from musubi_core.context import current_node, current_run
 from musubi_core.engine import Engine, artifact_id_for
-from musubi_core.fastpath import NOT_PLAIN, plain_input_hash, plain_tree
-from musubi_core.identity import NodeKey, make_node_id
+from musubi_core.fastpath import NOT_PLAIN, plain_tree
+from musubi_core.identity import HASH_SCHEME, NodeKey
 from musubi_core.policy import StepConfiguration, StepType, expiry
-from musubi_core.store import ArtifactWrite, EdgeWrite, NodeWrite
 
 from . import _correlate
 from ._codec import encode_generations, usage_of
 from ._content import content_atom, flow_atoms, to_plain
-from ._engine import Guard, WriteBehindEngine, make_engine, push, storable
+from ._engine import (
+    ArtifactRow,
+    EdgeRow,
+    Guard,
+    NodeRow,
+    WriteBehindEngine,
+    canonical_json,
+    make_engine,
+    push,
+    storable,
+)
 from ._keys import canonical_message_objects
 from ._runs import Run, Trace, Traces, infer
 
@@ -49,6 +58,41 @@ _MODEL_STEP_TYPE = _MODEL_CONFIG.step_type.value
 _VOLATILE_PARAMS = frozenset({"stream", "stream_options", "_type", "request_timeout", "max_retries"})
 _MODEL_KINDS = frozenset({"chat_model", "llm"})
 _SPAN_SCHEME = "musubi_langchain/span/1"
+# The core's canonical form of plain JSON data (``musubi_core.fastpath.plain_input_hash``,
+# ``_engine.canonical_json``): sorted keys, no spaces, UTF-8. A model key's input is ``{"messages": ..., "params": ...}``, so
+# its canonical text is the two parts' texts in that frame, and the params part, the same for
+# every call of a configured model, is computed once per distinct set of invocation params.
+_CANONICAL_JSON = canonical_json
+_ATOMIC_PARAMS = frozenset({str, int, bool, type(None)})
+_PARAMS_TEXT: dict[tuple[Any, ...], str] = {}
+_PARAMS_TEXT_MAX = 256
+
+
+def _params_memo_key(params: dict[str, Any]) -> tuple[Any, ...] | None:
+    """A key telling apart every set of params with a different canonical text (exact types,
+    floats by repr: ``1 == 1.0 == True`` and ``0.0 == -0.0``); None unless all are atoms."""
+    out: list[Any] = []
+    for k, v in params.items():
+        t = type(v)
+        if t is float:
+            out.append((k, t, repr(v)))
+        elif t in _ATOMIC_PARAMS and type(k) is str:
+            out.append((k, t, v))
+        else:
+            return None
+    return tuple(out)
+
+
+def _model_params(raw: dict[str, Any] | None) -> dict[str, Any]:
+    return {k: v for k, v in (raw or {}).items() if k not in _VOLATILE_PARAMS and v is not None}
+
+
+_NODE_ID_PREFIX = f"{HASH_SCHEME}\x1f"
+
+
+def _node_id(op: str, in_hash: str) -> str:
+    """``identity.make_node_id(op, in_hash)`` (no upstream), without its generic steps."""
+    return hashlib.sha256(f"{_NODE_ID_PREFIX}{op}\x1f{in_hash}\x1f".encode()).hexdigest()
 
 
 def _name(serialized: dict[str, Any] | None, kwargs: dict[str, Any], default: str) -> str:
@@ -64,7 +108,16 @@ def _name(serialized: dict[str, Any] | None, kwargs: dict[str, Any], default: st
     return default
 
 
-def _span_key(trace: Trace, op_name: str, inputs: Any) -> NodeKey:
+class _SpanKey(NamedTuple):
+    """What a node row needs of a chain span's key (a NodeKey without upstream, built cheaper)."""
+
+    node_id: str
+    op: str
+    op_name: str
+    input_hash: str
+
+
+def _span_key(trace: Trace, op_name: str, inputs: Any) -> _SpanKey:
     """The key of a chain run in a trace: the root run's input hash and which of the trace's
     values (numbered in the order the trace met them, by identity) the run was given.
 
@@ -77,7 +130,7 @@ def _span_key(trace: Trace, op_name: str, inputs: Any) -> NodeKey:
     """
     material = f"{_SPAN_SCHEME}\x1f{trace.root_hash}\x1f{trace.slot(inputs)}"
     in_hash = hashlib.sha256(material.encode("utf-8")).hexdigest()
-    return NodeKey(make_node_id(op_name, in_hash), op_name, op_name, in_hash, ())
+    return _SpanKey(_node_id(op_name, in_hash), op_name, op_name, in_hash)
 
 
 def _error_text(error: BaseException) -> str:
@@ -150,11 +203,13 @@ class MusubiCallbackHandler(BaseCallbackHandler):
         (byte-for-byte the core's canonical form, see ``musubi_core.fastpath``)."""
         tree = plain_tree(plain)
         if tree is not NOT_PLAIN:
-            try:
-                in_hash = plain_input_hash(tree)
+            try:  # plain_input_hash(tree)
+                in_hash = hashlib.sha256(
+                    canonical_json(tree).encode("utf-8", "surrogatepass")
+                ).hexdigest()
             except ValueError:  # e.g. an int too long to print: the core says why
                 return self.engine.key(op_name, plain)
-            return NodeKey(make_node_id(op_name, in_hash), op_name, op_name, in_hash, ())
+            return NodeKey(_node_id(op_name, in_hash), op_name, op_name, in_hash, ())
         return self.engine.key(op_name, plain)
 
     def _begin(
@@ -179,6 +234,7 @@ class MusubiCallbackHandler(BaseCallbackHandler):
         if kind in _MODEL_KINDS:
             return run  # keyed when it ends: by the cache's report, or by _model_key
         op_name = f"{kind}:{name}"
+        key: NodeKey | _SpanKey
         if kind != "chain" or trace.root_hash is None:
             # What the run was given is its identity (reduced to plain data when it starts).
             key = self._node_key(op_name, to_plain(inputs))
@@ -189,53 +245,50 @@ class MusubiCallbackHandler(BaseCallbackHandler):
         run.node_id, run.key = key.node_id, key
         return run
 
-    def _write(
-        self, run: Run, node: NodeWrite | None, artifact: ArtifactWrite | None
-    ) -> None:
-        """Buffer ``run``'s node (None: the cache wrote it) and its edges."""
+    def _write(self, run: Run, node: NodeRow | None, artifact: ArtifactRow | None) -> None:
+        """Buffer ``run``'s node row (None: the cache wrote it) and its edges' rows (tuples in
+        the field order of the core's write objects, see ``_engine.NodeRow``)."""
         node_id = run.node_id
         assert node_id is not None
-        edges: list[EdgeWrite] = []
+        edges: list[EdgeRow] = []
         parent = run.parent
         if parent is None:
             outer = current_node()  # a @step / ctx.step this trace runs inside
             if outer is not None and outer != node_id:
-                edges.append(EdgeWrite(outer, node_id, "contains"))
+                edges.append((outer, node_id, "contains", None))
         elif parent.node_id is not None:
-            edges.append(EdgeWrite(parent.node_id, node_id, "contains"))
+            edges.append((parent.node_id, node_id, "contains", None))
         else:  # a model run's node is known when it ends: it adds the edge then
             parent.children.append(node_id)
         for child in run.children:
-            edges.append(EdgeWrite(node_id, child, "contains"))
+            edges.append((node_id, child, "contains", None))
         for up, up_artifact in run.upstream.items():
             if up != node_id:
-                edges.append(EdgeWrite(up, node_id, "data", up_artifact))
-        push(
-            self.engine,
-            () if node is None else (node,),
-            () if artifact is None else (artifact,),
-            edges,
-        )
+                edges.append((up, node_id, "data", up_artifact))
+        engine = self.engine
+        if type(engine) is WriteBehindEngine:
+            engine.stage(node, artifact, edges)
+        else:
+            push(engine, node, artifact, edges)
 
-    def _artifact(self, engine: Engine, node_id: str, plain: Any) -> ArtifactWrite:
+    def _artifact(self, engine: Engine, node_id: str, plain: Any) -> ArtifactRow:
         encoding, payload = engine.codec.encode(storable(engine, plain))
-        return ArtifactWrite(artifact_id_for(encoding, payload), encoding, payload, node_id)
+        return (artifact_id_for(encoding, payload), encoding, payload, node_id)
 
     def _end(self, run_id: UUID, output: Any) -> None:
         run = self._traces.pop(run_id)
         if run is None:
             return
         try:
-            key = run.key
-            if not isinstance(key, NodeKey):
+            key = run.key  # a NodeKey or a _SpanKey
+            if key is None:
                 return  # its key could not be computed (already warned)
             engine = self.engine
             artifact = None
             if run.kind != "chain":  # tools and retrievers keep their output
                 artifact = self._artifact(engine, key.node_id, to_plain(output))
-                run.artifact_id = artifact.artifact_id
-            now = time.time()
-            node = NodeWrite(
+                run.artifact_id = artifact[0]
+            node: NodeRow = (
                 key.node_id,
                 key.op,
                 key.op_name,
@@ -245,12 +298,18 @@ class MusubiCallbackHandler(BaseCallbackHandler):
                 "done",
                 run.artifact_id,
                 engine.namespace,
-                None,
-                now,
-                None,
-                time.monotonic() - run.started,
-                label=run.name,
-                run_id=current_run(),
+                None,  # started_at
+                time.time(),  # finished_at
+                None,  # expires_at
+                time.monotonic() - run.started,  # duration_s
+                None,  # tokens_in
+                None,  # tokens_out
+                None,  # error
+                None,  # owner
+                run.name,  # label
+                current_run(),  # run_id
+                None,  # meta
+                1,  # executed
             )
             self._write(run, node, artifact)
             if run.parent is not None:
@@ -272,12 +331,12 @@ class MusubiCallbackHandler(BaseCallbackHandler):
                 # poison) the completion a later retry will store there.
                 key = self._model_key(run)
                 run.node_id = key.node_id
-            elif isinstance(run.key, NodeKey):
+            elif run.key is not None:
                 key = run.key
             else:
                 return
             engine = self.engine
-            node = NodeWrite(
+            node: NodeRow = (
                 key.node_id,
                 key.op,
                 key.op_name,
@@ -285,12 +344,20 @@ class MusubiCallbackHandler(BaseCallbackHandler):
                 _MODEL_STEP_TYPE if model else _CHAIN_STEP_TYPE,
                 key.input_hash,
                 "failed",
-                namespace=engine.namespace,
-                finished_at=time.time(),
-                duration_s=time.monotonic() - run.started,
-                error=_error_text(error),
-                label=run.name,
-                run_id=current_run(),
+                None,  # artifact_id
+                engine.namespace,
+                None,  # started_at
+                time.time(),  # finished_at
+                None,  # expires_at
+                time.monotonic() - run.started,  # duration_s
+                None,  # tokens_in
+                None,  # tokens_out
+                _error_text(error),
+                None,  # owner
+                run.name,  # label
+                current_run(),  # run_id
+                None,  # meta
+                1,  # executed
             )
             # A failed run produced nothing downstream can depend on: it is not indexed.
             self._write(run, node, None)
@@ -300,18 +367,49 @@ class MusubiCallbackHandler(BaseCallbackHandler):
 
     def _model_key(self, run: Run) -> NodeKey:
         """The handler's own key for a model run no musubi cache looked up."""
+        key = self._fast_model_key(run)
+        if key is not None:
+            return key
         messages = run.messages
-        params = {
-            k: v
-            for k, v in (run.params or {}).items()
-            if k not in _VOLATILE_PARAMS and v is not None
-        }
+        params = _model_params(run.params)
         inputs = (
             {"messages": canonical_message_objects(messages), "params": to_plain(params)}
             if messages is not None
             else {"prompt": run.plain, "params": to_plain(params)}
         )
         return self._node_key(f"{run.kind}:{run.name}", inputs)
+
+    def _fast_model_key(self, run: Run) -> NodeKey | None:
+        """:meth:`_model_key` of a chat-model run whose messages and params are plain data,
+        hashing the canonical text built from its parts (the same bytes); None otherwise."""
+        messages = run.messages
+        raw = run.params
+        if messages is None or (raw is not None and type(raw) is not dict):
+            return None
+        memo = _params_memo_key(raw) if raw else ()
+        params_text = _PARAMS_TEXT.get(memo) if memo is not None else None
+        if params_text is None:
+            tree = plain_tree(to_plain(_model_params(raw)))
+            if tree is NOT_PLAIN:
+                return None
+            try:
+                params_text = _CANONICAL_JSON(tree)
+            except ValueError:
+                return None
+            if memo is not None:
+                if len(_PARAMS_TEXT) >= _PARAMS_TEXT_MAX:
+                    _PARAMS_TEXT.clear()
+                _PARAMS_TEXT[memo] = params_text
+        tree = plain_tree(canonical_message_objects(messages))
+        if tree is NOT_PLAIN:
+            return None
+        try:
+            text = f'{{"messages":{_CANONICAL_JSON(tree)},"params":{params_text}}}'
+        except ValueError:
+            return None
+        in_hash = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+        op_name = f"{run.kind}:{run.name}"
+        return NodeKey(_node_id(op_name, in_hash), op_name, op_name, in_hash, ())
 
     def _model_end(self, run_id: UUID, response: LLMResult) -> None:
         run = self._traces.pop(run_id)
@@ -320,8 +418,8 @@ class MusubiCallbackHandler(BaseCallbackHandler):
         try:
             _correlate.discard(run_id)
             report = _correlate.take(run_id)
-            node: NodeWrite | None = None
-            artifact: ArtifactWrite | None = None
+            node: NodeRow | None = None
+            artifact: ArtifactRow | None = None
             if report is not None:
                 # The cache looked this call up: its lookup counted the replay (hit) or its
                 # update recorded the node (miss). Only the trace edges are ours to add.
@@ -333,7 +431,7 @@ class MusubiCallbackHandler(BaseCallbackHandler):
                 tokens_in, tokens_out = usage_of(generations)
                 artifact = self._artifact(engine, key.node_id, encode_generations(generations))
                 now = time.time()
-                node = NodeWrite(
+                node = (
                     key.node_id,
                     key.op,
                     key.op_name,
@@ -341,18 +439,22 @@ class MusubiCallbackHandler(BaseCallbackHandler):
                     _MODEL_STEP_TYPE,
                     key.input_hash,
                     "done",
-                    artifact.artifact_id,
+                    artifact[0],
                     engine.namespace,
-                    None,
-                    now,
+                    None,  # started_at
+                    now,  # finished_at
                     expiry(_MODEL_CONFIG, now),
-                    time.monotonic() - run.started,
+                    time.monotonic() - run.started,  # duration_s
                     tokens_in,
                     tokens_out,
-                    label=run.name,
-                    run_id=current_run(),
+                    None,  # error
+                    None,  # owner
+                    run.name,  # label
+                    current_run(),  # run_id
+                    None,  # meta
+                    1,  # executed
                 )
-                run.node_id, run.artifact_id = key.node_id, artifact.artifact_id
+                run.node_id, run.artifact_id = key.node_id, artifact[0]
             self._write(run, node, artifact)
             if run.parent is not None:
                 Traces.index(run, flow_atoms(response, run.trace.keep))
