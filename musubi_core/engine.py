@@ -668,20 +668,7 @@ class Engine:
         # the call, so a crash leaves evidence instead of a silent repeat.
         self._unbuffer(key.node_id)
         claim = self.store.claim(
-            NodeWrite(
-                node_id=key.node_id,
-                op=key.op,
-                op_name=key.op_name,
-                kind="step",
-                step_type=config.step_type.value,
-                input_hash=key.input_hash,
-                status="pending",
-                namespace=self.namespace,
-                started_at=time.time(),
-                owner=owner,
-                executed=0,
-                run_id=current_run(),
-            ),
+            self._intent(key, config, owner=owner),
             owner_alive=_owner_alive_or_doubt(config),
             force=config.force_reexecution,
         )
@@ -739,24 +726,35 @@ class Engine:
         row pending with no live owner, so the next call (in this process or
         another) raises EffectInDoubtError instead of silently repeating it."""
         with contextlib.suppress(MusubiError):
-            self.store.write(
-                [
-                    NodeWrite(
-                        node_id=key.node_id,
-                        op=key.op,
-                        op_name=key.op_name,
-                        kind="step",
-                        step_type=config.step_type.value,
-                        input_hash=key.input_hash,
-                        status="pending",
-                        namespace=self.namespace,
-                        started_at=time.time(),
-                        owner=None,
-                        error=f"effect ran; result not stored: {err}"[:4000],
-                        run_id=current_run(),
-                    )
-                ]
-            )
+            error = f"effect ran; result not stored: {err}"[:4000]
+            # The effect did run: this write counts as its execution.
+            self.store.write([self._intent(key, config, owner=None, error=error, executed=1)])
+
+    def _intent(
+        self,
+        key: NodeKey,
+        config: StepConfiguration,
+        *,
+        owner: str | None,
+        error: str | None = None,
+    ) -> NodeWrite:
+        """The pending row of an EXTERNAL_EFFECT: claimed by ``owner`` before
+        the call, or left ownerless (in doubt) when its outcome was lost."""
+        return NodeWrite(
+            node_id=key.node_id,
+            op=key.op,
+            op_name=key.op_name,
+            kind="step",
+            step_type=config.step_type.value,
+            input_hash=key.input_hash,
+            status="pending",
+            namespace=self.namespace,
+            started_at=time.time(),
+            owner=owner,
+            error=error,
+            executed=executed,
+            run_id=current_run(),
+        )
 
     def _fail(
         self,
