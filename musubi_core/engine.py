@@ -737,6 +737,7 @@ class Engine:
         *,
         owner: str | None,
         error: str | None = None,
+        executed: int = 0,
     ) -> NodeWrite:
         """The pending row of an EXTERNAL_EFFECT: claimed by ``owner`` before
         the call, or left ownerless (in doubt) when its outcome was lost."""
