@@ -112,6 +112,17 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+@contextlib.contextmanager
+def _effect_owner() -> Iterator[str]:
+    """A fresh claim owner, registered as in flight for the whole call."""
+    owner = _new_owner()
+    _INFLIGHT.add(owner)
+    try:
+        yield owner
+    finally:
+        _INFLIGHT.discard(owner)
+
+
 def _new_owner() -> str:
     """A claim owner unique to one call: host, pid, process token, nonce."""
     return f"{_HOST}:{os.getpid()}:{_PROCESS_TOKEN}:{uuid.uuid4().hex[:12]}"
@@ -565,23 +576,17 @@ class Engine:
         upstream_artifacts: Mapping[str, str] | None = None,
     ) -> Outcome:
         """Replay ``key`` or run ``fn`` and record its output."""
-        run = _Call(key, config, kind, parent, label, upstream_artifacts)
-        if config.step_type is StepType.EXTERNAL_EFFECT:
-            owner = _new_owner()
-            _INFLIGHT.add(owner)
-            try:
-                deadline = time.monotonic() + EFFECT_WAIT_SECONDS
-                replay = self._before(key, config, owner)
-                while isinstance(replay, _Waiting):
-                    self._check_deadline(key, deadline)
-                    time.sleep(0.05)
-                    replay = self._before(key, config, owner)
-                return replay if isinstance(replay, Outcome) else self._run(run, fn)
-            finally:
-                _INFLIGHT.discard(owner)
-        # Plain steps: no intent row, no owner; one lookup, then run.
-        found = self.lookup(key, config)
-        return _outcome_from(found) if found.replay else self._run(run, fn)
+        call = _Call(key, config, kind, parent, label, upstream_artifacts)
+        if config.step_type is not StepType.EXTERNAL_EFFECT:
+            # Plain steps: no intent row, no owner; one lookup, then run.
+            found = self.lookup(key, config)
+            return _outcome_from(found) if found.replay else self._run(call, fn)
+        with _effect_owner() as owner:
+            deadline = time.monotonic() + EFFECT_WAIT_SECONDS
+            while isinstance(replay := self._before(key, config, owner), _Waiting):
+                self._check_deadline(key, deadline)
+                time.sleep(0.05)
+            return replay if isinstance(replay, Outcome) else self._run(call, fn)
 
     async def aexecute(
         self,
@@ -595,32 +600,18 @@ class Engine:
         upstream_artifacts: Mapping[str, str] | None = None,
     ) -> Outcome:
         """Async :meth:`execute`."""
-        if config.step_type is StepType.EXTERNAL_EFFECT:
-            owner = _new_owner()
-            _INFLIGHT.add(owner)
-            try:
-                deadline = time.monotonic() + EFFECT_WAIT_SECONDS
-                replay = self._before(key, config, owner)
-                while isinstance(replay, _Waiting):
-                    self._check_deadline(key, deadline)
-                    await asyncio.sleep(0.05)
-                    replay = self._before(key, config, owner)
-                if isinstance(replay, Outcome):
-                    return replay
-            finally:
-                _INFLIGHT.discard(owner)
-        else:
+        call = _Call(key, config, kind, parent, label, upstream_artifacts)
+        if config.step_type is not StepType.EXTERNAL_EFFECT:
             found = self.lookup(key, config)
-            if found.replay:
-                return _outcome_from(found)
-        started, t0 = time.time(), time.perf_counter()
-        try:
-            with running_node(key.node_id):
-                value = await fn()
-        except BaseException as exc:
-            self._fail(key, exc, config, kind, started, t0, parent, label)
-            raise
-        return self._after(key, value, config, kind, started, t0, parent, label, upstream_artifacts)
+            return _outcome_from(found) if found.replay else await self._arun(call, fn)
+        # The owner stays registered until the effect's outcome is recorded,
+        # so a concurrent task of this process waits instead of seeing doubt.
+        with _effect_owner() as owner:
+            deadline = time.monotonic() + EFFECT_WAIT_SECONDS
+            while isinstance(replay := self._before(key, config, owner), _Waiting):
+                self._check_deadline(key, deadline)
+                await asyncio.sleep(0.05)
+            return replay if isinstance(replay, Outcome) else await self._arun(call, fn)
 
     def _run(self, call: _Call, fn: Callable[[], Any]) -> Outcome:
         """Execute ``fn`` as the node of ``call`` and record its output (or failure)."""
@@ -631,6 +622,20 @@ class Engine:
         except BaseException as exc:
             self._fail(call.key, exc, call.config, call.kind, started, t0, call.parent, call.label)
             raise
+        return self._finish(call, value, started, t0)
+
+    async def _arun(self, call: _Call, fn: Callable[[], Awaitable[Any]]) -> Outcome:
+        """Async :meth:`_run`."""
+        started, t0 = time.time(), time.perf_counter()
+        try:
+            with running_node(call.key.node_id):
+                value = await fn()
+        except BaseException as exc:
+            self._fail(call.key, exc, call.config, call.kind, started, t0, call.parent, call.label)
+            raise
+        return self._finish(call, value, started, t0)
+
+    def _finish(self, call: _Call, value: Any, started: float, t0: float) -> Outcome:
         return self._after(
             call.key,
             value,
