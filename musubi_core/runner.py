@@ -440,16 +440,8 @@ class Context:
         if replayed:
             return found  # type: ignore[no-any-return]
         plan: _Plan = found
-        try:
-            with running_run(self._inv.run_id), running_node(plan.key.node_id):
-                value = fn()
-        except Exception as exc:
-            self._inv.fail(plan, exc)
-            raise StepFailedError(plan.name, exc) from exc
-        except BaseException:
-            # KeyboardInterrupt, SystemExit: the step stays pending and re-runs.
-            self._inv.forget(plan.name)
-            raise
+        with self._executing(plan):
+            value = fn()
         return self._inv.commit(plan, value)  # type: ignore[no-any-return]
 
     async def astep(self, name: str, fn: Callable[[], Awaitable[T]]) -> T:
@@ -459,18 +451,26 @@ class Context:
         if replayed:
             return found  # type: ignore[no-any-return]
         plan: _Plan = found
+        with self._executing(plan):
+            value: Any = fn()
+            if inspect.isawaitable(value):
+                value = await value
+        return self._inv.commit(plan, value)  # type: ignore[no-any-return]
+
+    @contextlib.contextmanager
+    def _executing(self, plan: _Plan) -> Iterator[None]:
+        """The step's body runs as its node, inside this run; what it raises
+        is recorded (a failure re-runs next time) and wrapped."""
         try:
             with running_run(self._inv.run_id), running_node(plan.key.node_id):
-                value: Any = fn()
-                if inspect.isawaitable(value):
-                    value = await value
+                yield
         except Exception as exc:
             self._inv.fail(plan, exc)
             raise StepFailedError(plan.name, exc) from exc
         except BaseException:
+            # KeyboardInterrupt, SystemExit: the step stays pending and re-runs.
             self._inv.forget(plan.name)
             raise
-        return self._inv.commit(plan, value)  # type: ignore[no-any-return]
 
     def sleep(self, name: str, duration: Duration) -> None:
         """Sleep durably: the wake-up time is committed first, so a resumed
