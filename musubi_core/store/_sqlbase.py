@@ -34,11 +34,12 @@ NODE_COLUMNS = (
     "tokens_out, replay_count, exec_count, error, owner, label, run_id, stale_cause, meta"
 )
 
+# The columns in NodeWrite's field order, then created_at: a write binds as ``(*node, now)``.
 _UPSERT_NODE = """
 INSERT INTO musubi_nodes (
     node_id, op, op_name, kind, step_type, input_hash, status, artifact_id, namespace,
-    created_at, started_at, finished_at, expires_at, duration_s, tokens_in, tokens_out,
-    exec_count, error, owner, label, run_id, meta
+    started_at, finished_at, expires_at, duration_s, tokens_in, tokens_out,
+    error, owner, label, run_id, meta, exec_count, created_at
 ) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (node_id) DO UPDATE SET
     status = excluded.status,
@@ -139,6 +140,7 @@ _LOOKUP = (
     "FROM musubi_nodes n LEFT JOIN musubi_artifacts a ON a.artifact_id = n.artifact_id "
     "WHERE n.node_id = ?"
 )
+
 
 def _fast_node(row: Sequence[Any]) -> NodeRecord:
     """The node part of a lookup row (the first 25 values; more may follow)."""
@@ -544,55 +546,33 @@ class SQLStoreBase:
             )
         if nodes:
             changed = self._outputs_changed(c, nodes)
-            self._exm(
-                c,
-                _UPSERT_NODE,
-                [
-                    (
-                        n.node_id,
-                        n.op,
-                        n.op_name,
-                        n.kind,
-                        n.step_type,
-                        n.input_hash,
-                        n.status,
-                        n.artifact_id,
-                        n.namespace,
-                        now,
-                        n.started_at,
-                        n.finished_at,
-                        n.expires_at,
-                        n.duration_s,
-                        n.tokens_in,
-                        n.tokens_out,
-                        n.executed,
-                        n.error,
-                        n.owner,
-                        n.label,
-                        n.run_id,
-                        n.meta,
-                    )
-                    for n in nodes
-                ],
-            )
+            self._exm(c, _UPSERT_NODE, [(*n, now) for n in nodes])
             for node_id in changed:
                 self._ex(c, _STALE_DESCENDANTS, {"root": node_id})
         if edges:
-            self._exm(
-                c, _UPSERT_EDGE, [(e.parent, e.child, e.kind, e.parent_artifact_id) for e in edges]
-            )
+            # EdgeWrite's fields are the statement's parameters, in order.
+            self._exm(c, _UPSERT_EDGE, edges)
 
     def _outputs_changed(self, c: Any, nodes: Sequence[NodeWrite]) -> list[str]:
         """Nodes whose stored output this write replaces with a different one
         (a forced re-execution, an expired TTL). Their data-descendants were
         computed from the old output, so they must go stale."""
+        outputs = {n.node_id: n.artifact_id for n in nodes if n.status == "done" and n.artifact_id}
+        if not outputs:
+            return []
+        ids = list(outputs)
         changed = []
-        for n in nodes:
-            if n.status != "done" or n.artifact_id is None:
-                continue
-            row = self._ex(
-                c, "SELECT artifact_id FROM musubi_nodes WHERE node_id = ?", (n.node_id,)
-            ).fetchone()
-            if row is not None and row[0] is not None and row[0] != n.artifact_id:
-                changed.append(n.node_id)
+        # One query per chunk of ids, not one per node: a batch of lineage spans can hold
+        # hundreds (SQLite allows 999 parameters in older builds).
+        for i in range(0, len(ids), 500):
+            chunk = ids[i : i + 500]
+            marks = ", ".join("?" * len(chunk))
+            rows = self._ex(
+                c,
+                f"SELECT node_id, artifact_id FROM musubi_nodes WHERE node_id IN ({marks})",
+                chunk,
+            ).fetchall()
+            for node_id, stored in rows:
+                if stored is not None and stored != outputs[node_id]:
+                    changed.append(node_id)
         return changed

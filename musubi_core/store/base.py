@@ -2,8 +2,8 @@
 
 Every backend (SQLite today, PostgreSQL for teams) implements :class:`Store`
 and is proven by the one conformance suite in :mod:`musubi_core.testing`.
-Records are plain immutable values (frozen dataclasses, and a NamedTuple for
-the hot NodeRecord) so that nothing framework-specific or
+Records are plain immutable values (frozen dataclasses, and NamedTuples for
+the hot NodeRecord and the write objects) so that nothing framework-specific or
 executable ever comes out of a store.
 """
 
@@ -70,9 +70,13 @@ class NodeRecord(NamedTuple):
         return (self.tokens_in or 0) + (self.tokens_out or 0)
 
 
-@dataclass(frozen=True, slots=True)
-class NodeWrite:
-    """What a writer knows about a node when it records an outcome."""
+class NodeWrite(NamedTuple):
+    """What a writer knows about a node when it records an outcome.
+
+    A NamedTuple, like the other write objects: a writer builds thousands a second (lineage
+    spans), and the store binds one as SQL parameters as it is (its field order is the column
+    order of the store's upsert), so it must cost no more than a tuple.
+    """
 
     node_id: str
     op: str
@@ -98,16 +102,14 @@ class NodeWrite:
     executed: int = 1
 
 
-@dataclass(frozen=True, slots=True)
-class ArtifactWrite:
+class ArtifactWrite(NamedTuple):
     artifact_id: str
     encoding: str
     payload: bytes
     producer_node_id: str
 
 
-@dataclass(frozen=True, slots=True)
-class EdgeWrite:
+class EdgeWrite(NamedTuple):
     parent: str
     child: str
     kind: str = "data"

@@ -3,7 +3,6 @@ the answers of the generic paths they stand in for."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sqlite3
 import uuid
@@ -37,9 +36,9 @@ from musubi_langchain.handler import _VOLATILE_PARAMS
 
 
 def test_row_widths_match_the_write_objects() -> None:
-    assert len(dataclasses.fields(NodeWrite)) == _NODE_WIDTH
-    assert len(dataclasses.fields(EdgeWrite)) == _EDGE_WIDTH
-    assert len(dataclasses.fields(ArtifactWrite)) == _ARTIFACT_WIDTH
+    assert len(NodeWrite._fields) == _NODE_WIDTH
+    assert len(EdgeWrite._fields) == _EDGE_WIDTH
+    assert len(ArtifactWrite._fields) == _ARTIFACT_WIDTH
 
 
 def _slow_model_key(handler: MusubiCallbackHandler, run: Run) -> Any:

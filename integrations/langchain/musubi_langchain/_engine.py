@@ -18,6 +18,7 @@ import json.encoder
 import os
 import sqlite3
 import threading
+import time
 import warnings
 import weakref
 from collections.abc import Callable, Sequence
@@ -63,13 +64,31 @@ os.register_at_fork(after_in_child=_after_fork)
 # stay tracked, made a chain's allocations outnumber its deallocations and so triggered young
 # collections and, by promoting them, full ones over the whole heap.
 NodeRow = tuple[
-    str, str, str, str, str, str, str, "str | None", str, "float | None", "float | None",
-    "float | None", "float | None", "int | None", "int | None", "str | None", "str | None",
-    "str | None", "str | None", "str | None", int,
+    str,
+    str,
+    str,
+    str,
+    str,
+    str,
+    str,
+    "str | None",
+    str,
+    "float | None",
+    "float | None",
+    "float | None",
+    "float | None",
+    "int | None",
+    "int | None",
+    "str | None",
+    "str | None",
+    "str | None",
+    "str | None",
+    "str | None",
+    int,
 ]
 ArtifactRow = tuple[str, str, bytes, str]
 EdgeRow = tuple[str, str, str, "str | None"]
-_NODE_WIDTH = 21  # len(dataclasses.fields(NodeWrite)), checked in the tests
+_NODE_WIDTH = 21  # len(NodeWrite._fields), checked in the tests
 _EDGE_WIDTH = 4
 _ARTIFACT_WIDTH = 4
 
@@ -89,7 +108,15 @@ def _json_text(*, sort_keys: bool) -> Callable[[Any], str]:
     # markers (state shared by every caller): a plain tree is acyclic (``plain_tree`` recurses
     # through it first), so the instance keeps no state and serves every thread.
     iterencode = make(
-        None, encoder.default, json.encoder.encode_basestring, None, ":", ",", sort_keys, False, True
+        None,
+        encoder.default,
+        json.encoder.encode_basestring,
+        None,
+        ":",
+        ",",
+        sort_keys,
+        False,
+        True,
     )
 
     def text(value: Any) -> str:
@@ -215,36 +242,66 @@ class WriteBehindEngine(Engine):
             # and the buffer holds it only once that move (under _drain_lock) is done.
             self._move_staged()
 
+    def _take_staged(
+        self,
+    ) -> tuple[list[NodeWrite], list[ArtifactWrite], list[EdgeWrite]]:
+        """Empty staging and return its rows as the core's write objects (tuples; the caller
+        holds ``_drain_lock`` and makes them visible elsewhere before releasing it)."""
+        with self._stage_lock:
+            nodes, artifacts, edges = self._staged_nodes, self._staged_artifacts, self._staged_edges
+            self._staged_nodes, self._staged_artifacts, self._staged_edges = [], [], []
+        return (
+            [
+                NodeWrite._make(nodes[i : i + _NODE_WIDTH])
+                for i in range(0, len(nodes), _NODE_WIDTH)
+            ],
+            [
+                ArtifactWrite._make(artifacts[i : i + _ARTIFACT_WIDTH])
+                for i in range(0, len(artifacts), _ARTIFACT_WIDTH)
+            ],
+            [
+                EdgeWrite._make(edges[i : i + _EDGE_WIDTH])
+                for i in range(0, len(edges), _EDGE_WIDTH)
+            ],
+        )
+
+    def _restage_ids(self) -> None:
+        with self._stage_lock:  # the taken rows are visible elsewhere now
+            self._staged_ids = set(self._staged_nodes[::_NODE_WIDTH])
+
     def _move_staged(self) -> None:
         with self._drain_lock:
-            with self._stage_lock:
-                nodes, artifacts, edges = (
-                    self._staged_nodes,
-                    self._staged_artifacts,
-                    self._staged_edges,
-                )
-                self._staged_nodes, self._staged_artifacts, self._staged_edges = [], [], []
+            nodes, artifacts, edges = self._take_staged()
             buffer = self._buffer
             with buffer.lock:
-                buffered = buffer.nodes
-                for i in range(0, len(nodes), _NODE_WIDTH):
-                    buffered[nodes[i]] = NodeWrite(*nodes[i : i + _NODE_WIDTH])
-                buffered_artifacts = buffer.artifacts
-                for i in range(0, len(artifacts), _ARTIFACT_WIDTH):
-                    buffered_artifacts[artifacts[i]] = ArtifactWrite(
-                        *artifacts[i : i + _ARTIFACT_WIDTH]
-                    )
-                if edges:
-                    buffer.edges.extend(
-                        [EdgeWrite(*edges[i : i + _EDGE_WIDTH]) for i in range(0, len(edges), _EDGE_WIDTH)]
-                    )
-            with self._stage_lock:  # the moved rows are now visible in the buffer
-                self._staged_ids = set(self._staged_nodes[::_NODE_WIDTH])
+                buffer.nodes.update([(n.node_id, n) for n in nodes])
+                buffer.artifacts.update([(a.artifact_id, a) for a in artifacts])
+                buffer.edges.extend(edges)
+            self._restage_ids()
 
     def _commit(self) -> None:
-        """Commit everything staged and buffered (the caller holds ``_io``)."""
-        self._move_staged()  # (after any move another thread has under way)
-        Engine.flush(self)
+        """Commit everything buffered and staged, in one transaction (the caller holds ``_io``).
+
+        Staged rows go to the store as they are (write objects are tuples: no trip through the
+        buffer's maps). Buffered rows go first: a write of the core drains the staged rows of
+        its node before it buffers its own, so whatever is still staged is newer.
+        ``_drain_lock`` is held until the commit is done, so a lookup of a staged node that
+        arrives meanwhile waits for it rather than missing it.
+        """
+        with self._drain_lock:
+            nodes, artifacts, edges = self._take_staged()
+            buffered_nodes, buffered_artifacts, buffered_edges, replays = self._buffer.take()
+            try:
+                if nodes or artifacts or edges or buffered_nodes or buffered_edges:
+                    self.store.write(
+                        buffered_nodes + nodes,
+                        buffered_artifacts + artifacts,
+                        buffered_edges + edges,
+                    )
+            finally:
+                self._restage_ids()
+        if replays:
+            self.store.add_replays(replays, time.time())
 
     # Staged rows must be in the buffer before the core looks at (or writes) the same node,
     # so that lookups see them and a newer write of the node is not overwritten by them.
@@ -291,9 +348,7 @@ class WriteBehindEngine(Engine):
         """Commit everything buffered now (from a deferring context: wake the writer)."""
         if getattr(self._mode, "on", False) and not self._closed:
             buffer = self._buffer
-            size = (
-                len(buffer.nodes) + len(buffer.edges) + len(buffer.replays) + self._staged_size()
-            )
+            size = len(buffer.nodes) + len(buffer.edges) + len(buffer.replays) + self._staged_size()
             writer = self._writer
             if size < self.BATCH_ITEMS and writer is not None and writer[0] == _PID[0]:
                 return  # the writer's timer commits it
@@ -328,7 +383,11 @@ class WriteBehindEngine(Engine):
         """Count a replay; the writer thread commits the counts with its next batch."""
         count_replay(self, node_id, flush_when_due=False)  # first: see _writer_loop
         writer = self._writer
-        if (writer is None or writer[0] != _PID[0]) and not self._closed and not self._ensure_writer():
+        if (
+            (writer is None or writer[0] != _PID[0])
+            and not self._closed
+            and not self._ensure_writer()
+        ):
             with self._io:  # no writer thread can start (interpreter exit): commit inline
                 self._commit()
 
@@ -410,9 +469,7 @@ class WriteBehindEngine(Engine):
                         handler(exc)
 
 
-def make_engine(
-    path: str | os.PathLike[str] | None, store: Any | None, namespace: str
-) -> Engine:
+def make_engine(path: str | os.PathLike[str] | None, store: Any | None, namespace: str) -> Engine:
     """The engine for ``path``/``store``; neither given means the process default engine
     (``$MUSUBI_DB`` or ``.musubi/musubi.db``) viewed under ``namespace``."""
     if store is not None:
@@ -445,11 +502,11 @@ def push(
     buffer = engine._buffer
     with buffer.lock:
         if node is not None:
-            buffer.nodes[node[0]] = NodeWrite(*node)
+            buffer.nodes[node[0]] = NodeWrite._make(node)
         if artifact is not None:
-            buffer.artifacts[artifact[0]] = ArtifactWrite(*artifact)
+            buffer.artifacts[artifact[0]] = ArtifactWrite._make(artifact)
         if edges:
-            buffer.edges.extend([EdgeWrite(*e) for e in edges])
+            buffer.edges.extend([EdgeWrite._make(e) for e in edges])
     if buffer.due():
         engine.flush()
 
