@@ -160,6 +160,18 @@ def handler_chain(env: Env) -> Comparison:
 
     _plain_model, plain = build()
     _handled_model, handled = build()
+    _traced_model, traced = build()
+    # The anchor: LangChain's own in-memory tracer (it persists nothing).
+    from langchain_core.tracers.run_collector import RunCollectorCallbackHandler
+
+    collector = RunCollectorCallbackHandler()
+    traced_config = {"callbacks": [collector]}
+
+    def traced_invoke() -> None:
+        traced.invoke(f"q{next(counter)}", config=traced_config)  # type: ignore[arg-type]
+        if len(collector.traced_runs) > 1000:
+            collector.traced_runs.clear()
+
     handler = MusubiCallbackHandler(str(env.path("handler.db")))
     config = {"callbacks": [handler]}
     counter = itertools.count()
@@ -184,8 +196,16 @@ def handler_chain(env: Env) -> Comparison:
                 "MusubiCallbackHandler",
                 lambda: handled.invoke(f"q{next(counter)}", config=config),  # type: ignore[arg-type]
             ),
+            Variant("RunCollectorCallbackHandler (LangChain's in-memory tracer)", traced_invoke),
         ],
-        [Ratio("handler / no handler", "MusubiCallbackHandler", "no handler", 1.2)],
+        [
+            Ratio("handler / no handler", "MusubiCallbackHandler", "no handler", 1.2),
+            Ratio(
+                "handler / LangChain's in-memory tracer",
+                "MusubiCallbackHandler",
+                "RunCollectorCallbackHandler (LangChain's in-memory tracer)",
+            ),
+        ],
         ops_per_block=env.pick(10, 50),
         rounds=env.pick(3, 15),
         finish=finish,
