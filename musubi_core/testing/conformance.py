@@ -238,6 +238,42 @@ def test_store_write_clears_stale_cause(store: Store) -> None:
     assert rec is not None and rec.status == "done" and rec.stale_cause is None
 
 
+def test_store_write_of_new_outputs_makes_their_descendants_stale(store: Store) -> None:
+    """One write that replaces some nodes' outputs (a forced re-run, an expired TTL) and not
+    others: exactly the data-descendants of the replaced outputs go stale, the rewritten nodes
+    themselves stay done, and a node new to the store changes nothing."""
+    ids = build_graph(
+        store,
+        [("a", "a1"), ("a1", "a2"), ("b", "b1"), ("c", "c1")],
+        ["a", "a1", "a2", "b", "b1", "c", "c1"],
+    )
+    new_a = artifact(b"a, again and different", ids["a"])
+    same_b = artifact(b"b", ids["b"])  # the output it already has
+    new_c = artifact(b"c, again and different", ids["c"])
+    fresh = hexid("fresh")
+    fresh_art = artifact(b"fresh", fresh)
+    store.write(
+        [
+            node(ids["a"], artifact_id=new_a.artifact_id),
+            node(ids["b"], artifact_id=same_b.artifact_id),
+            node(ids["c"], artifact_id=new_c.artifact_id),
+            node(fresh, artifact_id=fresh_art.artifact_id),
+        ],
+        [new_a, same_b, new_c, fresh_art],
+        [],
+    )
+    assert {n: status_of(store, ids[n]) for n in ids} == {
+        "a": "done",
+        "a1": "stale",
+        "a2": "stale",
+        "b": "done",
+        "b1": "done",
+        "c": "done",
+        "c1": "stale",
+    }
+    assert status_of(store, fresh) == "done"
+
+
 def test_store_write_is_atomic(store: Store) -> None:
     good = hexid("atomic-good")
     bad = hexid("atomic-bad")
