@@ -32,6 +32,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from pydantic import BaseModel
 
+from ._plain import COMPACT_JSON, NOT_PLAIN, plain_tree
 from ._tagged import TagError, class_path, encode
 from .errors import DecodeError, SerializationError
 
@@ -127,8 +128,6 @@ def _key_label(key: str) -> str:
     return f".{key}" if key.isidentifier() else f"[{key!r}]"
 
 
-# json.dumps(tree, separators=(",", ":"), ensure_ascii=False), built once.
-_COMPACT_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
 class JSONCodec:
@@ -137,6 +136,18 @@ class JSONCodec:
     encoding = JSON_ENCODING
 
     def encode(self, value: Any) -> tuple[str, bytes]:
+        try:
+            # Plain JSON data is its own tagged tree (and names no class to allow): the C
+            # encoder writes the same bytes as the tagged path below.
+            plain = plain_tree(value)
+            if plain is not NOT_PLAIN:
+                return JSON_ENCODING, COMPACT_JSON(plain).encode("utf-8", "surrogatepass")
+        except (RecursionError, ValueError):
+            pass  # a cycle, deep nesting, a huge int: the tagged path says which
+        return self._encode_tagged(value)
+
+    def _encode_tagged(self, value: Any) -> tuple[str, bytes]:
+        """:meth:`encode` through the type-tagged encoder (any value)."""
         try:
             tree = encode(value, canonical=False)
             if isinstance(tree, dict | list):
@@ -152,7 +163,7 @@ class JSONCodec:
         try:
             # surrogatepass: a str holding lone surrogates (os.fsdecode of
             # undecodable bytes) is stored as-is instead of failing.
-            text = _COMPACT_JSON(tree)
+            text = COMPACT_JSON(tree)
             payload = text.encode("utf-8", "surrogatepass")
         except ValueError as exc:  # e.g. an int beyond sys.get_int_max_str_digits()
             raise SerializationError(f"cannot store the result: {exc}", value=value) from None

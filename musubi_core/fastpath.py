@@ -31,15 +31,13 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
-import math
 import os
 import sqlite3
 import threading
 import time
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
+from ._plain import NOT_PLAIN, is_plain_json, plain_input_hash, plain_payload, plain_tree
 from .engine import DEFAULT_CONFIG, Engine
 from .identity import NodeKey
 from .policy import Decision, ReplayReason, StepConfiguration, StepType
@@ -266,112 +264,6 @@ class HitMemo:
             self.close()
 
 
-# -- plain JSON data -----------------------------------------------------------------
-#
-# For plain JSON data the type-tagged trees of :mod:`musubi_core._tagged` are the value itself
-# (canonical: with sorted keys), so its identity hash and its JSONCodec payload can be produced
-# by the C JSON encoder directly. Adapters that have already reduced a value to plain data
-# (strings, ints, bools, None, lists, dicts with string keys) use these on their hot path; the
-# results are byte-for-byte those of ``identity.input_hash`` and ``JSONCodec.encode``.
-
-
-def _plain_kind(value: object) -> int:
-    """0: not plain JSON data; 1: plain, no floats; 2: plain with (finite) floats."""
-    kind = type(value)
-    if kind is str or kind is int or kind is bool or value is None:
-        return 1
-    if kind is float:
-        return 2 if math.isfinite(value) else 0  # type: ignore[arg-type]
-    if kind is list:
-        items: Any = value
-    elif kind is dict:
-        for key in value:  # type: ignore[attr-defined]
-            if type(key) is not str or key.startswith("$"):
-                return 0
-        items = value.values()  # type: ignore[attr-defined]
-    else:
-        return 0
-    found = 1
-    for v in items:
-        t = type(v)
-        if t is str or t is int or t is bool or v is None:
-            continue  # the common leaves, without a call
-        k = _plain_kind(v)
-        if k == 0:
-            return 0
-        if k == 2:
-            found = 2
-    return found
-
-
-def _tag_floats(value: Any) -> Any:
-    kind = type(value)
-    if kind is float:
-        return {"$float": repr(value)}
-    if kind is list:
-        return [_tag_floats(v) for v in value]
-    if kind is dict:
-        return {k: _tag_floats(v) for k, v in value.items()}
-    return value
-
-
-def is_plain_json(value: object) -> bool:
-    """True for exact ``str``/``int``/``bool``/``None``, ``list`` and ``dict`` with ``str`` keys
-    not starting with ``$``, nested: the values whose tagged form is the value itself. Floats
-    (tagged), tuples (tagged), subclasses and ``$`` keys (escaped) are not plain.
-
-    >>> is_plain_json({"q": ["a", 1, True, None]}), is_plain_json({"x": 1.5}), is_plain_json((1,))
-    (True, False, False)
-    """
-    return _plain_kind(value) == 1
-
-
-_NOT_PLAIN: Any = object()
-
-
-def plain_tree(value: Any) -> Any:
-    """The tagged tree of JSON-shaped data (plain JSON plus finite floats, which the core tags
-    as ``{"$float": repr}``), or :data:`NOT_PLAIN` for anything else (use the core's encoder).
-    Feed the tree to :func:`plain_input_hash` / :func:`plain_payload`.
-
-    >>> plain_tree({"t": 0.5, "q": "a"})
-    {'t': {'$float': '0.5'}, 'q': 'a'}
-    >>> plain_tree((1,)) is NOT_PLAIN
-    True
-    """
-    kind = _plain_kind(value)
-    if kind == 1:
-        return value
-    if kind == 2:
-        return _tag_floats(value)
-    return _NOT_PLAIN
-
-
-NOT_PLAIN = _NOT_PLAIN
-
-
-def plain_input_hash(value: object) -> str:
-    """``identity.input_hash(v)`` given ``value = plain_tree(v)`` (or a plain JSON ``v``).
-
-    >>> from musubi_core.identity import input_hash
-    >>> v = {"b": [1, "x", None], "a": {"é": True}}
-    >>> plain_input_hash(v) == input_hash(v)
-    True
-    """
-    # Sorted keys are the canonical tree's order; surrogatepass as identity.canonical_bytes.
-    return hashlib.sha256(_SORTED_JSON(value).encode("utf-8", "surrogatepass")).hexdigest()
-
-
-def plain_payload(value: object) -> bytes:
-    """``JSONCodec().encode(v)[1]`` given ``value = plain_tree(v)`` (or a plain JSON ``v``).
-
-    >>> from musubi_core.codec import JSONCodec
-    >>> v = {"b": [1, "x", None], "a": {"é": True}}
-    >>> plain_payload(v) == JSONCodec().encode(v)[1]
-    True
-    """
-    return _COMPACT_JSON(value).encode("utf-8", "surrogatepass")
-
-
-_SORTED_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode
-_COMPACT_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+# -- plain JSON data ---------------------------------------------------------------
+# The helpers live in ``musubi_core._plain`` (the core's encoders use them too); adapters use
+# them from here.

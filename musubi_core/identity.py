@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from ._plain import NOT_PLAIN, SORTED_JSON, plain_tree
 from ._tagged import TagError, encode, register_encoder
 from .result import Result
 
@@ -77,6 +78,19 @@ def canonical_bytes(value: Any, results: list[Result[Any]] | None = None) -> byt
     Raises ``TypeError`` (an ``IdentityError``) naming the JSON-path of the
     first value that has no stable encoding.
     """
+    try:
+        # Plain JSON data (no Result in it: a Result is not plain) is its own canonical tree:
+        # the C encoder with sorted keys writes the same bytes as the tagged encoder would.
+        plain = plain_tree(value)
+        if plain is not NOT_PLAIN:
+            return SORTED_JSON(plain).encode("utf-8", "surrogatepass")
+    except (RecursionError, ValueError):
+        pass  # a cycle, deep nesting, a huge int: the tagged encoder says which
+    return _tagged_bytes(value, results)
+
+
+def _tagged_bytes(value: Any, results: list[Result[Any]] | None) -> bytes:
+    """:func:`canonical_bytes` through the type-tagged encoder (any value)."""
     hook = _result_hook if results is None else _collecting_hook(results)
     try:
         tree = encode(value, canonical=True, hook=hook)

@@ -323,3 +323,50 @@ def test_identity_is_equal_across_python_versions(run_py: Any) -> None:
         there = _probe(run_py, python, "random")
         assert there == here, python
     print(f"\nidentity equal on {sys.version.split()[0]} and {len(OTHER_PYTHONS)} others")
+
+
+json_values = st.recursive(
+    st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(min_value=-(2**70), max_value=2**70),
+        st.floats(allow_nan=False, allow_infinity=False),
+        st.text(max_size=8),
+        st.sampled_from(["$float", "\u2028", "lone\udc80", "é東京"]),
+    ),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4), st.dictionaries(keys, inner, max_size=4)
+    ),
+    max_leaves=16,
+)
+
+
+@SETTINGS
+@given(json_values)
+def test_plain_fast_path_writes_the_tagged_encoders_bytes(value: Any) -> None:
+    """canonical_bytes and JSONCodec.encode write JSON-shaped data with the C encoder
+    (musubi_core._plain); the bytes must be exactly those of the type-tagged path they skip,
+    or every stored identity and artifact would change."""
+    from musubi_core.codec import JSONCodec
+    from musubi_core.identity import _tagged_bytes
+
+    codec = JSONCodec()
+    assert canonical_bytes(value) == _tagged_bytes(value, None)
+    assert codec.encode(value) == codec._encode_tagged(value)
+    assert codec.decode(*codec.encode(value)) == value
+
+
+def test_plain_fast_path_leaves_errors_to_the_tagged_encoder() -> None:
+    from musubi_core.codec import JSONCodec
+    from musubi_core.errors import SerializationError
+
+    cyclic: list[Any] = [1]
+    cyclic.append(cyclic)
+    with pytest.raises(TypeError, match=r"cycle|nesting") as hashed:
+        canonical_bytes(cyclic)
+    with pytest.raises(SerializationError):
+        JSONCodec().encode(cyclic)
+    huge = 10**5000  # beyond sys.get_int_max_str_digits(): the plain text cannot be written
+    with pytest.raises(TypeError, match="cannot hash input"):
+        canonical_bytes({"n": huge})
+    assert hashed.value is not None
