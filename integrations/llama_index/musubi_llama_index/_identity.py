@@ -257,6 +257,16 @@ def identity_view(value: Any, depth: int = 0) -> Any:
     """Deterministic, bounded structural view of a span argument or result."""
     if depth > 6:
         return {"__truncated__": True}
+    # The common exact types first, without the (slow) ABC checks below; what they return is
+    # what the general branches return for them (subclasses, str-Enums, go the long way).
+    kind = type(value)
+    if kind is str or kind is int or kind is bool or value is None:
+        return value
+    if kind is dict:
+        items = list(value.items())[:_MAX_ITEMS]
+        return {str(k): identity_view(v, depth + 1) for k, v in items if not _denied(str(k))}
+    if kind is list or kind is tuple:
+        return [identity_view(v, depth + 1) for v in list(value)[:_MAX_ITEMS]]
     if isinstance(value, enum.Enum):  # before str/int: str-Enums must become plain values
         return identity_view(value.value, depth + 1)
     if value is None or isinstance(value, (bool, int, str)):
