@@ -30,6 +30,7 @@ __all__ = [
     "plain_tree",
 ]
 
+
 def _plain_kind(value: object) -> int:
     """0: not plain JSON data; 1: plain, no floats; 2: plain with (finite) floats."""
     kind = type(value)

@@ -128,8 +128,6 @@ def _key_label(key: str) -> str:
     return f".{key}" if key.isidentifier() else f"[{key!r}]"
 
 
-
-
 class JSONCodec:
     """The default codec: tagged JSON, UTF-8."""
 
