@@ -501,6 +501,19 @@ class Context:
         return min(wake_at - time.time(), seconds)
 
 
+@contextlib.contextmanager
+def _body(inv: _Invocation) -> Iterator[Context]:
+    """The workflow body's context (engine, run, run node), and its run marked failed (or
+    interrupted) if it raises; shared by :func:`run` and :func:`arun`."""
+    with use_engine(inv.engine), running_run(inv.run_id), running_node(inv.run_key.node_id):
+        try:
+            yield Context(inv)
+        except BaseException as exc:
+            with contextlib.suppress(Exception):
+                inv.finish("failed" if isinstance(exc, Exception) else "interrupted", error=exc)
+            raise
+
+
 def run(
     path: str | os.PathLike[str],
     workflow: Callable[[Context], T],
@@ -522,15 +535,8 @@ def run(
     2
     """
     with _invocation(path, workflow, run_id, rerun_from) as inv:
-        ctx = Context(inv)
-        with use_engine(inv.engine), running_run(inv.run_id), running_node(inv.run_key.node_id):
-            try:
-                result = workflow(ctx)
-            except BaseException as exc:
-                with contextlib.suppress(Exception):
-                    inv.finish("failed" if isinstance(exc, Exception) else "interrupted",
-                               error=exc)
-                raise
+        with _body(inv) as ctx:
+            result = workflow(ctx)
         inv.finish("done", result)
         return result
 
@@ -552,14 +558,7 @@ async def arun(
     1
     """
     with _invocation(path, workflow, run_id, rerun_from) as inv:
-        ctx = Context(inv)
-        with use_engine(inv.engine), running_run(inv.run_id), running_node(inv.run_key.node_id):
-            try:
-                result = await workflow(ctx)
-            except BaseException as exc:
-                with contextlib.suppress(Exception):
-                    inv.finish("failed" if isinstance(exc, Exception) else "interrupted",
-                               error=exc)
-                raise
+        with _body(inv) as ctx:
+            result = await workflow(ctx)
         inv.finish("done", result)
         return result

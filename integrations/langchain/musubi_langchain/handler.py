@@ -55,7 +55,9 @@ _MODEL_CONFIG = StepConfiguration(step_type=StepType.STOCHASTIC)
 _CHAIN_STEP_TYPE = _CHAIN_CONFIG.step_type.value
 _MODEL_STEP_TYPE = _MODEL_CONFIG.step_type.value
 # Invocation params that are bookkeeping, not sampling (mirrors _keys' volatile model fields).
-_VOLATILE_PARAMS = frozenset({"stream", "stream_options", "_type", "request_timeout", "max_retries"})
+_VOLATILE_PARAMS = frozenset(
+    {"stream", "stream_options", "_type", "request_timeout", "max_retries"}
+)
 _MODEL_KINDS = frozenset({"chat_model", "llm"})
 _SPAN_SCHEME = "musubi_langchain/span/1"
 # The core's canonical form of plain JSON data (``musubi_core.fastpath.plain_input_hash``,
@@ -131,6 +133,45 @@ def _span_key(trace: Trace, op_name: str, inputs: Any) -> _SpanKey:
     material = f"{_SPAN_SCHEME}\x1f{trace.root_hash}\x1f{trace.slot(inputs)}"
     in_hash = hashlib.sha256(material.encode("utf-8")).hexdigest()
     return _SpanKey(_node_id(op_name, in_hash), op_name, op_name, in_hash)
+
+
+def _node_row(
+    run: Run,
+    key: NodeKey | _SpanKey,
+    namespace: str,
+    step_type: str,
+    status: str,
+    artifact_id: str | None = None,
+    *,
+    finished_at: float | None = None,
+    expires_at: float | None = None,
+    tokens: tuple[int | None, int | None] = (None, None),
+    error: str | None = None,
+) -> NodeRow:
+    """``run``'s node row: the fields of ``NodeWrite`` in order (see ``_engine.NodeRow``)."""
+    return (
+        key.node_id,
+        key.op,
+        key.op_name,
+        run.kind,
+        step_type,
+        key.input_hash,
+        status,
+        artifact_id,
+        namespace,
+        None,  # started_at
+        time.time() if finished_at is None else finished_at,
+        expires_at,
+        time.monotonic() - run.started,  # duration_s
+        tokens[0],
+        tokens[1],
+        error,
+        None,  # owner
+        run.name,  # label
+        current_run(),  # run_id
+        None,  # meta
+        1,  # executed
+    )
 
 
 def _error_text(error: BaseException) -> str:
@@ -288,29 +329,7 @@ class MusubiCallbackHandler(BaseCallbackHandler):
             if run.kind != "chain":  # tools and retrievers keep their output
                 artifact = self._artifact(engine, key.node_id, to_plain(output))
                 run.artifact_id = artifact[0]
-            node: NodeRow = (
-                key.node_id,
-                key.op,
-                key.op_name,
-                run.kind,
-                _CHAIN_STEP_TYPE,
-                key.input_hash,
-                "done",
-                run.artifact_id,
-                engine.namespace,
-                None,  # started_at
-                time.time(),  # finished_at
-                None,  # expires_at
-                time.monotonic() - run.started,  # duration_s
-                None,  # tokens_in
-                None,  # tokens_out
-                None,  # error
-                None,  # owner
-                run.name,  # label
-                current_run(),  # run_id
-                None,  # meta
-                1,  # executed
-            )
+            node = _node_row(run, key, engine.namespace, _CHAIN_STEP_TYPE, "done", run.artifact_id)
             self._write(run, node, artifact)
             if run.parent is not None:
                 Traces.index(run, flow_atoms(output, run.trace.keep))
@@ -336,28 +355,13 @@ class MusubiCallbackHandler(BaseCallbackHandler):
             else:
                 return
             engine = self.engine
-            node: NodeRow = (
-                key.node_id,
-                key.op,
-                key.op_name,
-                run.kind,
-                _MODEL_STEP_TYPE if model else _CHAIN_STEP_TYPE,
-                key.input_hash,
-                "failed",
-                None,  # artifact_id
+            node = _node_row(
+                run,
+                key,
                 engine.namespace,
-                None,  # started_at
-                time.time(),  # finished_at
-                None,  # expires_at
-                time.monotonic() - run.started,  # duration_s
-                None,  # tokens_in
-                None,  # tokens_out
-                _error_text(error),
-                None,  # owner
-                run.name,  # label
-                current_run(),  # run_id
-                None,  # meta
-                1,  # executed
+                _MODEL_STEP_TYPE if model else _CHAIN_STEP_TYPE,
+                "failed",
+                error=_error_text(error),
             )
             # A failed run produced nothing downstream can depend on: it is not indexed.
             self._write(run, node, None)
@@ -428,31 +432,18 @@ class MusubiCallbackHandler(BaseCallbackHandler):
                 key = self._model_key(run)
                 engine = self.engine
                 generations = [g for gens in response.generations for g in gens]
-                tokens_in, tokens_out = usage_of(generations)
                 artifact = self._artifact(engine, key.node_id, encode_generations(generations))
                 now = time.time()
-                node = (
-                    key.node_id,
-                    key.op,
-                    key.op_name,
-                    run.kind,
+                node = _node_row(
+                    run,
+                    key,
+                    engine.namespace,
                     _MODEL_STEP_TYPE,
-                    key.input_hash,
                     "done",
                     artifact[0],
-                    engine.namespace,
-                    None,  # started_at
-                    now,  # finished_at
-                    expiry(_MODEL_CONFIG, now),
-                    time.monotonic() - run.started,  # duration_s
-                    tokens_in,
-                    tokens_out,
-                    None,  # error
-                    None,  # owner
-                    run.name,  # label
-                    current_run(),  # run_id
-                    None,  # meta
-                    1,  # executed
+                    finished_at=now,
+                    expires_at=expiry(_MODEL_CONFIG, now),
+                    tokens=usage_of(generations),
                 )
                 run.node_id, run.artifact_id = key.node_id, artifact[0]
             self._write(run, node, artifact)
@@ -533,7 +524,9 @@ class MusubiCallbackHandler(BaseCallbackHandler):
         """Start a text-LLM run (LangChain sends none for a cache hit of a text LLM)."""
         try:
             prompt = prompts[0] if prompts else ""
-            run = self._begin(run_id, parent_run_id, "llm", _name(serialized, kwargs, "llm"), prompt)
+            run = self._begin(
+                run_id, parent_run_id, "llm", _name(serialized, kwargs, "llm"), prompt
+            )
             run.plain = to_plain(prompt)
             run.params = kwargs.get("invocation_params")
         except Exception as exc:
@@ -604,7 +597,9 @@ class MusubiCallbackHandler(BaseCallbackHandler):
         except Exception as exc:
             self._guard.warn(exc)
 
-    def on_retriever_end(self, documents: Sequence[Document], *, run_id: UUID, **kwargs: Any) -> None:
+    def on_retriever_end(
+        self, documents: Sequence[Document], *, run_id: UUID, **kwargs: Any
+    ) -> None:
         """Record the retriever node (its documents are the artifact)."""
         try:
             self._end(run_id, list(documents))

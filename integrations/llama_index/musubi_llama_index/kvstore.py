@@ -97,6 +97,18 @@ class MusubiKVStore(BaseKVStore):
     def _key(self, key: str, collection: str) -> Any:
         return self._engine().key(self._op(collection), str(key))
 
+    def _record(
+        self, key: str, val: dict[str, Any], collection: str, *, defer: bool = False
+    ) -> None:
+        self._engine().record(
+            self._key(key, collection),
+            {"k": str(key), "v": _json(val)},
+            _CONFIG,
+            kind="kv",
+            label=f"kv:{collection}",
+            defer=defer,
+        )
+
     def close(self) -> None:
         with self._lock:
             eng, self._engine_obj = self._engine_obj, None
@@ -106,18 +118,7 @@ class MusubiKVStore(BaseKVStore):
     # ------------------------------------------------------------------ sync API
     def put(self, key: str, val: dict[str, Any], collection: str = DEFAULT_COLLECTION) -> None:
         """Store ``val`` under ``key`` (written at once: workers may exit without atexit)."""
-
-        def write() -> None:
-            eng = self._engine()
-            eng.record(
-                self._key(key, collection),
-                {"k": str(key), "v": _json(val)},
-                _CONFIG,
-                kind="kv",
-                label=f"kv:{collection}",
-            )
-
-        guarded(write, None, topic="kv put")
+        guarded(lambda: self._record(key, val, collection), None, topic="kv put")
 
     def put_all(
         self,
@@ -130,14 +131,7 @@ class MusubiKVStore(BaseKVStore):
         def write() -> None:
             eng = self._engine()
             for key, val in kv_pairs:
-                eng.record(
-                    self._key(key, collection),
-                    {"k": str(key), "v": _json(val)},
-                    _CONFIG,
-                    kind="kv",
-                    label=f"kv:{collection}",
-                    defer=True,
-                )
+                self._record(key, val, collection, defer=True)
             eng.flush()
 
         guarded(write, None, topic="kv put")
