@@ -25,8 +25,7 @@ from contextvars import ContextVar
 from typing import Any, Generic, ParamSpec, TypeVar, overload
 
 from .codec import allow_annotation
-from .context import current_node
-from .engine import Engine, get_engine
+from .engine import Engine, Outcome, get_engine
 from .identity import (
     NodeKey,
     function_fingerprint,
@@ -35,6 +34,7 @@ from .identity import (
     make_op,
 )
 from .policy import Decision, StepConfiguration, StepType
+from .record.scope import CallScope
 from .result import Result
 
 __all__ = ["StepFunction", "merge", "step"]
@@ -148,6 +148,14 @@ class StepFunction(Generic[P, R]):
 
     def key(self, *args: Any, **kwargs: Any) -> tuple[NodeKey, dict[str, str]]:
         """The node identity a call with these arguments reaches."""
+        key, upstream_artifacts, _found, _arguments = self._identity(args, kwargs)
+        return key, upstream_artifacts
+
+    def _identity(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[NodeKey, dict[str, str], list[Result[Any]], dict[str, Any]]:
+        """The node key, its upstream (node id -> artifact id), the Results the arguments
+        hold (and merge() adds), and the identity arguments."""
         arguments = self._arguments(args, kwargs)
         if self._op_for[0] is not self.name or self._op_for[1] is not self.fingerprint:
             # name or fingerprint was reassigned after decoration
@@ -168,7 +176,7 @@ class StepFunction(Generic[P, R]):
         upstream_artifacts = {r.node_id: r.artifact_id for r in found}
         ups = tuple(sorted(upstream_artifacts)) if upstream_artifacts else ()
         key = NodeKey(make_node_id(self._op, in_hash, ups), self._op, self.name, in_hash, ups)
-        return key, upstream_artifacts
+        return key, upstream_artifacts, found, arguments
 
     def _arguments(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
         """The arguments that make up identity: bound, defaults applied,
@@ -197,54 +205,82 @@ class StepFunction(Generic[P, R]):
         return dict(bound.arguments)
 
     def explain(self, *args: Any, **kwargs: Any) -> Decision:
-        """Would this call replay? Returns the decision and its reason
-        without running anything or counting a replay."""
+        """Would this call replay? Returns the decision and its reason (and, as
+        ``.node_id``, the node the call reaches) without running anything or counting a
+        replay."""
         key, _ = self.key(*args, **kwargs)
         return self.engine.explain(key, self.semantics)
+
+    def _scope(
+        self, engine: Engine, found: list[Result[Any]], arguments: dict[str, Any]
+    ) -> CallScope:
+        """The record of this call: in the current run (or a run of its own), with a flow
+        from each call whose Result it consumes."""
+        return CallScope(
+            engine.recorder,
+            "step",
+            self.name,
+            run_kind="step",
+            run_name=self.label,
+            namespace=engine.namespace,
+            inputs=arguments,
+            flows_from=[(r.call_id, r.artifact_id) for r in found if r.call_id],
+        )
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Any:
         if self.is_async:
             return self._acall(*args, **kwargs)
-        key, upstream_artifacts = self.key(*args, **kwargs)
-        outcome = self.engine.execute(
-            key,
-            lambda: self.fn(*args, **kwargs),
-            self.semantics,
-            kind="step",
-            parent=current_node(),
-            label=self.label,
-            upstream_artifacts=upstream_artifacts,
-        )
-        return Result(
-            outcome.value,
-            outcome.node_id,
-            outcome.producer_node_id,
-            outcome.artifact_id,
-            outcome.replayed,
-        )
+        key, upstream_artifacts, found, arguments = self._identity(args, kwargs)
+        engine = self.engine
+        with self._scope(engine, found, arguments) as scope:
+            outcome = engine.execute(
+                key,
+                lambda: self.fn(*args, **kwargs),
+                self.semantics,
+                kind="step",
+                label=self.label,
+                upstream_artifacts=upstream_artifacts,
+            )
+            return _result(scope, outcome)
 
     async def _acall(self, *args: Any, **kwargs: Any) -> Result[Any]:
-        key, upstream_artifacts = self.key(*args, **kwargs)
+        key, upstream_artifacts, found, arguments = self._identity(args, kwargs)
         fn = typing.cast(Callable[..., Awaitable[Any]], self.fn)
-        outcome = await self.engine.aexecute(
-            key,
-            lambda: fn(*args, **kwargs),
-            self.semantics,
-            kind="step",
-            parent=current_node(),
-            label=self.label,
-            upstream_artifacts=upstream_artifacts,
-        )
-        return Result(
-            outcome.value,
-            outcome.node_id,
-            outcome.producer_node_id,
-            outcome.artifact_id,
-            outcome.replayed,
-        )
+        engine = self.engine
+        with self._scope(engine, found, arguments) as scope:
+            outcome = await engine.aexecute(
+                key,
+                lambda: fn(*args, **kwargs),
+                self.semantics,
+                kind="step",
+                label=self.label,
+                upstream_artifacts=upstream_artifacts,
+            )
+            return _result(scope, outcome)
 
     def __repr__(self) -> str:
         return f"<musubi step {self.name} ({self.semantics.step_type.value})>"
+
+
+def _result(scope: CallScope, outcome: Outcome) -> Result[Any]:
+    """Record the call's outcome and hand the caller its Result."""
+    scope.done(
+        node_id=outcome.node_id,
+        artifact_id=outcome.artifact_id,
+        replayed=outcome.replayed,
+        output=outcome.value,
+        tokens_in=outcome.tokens_in,
+        tokens_out=outcome.tokens_out,
+        saved_s=outcome.saved_s,
+    )
+    return Result(
+        outcome.value,
+        outcome.node_id,
+        outcome.producer_node_id,
+        outcome.artifact_id,
+        outcome.replayed,
+        scope.call_id,
+    )
 
 
 class _BoundStep:
@@ -278,6 +314,7 @@ def step(
     ttl_seconds: float | None = None,
     engine: Engine | None = None,
     ignore: tuple[str, ...] = (),
+    strict_upstream: bool | None = None,
 ) -> Callable[[Callable[P, R]], StepFunction[P, R]]: ...
 
 
@@ -292,6 +329,7 @@ def step(
     ttl_seconds: float | None = None,
     engine: Engine | None = None,
     ignore: tuple[str, ...] = (),
+    strict_upstream: bool | None = None,
 ) -> StepFunction[P, R] | Callable[[Callable[P, R]], StepFunction[P, R]]:
     """Make a function a lineage node: same inputs, same code, same upstream
     results -> the stored output is returned instead of running it again.
@@ -301,7 +339,9 @@ def step(
     ``version`` are shortcuts for its fields. ``name`` overrides the operation
     name (default ``module.qualname``): keep it stable if you move the code.
     ``ignore`` names parameters that do not enter identity (a client, a
-    logger); a method's ``self``/``cls`` never does.
+    logger); a method's ``self``/``cls`` never does. ``strict_upstream=True``
+    turns off replay by content across upstream nodes: a call reaching the
+    same inputs through other upstream nodes then executes.
     """
     config = semantics or StepConfiguration()
     overrides: dict[str, Any] = {}
@@ -311,6 +351,8 @@ def step(
         overrides["ttl_seconds"] = ttl_seconds
     if version is not None:
         overrides["version"] = version
+    if strict_upstream is not None:
+        overrides["strict_upstream"] = strict_upstream
     if overrides:
         config = StepConfiguration(**{**config.model_dump(), **overrides})
 

@@ -19,8 +19,8 @@ False
 from __future__ import annotations
 
 import asyncio
-import atexit
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -29,8 +29,6 @@ import threading
 import time
 import uuid
 import warnings
-import weakref
-from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -38,6 +36,7 @@ from typing import Any, TypeVar
 
 from .codec import Codec, JSONCodec
 from .context import current_run, running_node
+from .record import Recorder, flush_recorders, recorder_for
 from .errors import (
     DecodeError,
     EffectInDoubtError,
@@ -45,7 +44,15 @@ from .errors import (
     NodeNotFoundError,
 )
 from .identity import NodeKey, input_hash, make_node_id, make_op
-from .policy import Decision, ReplayReason, StepConfiguration, StepType, decide, expiry
+from .policy import (
+    RECORDED_ONLY_KINDS,
+    Decision,
+    ReplayReason,
+    StepConfiguration,
+    StepType,
+    decide,
+    expiry,
+)
 from .store import ArtifactWrite, EdgeWrite, NodeRecord, NodeWrite, Store, open_store
 
 __all__ = ["Engine", "Lookup", "Outcome", "Recorded", "get_engine", "use_engine"]
@@ -88,6 +95,10 @@ class Outcome:
     artifact_id: str
     producer_node_id: str
     replayed: bool
+    # A replay: the tokens and seconds of the execution it stands in for.
+    tokens_in: int | None = None
+    tokens_out: int | None = None
+    saved_s: float | None = None
 
 
 _HOST = socket.gethostname()
@@ -104,9 +115,6 @@ def _after_fork_in_child() -> None:
     global _PROCESS_TOKEN
     _PROCESS_TOKEN = uuid.uuid4().hex[:12]
     _INFLIGHT.clear()
-    # The parent flushes its own buffered writes; the child must not repeat them.
-    for engine in list(_LIVE_ENGINES):
-        engine._buffer = _Buffer()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -156,48 +164,6 @@ def artifact_id_for(encoding: str, payload: bytes) -> str:
     return digest.hexdigest()
 
 
-class _Buffer:
-    """Write-behind buffer: deferred node writes and replay counters, flushed
-    in one transaction. Lookups consult it so deferred nodes replay at once."""
-
-    # Each commit costs far more than a row, so deferred writes (spans,
-    # lineage edges, replay counters) go in batches of up to 512 or 1 s; what
-    # is deferred is cheap to lose in a crash (never a paid-for LLM result).
-    def __init__(self, max_items: int = 512, max_age: float = 1.0) -> None:
-        self.lock = threading.Lock()
-        self.nodes: dict[str, NodeWrite] = {}
-        self.artifacts: dict[str, ArtifactWrite] = {}
-        self.edges: list[EdgeWrite] = []
-        self.replays: Counter[str] = Counter()
-        self.since = time.monotonic()
-        self.max_items = max_items
-        self.max_age = max_age
-
-    def due(self) -> bool:
-        size = len(self.nodes) + len(self.edges) + len(self.replays)
-        if not size:
-            return False
-        return size >= self.max_items or time.monotonic() - self.since >= self.max_age
-
-    def take(
-        self,
-    ) -> tuple[list[NodeWrite], list[ArtifactWrite], list[EdgeWrite], dict[str, int]]:
-        with self.lock:
-            taken = (
-                list(self.nodes.values()),
-                list(self.artifacts.values()),
-                self.edges,
-                dict(self.replays),
-            )
-            self.nodes, self.artifacts, self.edges = {}, {}, []
-            self.replays = Counter()
-            self.since = time.monotonic()
-        return taken
-
-
-_LIVE_ENGINES: weakref.WeakSet[Engine] = weakref.WeakSet()
-
-
 class Engine:
     """Replay-or-execute over a :class:`~musubi_core.store.Store`.
 
@@ -215,9 +181,9 @@ class Engine:
         self.store = store
         self.codec: Codec = codec or JSONCodec()
         self.namespace = namespace
-        self._buffer = _Buffer()
+        # The store's one writer, shared with every other engine and adapter writing to it.
+        self.recorder: Recorder = recorder_for(store)
         self._closed = False
-        _LIVE_ENGINES.add(self)
 
     # -- identity -------------------------------------------------------------
 
@@ -278,16 +244,12 @@ class Engine:
         return Lookup(True, decision, value, node)
 
     def _find(self, node_id: str) -> tuple[NodeRecord, str | None, bytes | None] | None:
-        if self._buffer.due():
-            # Old buffered writes go to the store first, so that another
-            # process's invalidation of them is seen rather than shadowed.
-            self._flush_quietly()
-        buffered = self._buffer.nodes.get(node_id) if self._buffer.nodes else None
-        if buffered is not None:
-            artifact = self._buffer.artifacts.get(buffered.artifact_id or "")
+        pending = self.recorder.pending_node(node_id)
+        if pending is not None:
+            node, artifact = pending
             if artifact is not None:
-                return _record_from_write(buffered), artifact.encoding, artifact.payload
-            self.flush()
+                return _record_from_write(node), artifact.encoding, artifact.payload
+            self.recorder.flush()
         return self.store.get_node_and_artifact(node_id)
 
     def _parents_unchanged(self, node_id: str) -> bool:
@@ -300,41 +262,48 @@ class Engine:
         )
 
     def explain(self, key: NodeKey, config: StepConfiguration = DEFAULT_CONFIG) -> Decision:
-        """Why ``key`` would replay or execute now. Reads only; counts nothing."""
+        """Why ``key`` would replay or execute now (``.node_id`` is the node it reaches).
+        Reads only; counts nothing."""
+        return dataclasses.replace(self._explain(key, config), node_id=key.node_id)
+
+    def _explain(self, key: NodeKey, config: StepConfiguration) -> Decision:
         found = self._find(key.node_id)
         if found is not None:
             node, _encoding, payload = found
-            fresh = (
-                node.status == "stale"
-                and node.stale_cause == "upstream"
-                and self._parents_unchanged(node.node_id)
-            )
-            return decide(
-                node,
-                config,
-                now=time.time(),
-                artifact_present=payload is not None,
-                upstream_fresh=fresh,
-            )
+            return self._decide(node, config, payload is not None)
         if config.force_reexecution:
             return decide(None, config, now=time.time())
         similar = self.store.similar_nodes(key.op_name, key.input_hash)
         other_code = [n for n in similar if n.op != key.op]
+        if similar and not other_code:
+            source = self._content_source(key, config, similar)
+            if source is not None:
+                return _content_decision(source[0])
+            return Decision(
+                False,
+                ReplayReason.UPSTREAM_CHANGED,
+                "same operation and inputs were recorded with different upstream nodes"
+                + (" (strict_upstream=True)" if config.strict_upstream else ""),
+            )
         if other_code:
             return Decision(
                 False,
                 ReplayReason.CODE_CHANGED,
                 f"recorded under {other_code[0].op}, now {key.op} (code, version or parameters changed)",
             )
-        if similar:
-            return Decision(
-                False,
-                ReplayReason.UPSTREAM_CHANGED,
-                "same operation and inputs were recorded with different upstream nodes",
-            )
         if self.store.nodes_of_op(key.op_name, limit=1):
             return Decision(False, ReplayReason.INPUT_CHANGED, "no earlier call with these inputs")
         return Decision(False, ReplayReason.NOT_FOUND, f"{key.op_name} was never recorded")
+
+    def _decide(self, node: NodeRecord, config: StepConfiguration, artifact_present: bool) -> Decision:
+        fresh = (
+            node.status == "stale"
+            and node.stale_cause == "upstream"
+            and self._parents_unchanged(node.node_id)
+        )
+        return decide(
+            node, config, now=time.time(), artifact_present=artifact_present, upstream_fresh=fresh
+        )
 
     def explain_node(self, ref: str) -> tuple[NodeRecord, Decision]:
         """The decision a call reaching stored node ``ref`` (id or unique
@@ -344,6 +313,13 @@ class Engine:
         if found is None:
             raise NodeNotFoundError(ref)
         node, _encoding, payload = found
+        if node.kind in RECORDED_ONLY_KINDS:
+            return node, Decision(
+                False,
+                ReplayReason.RECORDED_ONLY,
+                f"{node.kind} calls are recorded, never replayed (they run every time)",
+                node.node_id,
+            )
         try:
             config = StepConfiguration(step_type=StepType(node.step_type))
         except ValueError:
@@ -351,19 +327,92 @@ class Engine:
                 f"node {node.node_id[:12]} has unknown step type {node.step_type!r}; "
                 "the store was written by a newer musubi or edited by hand"
             ) from None
-        fresh = (
-            node.status == "stale"
-            and node.stale_cause == "upstream"
-            and self._parents_unchanged(node.node_id)
+        decision = self._decide(node, config, payload is not None)
+        return node, dataclasses.replace(decision, node_id=node.node_id)
+
+    # -- replay by content across upstreams -----------------------------------
+
+    def _content_source(
+        self,
+        key: NodeKey,
+        config: StepConfiguration,
+        similar: list[NodeRecord] | None = None,
+    ) -> tuple[NodeRecord, str, bytes] | None:
+        """A stored node of the same operation (code included) and the same input content
+        as ``key``, reached through other upstream nodes, whose output replays now."""
+        if config.strict_upstream or config.force_reexecution or not key.upstream:
+            return None
+        if config.step_type is StepType.EXTERNAL_EFFECT:
+            return None  # an effect is identified by its node: never served from another
+        if similar is None:
+            similar = self.store.similar_nodes(key.op_name, key.input_hash)
+        for node in similar:
+            if node.op != key.op or node.node_id == key.node_id:
+                continue
+            found = self.store.get_node_and_artifact(node.node_id)
+            if found is None:
+                continue
+            stored, encoding, payload = found
+            if encoding is None or payload is None:
+                continue
+            if self._decide(stored, config, True).replay:
+                return stored, encoding, payload
+        return None
+
+    def _replay_by_content(
+        self, call: _Call, miss: Lookup
+    ) -> Outcome | None:
+        """On a miss of a node never recorded: replay the output of a node with the same
+        operation and input content (see :meth:`_content_source`). The new node gets its own
+        lineage (its upstream edges) and the source's artifact; the replay is counted on it,
+        with the tokens and seconds of the execution it stands in for."""
+        if miss.node is not None or miss.decision.reason is not ReplayReason.NOT_FOUND:
+            return None
+        key, config = call.key, call.config
+        source = self._content_source(key, config)
+        if source is None:
+            return None
+        node, encoding, payload = source
+        try:
+            value = self.codec.decode(encoding, payload)
+        except DecodeError:
+            return None
+        assert node.artifact_id is not None
+        now = time.time()
+        write = NodeWrite(
+            node_id=key.node_id,
+            op=key.op,
+            op_name=key.op_name,
+            kind=call.kind,
+            step_type=config.step_type.value,
+            input_hash=key.input_hash,
+            status="done",
+            artifact_id=node.artifact_id,
+            namespace=self.namespace,
+            started_at=now,
+            finished_at=now,
+            expires_at=node.expires_at,
+            duration_s=node.duration_s,
+            tokens_in=node.tokens_in,
+            tokens_out=node.tokens_out,
+            label=call.label,
+            run_id=current_run(),
+            meta=json.dumps({"replayed_from": node.node_id}),
+            executed=0,
         )
-        decision = decide(
-            node,
-            config,
-            now=time.time(),
-            artifact_present=payload is not None,
-            upstream_fresh=fresh,
+        self._unbuffer(key.node_id)
+        self.store.write([write], (), self._edges_for(key, call.parent, call.upstream_artifacts))
+        self._count_replay(key.node_id)
+        return Outcome(
+            value,
+            key.node_id,
+            node.artifact_id,
+            node.producer_node_id or node.node_id,
+            True,
+            node.tokens_in,
+            node.tokens_out,
+            node.duration_s,
         )
-        return node, decision
 
     # -- writing --------------------------------------------------------------
 
@@ -417,12 +466,7 @@ class Engine:
         artifact = ArtifactWrite(artifact_id, encoding, payload, key.node_id)
         edges = self._edges_for(key, parent, upstream_artifacts)
         if defer:
-            with self._buffer.lock:
-                self._buffer.nodes[key.node_id] = node
-                self._buffer.artifacts[artifact_id] = artifact
-                self._buffer.edges.extend(edges)
-            if self._buffer.due():
-                self.flush()
+            self.recorder.submit(nodes=(node,), artifacts=(artifact,), edges=edges)
             return Recorded(key.node_id, artifact_id, key.node_id)
         self._unbuffer(key.node_id)
         self.store.write([node], [artifact], edges)
@@ -462,13 +506,11 @@ class Engine:
             run_id=run_id or current_run(),
         )
         edges = self._edges_for(key, parent, None)
+        self._unbuffer(key.node_id)
         if defer:
-            with self._buffer.lock:
-                self._buffer.nodes.pop(key.node_id, None)
-                self._buffer.edges.extend(edges)
+            self.recorder.submit(edges=edges)
             self.store.write([node], (), ())
             return Recorded(key.node_id, None, None)
-        self._unbuffer(key.node_id)
         self.store.write([node], (), edges)
         return Recorded(key.node_id, None, None)
 
@@ -486,10 +528,7 @@ class Engine:
             raise ValueError(f"edge kind must be 'data' or 'contains', not {kind!r}")
         edge = EdgeWrite(parent, child, kind, parent_artifact_id)
         if defer:
-            with self._buffer.lock:
-                self._buffer.edges.append(edge)
-            if self._buffer.due():
-                self.flush()
+            self.recorder.submit(edges=(edge,))
             return
         self.store.write((), (), [edge])
 
@@ -503,48 +542,28 @@ class Engine:
         return edges
 
     def _count_replay(self, node_id: str) -> None:
-        with self._buffer.lock:
-            self._buffer.replays[node_id] += 1
-        if self._buffer.due():
-            self._flush_quietly()
-
-    def _flush_quietly(self) -> None:
-        """Flush on a read path: a failing store must not turn a successful
-        replay into an error (the counters are retried on the next flush)."""
-        try:
-            self.flush()
-        except MusubiError as err:
-            warnings.warn(
-                f"musubi: could not write buffered records: {err}", RuntimeWarning, stacklevel=4
-            )
+        """Count a replay (committed with the recorder's next batch; a failing store only
+        delays it: the recorder keeps and retries what it acknowledged)."""
+        self.recorder.replay(node_id)
 
     def _unbuffer(self, node_id: str) -> None:
-        """Drop a deferred write of ``node_id``: a direct write about to
-        happen is newer and must not be overwritten by the next flush."""
-        if self._buffer.nodes:
-            with self._buffer.lock:
-                self._buffer.nodes.pop(node_id, None)
+        """A direct write of ``node_id`` is about to happen: a deferred write of it that is
+        still waiting is older and must land first, not overwrite it afterwards."""
+        if self.recorder.pending_node(node_id) is not None:
+            self.recorder.flush()
 
     def invalidate(self, node_id: str) -> int:
         """Mark ``node_id`` and its data-descendants stale; returns how many
         nodes changed. The next run recomputes exactly those (and, by early
         cutoff, fewer when a recomputed node yields the same output)."""
-        # Buffered writes of every engine of this process on this file go
-        # first, or a deferred node would escape the invalidation.
-        for engine in list(_LIVE_ENGINES):
-            if engine is self or (
-                not engine._closed and getattr(engine.store, "path", None) == self.store.path
-            ):
-                engine.flush()
+        # What every recorder of this process holds for this store goes first, or a
+        # deferred node or edge would escape the invalidation.
+        flush_recorders(self.store.path)
         return self.store.invalidate(self.store.resolve(node_id))
 
     def flush(self) -> None:
-        """Write buffered nodes, edges and replay counters now."""
-        nodes, artifacts, edges, replays = self._buffer.take()
-        if nodes or artifacts or edges:
-            self.store.write(nodes, artifacts, edges)
-        if replays:
-            self.store.add_replays(replays, time.time())
+        """Commit everything recorded so far (calls, runs, deferred nodes, replay counts)."""
+        self.recorder.flush()
 
     def close(self) -> None:
         """Flush and close the store."""
@@ -580,7 +599,9 @@ class Engine:
         if config.step_type is not StepType.EXTERNAL_EFFECT:
             # Plain steps: no intent row, no owner; one lookup, then run.
             found = self.lookup(key, config)
-            return _outcome_from(found) if found.replay else self._run(call, fn)
+            if found.replay:
+                return _outcome_from(found)
+            return self._replay_by_content(call, found) or self._run(call, fn)
         with _effect_owner() as owner:
             deadline = time.monotonic() + EFFECT_WAIT_SECONDS
             while isinstance(replay := self._before(key, config, owner), _Waiting):
@@ -603,7 +624,9 @@ class Engine:
         call = _Call(key, config, kind, parent, label, upstream_artifacts)
         if config.step_type is not StepType.EXTERNAL_EFFECT:
             found = self.lookup(key, config)
-            return _outcome_from(found) if found.replay else await self._arun(call, fn)
+            if found.replay:
+                return _outcome_from(found)
+            return self._replay_by_content(call, found) or await self._arun(call, fn)
         # The owner stays registered until the effect's outcome is recorded,
         # so a concurrent task of this process waits instead of seeing doubt.
         with _effect_owner() as owner:
@@ -821,11 +844,27 @@ def _owner_alive_or_doubt(config: StepConfiguration) -> Callable[[NodeRecord], b
     return check
 
 
+def _content_decision(source: NodeRecord) -> Decision:
+    return Decision(
+        True,
+        ReplayReason.CONTENT_HIT,
+        f"same operation and input content as node {source.node_id[:12]}, reached through "
+        "other upstream nodes: its output replays (strict_upstream=True turns this off)",
+    )
+
+
 def _outcome_from(found: Lookup) -> Outcome:
     node = found.node
     assert node is not None and node.artifact_id is not None
     return Outcome(
-        found.value, node.node_id, node.artifact_id, node.producer_node_id or node.node_id, True
+        found.value,
+        node.node_id,
+        node.artifact_id,
+        node.producer_node_id or node.node_id,
+        True,
+        node.tokens_in,
+        node.tokens_out,
+        node.duration_s,
     )
 
 
@@ -896,11 +935,3 @@ def use_engine(engine: Engine) -> Iterator[Engine]:
         yield engine
     finally:
         _CURRENT.reset(token)
-
-
-@atexit.register
-def _flush_all() -> None:
-    for engine in list(_LIVE_ENGINES):
-        if not engine._closed:
-            with contextlib.suppress(Exception):
-                engine.flush()

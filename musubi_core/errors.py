@@ -171,16 +171,30 @@ class EffectInDoubtError(MusubiError):
 
 
 class NodeNotFoundError(MusubiError, LookupError):
-    """No node matches the given id or prefix (or the prefix is ambiguous)."""
+    """No node (or call, or run: ``what``) matches the given id or prefix, or the prefix is
+    ambiguous. The message names a command that lists what exists."""
 
-    def __init__(self, ref: str, *, candidates: list[str] | None = None) -> None:
+    _LISTINGS = {"node": "musubi nodes", "call": "musubi steps RUN", "run": "musubi runs"}
+
+    def __init__(
+        self,
+        ref: str,
+        *,
+        candidates: list[str] | None = None,
+        what: str = "node",
+        listing: str | None = None,
+    ) -> None:
+        listing = listing or self._LISTINGS.get(what, "musubi nodes")
         if candidates:
             shown = ", ".join(c[:16] for c in candidates[:5])
-            message = f"node prefix {ref!r} is ambiguous ({shown}, ...); give more characters"
+            message = f"{what} prefix {ref!r} is ambiguous ({shown}, ...); give more characters"
         else:
-            message = f"no node matches {ref!r}; list nodes with `musubi stats` or `musubi runs`"
+            message = f"no {what} matches {ref!r}; list them with `{listing}`"
+            if what == "node":
+                message += " (or `musubi runs`, then `musubi steps RUN` for a run's calls)"
         super().__init__(message)
         self.ref = ref
+        self.what = what
         self.candidates = candidates or []
 
 

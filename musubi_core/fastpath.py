@@ -90,9 +90,8 @@ def probe_replay(
     store = engine.store
     if config.force_reexecution or not isinstance(store, SQLiteStore):
         return None
-    buffered = engine._buffer.nodes
-    if buffered and key.node_id in buffered:
-        return None  # a deferred write: lookup() serves it from the buffer
+    if engine.recorder.pending_node(key.node_id) is not None:
+        return None  # a deferred write: lookup() serves it from the recorder
 
     try:
         # This thread's connection, without the error-wrapping context of ``store.query``.
@@ -101,8 +100,8 @@ def probe_replay(
         # Again through ``query``, which raises the StoreError (with its hint) lookup() would.
         row = store.query(lambda conn: conn.execute(_PROBE, (key.node_id,)).fetchone(), "lookup")
     if row is None:
-        if key.node_id in engine._buffer.nodes:
-            return None  # written to the buffer while we read
+        if engine.recorder.pending_node(key.node_id) is not None:
+            return None  # deferred while we read
         return _NOT_FOUND
     status, expires_at, artifact_id, tokens_in, tokens_out, duration_s, encoding, payload, done_at = row
     if (
@@ -131,18 +130,10 @@ def probe_replay(
     )
 
 
-def count_replay(engine: Engine, node_id: str, *, flush_when_due: bool = True) -> None:
-    """Count one replay of ``node_id`` (buffered, as ``Engine.lookup`` counts it).
-
-    ``flush_when_due=False`` only buffers the count, for engines whose buffer is committed by
-    someone else on a timer (an adapter's background writer); ``Engine.flush`` writes it.
-    """
-    if flush_when_due:
-        engine._count_replay(node_id)
-        return
-    buffer = engine._buffer
-    with buffer.lock:
-        buffer.replays[node_id] += 1
+def count_replay(engine: Engine, node_id: str) -> None:
+    """Count one replay of ``node_id`` (queued on the store's recorder, as
+    ``Engine.lookup`` counts it)."""
+    engine.recorder.replay(node_id)
 
 
 class HitMemo:
@@ -219,8 +210,7 @@ class HitMemo:
         store = engine.store
         if config.force_reexecution or not isinstance(store, SQLiteStore) or store._closed:
             return probe_replay(engine, key, config)
-        buffered = engine._buffer.nodes
-        if buffered and key.node_id in buffered:
+        if engine.recorder.pending_node(key.node_id) is not None:
             return None
         shm = self._shm
         try:

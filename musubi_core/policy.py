@@ -23,6 +23,7 @@ from typing import Protocol
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 __all__ = [
+    "RECORDED_ONLY_KINDS",
     "Decision",
     "NodeState",
     "ReplayReason",
@@ -31,6 +32,11 @@ __all__ = [
     "decide",
     "expiry",
 ]
+
+
+# Node kinds that version 1 recorded as nodes but that never replay (their record is the call
+# now); explain() says so instead of a verdict.
+RECORDED_ONLY_KINDS = frozenset({"chain", "span", "retriever", "tool", "workflow_step", "run"})
 
 
 class StepType(str, enum.Enum):
@@ -49,7 +55,8 @@ class StepConfiguration(BaseModel):
     ``force_reexecution`` always
     runs the step and replaces what was stored. ``version`` pins the code
     fingerprint: while it stays the same, edits to the function body do not
-    invalidate stored results.
+    invalidate stored results. ``strict_upstream`` turns off replay by content
+    across upstream nodes (see :attr:`ReplayReason.CONTENT_HIT`).
 
     >>> StepConfiguration(step_type=StepType.STOCHASTIC, ttl_seconds=3600).ttl_seconds
     3600.0
@@ -61,6 +68,10 @@ class StepConfiguration(BaseModel):
     ttl_seconds: float | None = Field(default=None, gt=0)
     force_reexecution: bool = False
     version: str | None = None
+    # A call reaching a new node whose operation and input content (artifact ids included)
+    # match a stored node's, through other upstream nodes, replays that node's output (see
+    # ReplayReason.CONTENT_HIT). True keeps the strict rule: other upstream nodes, other node.
+    strict_upstream: bool = False
 
     @model_validator(mode="after")
     def _ttl_only_for_stochastic(self) -> StepConfiguration:
@@ -86,6 +97,11 @@ class ReplayReason(str, enum.Enum):
     CODE_CHANGED = "code_changed"
     UPSTREAM_CHANGED = "upstream_changed"
     INPUT_CHANGED = "input_changed"
+    # Reached through other upstream nodes, with the same operation and input content as a
+    # stored node (the upstream outputs are the same artifacts): that node's output replays.
+    CONTENT_HIT = "content_hit"
+    # The node's kind is recorded, never replayed (chains, spans, retrievers, tools).
+    RECORDED_ONLY = "recorded_only"
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +111,8 @@ class Decision:
     replay: bool
     reason: ReplayReason
     detail: str = ""
+    # The node the call reaches (set by explain()).
+    node_id: str | None = None
 
     def __str__(self) -> str:
         verdict = "replay" if self.replay else "execute"

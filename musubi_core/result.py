@@ -18,7 +18,8 @@ class Result(Generic[T]):
     ``producer_node_id`` is the node that first produced this exact artifact
     (the same node unless another node had already produced identical content);
     ``artifact_id`` is the content address of the stored output; ``replayed``
-    says whether the function body was skipped.
+    says whether the function body was skipped; ``call_id`` is the call (the record of this
+    execution or replay) that returned it.
 
     Passing a ``Result`` to another step makes that step depend on it: the
     edge is recorded and the artifact id (not the node id) enters the input
@@ -35,3 +36,5 @@ class Result(Generic[T]):
     producer_node_id: str
     artifact_id: str
     replayed: bool
+    # The call that returned it (the record of this execution or replay, see `musubi steps`).
+    call_id: str | None = None

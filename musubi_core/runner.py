@@ -50,6 +50,7 @@ from __future__ import annotations
 import ast
 import asyncio
 import contextlib
+import functools
 import hashlib
 import inspect
 import json
@@ -77,7 +78,17 @@ from .errors import (
 )
 from .identity import NodeKey, _ast_tree, function_fingerprint
 from .policy import StepType
-from .store import ArtifactWrite, EdgeWrite, NodeWrite, RunStepRecord, RunStepWrite, SQLiteStore
+from .record import RunState, current_frame, in_call, new_call_id
+from .store import (
+    ArtifactWrite,
+    CallWrite,
+    EdgeWrite,
+    FlowWrite,
+    NodeWrite,
+    RunStepRecord,
+    RunStepWrite,
+    SQLiteStore,
+)
 
 __all__ = ["DEFAULT_RUN_ID", "Context", "arun", "code_fingerprint", "run", "validate_name"]
 
@@ -163,6 +174,66 @@ def _lambda_fingerprint(fn: Callable[..., Any], code: Any) -> str | None:
     return "lambda:" + hashlib.sha256(rendered.encode("utf-8")).hexdigest()[:32]
 
 
+# -- what a step consumes ------------------------------------------------------------
+
+_ATOMS = (int, float, bool, type(None), bytes)
+
+
+def _traceable(value: Any) -> bool:
+    """Can ``value`` be recognised by identity? Not numbers, None or short strings: those
+    are shared objects (small ints, interned strings) that any step may hand out."""
+    if isinstance(value, _ATOMS):
+        return False
+    return not (isinstance(value, str) and len(value) < 4)
+
+
+def _captured(fn: Callable[..., Any]) -> list[Any]:
+    """What a step function closes over or is given ahead of the call: closure cells,
+    defaults, a bound method's receiver, a ``functools.partial``'s arguments."""
+    out: list[Any] = []
+    seen: set[int] = set()
+    todo = [fn]
+    while todo:
+        f = todo.pop()
+        if id(f) in seen:
+            continue
+        seen.add(id(f))
+        if isinstance(f, functools.partial):
+            out.extend(f.args)
+            out.extend(f.keywords.values())
+            todo.append(f.func)
+            continue
+        receiver = getattr(f, "__self__", None)
+        if receiver is not None and not inspect.ismodule(receiver):
+            out.append(receiver)
+        target = getattr(f, "__func__", f)
+        for cell in getattr(target, "__closure__", None) or ():
+            with contextlib.suppress(ValueError):  # an empty cell
+                out.append(cell.cell_contents)
+        out.extend(getattr(target, "__defaults__", None) or ())
+        out.extend((getattr(target, "__kwdefaults__", None) or {}).values())
+    return out
+
+
+def _one_level(value: Any) -> list[Any]:
+    """``value`` and, for a list, tuple or dict, its items (one level)."""
+    if isinstance(value, (list, tuple)):
+        return [value, *value]
+    if isinstance(value, dict):
+        return [value, *value.values()]
+    return [value]
+
+
+def _call_kind(kind: str) -> str:
+    return "run_step" if kind == "step" else kind
+
+
+def _duration(started: float | None, finished: float | None) -> float | None:
+    if started is None or finished is None:
+        return None
+    return max(0.0, finished - started)
+
+
 # -- one invocation of a run ---------------------------------------------------------
 
 
@@ -177,6 +248,13 @@ class _Plan:
     key: NodeKey
     parent: str
     started_at: float
+    # Its call: the record of this execution, under ``parent_call`` (None: the run's body).
+    call_id: str
+    parent_call: str | None
+    call_seq: int
+    # (call id, artifact id, node id) of the earlier steps whose results ``fn`` consumes.
+    consumes: tuple[tuple[str, str | None, str | None], ...]
+    t0: float
 
 
 class _Invocation:
@@ -195,6 +273,16 @@ class _Invocation:
         self.seq = 0
         self.mutex = threading.Lock()
         self.closed = False
+        # The run as the recorder sees it: its calls continue the order of earlier
+        # invocations. Its row is the durable run's own (begin_run / finish_run).
+        self.state = RunState(
+            engine.recorder, "durable", None, run_id=run_id, namespace=engine.namespace
+        )
+        first = self.store.next_call_seq(run_id)
+        for _ in range(first):
+            self.state.next_seq()
+        # Values handed to the body, by identity: (value, call id, artifact id, node id).
+        self.handed: dict[int, tuple[Any, str, str | None, str | None]] = {}
 
     # -- before a step --------------------------------------------------------------
 
@@ -212,13 +300,52 @@ class _Invocation:
             seq = self.seq
             self.seq += 1
         try:
-            return self._replay_or_plan(step_name, kind, seq, fingerprint)
+            consumes = self._consumed_by(fn) if fn is not None else ()
+            replayed, found = self._replay_or_plan(step_name, kind, seq, fingerprint, consumes)
         except BaseException:
             self.forget(step_name)
             raise
+        if replayed:
+            # A committed step served to the body: a replay, recorded as a call of this run.
+            recorded = self.recorded[step_name]
+            frame = current_frame()
+            call_id = new_call_id()
+            self.state.record(
+                call_id, frame.call_id if frame is not None else None, _call_kind(kind),
+                step_name, node_id=recorded.node_id, artifact_id=recorded.artifact_id,
+                replayed=True, duration_s=0.0, output=found,
+                saved_s=_duration(recorded.started_at, recorded.finished_at),
+                flows=[FlowWrite(call_id, c, a) for c, a, _n in consumes],
+            )
+            self._hand(found, call_id, recorded.artifact_id, recorded.node_id)
+        return replayed, found
+
+    def _consumed_by(self, fn: Callable[..., Any]) -> tuple[tuple[str, str | None, str | None], ...]:
+        """The earlier steps whose results ``fn`` closes over, is bound to or gets as
+        defaults (by identity: the very objects the body was handed), one container deep."""
+        handed = self.handed
+        if not handed:
+            return ()
+        found: dict[str, tuple[str, str | None, str | None]] = {}
+        for value in _captured(fn):
+            for candidate in _one_level(value):
+                entry = handed.get(id(candidate))
+                if entry is not None and entry[0] is candidate:
+                    found[entry[1]] = entry[1:]
+        return tuple(found.values())
+
+    def _hand(self, value: Any, call_id: str, artifact_id: str | None, node_id: str | None) -> None:
+        """Remember a value given to the body (so later steps consuming it are linked)."""
+        if _traceable(value):
+            self.handed[id(value)] = (value, call_id, artifact_id, node_id)
 
     def _replay_or_plan(
-        self, name: str, kind: str, seq: int, fingerprint: str | None
+        self,
+        name: str,
+        kind: str,
+        seq: int,
+        fingerprint: str | None,
+        consumes: tuple[tuple[str, str | None, str | None], ...] = (),
     ) -> tuple[bool, Any]:
         recorded = self.recorded.get(name)
         if recorded is not None and recorded.status == "done":
@@ -250,8 +377,12 @@ class _Invocation:
             {"run": self.run_id, "step": name},
             fingerprint={"kind": kind, "code": fingerprint},
         )
-        plan = _Plan(name, kind, seq, fingerprint, key, current_node() or self.run_key.node_id,
-                     time.time())
+        frame = current_frame()
+        plan = _Plan(
+            name, kind, seq, fingerprint, key, current_node() or self.run_key.node_id,
+            time.time(), new_call_id(), frame.call_id if frame is not None else None,
+            self.state.next_seq(), consumes, time.perf_counter(),
+        )
         if kind == "step":
             # Not fsync'd: it only lets readers see the step in flight. If it
             # is lost, the step has not committed and re-runs anyway.
@@ -300,6 +431,7 @@ class _Invocation:
             raise failure from None
         now = time.time()
         artifact_id = artifact_id_for(encoding, payload)
+        call = self._call(plan, "done", artifact_id=artifact_id, output=decoded)
         # Anything an adapter buffered inside the step lands before the step.
         try:
             self.engine.flush()
@@ -307,17 +439,35 @@ class _Invocation:
                 self._row(plan, "done", artifact_id=artifact_id, finished_at=now, wake_at=wake_at),
                 self._node(plan, "done", now, artifact_id=artifact_id),
                 ArtifactWrite(artifact_id, encoding, payload, plan.key.node_id),
-                [EdgeWrite(plan.parent, plan.key.node_id, "contains")],
+                [EdgeWrite(plan.parent, plan.key.node_id, "contains")]
+                + [
+                    EdgeWrite(node, plan.key.node_id, "data", art)
+                    for _c, art, node in plan.consumes
+                    if node is not None
+                ],
+                calls=[call],
+                flows=[FlowWrite(plan.call_id, c, art) for c, art, _n in plan.consumes],
             )
         except BaseException:
             # Not committed (disk full, read-only file...): the step counts as
             # not run, and the body may call it again.
             self.forget(plan.name)
             raise
+        self.state.count(call)
+        self._hand(decoded, plan.call_id, artifact_id, plan.key.node_id)
         hook = _after_checkpoint
         if hook is not None:
             hook(plan.name)
         return decoded
+
+    def _call(self, plan: _Plan, status: str, **fields: Any) -> CallWrite:
+        """The call row of a step that ran (committed with its checkpoint)."""
+        return self.state.record(
+            plan.call_id, plan.parent_call, _call_kind(plan.kind), plan.name,
+            seq=plan.call_seq, node_id=plan.key.node_id, status=status,
+            started_at=plan.started_at, duration_s=time.perf_counter() - plan.t0,
+            submit=False, count=False, **fields,
+        )
 
     def fail(self, plan: _Plan, exc: BaseException) -> None:
         now = time.time()
@@ -329,6 +479,7 @@ class _Invocation:
                 self._row(plan, "failed", error=text, finished_at=now),
                 self._node(plan, "failed", now, error=text),
                 [EdgeWrite(plan.parent, plan.key.node_id, "contains")],
+                calls=[self._call(plan, "failed", error=text)],
             )
 
     # -- the run as a whole ------------------------------------------------------------
@@ -354,6 +505,9 @@ class _Invocation:
             run_id=self.run_id,
             error=None if error is None else f"{type(error).__name__}: {error}"[:4000],
         )
+        # The run's totals count every call recorded in it, nested ones included.
+        with contextlib.suppress(Exception):
+            self.engine.flush()
         self.store.finish_run(self.run_id, status=status, error=node.error, node=node,
                               artifact=artifact, now=now)
 
@@ -462,7 +616,11 @@ class Context:
         """The step's body runs as its node, inside this run; what it raises
         is recorded (a failure re-runs next time) and wrapped."""
         try:
-            with running_run(self._inv.run_id), running_node(plan.key.node_id):
+            with (
+                running_run(self._inv.run_id),
+                running_node(plan.key.node_id),
+                in_call(self._inv.state, plan.call_id),
+            ):
                 yield
         except Exception as exc:
             self._inv.fail(plan, exc)
@@ -505,7 +663,12 @@ class Context:
 def _body(inv: _Invocation) -> Iterator[Context]:
     """The workflow body's context (engine, run, run node), and its run marked failed (or
     interrupted) if it raises; shared by :func:`run` and :func:`arun`."""
-    with use_engine(inv.engine), running_run(inv.run_id), running_node(inv.run_key.node_id):
+    with (
+        use_engine(inv.engine),
+        running_run(inv.run_id),
+        running_node(inv.run_key.node_id),
+        in_call(inv.state, None),
+    ):
         try:
             yield Context(inv)
         except BaseException as exc:

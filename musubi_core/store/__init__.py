@@ -2,9 +2,13 @@
 
 from .base import (
     ArtifactWrite,
+    CallRecord,
+    CallWrite,
     ClaimOutcome,
     EdgeRecord,
     EdgeWrite,
+    FlowRecord,
+    FlowWrite,
     NodeRecord,
     NodeWrite,
     ParentState,
@@ -12,6 +16,7 @@ from .base import (
     RunStepRecord,
     RunStepWrite,
     RunStore,
+    RunWrite,
     Store,
 )
 from .postgres import PostgresStore
@@ -40,9 +45,13 @@ def open_store(target: str) -> Store:
 __all__ = [
     "SCHEMA_VERSION",
     "ArtifactWrite",
+    "CallRecord",
+    "CallWrite",
     "ClaimOutcome",
     "EdgeRecord",
     "EdgeWrite",
+    "FlowRecord",
+    "FlowWrite",
     "NodeRecord",
     "NodeWrite",
     "ParentState",
@@ -51,6 +60,7 @@ __all__ = [
     "RunStepRecord",
     "RunStepWrite",
     "RunStore",
+    "RunWrite",
     "SQLiteStore",
     "Store",
     "is_postgres_target",

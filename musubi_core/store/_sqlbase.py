@@ -13,14 +13,18 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from ..errors import NodeNotFoundError
+from ._sqlcalls import CallsMixin, _filters
 from .base import (
     ArtifactWrite,
+    CallWrite,
     ClaimOutcome,
     EdgeRecord,
     EdgeWrite,
+    FlowWrite,
     NodeRecord,
     NodeWrite,
     ParentState,
+    RunWrite,
 )
 
 __all__ = ["SQLStoreBase"]
@@ -147,11 +151,31 @@ def _fast_node(row: Sequence[Any]) -> NodeRecord:
     return _make_node(row[:_NODE_WIDTH])
 
 
-class SQLStoreBase:
+class SQLStoreBase(CallsMixin):
     """The :class:`~musubi_core.store.base.Store` methods over a DB-API
     connection. Subclasses provide the connection plumbing below."""
 
     path: str
+
+    # -- lifecycle hooks ----------------------------------------------------------
+
+    def add_close_hook(self, hook: Callable[[], None]) -> None:
+        """Run ``hook`` when the store closes, before its connections do (the recorder of
+        the store flushes what it holds there)."""
+        hooks: list[Callable[[], None]] = self.__dict__.setdefault("_close_hooks", [])
+        hooks.append(hook)
+
+    def _run_close_hooks(self) -> None:
+        """Run (once) the close hooks; the first error is raised after all have run."""
+        hooks: list[Callable[[], None]] = self.__dict__.pop("_close_hooks", [])
+        first: BaseException | None = None
+        for hook in hooks:
+            try:
+                hook()
+            except Exception as exc:
+                first = first or exc
+        if first is not None:
+            raise first
 
     # -- what a backend provides --------------------------------------------------
 
@@ -226,13 +250,21 @@ class SQLStoreBase:
         nodes: Sequence[NodeWrite] = (),
         artifacts: Sequence[ArtifactWrite] = (),
         edges: Sequence[EdgeWrite] = (),
+        *,
+        calls: Sequence[CallWrite] = (),
+        flows: Sequence[FlowWrite] = (),
+        runs: Sequence[RunWrite] = (),
+        replays: Mapping[str, int] | None = None,
     ) -> None:
-        if not (nodes or artifacts or edges):
+        if not (nodes or artifacts or edges or calls or flows or runs or replays):
             return
         now = time.time()
 
         def apply(c: Any) -> None:
             self._write_rows(c, nodes, artifacts, edges, now)
+            self._write_records(c, calls, flows, runs, now)
+            if replays:
+                self._count_replays(c, replays, now)
 
         self._write("write", apply)
 
@@ -264,15 +296,17 @@ class SQLStoreBase:
     def add_replays(self, counts: Mapping[str, int], now: float) -> None:
         if not counts:
             return
-        rows = [(n, now, node_id) for node_id, n in counts.items()]
-        self._write(
-            "add_replays",
-            lambda c: self._exm(
-                c,
-                "UPDATE musubi_nodes SET replay_count = replay_count + ?, last_replayed_at = ? "
-                "WHERE node_id = ?",
-                rows,
-            ),
+        self._write("add_replays", lambda c: self._count_replays(c, counts, now))
+
+    def _count_replays(self, c: Any, counts: Mapping[str, int], now: float) -> None:
+        # In key order: two writers updating overlapping nodes then take their row locks in
+        # the same order (PostgreSQL would otherwise deadlock them).
+        rows = [(counts[node_id], now, node_id) for node_id in sorted(counts)]
+        self._exm(
+            c,
+            "UPDATE musubi_nodes SET replay_count = replay_count + ?, last_replayed_at = ? "
+            "WHERE node_id = ?",
+            rows,
         )
 
     def invalidate(self, node_id: str) -> int:
@@ -407,16 +441,30 @@ class SQLStoreBase:
         return self._read("lineage", walk)
 
     def list_nodes(
-        self, *, limit: int = 50, kind: str | None = None, status: str | None = None
+        self,
+        *,
+        limit: int = 50,
+        kind: str | None = None,
+        status: str | None = None,
+        op: str | None = None,
+        since: float | None = None,
+        run: str | None = None,
+        namespace: str | None = None,
     ) -> list[NodeRecord]:
-        clauses, params = [], []
-        if kind:
-            clauses.append("kind = ?")
-            params.append(kind)
-        if status:
-            clauses.append("status = ?")
-            params.append(status)
-        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        """Nodes, most recently created first; ``op`` matches the operation name or its
+        prefix, ``run`` keeps the nodes a run's calls reached."""
+        where, params = _filters(
+            ("kind = ?", kind or None),
+            ("status = ?", status or None),
+            ("op_name >= ? AND op_name < ?", (op, op + "\uffff") if op else None),
+            ("created_at >= ?", since),
+            ("namespace = ?", namespace),
+            (
+                "node_id IN (SELECT node_id FROM musubi_calls WHERE run_id = ? "
+                "AND node_id IS NOT NULL)",
+                run,
+            ),
+        )
         rows = self._read(
             "list_nodes",
             lambda c: self._ex(

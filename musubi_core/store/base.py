@@ -15,9 +15,13 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 __all__ = [
     "ArtifactWrite",
+    "CallRecord",
+    "CallWrite",
     "ClaimOutcome",
     "EdgeRecord",
     "EdgeWrite",
+    "FlowRecord",
+    "FlowWrite",
     "NodeRecord",
     "NodeWrite",
     "ParentState",
@@ -25,6 +29,7 @@ __all__ = [
     "RunStepRecord",
     "RunStepWrite",
     "RunStore",
+    "RunWrite",
     "Store",
 ]
 
@@ -118,6 +123,72 @@ class EdgeWrite(NamedTuple):
     parent_artifact_id: str | None = None
 
 
+class CallWrite(NamedTuple):
+    """One execution or one replay of anything, as it happened (a row of ``musubi_calls``;
+    the field order is the column order of the store's insert)."""
+
+    call_id: str
+    run_id: str
+    parent_call_id: str | None
+    seq: int
+    kind: str
+    op_name: str
+    node_id: str | None
+    artifact_id: str | None
+    replayed: int  # 1: served from the store (the memo ``node_id``)
+    status: str  # 'done' | 'failed'
+    error: str | None
+    started_at: float
+    duration_s: float | None
+    tokens_in: int | None
+    tokens_out: int | None
+    # A replay: how long the execution it stands in for took (the seconds it saved).
+    saved_s: float | None
+    model: str | None
+    input_preview: str | None
+    output_preview: str | None
+    namespace: str
+
+
+# A call as read back: the same fields.
+CallRecord = CallWrite
+
+
+class FlowWrite(NamedTuple):
+    """The output of call ``src_call_id`` (artifact ``artifact_id`` when it is kept) fed call
+    ``dst_call_id``."""
+
+    dst_call_id: str
+    src_call_id: str
+    artifact_id: str | None = None
+
+
+FlowRecord = FlowWrite
+
+
+class RunWrite(NamedTuple):
+    """A run as its recorder knows it (upserted when it starts and when it ends)."""
+
+    run_id: str
+    kind: str
+    name: str | None
+    status: str  # 'running' | 'done' | 'failed' | 'interrupted'
+    started_at: float
+    finished_at: float | None
+    duration_s: float | None
+    host: str | None
+    pid: int | None
+    error: str | None
+    namespace: str
+    root_call_id: str | None
+    calls: int
+    replays: int
+    tokens_in: int
+    tokens_out: int
+    tokens_saved: int
+    seconds_saved: float
+
+
 @dataclass(frozen=True, slots=True)
 class EdgeRecord:
     parent: str
@@ -163,9 +234,18 @@ class RunRecord:
     node_id: str | None
     attempts: int
     # Filled by list_runs/get_run: how many steps the run has recorded, and
-    # how many of them committed.
+    # how many of them committed (durable runs).
     steps_done: int = 0
     steps_total: int = 0
+    namespace: str = "default"
+    root_call_id: str | None = None
+    duration_s: float | None = None
+    calls: int = 0
+    replays: int = 0
+    tokens_in: int = 0
+    tokens_out: int = 0
+    tokens_saved: int = 0
+    seconds_saved: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -328,15 +408,28 @@ class RunStore(Protocol):
         node: NodeWrite,
         artifact: ArtifactWrite | None,
         edges: Sequence[EdgeWrite],
+        *,
+        calls: Sequence[CallWrite] = (),
+        flows: Sequence[FlowWrite] = (),
     ) -> None:
         """Commit a finished step durably (it survives power loss) in one
-        transaction: its row, its lineage node, its artifact and its edges."""
+        transaction: its row, its lineage node, its artifact, its edges, and its
+        call with the flows into it."""
         ...
 
     def record_step_failure(
-        self, step: RunStepWrite, node: NodeWrite, edges: Sequence[EdgeWrite]
+        self,
+        step: RunStepWrite,
+        node: NodeWrite,
+        edges: Sequence[EdgeWrite],
+        *,
+        calls: Sequence[CallWrite] = (),
     ) -> None:
         """Record that a step raised (it runs again on the next invocation)."""
+        ...
+
+    def next_call_seq(self, run_id: str) -> int:
+        """The order number the next call of a (resumed) run gets."""
         ...
 
     def finish_run(

@@ -24,19 +24,31 @@ from typing import Any, TypeVar
 
 from ..errors import SchemaError, StoreError
 from ._sqlbase import SQLStoreBase
-from .schema import APP_ID, DDL, SCHEMA_VERSION, check_version
+from .schema import (
+    APP_ID,
+    DDL,
+    SCHEMA_VERSION,
+    check_version,
+    migration_statements,
+    stored_version,
+)
 
 __all__ = ["PostgresStore"]
 
 T = TypeVar("T")
 
-# The SQLite DDL in PostgreSQL's types: one schema definition, two dialects.
-PG_DDL = (
-    DDL.replace(" WITHOUT ROWID", "")
-    .replace(" REAL", " DOUBLE PRECISION")
-    .replace(" BLOB", " BYTEA")
-    .replace(" INTEGER", " BIGINT")
-)
+
+def _pg_types(sql: str) -> str:
+    """The SQLite DDL in PostgreSQL's types: one schema definition, two dialects."""
+    return (
+        sql.replace(" WITHOUT ROWID", "")
+        .replace(" REAL", " DOUBLE PRECISION")
+        .replace(" BLOB", " BYTEA")
+        .replace(" INTEGER", " BIGINT")
+    )
+
+
+PG_DDL = _pg_types(DDL)
 
 _NAMED = re.compile(r":([a-z_]+)\b")
 _ABANDONED: list[Any] = []  # connections inherited across fork: never used, never closed
@@ -124,6 +136,9 @@ class PostgresStore(SQLStoreBase):
             }
             if check_version(c, self.path, tables):
                 return
+            found = stored_version(c, tables)
+            for statement in migration_statements(found) if found else ():
+                c.execute(_pg_types(statement))
             for statement in PG_DDL.split(";\n"):
                 if statement.strip():
                     c.execute(statement)
@@ -131,10 +146,14 @@ class PostgresStore(SQLStoreBase):
                 "INSERT INTO musubi_meta (key, value) VALUES (%s, %s) ON CONFLICT DO NOTHING",
                 [
                     ("app", APP_ID),
-                    ("schema_version", str(SCHEMA_VERSION)),
                     ("hash_scheme", "musubi/1"),
                     ("created_at", repr(time.time())),
                 ],
+            )
+            c.execute(
+                "INSERT INTO musubi_meta (key, value) VALUES ('schema_version', %s) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (str(SCHEMA_VERSION),),
             )
 
         try:
@@ -183,6 +202,15 @@ class PostgresStore(SQLStoreBase):
     # -- lifecycle ------------------------------------------------------------------
 
     def close(self) -> None:
+        if self._closed:
+            return
+        try:
+            # What the store's recorder still holds is committed first.
+            self._run_close_hooks()
+        finally:
+            self._close_connections()
+
+    def _close_connections(self) -> None:
         self._closed = True
         with self._all_lock:
             conns, self._all = self._all, []

@@ -1,12 +1,20 @@
-"""The SQLite schema, its version, and the checks made before any DDL runs."""
+"""The schema, its version, the migrations from older versions, and the checks made before
+any DDL runs.
+
+Version 2 separates the record of what happened from the reusable memo: ``musubi_nodes`` stay
+the memo (identity, replay policy, invalidation) and ``musubi_calls`` hold one row per execution
+and per replay of anything, grouped into ``musubi_runs`` (a trace, a durable run, a ``@step``
+tree), with ``musubi_flows`` linking the calls whose output fed another call.
+"""
 
 from __future__ import annotations
 
 import sqlite3
+from typing import Any
 
 from ..errors import SchemaError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 APP_ID = "musubi"
 
 # Table names carry a prefix so a musubi store is recognisable at a glance
@@ -74,20 +82,75 @@ CREATE TABLE IF NOT EXISTS musubi_edges (
 -- Walking upstream (lineage, early cutoff) needs the reverse direction.
 CREATE INDEX IF NOT EXISTS musubi_edges_child ON musubi_edges (child, kind);
 
+-- One trace: a root LangChain run, a LlamaIndex root span or workflow run, a durable run, a
+-- top-level @step call tree, or a block the user named. Its counts are kept on the row (written
+-- when the run ends), so listing runs never scans calls.
 CREATE TABLE IF NOT EXISTS musubi_runs (
-    run_id      TEXT PRIMARY KEY,
-    name        TEXT,
-    kind        TEXT NOT NULL DEFAULT 'workflow',
-    status      TEXT NOT NULL,
-    created_at  REAL NOT NULL,
-    started_at  REAL,
-    finished_at REAL,
-    host        TEXT,
-    pid         INTEGER,
-    error       TEXT,
-    node_id     TEXT,
-    attempts    INTEGER NOT NULL DEFAULT 0
+    run_id        TEXT PRIMARY KEY,
+    name          TEXT,
+    kind          TEXT NOT NULL DEFAULT 'durable',
+    status        TEXT NOT NULL,
+    created_at    REAL NOT NULL,
+    started_at    REAL,
+    finished_at   REAL,
+    host          TEXT,
+    pid           INTEGER,
+    error         TEXT,
+    node_id       TEXT,
+    attempts      INTEGER NOT NULL DEFAULT 0,
+    namespace     TEXT NOT NULL DEFAULT 'default',
+    root_call_id  TEXT,
+    duration_s    REAL,
+    calls         INTEGER NOT NULL DEFAULT 0,
+    replays       INTEGER NOT NULL DEFAULT 0,
+    tokens_in     INTEGER NOT NULL DEFAULT 0,
+    tokens_out    INTEGER NOT NULL DEFAULT 0,
+    tokens_saved  INTEGER NOT NULL DEFAULT 0,
+    seconds_saved REAL NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS musubi_runs_started ON musubi_runs (started_at);
+
+-- The record of what happened: one row per execution and per replay of anything (a chain, a
+-- span, a model call, a tool, a step). node_id is set for kinds that replay (the memo the call
+-- reached); artifact_id is what it produced or was served (kept for model, retriever, tool and
+-- step calls; other kinds keep only the previews). Call ids begin with a per-process token and
+-- count up, so a WITHOUT ROWID table appends instead of splitting pages at random.
+CREATE TABLE IF NOT EXISTS musubi_calls (
+    call_id        TEXT PRIMARY KEY,
+    run_id         TEXT NOT NULL,
+    parent_call_id TEXT,
+    seq            INTEGER NOT NULL,
+    kind           TEXT NOT NULL,
+    op_name        TEXT NOT NULL,
+    node_id        TEXT,
+    artifact_id    TEXT,
+    replayed       INTEGER NOT NULL DEFAULT 0,
+    status         TEXT NOT NULL,
+    error          TEXT,
+    started_at     REAL NOT NULL,
+    duration_s     REAL,
+    tokens_in      INTEGER,
+    tokens_out     INTEGER,
+    saved_s        REAL,
+    model          TEXT,
+    input_preview  TEXT,
+    output_preview TEXT,
+    namespace      TEXT NOT NULL DEFAULT 'default'
+) WITHOUT ROWID;
+-- `musubi steps RUN`: a run's calls in order; `musubi show NODE`: a node's calls.
+CREATE INDEX IF NOT EXISTS musubi_calls_run ON musubi_calls (run_id, seq);
+CREATE INDEX IF NOT EXISTS musubi_calls_node ON musubi_calls (node_id) WHERE node_id IS NOT NULL;
+
+-- Data flow between calls: the output of src (its artifact, when kept) fed dst. Node-level
+-- data edges (identity, invalidation) are derived from these by the recorders.
+CREATE TABLE IF NOT EXISTS musubi_flows (
+    dst_call_id TEXT NOT NULL,
+    src_call_id TEXT NOT NULL,
+    artifact_id TEXT,
+    PRIMARY KEY (dst_call_id, src_call_id)
+) WITHOUT ROWID;
+-- Walking downstream from a call.
+CREATE INDEX IF NOT EXISTS musubi_flows_src ON musubi_flows (src_call_id);
 
 CREATE TABLE IF NOT EXISTS musubi_run_steps (
     run_id      TEXT NOT NULL,
@@ -118,8 +181,38 @@ EXPECTED_TABLES = frozenset(
         "musubi_edges",
         "musubi_runs",
         "musubi_run_steps",
+        "musubi_calls",
+        "musubi_flows",
     }
 )
+
+# Statements that bring a file of version N to N + 1, run (in one transaction, before the DDL
+# above, which then adds the new tables and indexes) by every store when it opens an older file.
+MIGRATIONS: dict[int, list[str]] = {
+    1: [
+        # The runs table gains the columns of a trace; version 1 held durable runs only.
+        "ALTER TABLE musubi_runs ADD COLUMN namespace TEXT NOT NULL DEFAULT 'default'",
+        "ALTER TABLE musubi_runs ADD COLUMN root_call_id TEXT",
+        "ALTER TABLE musubi_runs ADD COLUMN duration_s REAL",
+        "ALTER TABLE musubi_runs ADD COLUMN calls INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE musubi_runs ADD COLUMN replays INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE musubi_runs ADD COLUMN tokens_in INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE musubi_runs ADD COLUMN tokens_out INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE musubi_runs ADD COLUMN tokens_saved INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE musubi_runs ADD COLUMN seconds_saved REAL NOT NULL DEFAULT 0",
+        "UPDATE musubi_runs SET kind = 'durable' WHERE kind = 'workflow'",
+        "UPDATE musubi_runs SET duration_s = finished_at - started_at "
+        "WHERE finished_at IS NOT NULL AND started_at IS NOT NULL",
+    ],
+}
+
+
+def migration_statements(found: int) -> list[str]:
+    """What brings a file of schema ``found`` to the current version (empty when current)."""
+    statements: list[str] = []
+    for version in range(max(found, 1), SCHEMA_VERSION):
+        statements.extend(MIGRATIONS[version])
+    return statements
 
 
 def existing_tables(conn: sqlite3.Connection) -> set[str]:
@@ -127,10 +220,22 @@ def existing_tables(conn: sqlite3.Connection) -> set[str]:
     return {row[0] for row in rows}
 
 
-def check_version(conn: sqlite3.Connection, path: str, tables: set[str]) -> bool:
+def stored_version(conn: Any, tables: set[str]) -> int:
+    """The schema version a (checked) store file holds; 0 for a new file."""
+    if "musubi_meta" not in tables:
+        return 0
+    row = conn.execute("SELECT value FROM musubi_meta WHERE key = 'schema_version'").fetchone()
+    try:
+        return int(row[0]) if row is not None else 0
+    except ValueError:
+        return 0
+
+
+def check_version(conn: Any, path: str, tables: set[str]) -> bool:
     """Decide whether the file is ours, and current, before running any DDL.
 
-    Returns True when the schema is complete and current (no DDL needed).
+    Returns True when the schema is complete and current (no DDL needed); False when it needs
+    creating or migrating (see :func:`stored_version` and :func:`migration_statements`).
     Raises :class:`SchemaError` for a newer musubi file or a foreign database.
     """
     if "musubi_meta" not in tables:

@@ -20,7 +20,15 @@ from typing import Any, TypeVar
 from ..errors import SchemaError, StoreError
 from ._sqlbase import _LOOKUP, SQLStoreBase, _fast_node
 from .base import NodeRecord
-from .schema import APP_ID, DDL, SCHEMA_VERSION, check_version, existing_tables
+from .schema import (
+    APP_ID,
+    DDL,
+    SCHEMA_VERSION,
+    check_version,
+    existing_tables,
+    migration_statements,
+    stored_version,
+)
 from .sqlite_runs import RunStoreMixin
 
 __all__ = ["SQLiteStore"]
@@ -147,7 +155,11 @@ class SQLiteStore(RunStoreMixin, SQLStoreBase):
                 # created (or claimed) the file since we looked.
                 tables = existing_tables(conn)
                 if not check_version(conn, self.path, tables):
-                    # Statement by statement: executescript() would COMMIT first.
+                    found = stored_version(conn, tables)
+                    # Statement by statement: executescript() would COMMIT first. An older
+                    # file is migrated in this same transaction: all of it or nothing.
+                    for statement in migration_statements(found) if found else ():
+                        conn.execute(statement)
                     for statement in DDL.split(";\n"):
                         if statement.strip():
                             conn.execute(statement)
@@ -155,10 +167,14 @@ class SQLiteStore(RunStoreMixin, SQLStoreBase):
                         "INSERT OR IGNORE INTO musubi_meta (key, value) VALUES (?, ?)",
                         [
                             ("app", APP_ID),
-                            ("schema_version", str(SCHEMA_VERSION)),
                             ("hash_scheme", "musubi/1"),
                             ("created_at", repr(time.time())),
                         ],
+                    )
+                    conn.execute(
+                        "INSERT INTO musubi_meta (key, value) VALUES ('schema_version', ?) "
+                        "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                        (str(SCHEMA_VERSION),),
                     )
                 conn.execute("COMMIT")
             except BaseException:
@@ -301,6 +317,15 @@ class SQLiteStore(RunStoreMixin, SQLStoreBase):
     # -- lifecycle ----------------------------------------------------------------
 
     def close(self) -> None:
+        if self._closed:
+            return
+        try:
+            # What the store's recorder still holds is committed first.
+            self._run_close_hooks()
+        finally:
+            self._close_connections()
+
+    def _close_connections(self) -> None:
         self._closed = True
         with self._all_lock:
             conns, self._all = self._all, []

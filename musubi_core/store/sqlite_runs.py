@@ -24,18 +24,19 @@ import sqlite3
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from .base import ArtifactWrite, EdgeWrite, NodeWrite, RunRecord, RunStepRecord, RunStepWrite
+from .base import (
+    ArtifactWrite,
+    CallWrite,
+    EdgeWrite,
+    FlowWrite,
+    NodeWrite,
+    RunStepRecord,
+    RunStepWrite,
+)
 
 __all__ = ["RunStoreMixin"]
 
 T = TypeVar("T")
-
-_RUN_COLUMNS = (
-    "r.run_id, r.name, r.kind, r.status, r.created_at, r.started_at, r.finished_at, r.host, "
-    "r.pid, r.error, r.node_id, r.attempts, "
-    "(SELECT COUNT(*) FROM musubi_run_steps s WHERE s.run_id = r.run_id AND s.status = 'done'), "
-    "(SELECT COUNT(*) FROM musubi_run_steps s WHERE s.run_id = r.run_id)"
-)
 
 _STEP_COLUMNS = (
     "s.run_id, s.name, s.seq, s.kind, s.status, s.fingerprint, s.artifact_id, s.node_id, "
@@ -45,7 +46,7 @@ _STEP_COLUMNS = (
 _BEGIN_RUN = """
 INSERT INTO musubi_runs (run_id, name, kind, status, created_at, started_at, finished_at,
                          host, pid, error, node_id, attempts)
-VALUES (?, ?, 'workflow', 'running', ?, ?, NULL, ?, ?, NULL, ?, 1)
+VALUES (?, ?, 'durable', 'running', ?, ?, NULL, ?, ?, NULL, ?, 1)
 ON CONFLICT (run_id) DO UPDATE SET
     name = COALESCE(excluded.name, musubi_runs.name),
     status = 'running',
@@ -99,6 +100,25 @@ ON CONFLICT (run_id, name) DO UPDATE SET
 """
 
 
+_FINISH_RUN = """
+UPDATE musubi_runs SET
+    status = ?, error = ?, finished_at = ?,
+    duration_s = ? - started_at,
+    calls = (SELECT COUNT(*) FROM musubi_calls c WHERE c.run_id = musubi_runs.run_id),
+    replays = (SELECT COUNT(*) FROM musubi_calls c
+               WHERE c.run_id = musubi_runs.run_id AND c.replayed = 1),
+    tokens_in = (SELECT COALESCE(SUM(c.tokens_in), 0) FROM musubi_calls c
+                 WHERE c.run_id = musubi_runs.run_id AND c.replayed = 0),
+    tokens_out = (SELECT COALESCE(SUM(c.tokens_out), 0) FROM musubi_calls c
+                  WHERE c.run_id = musubi_runs.run_id AND c.replayed = 0),
+    tokens_saved = (SELECT COALESCE(SUM(COALESCE(c.tokens_in, 0) + COALESCE(c.tokens_out, 0)), 0)
+                    FROM musubi_calls c WHERE c.run_id = musubi_runs.run_id AND c.replayed = 1),
+    seconds_saved = (SELECT COALESCE(SUM(c.saved_s), 0) FROM musubi_calls c
+                     WHERE c.run_id = musubi_runs.run_id AND c.replayed = 1)
+WHERE run_id = ?
+"""
+
+
 def _step_params(step: RunStepWrite) -> tuple[Any, ...]:
     return (
         step.run_id, step.name, step.seq, step.kind, step.status, step.fingerprint,
@@ -137,6 +157,15 @@ class RunStoreMixin:
             nodes: Sequence[NodeWrite],
             artifacts: Sequence[ArtifactWrite],
             edges: Sequence[EdgeWrite],
+            now: float,
+        ) -> None: ...
+
+        def _write_records(
+            self,
+            c: Any,
+            calls: Sequence[CallWrite],
+            flows: Sequence[FlowWrite],
+            runs: Sequence[Any],
             now: float,
         ) -> None: ...
 
@@ -202,27 +231,47 @@ class RunStoreMixin:
         node: NodeWrite,
         artifact: ArtifactWrite | None,
         edges: Sequence[EdgeWrite],
+        *,
+        calls: Sequence[CallWrite] = (),
+        flows: Sequence[FlowWrite] = (),
     ) -> None:
         now = step.finished_at or node.finished_at or 0.0
         params = _step_params(step)
 
         def apply(c: sqlite3.Connection) -> None:
             self._write_rows(c, [node], [artifact] if artifact else (), edges, now)
+            self._write_records(c, calls, flows, (), now)
             c.execute(_STEP_FINISHED, params)
 
         self.commit_durable(apply, f"checkpoint step {step.name!r}")
 
     def record_step_failure(
-        self, step: RunStepWrite, node: NodeWrite, edges: Sequence[EdgeWrite]
+        self,
+        step: RunStepWrite,
+        node: NodeWrite,
+        edges: Sequence[EdgeWrite],
+        *,
+        calls: Sequence[CallWrite] = (),
     ) -> None:
         now = step.finished_at or 0.0
         params = _step_params(step)
 
         def apply(c: sqlite3.Connection) -> None:
             self._write_rows(c, [node], (), edges, now)
+            self._write_records(c, calls, (), (), now)
             c.execute(_STEP_FINISHED, params)
 
         self.transaction(apply, f"record failure of step {step.name!r}")
+
+    def next_call_seq(self, run_id: str) -> int:
+        """Where the calls of a resumed run continue their order."""
+        row = self.query(
+            lambda c: c.execute(
+                "SELECT MAX(seq) FROM musubi_calls WHERE run_id = ?", (run_id,)
+            ).fetchone(),
+            "next call seq",
+        )
+        return 0 if row is None or row[0] is None else int(row[0]) + 1
 
     def finish_run(
         self,
@@ -236,32 +285,10 @@ class RunStoreMixin:
     ) -> None:
         def apply(c: sqlite3.Connection) -> None:
             self._write_rows(c, [node], [artifact] if artifact else (), (), now)
-            c.execute(
-                "UPDATE musubi_runs SET status = ?, error = ?, finished_at = ? WHERE run_id = ?",
-                (status, error, now, run_id),
-            )
+            # The run's totals over every call it recorded, in every invocation.
+            c.execute(_FINISH_RUN, (status, error, now, now, run_id))
 
         self.transaction(apply, "finish run")
-
-    def get_run(self, run_id: str) -> RunRecord | None:
-        row = self.query(
-            lambda c: c.execute(
-                f"SELECT {_RUN_COLUMNS} FROM musubi_runs r WHERE r.run_id = ?", (run_id,)
-            ).fetchone(),
-            "get run",
-        )
-        return None if row is None else RunRecord(*row)
-
-    def list_runs(self, *, limit: int = 50) -> list[RunRecord]:
-        rows = self.query(
-            lambda c: c.execute(
-                f"SELECT {_RUN_COLUMNS} FROM musubi_runs r "
-                "ORDER BY COALESCE(r.started_at, r.created_at) DESC LIMIT ?",
-                (limit,),
-            ).fetchall(),
-            "list runs",
-        )
-        return [RunRecord(*r) for r in rows]
 
     def run_steps(self, run_id: str, *, payloads: bool = False) -> list[RunStepRecord]:
         if payloads:

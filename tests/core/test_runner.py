@@ -470,9 +470,51 @@ def test_steps_are_lineage_nodes_under_the_run(db_path: Path) -> None:
     assert kinds[run_node] == "run" and kinds[step_node] == "run_step"
     edges = set(rows(db_path, "SELECT parent, child FROM musubi_edges WHERE kind = 'contains'"))
     assert (run_node, step_node) in edges
-    inner_nodes = [n for n, k in kinds.items() if k == "step"]
-    assert len(inner_nodes) == 1 and (step_node, inner_nodes[0]) in edges
+    # The @step called inside the durable step is a call of the run, under the step's call.
+    calls = rows(
+        db_path,
+        "SELECT call_id, parent_call_id, kind, op_name, node_id FROM musubi_calls "
+        "WHERE run_id = 'r1' ORDER BY seq",
+    )
+    assert [(c[2], c[3].rsplit(".", 1)[-1]) for c in calls] == [("run_step", "outer"), ("step", "inner")]
+    assert calls[0][1] is None and calls[1][1] == calls[0][0]
+    assert calls[0][4] == step_node and kinds[calls[1][4]] == "step"
     assert committed(db_path, "r1") == {"outer"}
+
+
+def test_durable_steps_carry_data_lineage(db_path: Path) -> None:
+    """A step whose function consumes an earlier step's result gets a data edge from it (call
+    flows and node edges); a resumed run's replays are calls of the same run."""
+
+    def wf(ctx: Context) -> int:
+        text = ctx.step("load", lambda: "alpha beta gamma")
+        words = ctx.step("split", lambda: text.split())
+        return ctx.step("count", lambda: len(words))
+
+    assert run(db_path, wf, run_id="lin") == 3
+    calls = rows(
+        db_path, "SELECT op_name, call_id, replayed, node_id FROM musubi_calls "
+        "WHERE run_id = 'lin' ORDER BY seq",
+    )
+    assert [(c[0], c[2]) for c in calls] == [("load", 0), ("split", 0), ("count", 0)]
+    ids = {c[0]: c[1] for c in calls}
+    nodes = {c[0]: c[3] for c in calls}
+    flows = set(rows(db_path, "SELECT src_call_id, dst_call_id FROM musubi_flows"))
+    assert flows == {(ids["load"], ids["split"]), (ids["split"], ids["count"])}
+    data = set(rows(db_path, "SELECT parent, child FROM musubi_edges WHERE kind = 'data'"))
+    assert data == {(nodes["load"], nodes["split"]), (nodes["split"], nodes["count"])}
+    (totals,) = rows(db_path, "SELECT calls, replays FROM musubi_runs WHERE run_id = 'lin'")
+    assert totals == (3, 0)
+    # Resumed (here: run again after it finished): three replays, appended in order.
+    assert run(db_path, wf, run_id="lin") == 3
+    again = rows(
+        db_path, "SELECT op_name, replayed, seq FROM musubi_calls WHERE run_id = 'lin' "
+        "ORDER BY seq",
+    )
+    assert [(c[0], c[1]) for c in again[3:]] == [("load", 1), ("split", 1), ("count", 1)]
+    assert [c[2] for c in again] == list(range(6))
+    (totals,) = rows(db_path, "SELECT calls, replays FROM musubi_runs WHERE run_id = 'lin'")
+    assert totals == (6, 3)
 
 
 def test_durable_checkpoints_use_synchronous_full(db_path: Path,

@@ -271,9 +271,16 @@ def test_explain_gives_reasons_without_running_or_counting(engine: Engine) -> No
     def use(value: Result[int]) -> int:
         return value.value
 
-    use(source("a"))
-    # Same operation, same input (the artifact), but another upstream node.
+    used = use(source("a"))
+    # Same operation, same input (the artifact), but another upstream node: the output of the
+    # node reached through the first upstream replays (content across upstreams)...
     decision = use.explain(source("b"))
+    assert decision.replay and decision.reason is ReplayReason.CONTENT_HIT
+    assert decision.node_id != used.node_id and used.node_id[:12] in decision.detail
+
+    # ...unless the step asks for the strict rule (@step(strict_upstream=True)).
+    key, _ = use.key(source("b"))
+    decision = engine.explain(key, StepConfiguration(strict_upstream=True))
     assert decision.reason is ReplayReason.UPSTREAM_CHANGED
     engine.invalidate(first.node_id)
     assert square.explain(3).reason is ReplayReason.STALE
@@ -386,7 +393,7 @@ def test_merge_adds_explicit_parents(engine: Engine) -> None:
         pass
 
 
-def test_nested_steps_record_contains_edges(engine: Engine) -> None:
+def test_nested_steps_are_calls_under_their_caller(engine: Engine) -> None:
     @step()
     def inner(x: int) -> int:
         return x + 1
@@ -396,8 +403,19 @@ def test_nested_steps_record_contains_edges(engine: Engine) -> None:
         return inner(x).value * 2
 
     result = outer(1)
-    edges = engine.store.edges(result.node_id)
-    assert [(e.parent, e.kind) for e in edges] == [(result.node_id, "contains")]
+    engine.flush()
+    assert result.call_id is not None
+    outer_call = engine.store.get_call(result.call_id)
+    assert outer_call is not None and outer_call.parent_call_id is None
+    calls = engine.store.run_calls(outer_call.run_id)
+    assert [(c.op_name.rsplit(".", 1)[-1], c.parent_call_id) for c in calls] == [
+        ("outer", None),
+        ("inner", result.call_id),
+    ]
+    (run,) = engine.store.list_runs()
+    assert (run.kind, run.calls, run.root_call_id) == ("step", 2, result.call_id)
+    # The memo holds no call tree: nodes have no contains edges.
+    assert engine.store.edges(result.node_id) == []
 
 
 # -- async ------------------------------------------------------------------------------

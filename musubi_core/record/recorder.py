@@ -1,0 +1,345 @@
+"""The one writer: every call, run, flow, deferred node and replay count goes through here.
+
+A :class:`Recorder` belongs to one store object (:func:`recorder_for`) and is shared by every
+engine, adapter and run writing to it. Writers hand it rows; a background thread commits them
+in batches, one transaction each, so a LangChain callback or a LlamaIndex span never waits for
+the disk. Its contract, which the tests hold it to:
+
+* **Bounded.** At most ``max_backlog`` rows wait. Past that bound the submitting thread
+  commits the backlog itself (backpressure) before its rows are accepted, so memory stays flat
+  under any load.
+* **Timely.** While rows wait, a commit happens at least every ``interval`` seconds (1 s), or
+  sooner once ``batch_rows`` are waiting.
+* **Nothing acknowledged is dropped.** A row is acknowledged when ``submit`` returns. A commit
+  that fails (disk full, a locked or read-only file) puts its rows back, in order, ahead of
+  newer ones, and the next commit retries them; ``flush()`` raises the error to its caller.
+  Only when the backlog is full *and* the inline commit fails does ``submit`` raise
+  :class:`~musubi_core.errors.StoreError`, and then the new rows were not accepted.
+* **Flushed on close.** Closing the store, closing an engine, interpreter exit and
+  ``flush()`` commit everything waiting.
+* **Loss window.** A SIGKILL loses at most the rows acknowledged since the last commit: about
+  ``interval`` seconds of calls (docs/core.md states it; a test measures it).
+* **Fork safe.** A child process starts with an empty backlog (the parent commits its own
+  rows) and its own writer thread.
+
+Deferred node writes (a batch of embeddings) stay visible to lookups while they wait:
+:meth:`Recorder.pending_node` returns them, so a node written a moment ago replays at once.
+
+>>> import os, tempfile
+>>> from musubi_core.store import SQLiteStore
+>>> store = SQLiteStore(os.path.join(tempfile.mkdtemp(), "m.db"))
+>>> rec = recorder_for(store)
+>>> rec is recorder_for(store)
+True
+>>> rec.flush(); store.close()
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import threading
+import weakref
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from ..errors import StoreError
+from ..store import ArtifactWrite, CallWrite, EdgeWrite, FlowWrite, NodeWrite, RunWrite, Store
+
+__all__ = ["Recorder", "flush_recorders", "recorder_for"]
+
+_RECORDERS: weakref.WeakKeyDictionary[Any, Recorder] = weakref.WeakKeyDictionary()
+_RECORDERS_LOCK = threading.Lock()
+_LIVE: weakref.WeakSet[Recorder] = weakref.WeakSet()
+
+
+def recorder_for(store: Store) -> Recorder:
+    """The recorder of ``store`` (made on first use; one per store object)."""
+    rec = _RECORDERS.get(store)
+    if rec is not None:
+        return rec
+    with _RECORDERS_LOCK:
+        rec = _RECORDERS.get(store)
+        if rec is None:
+            rec = Recorder(store)
+            _RECORDERS[store] = rec
+            hook = getattr(store, "add_close_hook", None)
+            if hook is not None:
+                hook(rec.close)
+        return rec
+
+
+def flush_recorders(path: str | None = None) -> None:
+    """Commit what every recorder of this process holds (only those writing to ``path``, when
+    given): an invalidation or a reader in this process then sees everything recorded."""
+    for rec in list(_LIVE):
+        if not rec.closed and (path is None or getattr(rec.store, "path", None) == path):
+            rec.flush()
+
+
+class Recorder:
+    """Write-behind queue of one store; see the module docstring for its contract."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        interval: float = 1.0,
+        batch_rows: int = 2048,
+        max_backlog: int = 50_000,
+    ) -> None:
+        self.store = store
+        self.interval = interval
+        self.batch_rows = batch_rows
+        self.max_backlog = max_backlog
+        # Called (from the writer thread) with the error of a failed background commit; the
+        # rows stay queued and are retried. Owners set it to their one warning.
+        self.on_error: Callable[[BaseException], None] | None = None
+        self.closed = False
+        self.commits = 0  # successful commits (for tests and `stats`)
+        self.failures = 0  # failed commits since the last success
+        self._reset()
+        _LIVE.add(self)
+
+    def _reset(self) -> None:
+        """An empty backlog, new locks, no writer (also after fork, in the child)."""
+        self._lock = threading.Lock()  # guards the backlog
+        self._io = threading.Lock()  # one commit at a time
+        self._wake = threading.Event()
+        self._writer: tuple[int, threading.Thread] | None = None
+        self._nodes: list[NodeWrite] = []
+        self._artifacts: list[ArtifactWrite] = []
+        self._edges: list[EdgeWrite] = []
+        self._calls: list[CallWrite] = []
+        self._flows: list[FlowWrite] = []
+        self._runs: dict[str, RunWrite] = {}  # the latest row of each run wins
+        self._replays: Counter[str] = Counter()
+        # Deferred node writes by id, for lookups (see pending_node).
+        self._pending: dict[str, tuple[NodeWrite, ArtifactWrite | None]] = {}
+        self._size = 0
+
+    # -- accepting rows -------------------------------------------------------------
+
+    @property
+    def backlog(self) -> int:
+        """Rows waiting to be committed."""
+        return self._size
+
+    def submit(
+        self,
+        *,
+        nodes: Sequence[NodeWrite] = (),
+        artifacts: Sequence[ArtifactWrite] = (),
+        edges: Sequence[EdgeWrite] = (),
+        calls: Sequence[CallWrite] = (),
+        flows: Sequence[FlowWrite] = (),
+        runs: Sequence[RunWrite] = (),
+        replays: Iterable[str] = (),
+    ) -> None:
+        """Queue rows for the next commit (acknowledged when this returns)."""
+        if self.closed:
+            raise StoreError(
+                f"the recorder of {self.store.path} is closed; open the store again",
+                path=self.store.path,
+            )
+        if self._size >= self.max_backlog:
+            self._backpressure()
+        with self._lock:
+            size = self._size
+            if nodes:
+                self._nodes.extend(nodes)
+                by_id = {a.artifact_id: a for a in artifacts}
+                for n in nodes:
+                    self._pending[n.node_id] = (n, by_id.get(n.artifact_id or ""))
+                size += len(nodes)
+            if artifacts:
+                self._artifacts.extend(artifacts)
+            if edges:
+                self._edges.extend(edges)
+                size += len(edges)
+            if calls:
+                self._calls.extend(calls)
+                size += len(calls)
+            if flows:
+                self._flows.extend(flows)
+                size += len(flows)
+            for r in runs:
+                self._runs[r.run_id] = r
+                size += 1
+            for node_id in replays:
+                self._replays[node_id] += 1
+                size += 1
+            self._size = size
+        self._kick(size)
+
+    def call(self, row: CallWrite, flows: Sequence[FlowWrite] = ()) -> None:
+        """Queue one call and the flows into it (the hot path of every adapter)."""
+        if self.closed or self._size >= self.max_backlog:
+            self.submit(calls=(row,), flows=flows)
+            return
+        with self._lock:
+            self._calls.append(row)
+            if flows:
+                self._flows.extend(flows)
+            size = self._size = self._size + 1 + len(flows)
+        self._kick(size)
+
+    def replay(self, node_id: str) -> None:
+        """Count one replay of ``node_id``."""
+        self.submit(replays=(node_id,))
+
+    def pending_node(self, node_id: str) -> tuple[NodeWrite, ArtifactWrite | None] | None:
+        """A deferred write of ``node_id`` not committed yet (its newest), else None."""
+        pending = self._pending
+        return pending.get(node_id) if pending else None
+
+    def _kick(self, size: int) -> None:
+        writer = self._writer
+        if writer is not None and writer[0] == os.getpid():
+            if size >= self.batch_rows and not self._wake.is_set():
+                self._wake.set()
+            return
+        if not self._ensure_writer():
+            self.flush()  # no thread can start (interpreter exit): commit inline
+
+    def _backpressure(self) -> None:
+        """The backlog is full: this thread commits it before adding more."""
+        with self._io:
+            if self._size >= self.max_backlog:
+                self._commit()  # raises StoreError when it cannot: the new rows are refused
+
+    # -- committing -------------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Commit everything waiting now; raises the store's error (the rows stay queued)."""
+        with self._io:
+            self._commit()
+
+    def _commit(self) -> None:
+        """Take the backlog and write it in one transaction (the caller holds ``_io``)."""
+        with self._lock:
+            if not self._size and not self._artifacts:
+                return
+            nodes, artifacts, edges = self._nodes, self._artifacts, self._edges
+            calls, flows, runs, replays = self._calls, self._flows, self._runs, self._replays
+            size = self._size
+            self._nodes, self._artifacts, self._edges = [], [], []
+            self._calls, self._flows, self._runs, self._replays = [], [], {}, Counter()
+            self._size = 0
+        try:
+            self.store.write(
+                nodes,
+                artifacts,
+                edges,
+                calls=calls,
+                flows=flows,
+                runs=list(runs.values()),
+                replays=replays,
+            )
+        except BaseException:
+            with self._lock:
+                # Back in front of anything newer, in the order they were accepted.
+                self._nodes = nodes + self._nodes
+                self._artifacts = artifacts + self._artifacts
+                self._edges = edges + self._edges
+                self._calls = calls + self._calls
+                self._flows = flows + self._flows
+                newer, self._runs = self._runs, runs
+                self._runs.update(newer)
+                self._replays.update(replays)
+                self._size += size
+            self.failures += 1
+            raise
+        self.failures = 0
+        self.commits += 1
+        if nodes:
+            with self._lock:
+                pending = self._pending
+                for n in nodes:
+                    entry = pending.get(n.node_id)
+                    if entry is not None and entry[0] is n:
+                        del pending[n.node_id]
+
+    def _ensure_writer(self) -> bool:
+        pid = os.getpid()
+        writer = self._writer
+        if writer is not None and writer[0] == pid and writer[1].is_alive():
+            return True
+        with self._lock:
+            writer = self._writer
+            if writer is not None and writer[0] == pid and writer[1].is_alive():
+                return True
+            thread = threading.Thread(
+                target=self._run_writer, name="musubi-recorder", daemon=True
+            )
+            try:
+                thread.start()
+            except RuntimeError:  # interpreter shutting down
+                return False
+            self._writer = (pid, thread)
+        return True
+
+    # The writer thread ends after this many idle intervals, so a recorder nobody uses any
+    # more holds no thread; the next submit starts a new one.
+    IDLE_INTERVALS = 30
+
+    def _run_writer(self) -> None:
+        me = threading.current_thread()
+        idle = 0
+        try:
+            while not self.closed:
+                self._wake.wait(self.interval)
+                self._wake.clear()
+                if not self._size and not self._artifacts:
+                    idle += 1
+                    if idle < self.IDLE_INTERVALS:
+                        continue
+                    with self._lock:
+                        # Retire, unless rows arrived meanwhile (their submitter saw us alive).
+                        if self._size or self._artifacts:
+                            idle = 0
+                            continue
+                        if self._writer is not None and self._writer[1] is me:
+                            self._writer = None
+                        return
+                idle = 0
+                try:
+                    with self._io:
+                        self._commit()
+                except Exception as exc:
+                    handler = self.on_error
+                    if handler is not None:
+                        with contextlib.suppress(Exception):
+                            handler(exc)
+        finally:
+            with self._lock:
+                if self._writer is not None and self._writer[1] is me:
+                    self._writer = None
+
+    def close(self) -> None:
+        """Commit what is waiting and stop (a failure to commit is raised)."""
+        if self.closed:
+            return
+        try:
+            self.flush()
+        finally:
+            self.closed = True
+            self._wake.set()
+
+
+def _after_fork_in_child() -> None:
+    for rec in list(_LIVE):
+        rec._reset()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+@atexit.register
+def _flush_at_exit() -> None:
+    for rec in list(_LIVE):
+        if not rec.closed:
+            with contextlib.suppress(Exception):
+                rec.flush()

@@ -1,0 +1,314 @@
+"""Calls, flows and runs: the record of what happened, shared by every SQL backend.
+
+Nodes are the reusable memo (see ``_sqlbase``); the rows here record each execution and each
+replay (a *call*), which call's output fed which (a *flow*), and the traces they belong to (a
+*run*). They are written by the recorder (:mod:`musubi_core.record`) in its batches and read by
+the CLI; nothing here decides what replays.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from ..errors import NodeNotFoundError
+from .base import CallRecord, CallWrite, FlowRecord, FlowWrite, RunRecord, RunWrite
+
+__all__ = ["CALL_COLUMNS", "CallsMixin", "RUN_COLUMNS"]
+
+T = TypeVar("T")
+
+CALL_COLUMNS = (
+    "call_id, run_id, parent_call_id, seq, kind, op_name, node_id, artifact_id, replayed, "
+    "status, error, started_at, duration_s, tokens_in, tokens_out, saved_s, model, "
+    "input_preview, output_preview, namespace"
+)
+
+# CallWrite's fields are the statement's parameters, in order. A call id is written once in
+# the common case; a second write of the same id (a durable step's call committed again after
+# a resumed run re-recorded it) replaces the row.
+_UPSERT_CALL = f"""
+INSERT INTO musubi_calls ({CALL_COLUMNS})
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (call_id) DO UPDATE SET
+    status = excluded.status,
+    error = excluded.error,
+    node_id = COALESCE(excluded.node_id, musubi_calls.node_id),
+    artifact_id = COALESCE(excluded.artifact_id, musubi_calls.artifact_id),
+    replayed = excluded.replayed,
+    duration_s = excluded.duration_s,
+    tokens_in = excluded.tokens_in,
+    tokens_out = excluded.tokens_out,
+    saved_s = excluded.saved_s,
+    output_preview = excluded.output_preview
+"""
+
+_INSERT_FLOW = """
+INSERT INTO musubi_flows (dst_call_id, src_call_id, artifact_id) VALUES (?, ?, ?)
+ON CONFLICT (dst_call_id, src_call_id) DO NOTHING
+"""
+
+# A run row is written when the run starts (status running) and again when it ends; the counts
+# are the recorder's, for the calls it recorded in this run.
+_UPSERT_RUN = """
+INSERT INTO musubi_runs (run_id, kind, name, status, started_at, finished_at, duration_s, host,
+                         pid, error, namespace, root_call_id, calls, replays, tokens_in,
+                         tokens_out, tokens_saved, seconds_saved, created_at, attempts)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1)
+ON CONFLICT (run_id) DO UPDATE SET
+    kind = excluded.kind,
+    name = COALESCE(excluded.name, musubi_runs.name),
+    status = excluded.status,
+    finished_at = excluded.finished_at,
+    duration_s = excluded.duration_s,
+    error = excluded.error,
+    root_call_id = COALESCE(musubi_runs.root_call_id, excluded.root_call_id),
+    calls = excluded.calls,
+    replays = excluded.replays,
+    tokens_in = excluded.tokens_in,
+    tokens_out = excluded.tokens_out,
+    tokens_saved = excluded.tokens_saved,
+    seconds_saved = excluded.seconds_saved
+"""
+
+RUN_COLUMNS = (
+    "r.run_id, r.name, r.kind, r.status, r.created_at, r.started_at, r.finished_at, r.host, "
+    "r.pid, r.error, r.node_id, r.attempts, "
+    "(SELECT COUNT(*) FROM musubi_run_steps s WHERE s.run_id = r.run_id AND s.status = 'done'), "
+    "(SELECT COUNT(*) FROM musubi_run_steps s WHERE s.run_id = r.run_id), "
+    "r.namespace, r.root_call_id, r.duration_s, r.calls, r.replays, r.tokens_in, r.tokens_out, "
+    "r.tokens_saved, r.seconds_saved"
+)
+
+_HEX = frozenset("0123456789abcdef")
+
+
+class CallsMixin:
+    """Store methods for calls, flows and runs over the SQL base's plumbing."""
+
+    path: str
+
+    if TYPE_CHECKING:  # provided by SQLStoreBase
+
+        def _read(self, action: str, fn: Callable[[Any], T]) -> T:
+            raise NotImplementedError
+
+        def _ex(self, c: Any, sql: str, params: Any = ()) -> Any:
+            raise NotImplementedError
+
+        def _exm(self, c: Any, sql: str, rows: Sequence[Any]) -> Any:
+            raise NotImplementedError
+
+    # -- writing (inside the caller's transaction) ----------------------------------
+
+    def _write_records(
+        self,
+        c: Any,
+        calls: Sequence[CallWrite],
+        flows: Sequence[FlowWrite],
+        runs: Sequence[RunWrite],
+        now: float,
+    ) -> None:
+        if runs:
+            self._exm(c, _UPSERT_RUN, [(*r, now) for r in runs])
+        if calls:
+            self._exm(c, _UPSERT_CALL, calls)
+        if flows:
+            self._exm(c, _INSERT_FLOW, flows)
+
+    # -- runs ---------------------------------------------------------------------
+
+    def get_run(self, run_id: str) -> RunRecord | None:
+        row = self._read(
+            "get run",
+            lambda c: self._ex(
+                c, f"SELECT {RUN_COLUMNS} FROM musubi_runs r WHERE r.run_id = ?", (run_id,)
+            ).fetchone(),
+        )
+        return None if row is None else RunRecord(*row)
+
+    def resolve_run(self, ref: str) -> str:
+        """The run id ``ref`` names: itself, or the one run whose id starts with it."""
+        if self.get_run(ref) is not None:
+            return ref
+        rows = self._read(
+            "resolve run",
+            lambda c: self._ex(
+                c,
+                "SELECT run_id FROM musubi_runs WHERE run_id >= ? AND run_id < ? LIMIT 6",
+                (ref, ref + "\uffff"),
+            ).fetchall(),
+        )
+        if len(rows) == 1:
+            return str(rows[0][0])
+        raise NodeNotFoundError(
+            ref,
+            candidates=[r[0] for r in rows],
+            what="run",
+            listing="musubi runs",
+        )
+
+    def list_runs(
+        self,
+        *,
+        limit: int = 50,
+        kind: str | None = None,
+        since: float | None = None,
+        status: str | None = None,
+    ) -> list[RunRecord]:
+        """Most recently started runs first."""
+        clauses, params = _filters(
+            ("r.kind = ?", kind), ("r.started_at >= ?", since), ("r.status = ?", status)
+        )
+        rows = self._read(
+            "list runs",
+            lambda c: self._ex(
+                c,
+                f"SELECT {RUN_COLUMNS} FROM musubi_runs r {clauses} "
+                "ORDER BY COALESCE(r.started_at, r.created_at) DESC LIMIT ?",
+                (*params, limit),
+            ).fetchall(),
+        )
+        return [RunRecord(*r) for r in rows]
+
+    # -- calls --------------------------------------------------------------------
+
+    def run_calls(self, run_id: str, *, limit: int | None = None) -> list[CallRecord]:
+        """A run's calls in the order they started."""
+        sql = f"SELECT {CALL_COLUMNS} FROM musubi_calls WHERE run_id = ? ORDER BY seq"
+        params: tuple[Any, ...] = (run_id,)
+        if limit is not None:
+            sql += " LIMIT ?"
+            params = (run_id, limit)
+        rows = self._read("run calls", lambda c: self._ex(c, sql, params).fetchall())
+        return [CallRecord._make(r) for r in rows]
+
+    def get_call(self, call_id: str) -> CallRecord | None:
+        row = self._read(
+            "get call",
+            lambda c: self._ex(
+                c, f"SELECT {CALL_COLUMNS} FROM musubi_calls WHERE call_id = ?", (call_id,)
+            ).fetchone(),
+        )
+        return None if row is None else CallRecord._make(row)
+
+    def resolve_call(self, ref: str) -> str | None:
+        """The call id ``ref`` names (a unique prefix), None when no call matches; raises
+        :class:`NodeNotFoundError` when several do."""
+        ref = ref.strip().lower()
+        if not ref or not set(ref) <= _HEX:
+            return None
+        rows = self._read(
+            "resolve call",
+            lambda c: self._ex(
+                c,
+                "SELECT call_id FROM musubi_calls WHERE call_id >= ? AND call_id < ? LIMIT 6",
+                (ref, ref + "g"),
+            ).fetchall(),
+        )
+        exact = [r[0] for r in rows if r[0] == ref]
+        if exact or len(rows) == 1:
+            return str((exact or [rows[0][0]])[0])
+        if not rows:
+            return None
+        raise NodeNotFoundError(ref, candidates=[r[0] for r in rows], what="call")
+
+    def node_calls(self, node_id: str, *, limit: int = 20) -> list[CallRecord]:
+        """The calls that reached a node (executions and replays), most recent first."""
+        rows = self._read(
+            "node calls",
+            lambda c: self._ex(
+                c,
+                f"SELECT {CALL_COLUMNS} FROM musubi_calls WHERE node_id = ? "
+                "ORDER BY started_at DESC LIMIT ?",
+                (node_id, limit),
+            ).fetchall(),
+        )
+        return [CallRecord._make(r) for r in rows]
+
+    def call_flows(self, call_id: str) -> list[FlowRecord]:
+        """Flows into and out of a call."""
+        rows = self._read(
+            "call flows",
+            lambda c: self._ex(
+                c,
+                "SELECT dst_call_id, src_call_id, artifact_id FROM musubi_flows "
+                "WHERE dst_call_id = ? UNION ALL "
+                "SELECT dst_call_id, src_call_id, artifact_id FROM musubi_flows "
+                "WHERE src_call_id = ?",
+                (call_id, call_id),
+            ).fetchall(),
+        )
+        return [FlowRecord._make(r) for r in rows]
+
+    def call_lineage(
+        self, call_id: str, *, upstream: bool = True, downstream: bool = False,
+        depth: int = 50, limit: int = 2000,
+    ) -> tuple[list[CallRecord], list[FlowRecord], bool]:
+        """The calls whose output flowed into ``call_id`` (and/or out of it), the flows between
+        them, and whether ``depth`` or ``limit`` cut the walk short. Calls come in the order
+        they started (a topological order: a call's inputs existed before it started)."""
+
+        def walk(c: Any) -> tuple[list[CallRecord], list[FlowRecord], bool]:
+            seen = {call_id}
+            flows: dict[tuple[str, str], FlowRecord] = {}
+            cut = False
+            for direction, enabled in (("up", upstream), ("down", downstream)):
+                if not enabled:
+                    continue
+                frontier = [call_id]
+                for level in range(depth + 1):
+                    if not frontier:
+                        break
+                    if level == depth or len(seen) >= limit:
+                        cut = True
+                        break
+                    column = "dst_call_id" if direction == "up" else "src_call_id"
+                    found: list[str] = []
+                    for i in range(0, len(frontier), 500):
+                        chunk = frontier[i : i + 500]
+                        marks = ", ".join("?" * len(chunk))
+                        rows = self._ex(
+                            c,
+                            "SELECT dst_call_id, src_call_id, artifact_id FROM musubi_flows "
+                            f"WHERE {column} IN ({marks})",
+                            chunk,
+                        ).fetchall()
+                        for row in rows:
+                            flow = FlowRecord._make(row)
+                            flows[(flow.dst_call_id, flow.src_call_id)] = flow
+                            other = flow.src_call_id if direction == "up" else flow.dst_call_id
+                            if other not in seen:
+                                seen.add(other)
+                                found.append(other)
+                    frontier = found
+            ids = list(seen)
+            calls: list[CallRecord] = []
+            for i in range(0, len(ids), 500):
+                chunk = ids[i : i + 500]
+                marks = ", ".join("?" * len(chunk))
+                calls.extend(
+                    CallRecord._make(r)
+                    for r in self._ex(
+                        c,
+                        f"SELECT {CALL_COLUMNS} FROM musubi_calls WHERE call_id IN ({marks})",
+                        chunk,
+                    ).fetchall()
+                )
+            calls.sort(key=lambda r: (r.started_at, r.run_id, r.seq))
+            return calls, list(flows.values()), cut
+
+        return self._read("call lineage", walk)
+
+
+def _filters(*pairs: tuple[str, Any]) -> tuple[str, list[Any]]:
+    """A WHERE clause of the pairs whose value is not None (a tuple value binds several
+    placeholders)."""
+    clauses: list[str] = []
+    params: list[Any] = []
+    for sql, value in pairs:
+        if value is None:
+            continue
+        clauses.append(f"({sql})")
+        params.extend(value if isinstance(value, tuple) else (value,))
+    return (f"WHERE {' AND '.join(clauses)}" if clauses else ""), params
