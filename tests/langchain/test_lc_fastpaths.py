@@ -40,7 +40,8 @@ from musubi_core.identity import input_hash
 from musubi_core.policy import StepConfiguration, StepType
 from musubi_langchain import MusubiCache, MusubiCallbackHandler, MusubiLangChainWarning
 from musubi_langchain._codec import Template, decode_generations, encode_generations
-from musubi_langchain._engine import PlainAwareCodec, Precoded, WriteBehindEngine, storable
+from musubi_core.engine import Engine
+from musubi_langchain._engine import PlainAwareCodec, Precoded, storable
 from musubi_langchain._keys import _fast_dumpd, canonical_message_objects, canonical_messages
 
 
@@ -81,8 +82,7 @@ def test_plain_json_hash_and_payload_match_the_core() -> None:
 
 
 def test_precoded_values_store_the_codec_bytes(tmp_path: Any) -> None:
-    engine = WriteBehindEngine(SQLiteStore(str(tmp_path / "m.db")))
-    assert type(engine.codec) is PlainAwareCodec
+    engine = Engine(SQLiteStore(str(tmp_path / "m.db")), codec=PlainAwareCodec())
     value = {"q": ["a", 1, None]}
     stored = storable(engine, value)
     assert isinstance(stored, Precoded)
@@ -232,27 +232,6 @@ def test_hits_are_counted_and_keys_memoised(tmp_path: Any) -> None:
     assert cache.node_key(prompt, model._get_llm_string(stop=None)) is key
 
 
-def test_write_behind_engine_commits_in_the_background(tmp_path: Any) -> None:
-    db = str(tmp_path / "m.db")
-    engine = WriteBehindEngine(SQLiteStore(db))
-    engine.BATCH_SECONDS = 0.05  # type: ignore[misc]
-    keys = [engine.key("op", i) for i in range(5)]
-    with engine.deferring():
-        for k in keys:
-            engine.record(k, "v", defer=True)
-            engine.flush()  # due or not: from a deferring context this only wakes the writer
-    deadline = time.monotonic() + 10
-    con = sqlite3.connect(db)
-    while time.monotonic() < deadline:
-        (n,) = con.execute("SELECT COUNT(*) FROM musubi_nodes").fetchone()
-        if n == 5:
-            break
-        time.sleep(0.02)
-    con.close()
-    assert n == 5
-    engine.close()
-
-
 def test_explicit_flush_is_synchronous(tmp_path: Any) -> None:
     db = str(tmp_path / "m.db")
     handler = MusubiCallbackHandler(db)
@@ -262,50 +241,5 @@ def test_explicit_flush_is_synchronous(tmp_path: Any) -> None:
     for i in range(3):
         chain.invoke({"x": str(i)}, config={"callbacks": [handler]})
     handler.flush()
-    (n,) = sqlite3.connect(db).execute("SELECT COUNT(*) FROM musubi_nodes").fetchone()
+    (n,) = sqlite3.connect(db).execute("SELECT COUNT(*) FROM musubi_calls").fetchone()
     assert n == 9  # 3 x (sequence, prompt, model)
-
-
-def test_handler_plain_keys_equal_engine_keys(tmp_path: Any) -> None:
-    handler = MusubiCallbackHandler(str(tmp_path / "m.db"))
-    rng = random.Random(3)
-    for _ in range(100):
-        value = _random_plain(rng)
-        assert handler._node_key("chain:x", value) == handler.engine.key("chain:x", value)
-    assert handler._node_key("chain:x", {"t": 0.5}) == handler.engine.key("chain:x", {"t": 0.5})
-    assert os.path.exists(str(tmp_path / "m.db"))
-
-
-def test_idle_writer_retires_and_restarts(tmp_path: Any) -> None:
-    db = str(tmp_path / "m.db")
-    engine = WriteBehindEngine(SQLiteStore(db))
-    engine.BATCH_SECONDS = 0.02  # type: ignore[misc]
-    engine.IDLE_PERIODS = 3  # type: ignore[misc]
-
-    def committed() -> int:
-        con = sqlite3.connect(db)
-        try:
-            return int(con.execute("SELECT COUNT(*) FROM musubi_nodes").fetchone()[0])
-        finally:
-            con.close()
-
-    def wait_for(predicate: Any) -> bool:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if predicate():
-                return True
-            time.sleep(0.01)
-        return False
-
-    with engine.deferring():
-        engine.record(engine.key("op", 1), "v", defer=True)
-        engine.flush()
-    assert wait_for(lambda: committed() == 1)
-    assert wait_for(lambda: engine._writer is None)  # retired: the engine can be collected
-    with engine.deferring():
-        engine.record(engine.key("op", 2), "v", defer=True)
-        engine.flush()
-    assert wait_for(lambda: committed() == 2)  # a new writer committed it
-    engine.count_replay(engine.key("op", 2).node_id)
-    assert wait_for(lambda: engine.store.get_node(engine.key("op", 2).node_id).replay_count == 1)  # type: ignore[union-attr]
-    engine.close()

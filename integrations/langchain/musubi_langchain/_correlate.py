@@ -40,6 +40,7 @@ class CacheReport:
 
     node_id: str
     replayed: bool
+    artifact_id: str | None = None
     tokens_in: int | None = None
     tokens_out: int | None = None
     saved_s: float | None = None

@@ -1,12 +1,12 @@
 """Run-tree bookkeeping for the callback handler (pure data structures, no store access).
 
-A *trace* is one root LangChain run and everything under it. For each live run we keep what is
-needed to record its node when it ends: its parent (for ``contains`` edges), its node identity,
-its input atoms and the data upstream inferred by content: a run whose input holds an atom (see
-``_content.flow_atoms``) that an earlier, finished run of the same trace produced depends on that
-run. Atoms the run merely inherited from an enclosing run's input (the question every branch of a
-RunnableParallel sees) are not evidence, and among matching runs an enclosing chain yields to the
-run inside it that actually produced the value.
+A *trace* is one root LangChain run and everything under it: one musubi run, whose calls are the
+LangChain runs. For each live run we keep what is needed to record its call when it ends: its
+parent (the call tree), its input atoms and the data upstream inferred by content: a run whose
+input holds an atom (see ``_content.flow_atoms``) that an earlier, finished run of the same trace
+produced depends on that run. Atoms the run merely inherited from an enclosing run's input (the
+question every branch of a RunnableParallel sees) are not evidence, and among matching runs an
+enclosing chain yields to the run inside it that actually produced the value.
 
 Everything here is lock-free: the only shared structures are dicts and lists whose single
 operations are atomic (``dict.get``/``pop``/``setdefault``, ``list.append``, ``next(count)``),
@@ -18,11 +18,10 @@ Example:
     >>> root, a, b = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
     >>> r = t.start(root, None, "chain", "rag", {"what is musubi"})
     >>> ra = t.start(a, root, "retriever", "docs", {"what is musubi"})
-    >>> ra.node_id, ra.artifact_id = "node-a", "art-a"
     >>> t.finish(a, {"musubi ties things"}) is ra
     True
-    >>> t.start(b, root, "chain", "prompt", {"musubi ties things"}).upstream
-    {'node-a': 'art-a'}
+    >>> t.start(b, root, "chain", "prompt", {"musubi ties things"}).upstream == (ra,)
+    True
 """
 
 from __future__ import annotations
@@ -36,13 +35,15 @@ from uuid import UUID
 # must not make every step slower); edges inferred before that point are kept.
 MAX_INDEXED_RUNS = 5_000
 
-_NO_UPSTREAM: dict[str, str | None] = {}
+_NO_UPSTREAM: tuple[Run, ...] = ()
+_NO_NODES: dict[str, str | None] = {}
 
 
 class Trace:
-    """One root run and its descendants: the output index used to infer data edges."""
+    """One root run and its descendants: the output index used to infer data edges, and the
+    musubi run its calls belong to."""
 
-    __slots__ = ("index", "indexed", "keep", "root_hash", "slots")
+    __slots__ = ("index", "indexed", "keep", "own", "state")
 
     def __init__(self) -> None:
         # atom -> finished runs that produced it (as output)
@@ -51,45 +52,38 @@ class Trace:
         # Objects whose ``id()`` is an atom of this trace: kept alive until the trace ends, so
         # an id can never be reused by another object while it is compared.
         self.keep: list[Any] = []
-        # Chain spans: the root run's input hash, and the values chain runs were given, numbered
-        # in the order the trace first saw them (by identity; strings by content).
-        self.root_hash: str | None = None
-        self.slots: dict[Hashable, int] = {}
-
-    def slot(self, value: Any) -> int:
-        """The number of ``value`` among the chain inputs of this trace (first seen: next)."""
-        key: Hashable = value if type(value) is str else id(value)
-        slots = self.slots
-        n = slots.get(key)
-        if n is None:
-            if type(value) is not str:
-                self.keep.append(value)  # its id stays this value's for the trace's lifetime
-            n = slots.setdefault(key, len(slots))
-        return n
+        # The musubi run (a RunState) the trace records into, and whether the trace started
+        # it (True) or joined a run already current (a chain called inside a @step).
+        self.state: Any = None
+        self.own = False
 
     def close(self) -> None:
         self.index = {}
         self.keep = []
-        self.slots = {}
 
 
 class Run:
-    """One live LangChain run."""
+    """One live LangChain run: a call of the trace's musubi run."""
 
     __slots__ = (
         "artifact_id",
-        "children",
+        "call_id",
         "input_atoms",
-        "key",
+        "input_preview",
         "kind",
         "messages",
+        "model",
         "name",
         "node_id",
+        "node_ups",
         "params",
         "parent",
+        "parent_call_id",
         "plain",
         "run_id",
+        "seq",
         "started",
+        "started_at",
         "trace",
         "upstream",
     )
@@ -103,12 +97,19 @@ class Run:
         self.kind = kind
         self.name = name
         self.input_atoms: set[Hashable] = set()
-        self.upstream = _NO_UPSTREAM  # node id -> artifact id
-        self.started = time.monotonic()
-        self.node_id: str | None = None
-        self.key: Any = None  # its NodeKey, once computed
+        self.upstream = _NO_UPSTREAM  # finished runs of the trace whose output fed this one
+        self.started = time.perf_counter()
+        self.started_at = time.time()
+        self.call_id = ""
+        self.seq = 0
+        self.parent_call_id: str | None = parent.call_id if parent is not None else None
+        self.node_id: str | None = None  # the memo it reached (model calls via the cache)
         self.artifact_id: str | None = None
-        self.children: list[str] = []  # node ids of children that ended before our node id
+        # Nodes upstream of this call (node id -> artifact id): itself once it has a node,
+        # else what flowed into it. A model call's node gets data edges from these.
+        self.node_ups = _NO_NODES
+        self.input_preview: str | None = None
+        self.model: str | None = None
         self.plain: Any = None
         self.messages: Any = None
         self.params: Any = None
@@ -121,6 +122,18 @@ class Run:
             cur = cur.parent
         return False
 
+    def upstream_nodes(self) -> dict[str, str | None]:
+        """The nodes upstream of this run, through the calls that fed it."""
+        ups = self.upstream
+        if not ups:
+            return _NO_NODES
+        if len(ups) == 1:
+            return ups[0].node_ups
+        out: dict[str, str | None] = {}
+        for p in ups:
+            out.update(p.node_ups)
+        return out
+
 
 def _inherited(run: Run, atom: Hashable) -> bool:
     cur = run.parent
@@ -131,8 +144,8 @@ def _inherited(run: Run, atom: Hashable) -> bool:
     return False
 
 
-def infer(trace: Trace, run: Run) -> dict[str, str | None]:
-    """Data upstream of ``run`` (node id -> artifact id) among the trace's finished runs."""
+def infer(trace: Trace, run: Run) -> tuple[Run, ...]:
+    """The finished runs of the trace whose output fed ``run``."""
     index = trace.index
     if not index:
         return _NO_UPSTREAM
@@ -148,14 +161,9 @@ def infer(trace: Trace, run: Run) -> dict[str, str | None]:
     if not found:
         return _NO_UPSTREAM
     if len(found) == 1:
-        (only,) = found
-        return {only.node_id: only.artifact_id} if only.node_id is not None else _NO_UPSTREAM
+        return tuple(found)
     # An enclosing chain's output repeats its last child's: keep the innermost producer.
-    out: dict[str, str | None] = {}
-    for c in found:
-        if c.node_id is not None and not any(c is not o and c.is_ancestor_of(o) for o in found):
-            out[c.node_id] = c.artifact_id
-    return out
+    return tuple(c for c in found if not any(c is not o and c.is_ancestor_of(o) for o in found))
 
 
 class Traces:
@@ -191,7 +199,7 @@ class Traces:
 
     @staticmethod
     def index(run: Run, output_atoms: Iterable[Hashable]) -> None:
-        """Make ``run`` (finished, with a node id) a producer of ``output_atoms``."""
+        """Make ``run`` (finished) a producer of ``output_atoms``."""
         trace = run.trace
         if run.parent is None or trace.indexed >= MAX_INDEXED_RUNS:
             return  # a root's output feeds nothing inside its own (now finished) trace
@@ -204,12 +212,11 @@ class Traces:
             producers.append(run)
 
     def finish(self, run_id: UUID, output_atoms: Iterable[Hashable]) -> Run | None:
-        """Pop a finished run and index its output (it must carry its ``node_id``)."""
+        """Pop a finished run and index its output."""
         run = self._runs.pop(run_id.int, None)
         if run is None:
             return None
-        if run.node_id is not None:
-            self.index(run, output_atoms)
+        self.index(run, output_atoms)
         if run.parent is None:
             run.trace.close()
         return run

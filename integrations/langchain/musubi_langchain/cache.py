@@ -24,9 +24,10 @@ from langchain_core.caches import RETURN_VAL_TYPE, BaseCache
 from langchain_core.outputs import Generation
 
 from musubi_core.engine import Engine
-from musubi_core.fastpath import EncodedHit, HitMemo, count_replay
+from musubi_core.fastpath import EncodedHit, HitMemo
 from musubi_core.identity import NodeKey
 from musubi_core.policy import StepConfiguration, StepType
+from musubi_core.record import RunState, current_frame, joinable, new_call_id
 
 from . import _correlate
 from ._codec import (
@@ -36,7 +37,7 @@ from ._codec import (
     encode_generations,
     usage_of,
 )
-from ._engine import Guard, WriteBehindEngine, make_engine
+from ._engine import Guard, make_engine
 from ._keys import KeyParts, chat_key_parts, llm_key_parts
 
 # Per-call kwargs of the BaseLLM call in progress (set by the patch instrument() installs):
@@ -92,9 +93,10 @@ class MusubiCache(BaseCache):
         self.config = StepConfiguration(step_type=StepType.STOCHASTIC, ttl_seconds=ttl_seconds)
         self.replay_streams = replay_streams
         self._guard = Guard("MusubiCache")
-        # (prompt, llm_string) -> (key, monotonic time of the miss); consumed by update() so
-        # the node records how long the provider call took (the seconds a replay saves).
-        self._inflight: dict[tuple[str, str], tuple[NodeKey, float]] = {}
+        # (prompt, llm_string) -> (key, monotonic time of the miss, the handler's run id);
+        # consumed by update() so the node records how long the provider call took (the
+        # seconds a replay saves) and the handler learns the artifact it stored.
+        self._inflight: dict[tuple[str, str], tuple[NodeKey, float, UUID | None]] = {}
         self._inflight_lock = threading.Lock()
         self._keys: dict[tuple[str, str], NodeKey] = {}
         # artifact id -> (encoding, payload, validated generations). A hit whose stored bytes
@@ -114,7 +116,10 @@ class MusubiCache(BaseCache):
         if self._engine is None:
             with self._engine_lock:
                 if self._engine is None:
-                    self._engine = make_engine(self._path, self._store, self._namespace)
+                    engine = make_engine(self._path, self._store, self._namespace)
+                    if engine.recorder.on_error is None:
+                        engine.recorder.on_error = self._guard.warn
+                    self._engine = engine
         return self._engine
 
     @property
@@ -149,11 +154,48 @@ class MusubiCache(BaseCache):
             self._keys[(prompt, llm_string)] = key
         return key
 
-    def _remember(self, prompt: str, llm_string: str, key: NodeKey) -> None:
+    def _remember(
+        self, prompt: str, llm_string: str, key: NodeKey, run_id: UUID | None = None
+    ) -> None:
         with self._inflight_lock:
             if len(self._inflight) > 4096:  # abandoned misses (errors) must not pile up
                 self._inflight.clear()
-            self._inflight[(prompt, llm_string)] = (key, time.monotonic())
+            self._inflight[(prompt, llm_string)] = (key, time.monotonic(), run_id)
+
+    def _own_call(
+        self,
+        key: NodeKey,
+        *,
+        artifact_id: str | None,
+        replayed: bool,
+        tokens_in: int | None,
+        tokens_out: int | None,
+        duration_s: float | None,
+        saved_s: float | None = None,
+    ) -> None:
+        """Record a lookup no callback handler saw (no handler installed, or a text-LLM hit,
+        for which LangChain fires no callbacks) as a call: of the current run (inside a
+        ``@step`` or a durable step), else of a run of its own."""
+        recorder = self.engine.recorder
+        kind, _, name = key.op_name.partition(":")
+        frame = joinable(current_frame(), recorder)
+        own = frame is None
+        state = RunState(recorder, "langchain", name, namespace=self._namespace) if frame is None else frame.run
+        row = state.record(
+            new_call_id(),
+            None if frame is None else frame.call_id,
+            kind if kind in ("chat_model", "llm") else "llm",
+            name,
+            node_id=key.node_id,
+            artifact_id=artifact_id,
+            replayed=replayed,
+            duration_s=duration_s,
+            tokens_in=tokens_in,
+            tokens_out=tokens_out,
+            saved_s=saved_s,
+            submit=False,
+        )
+        recorder.submit(calls=(row,), runs=(state.row("done"),) if own else ())
 
     def _generations(self, hit: EncodedHit) -> list[Generation]:
         """Fresh generations for a hit: from the decoded template when the stored bytes are
@@ -188,20 +230,28 @@ class MusubiCache(BaseCache):
                 # Undecodable bytes: the full lookup decides and warns exactly as it always has.
                 generations = self._slow_lookup(key, run_id)
             else:
-                if isinstance(engine, WriteBehindEngine):
-                    engine.count_replay(key.node_id)  # committed by its writer thread
-                else:
-                    count_replay(engine, key.node_id)
+                engine.recorder.replay(key.node_id)  # committed with the recorder's next batch
                 if run_id is not None:
                     _correlate.report(
                         run_id,
                         _correlate.CacheReport(
                             node_id=key.node_id,
                             replayed=True,
+                            artifact_id=probed.artifact_id,
                             tokens_in=probed.tokens_in,
                             tokens_out=probed.tokens_out,
                             saved_s=probed.duration_s,
                         ),
+                    )
+                else:
+                    self._own_call(
+                        key,
+                        artifact_id=probed.artifact_id,
+                        replayed=True,
+                        tokens_in=probed.tokens_in,
+                        tokens_out=probed.tokens_out,
+                        duration_s=0.0,
+                        saved_s=probed.duration_s,
                     )
         elif probed is None:
             generations = self._slow_lookup(key, run_id)
@@ -211,7 +261,7 @@ class MusubiCache(BaseCache):
             return generations
         if run_id is not None:
             _correlate.report(run_id, _correlate.CacheReport(node_id=key.node_id, replayed=False))
-        self._remember(prompt, llm_string, key)
+        self._remember(prompt, llm_string, key, run_id)
         return None
 
     def _slow_lookup(self, key: NodeKey, run_id: UUID | None) -> list[Generation] | None:
@@ -224,30 +274,46 @@ class MusubiCache(BaseCache):
         except EntryDecodeError as exc:
             self._guard.warn(exc)
             return None
+        node = got.node
+        tokens_in = getattr(node, "tokens_in", None)
+        tokens_out = getattr(node, "tokens_out", None)
+        saved_s = getattr(node, "duration_s", None)
+        artifact_id = getattr(node, "artifact_id", None)
         if run_id is not None:
-            node = got.node
             _correlate.report(
                 run_id,
                 _correlate.CacheReport(
                     node_id=key.node_id,
                     replayed=True,
-                    tokens_in=getattr(node, "tokens_in", None),
-                    tokens_out=getattr(node, "tokens_out", None),
-                    saved_s=getattr(node, "duration_s", None),
+                    artifact_id=artifact_id,
+                    tokens_in=tokens_in,
+                    tokens_out=tokens_out,
+                    saved_s=saved_s,
                 ),
+            )
+        else:
+            self._own_call(
+                key,
+                artifact_id=artifact_id,
+                replayed=True,
+                tokens_in=tokens_in,
+                tokens_out=tokens_out,
+                duration_s=0.0,
+                saved_s=saved_s,
             )
         return generations
 
     def _update(self, prompt: str, llm_string: str, return_val: RETURN_VAL_TYPE) -> None:
         with self._inflight_lock:
             pending = self._inflight.pop((prompt, llm_string), None)
+        run_id: UUID | None = None
         if pending is None:
             key, duration = self.node_key(prompt, llm_string), None
         else:
-            key, duration = pending[0], time.monotonic() - pending[1]
+            key, duration, run_id = pending[0], time.monotonic() - pending[1], pending[2]
         tokens_in, tokens_out = usage_of(return_val)
         kind = "chat_model" if key.op_name.startswith("chat_model:") else "llm"
-        self.engine.record(
+        recorded = self.engine.record(
             key,
             encode_generations(return_val),
             self.config,
@@ -257,6 +323,23 @@ class MusubiCache(BaseCache):
             tokens_out=tokens_out,
             label=key.op_name.split(":", 1)[-1],
         )
+        if run_id is not None:
+            # The handler records this run's call when it ends: tell it what was stored.
+            _correlate.report(
+                run_id,
+                _correlate.CacheReport(
+                    node_id=key.node_id, replayed=False, artifact_id=recorded.artifact_id
+                ),
+            )
+        else:
+            self._own_call(
+                key,
+                artifact_id=recorded.artifact_id,
+                replayed=False,
+                tokens_in=tokens_in,
+                tokens_out=tokens_out,
+                duration_s=duration,
+            )
 
     # ------------------------------------------------------------------ BaseCache
     def lookup(self, prompt: str, llm_string: str) -> RETURN_VAL_TYPE | None:
@@ -319,6 +402,6 @@ class MusubiCache(BaseCache):
             key = self.node_key(prompt, llm_string)
             if run_id is not None:
                 _correlate.report(run_id, _correlate.CacheReport(key.node_id, replayed=False))
-            self._remember(prompt, llm_string, key)
+            self._remember(prompt, llm_string, key, run_id)
 
         self._guard.call(begin, None)

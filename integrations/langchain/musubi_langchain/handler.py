@@ -1,4 +1,4 @@
-"""``MusubiCallbackHandler``: every chain, chat model, LLM, tool and retriever run becomes a node.
+"""``MusubiCallbackHandler``: every chain, chat model, LLM, tool and retriever run becomes a call.
 
 Example:
     >>> import os, tempfile
@@ -10,16 +10,16 @@ Example:
     >>> chain.invoke({"x": "ok"}, config={"callbacks": [handler]}).content
     'ok'
     >>> handler.flush()
+    >>> [(r.kind, r.calls) for r in handler.engine.store.list_runs()]
+    [('langchain', 3)]
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
 import threading
 import time
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any
 from uuid import UUID
 
 from langchain_core.callbacks import BaseCallbackHandler
@@ -27,74 +27,21 @@ from langchain_core.documents import Document
 from langchain_core.messages import BaseMessage
 from langchain_core.outputs import LLMResult
 
-from musubi_core.context import current_node, current_run
 from musubi_core.engine import Engine, artifact_id_for
-from musubi_core.fastpath import NOT_PLAIN, plain_tree
-from musubi_core.identity import HASH_SCHEME, NodeKey
-from musubi_core.policy import StepConfiguration, StepType, expiry
+from musubi_core.record import RunState, current_frame, joinable, new_call_id, preview
+from musubi_core.store import ArtifactWrite, CallWrite, EdgeWrite, FlowWrite
 
 from . import _correlate
-from ._codec import encode_generations, usage_of
+from ._codec import usage_of
 from ._content import content_atom, flow_atoms, to_plain
-from ._engine import (
-    ArtifactRow,
-    EdgeRow,
-    Guard,
-    NodeRow,
-    WriteBehindEngine,
-    canonical_json,
-    make_engine,
-    push,
-    storable,
-)
-from ._keys import canonical_message_objects
+from ._engine import Guard, make_engine, storable
 from ._runs import Run, Trace, Traces, infer
 
-_CHAIN_CONFIG = StepConfiguration()  # recorded, never replayed by the handler itself
-_MODEL_CONFIG = StepConfiguration(step_type=StepType.STOCHASTIC)
-_CHAIN_STEP_TYPE = _CHAIN_CONFIG.step_type.value
-_MODEL_STEP_TYPE = _MODEL_CONFIG.step_type.value
-# Invocation params that are bookkeeping, not sampling (mirrors _keys' volatile model fields).
-_VOLATILE_PARAMS = frozenset(
-    {"stream", "stream_options", "_type", "request_timeout", "max_retries"}
-)
 _MODEL_KINDS = frozenset({"chat_model", "llm"})
-_SPAN_SCHEME = "musubi_langchain/span/1"
-# The core's canonical form of plain JSON data (``musubi_core.fastpath.plain_input_hash``,
-# ``_engine.canonical_json``): sorted keys, no spaces, UTF-8. A model key's input is ``{"messages": ..., "params": ...}``, so
-# its canonical text is the two parts' texts in that frame, and the params part, the same for
-# every call of a configured model, is computed once per distinct set of invocation params.
-_CANONICAL_JSON = canonical_json
-_ATOMIC_PARAMS = frozenset({str, int, bool, type(None)})
-_PARAMS_TEXT: dict[tuple[Any, ...], str] = {}
-_PARAMS_TEXT_MAX = 256
-
-
-def _params_memo_key(params: dict[str, Any]) -> tuple[Any, ...] | None:
-    """A key telling apart every set of params with a different canonical text (exact types,
-    floats by repr: ``1 == 1.0 == True`` and ``0.0 == -0.0``); None unless all are atoms."""
-    out: list[Any] = []
-    for k, v in params.items():
-        t = type(v)
-        if t is float:
-            out.append((k, t, repr(v)))
-        elif t in _ATOMIC_PARAMS and type(k) is str:
-            out.append((k, t, v))
-        else:
-            return None
-    return tuple(out)
-
-
-def _model_params(raw: dict[str, Any] | None) -> dict[str, Any]:
-    return {k: v for k, v in (raw or {}).items() if k not in _VOLATILE_PARAMS and v is not None}
-
-
-_NODE_ID_PREFIX = f"{HASH_SCHEME}\x1f"
-
-
-def _node_id(op: str, in_hash: str) -> str:
-    """``identity.make_node_id(op, in_hash)`` (no upstream), without its generic steps."""
-    return hashlib.sha256(f"{_NODE_ID_PREFIX}{op}\x1f{in_hash}\x1f".encode()).hexdigest()
+# Kinds whose output is kept as an artifact (what a retriever returned, what a tool answered):
+# lineage shows exactly what flowed. Chains keep previews only; model outputs are the cache's.
+_KEEP_OUTPUT = frozenset({"tool", "retriever"})
+_MODEL_PARAMS = ("model", "model_name", "model_id")
 
 
 def _name(serialized: dict[str, Any] | None, kwargs: dict[str, Any], default: str) -> str:
@@ -110,88 +57,46 @@ def _name(serialized: dict[str, Any] | None, kwargs: dict[str, Any], default: st
     return default
 
 
-class _SpanKey(NamedTuple):
-    """What a node row needs of a chain span's key (a NodeKey without upstream, built cheaper)."""
-
-    node_id: str
-    op: str
-    op_name: str
-    input_hash: str
+_now = time.perf_counter
 
 
-def _span_key(trace: Trace, op_name: str, inputs: Any) -> _SpanKey:
-    """The key of a chain run in a trace: the root run's input hash and which of the trace's
-    values (numbered in the order the trace met them, by identity) the run was given.
-
-    A chain span is never replayed, so its key needs no canonical form of its input: it is
-    stable across runs of the same root input (same chain, same ids), distinct for different
-    root inputs, and, as with content keys, two runs of one operation given the same value in
-    a trace are one node (a RunnableSequence inside a RunnableParallel that got the root
-    sequence's input is the root's node). One hash instead of reducing every intermediate
-    value (prompt values, messages) to canonical data.
-    """
-    material = f"{_SPAN_SCHEME}\x1f{trace.root_hash}\x1f{trace.slot(inputs)}"
-    in_hash = hashlib.sha256(material.encode("utf-8")).hexdigest()
-    return _SpanKey(_node_id(op_name, in_hash), op_name, op_name, in_hash)
-
-
-def _node_row(
-    run: Run,
-    key: NodeKey | _SpanKey,
-    namespace: str,
-    step_type: str,
-    status: str,
-    artifact_id: str | None = None,
-    *,
-    finished_at: float | None = None,
-    expires_at: float | None = None,
-    tokens: tuple[int | None, int | None] = (None, None),
-    error: str | None = None,
-) -> NodeRow:
-    """``run``'s node row: the fields of ``NodeWrite`` in order (see ``_engine.NodeRow``)."""
-    return (
-        key.node_id,
-        key.op,
-        key.op_name,
-        run.kind,
-        step_type,
-        key.input_hash,
-        status,
-        artifact_id,
-        namespace,
-        None,  # started_at
-        time.time() if finished_at is None else finished_at,
-        expires_at,
-        time.monotonic() - run.started,  # duration_s
-        tokens[0],
-        tokens[1],
-        error,
-        None,  # owner
-        run.name,  # label
-        current_run(),  # run_id
-        None,  # meta
-        1,  # executed
-    )
+def _generation_text(generations: Sequence[Any]) -> str | None:
+    """A preview of a model's answer (its first generation's text)."""
+    if not generations:
+        return None
+    text = getattr(generations[0], "text", None)
+    return preview(text) if isinstance(text, str) else None
 
 
 def _error_text(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"[:4000]
 
 
-class MusubiCallbackHandler(BaseCallbackHandler):
-    """Records LangChain runs as musubi lineage nodes.
+def _model_of(params: Any) -> str | None:
+    if type(params) is dict:
+        for field in _MODEL_PARAMS:
+            value = params.get(field)
+            if type(value) is str:
+                return value
+    return None
 
-    * ``contains`` edges follow ``parent_run_id``; ``data`` edges are inferred by content within
-      a trace (a run whose input holds an earlier run's output depends on it).
-    * A chat-model run served or filled by :class:`~musubi_langchain.MusubiCache` is linked to the
-      cache's node, so a hit shows as a replay (with the tokens and seconds it saved).
-    * Chain runs (prompts, parsers, lambdas, sequences) are nodes without a stored value (they
-      are never replayed): a root chain is keyed by its input, the chains inside it by the
-      root's input and the value they were given (see ``_span_key``). Tool and retriever nodes
-      keep their output; model nodes are the cache's (or, without a musubi cache, the
-      handler's own record of the completion).
+
+class MusubiCallbackHandler(BaseCallbackHandler):
+    """Records LangChain runs as musubi calls: one musubi run per root LangChain run.
+
+    * Every chain, chat model, LLM, tool and retriever run is a *call* of the trace's run, under
+      its parent run's call; a trace started inside a ``@step`` or a durable step joins that
+      run, under that call.
+    * ``flows`` between calls are inferred by content within a trace (a run whose input holds
+      an earlier run's output depends on it). Retriever and tool calls keep their output, so
+      lineage shows exactly what flowed in that run.
+    * A chat-model run served or filled by :class:`~musubi_langchain.MusubiCache` reaches the
+      cache's node, so a hit is a replayed call (with the tokens and seconds it saved); the
+      nodes upstream of it (through the calls that fed it) get data edges to it, which is what
+      invalidation follows.
     * Never raises into LangChain (a failure warns once); runs inline (deterministic order, and
-      the cache correlation needs the caller's context); nodes are written in batches.
+      the cache correlation needs the caller's context); the store's recorder commits in the
+      background.
 
     Args:
         path: SQLite file (default: ``$MUSUBI_DB`` or ``.musubi/musubi.db``).
@@ -204,7 +109,7 @@ class MusubiCallbackHandler(BaseCallbackHandler):
 
     def __init__(
         self,
-        path: str | os.PathLike[str] | None = None,
+        path: Any = None,
         *,
         engine: Engine | None = None,
         store: Any | None = None,
@@ -223,36 +128,21 @@ class MusubiCallbackHandler(BaseCallbackHandler):
         engine = self._ready
         if engine is not None:
             return engine
-        # Locked: the first run to end may be a RunnableParallel branch on a worker thread,
-        # racing its siblings; two engines would split (and lose) the buffered writes.
+        # Locked: the first run may be a RunnableParallel branch on a worker thread.
         with self._engine_lock:
             engine = self._engine
             if engine is None:
                 engine = self._engine = make_engine(self._path, self._store, self._namespace)
-            if isinstance(engine, WriteBehindEngine) and engine.on_error is None:
-                engine.on_error = self._guard.warn  # batches committed in the background
+            if engine.recorder.on_error is None:
+                engine.recorder.on_error = self._guard.warn  # batches committed in the background
             self._ready = engine
         return engine
 
     def flush(self) -> None:
-        """Write buffered nodes now (they are also flushed in batches and at exit)."""
+        """Commit what was recorded so far (the recorder also commits at least every second)."""
         self._guard.call(self.engine.flush, None)
 
     # ------------------------------------------------------------------ core logic
-    def _node_key(self, op_name: str, plain: Any) -> NodeKey:
-        """``engine.key(op_name, plain)``; plain JSON data is hashed by the C JSON encoder
-        (byte-for-byte the core's canonical form, see ``musubi_core.fastpath``)."""
-        tree = plain_tree(plain)
-        if tree is not NOT_PLAIN:
-            try:  # plain_input_hash(tree)
-                in_hash = hashlib.sha256(
-                    canonical_json(tree).encode("utf-8", "surrogatepass")
-                ).hexdigest()
-            except ValueError:  # e.g. an int too long to print: the core says why
-                return self.engine.key(op_name, plain)
-            return NodeKey(_node_id(op_name, in_hash), op_name, op_name, in_hash, ())
-        return self.engine.key(op_name, plain)
-
     def _begin(
         self,
         run_id: UUID,
@@ -261,76 +151,123 @@ class MusubiCallbackHandler(BaseCallbackHandler):
         name: str,
         inputs: Any,
     ) -> Run:
-        """Register a run: its input atoms, its data upstream and (but for models) its key."""
+        """Register a run: its call id and place in the call tree, its input atoms and the
+        calls whose output fed it."""
         traces = self._traces
         parent = traces.get(parent_run_id) if parent_run_id is not None else None
-        trace = parent.trace if parent is not None else Trace()
-        run = Run(run_id, parent, trace, kind, name)
+        if parent is not None:
+            trace = parent.trace
+            run = Run(run_id, parent, trace, kind, name)
+            state = trace.state
+        else:
+            trace = Trace()
+            run = Run(run_id, None, trace, kind, name)
+            recorder = self.engine.recorder
+            frame = joinable(current_frame(), recorder)
+            if frame is None:
+                state = RunState(recorder, "langchain", name, namespace=self._namespace)
+                trace.own = True
+            else:
+                state = frame.run
+                run.parent_call_id = frame.call_id
+            trace.state = state
+        run.call_id = new_call_id()
+        run.seq = state.next_seq()
+        run.input_preview = preview(inputs)
         atoms = run.input_atoms = flow_atoms(inputs, trace.keep)
         if kind == "tool":
             content_atom(atoms, inputs)  # a tool gets a filtered copy of the call's args
         if trace.index:
             run.upstream = infer(trace, run)
         traces.add(run)
-        if kind in _MODEL_KINDS:
-            return run  # keyed when it ends: by the cache's report, or by _model_key
-        op_name = f"{kind}:{name}"
-        key: NodeKey | _SpanKey
-        if kind != "chain" or trace.root_hash is None:
-            # What the run was given is its identity (reduced to plain data when it starts).
-            key = self._node_key(op_name, to_plain(inputs))
-            if parent is None:
-                trace.root_hash = key.input_hash
-        if kind == "chain" and trace.root_hash is not None:
-            key = _span_key(trace, op_name, inputs)
-        run.node_id, run.key = key.node_id, key
         return run
 
-    def _write(self, run: Run, node: NodeRow | None, artifact: ArtifactRow | None) -> None:
-        """Buffer ``run``'s node row (None: the cache wrote it) and its edges' rows (tuples in
-        the field order of the core's write objects, see ``_engine.NodeRow``)."""
+    def _record(
+        self,
+        run: Run,
+        status: str,
+        output: Any = None,
+        *,
+        error: str | None = None,
+        artifact: ArtifactWrite | None = None,
+        tokens: tuple[int | None, int | None] = (None, None),
+        replayed: bool = False,
+        saved_s: float | None = None,
+        output_preview: str | None = None,
+    ) -> None:
+        """Write ``run``'s call, the flows into it, its artifact and (for a call that reached a
+        node) the node-level data edges derived from the flows."""
+        trace = run.trace
+        state: RunState = trace.state
+        call_id = run.call_id
+        row = CallWrite(
+            call_id,
+            state.run_id,
+            run.parent_call_id,
+            run.seq,
+            run.kind,
+            run.name,
+            run.node_id,
+            run.artifact_id,
+            1 if replayed else 0,
+            status,
+            error,
+            run.started_at,
+            _now() - run.started,
+            tokens[0],
+            tokens[1],
+            saved_s,
+            run.model,
+            run.input_preview,
+            output_preview if output_preview is not None else preview(output),
+            state.namespace,
+        )
+        if run.parent_call_id is None and state.root_call_id is None:
+            state.root_call_id = call_id
+        state.count(row)
+        ups = run.upstream
+        flows = [FlowWrite(call_id, p.call_id, p.artifact_id) for p in ups] if ups else ()
         node_id = run.node_id
-        assert node_id is not None
-        edges: list[EdgeRow] = []
-        parent = run.parent
-        if parent is None:
-            outer = current_node()  # a @step / ctx.step this trace runs inside
-            if outer is not None and outer != node_id:
-                edges.append((outer, node_id, "contains", None))
-        elif parent.node_id is not None:
-            edges.append((parent.node_id, node_id, "contains", None))
-        else:  # a model run's node is known when it ends: it adds the edge then
-            parent.children.append(node_id)
-        for child in run.children:
-            edges.append((node_id, child, "contains", None))
-        for up, up_artifact in run.upstream.items():
-            if up != node_id:
-                edges.append((up, node_id, "data", up_artifact))
-        engine = self.engine
-        if type(engine) is WriteBehindEngine:
-            engine.stage(node, artifact, edges)
+        if node_id is not None:
+            edges = [
+                EdgeWrite(up, node_id, "data", art)
+                for up, art in run.upstream_nodes().items()
+                if up != node_id
+            ]
+            run.node_ups = {node_id: run.artifact_id}
         else:
-            push(engine, node, artifact, edges)
+            edges = []
+            run.node_ups = run.upstream_nodes()
+        runs = (state.row("done" if status == "done" else "failed", error),) if (
+            run.parent is None and trace.own
+        ) else ()
+        if artifact is None and not edges and not runs:
+            state.recorder.call(row, flows)
+        else:
+            state.recorder.submit(
+                calls=(row,),
+                flows=flows,
+                artifacts=(artifact,) if artifact is not None else (),
+                edges=edges,
+                runs=runs,
+            )
 
-    def _artifact(self, engine: Engine, node_id: str, plain: Any) -> ArtifactRow:
+    def _artifact(self, run: Run, plain: Any) -> ArtifactWrite:
+        engine = self.engine
         encoding, payload = engine.codec.encode(storable(engine, plain))
-        return (artifact_id_for(encoding, payload), encoding, payload, node_id)
+        artifact_id = artifact_id_for(encoding, payload)
+        run.artifact_id = artifact_id
+        return ArtifactWrite(artifact_id, encoding, payload, "")
 
     def _end(self, run_id: UUID, output: Any) -> None:
         run = self._traces.pop(run_id)
         if run is None:
             return
         try:
-            key = run.key  # a NodeKey or a _SpanKey
-            if key is None:
-                return  # its key could not be computed (already warned)
-            engine = self.engine
             artifact = None
-            if run.kind != "chain":  # tools and retrievers keep their output
-                artifact = self._artifact(engine, key.node_id, to_plain(output))
-                run.artifact_id = artifact[0]
-            node = _node_row(run, key, engine.namespace, _CHAIN_STEP_TYPE, "done", run.artifact_id)
-            self._write(run, node, artifact)
+            if run.kind in _KEEP_OUTPUT:
+                artifact = self._artifact(run, to_plain(output))
+            self._record(run, "done", output, artifact=artifact)
             if run.parent is not None:
                 Traces.index(run, flow_atoms(output, run.trace.keep))
         finally:
@@ -342,78 +279,14 @@ class MusubiCallbackHandler(BaseCallbackHandler):
         if run is None:
             return
         try:
-            model = run.kind in _MODEL_KINDS
-            if model:
+            if run.kind in _MODEL_KINDS:
                 _correlate.discard(run_id)
                 _correlate.take(run_id)
-                # Our own key, never the cache's node: a failed call must not overwrite (or
-                # poison) the completion a later retry will store there.
-                key = self._model_key(run)
-                run.node_id = key.node_id
-            elif run.key is not None:
-                key = run.key
-            else:
-                return
-            engine = self.engine
-            node = _node_row(
-                run,
-                key,
-                engine.namespace,
-                _MODEL_STEP_TYPE if model else _CHAIN_STEP_TYPE,
-                "failed",
-                error=_error_text(error),
-            )
             # A failed run produced nothing downstream can depend on: it is not indexed.
-            self._write(run, node, None)
+            self._record(run, "failed", error=_error_text(error))
         finally:
             if run.parent is None:
                 run.trace.close()
-
-    def _model_key(self, run: Run) -> NodeKey:
-        """The handler's own key for a model run no musubi cache looked up."""
-        key = self._fast_model_key(run)
-        if key is not None:
-            return key
-        messages = run.messages
-        params = _model_params(run.params)
-        inputs = (
-            {"messages": canonical_message_objects(messages), "params": to_plain(params)}
-            if messages is not None
-            else {"prompt": run.plain, "params": to_plain(params)}
-        )
-        return self._node_key(f"{run.kind}:{run.name}", inputs)
-
-    def _fast_model_key(self, run: Run) -> NodeKey | None:
-        """:meth:`_model_key` of a chat-model run whose messages and params are plain data,
-        hashing the canonical text built from its parts (the same bytes); None otherwise."""
-        messages = run.messages
-        raw = run.params
-        if messages is None or (raw is not None and type(raw) is not dict):
-            return None
-        memo = _params_memo_key(raw) if raw else ()
-        params_text = _PARAMS_TEXT.get(memo) if memo is not None else None
-        if params_text is None:
-            tree = plain_tree(to_plain(_model_params(raw)))
-            if tree is NOT_PLAIN:
-                return None
-            try:
-                params_text = _CANONICAL_JSON(tree)
-            except ValueError:
-                return None
-            if memo is not None:
-                if len(_PARAMS_TEXT) >= _PARAMS_TEXT_MAX:
-                    _PARAMS_TEXT.clear()
-                _PARAMS_TEXT[memo] = params_text
-        tree = plain_tree(canonical_message_objects(messages))
-        if tree is NOT_PLAIN:
-            return None
-        try:
-            text = f'{{"messages":{_CANONICAL_JSON(tree)},"params":{params_text}}}'
-        except ValueError:
-            return None
-        in_hash = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
-        op_name = f"{run.kind}:{run.name}"
-        return NodeKey(_node_id(op_name, in_hash), op_name, op_name, in_hash, ())
 
     def _model_end(self, run_id: UUID, response: LLMResult) -> None:
         run = self._traces.pop(run_id)
@@ -422,31 +295,23 @@ class MusubiCallbackHandler(BaseCallbackHandler):
         try:
             _correlate.discard(run_id)
             report = _correlate.take(run_id)
-            node: NodeRow | None = None
-            artifact: ArtifactRow | None = None
-            if report is not None:
-                # The cache looked this call up: its lookup counted the replay (hit) or its
-                # update recorded the node (miss). Only the trace edges are ours to add.
-                run.node_id = report.node_id
-            else:
-                key = self._model_key(run)
-                engine = self.engine
-                generations = [g for gens in response.generations for g in gens]
-                artifact = self._artifact(engine, key.node_id, encode_generations(generations))
-                now = time.time()
-                node = _node_row(
+            generations = [g for gens in response.generations for g in gens]
+            text = _generation_text(generations)
+            if report is not None and report.replayed:
+                # Served by the cache: a replay of its node (its lookup counted the replay).
+                run.node_id, run.artifact_id = report.node_id, report.artifact_id
+                self._record(
                     run,
-                    key,
-                    engine.namespace,
-                    _MODEL_STEP_TYPE,
                     "done",
-                    artifact[0],
-                    finished_at=now,
-                    expires_at=expiry(_MODEL_CONFIG, now),
-                    tokens=usage_of(generations),
+                    tokens=(report.tokens_in, report.tokens_out),
+                    replayed=True,
+                    saved_s=report.saved_s,
+                    output_preview=text,
                 )
-                run.node_id, run.artifact_id = key.node_id, artifact[0]
-            self._write(run, node, artifact)
+            else:
+                if report is not None:  # the cache recorded the completion as this node
+                    run.node_id, run.artifact_id = report.node_id, report.artifact_id
+                self._record(run, "done", tokens=usage_of(generations), output_preview=text)
             if run.parent is not None:
                 Traces.index(run, flow_atoms(response, run.trace.keep))
         finally:
@@ -475,14 +340,14 @@ class MusubiCallbackHandler(BaseCallbackHandler):
             self._guard.warn(exc)
 
     def on_chain_end(self, outputs: dict[str, Any] | Any, *, run_id: UUID, **kwargs: Any) -> None:
-        """Record the chain node."""
+        """Record the chain's call."""
         try:
             self._end(run_id, outputs)
         except Exception as exc:
             self._guard.warn(exc)
 
     def on_chain_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
-        """Record the chain node as failed."""
+        """Record the chain's call as failed."""
         try:
             self._error(run_id, error)
         except Exception as exc:
@@ -506,8 +371,7 @@ class MusubiCallbackHandler(BaseCallbackHandler):
             run = self._begin(
                 run_id, parent_run_id, "chat_model", _name(serialized, kwargs, "chat_model"), msgs
             )
-            run.messages = msgs
-            run.params = kwargs.get("invocation_params")
+            run.model = _model_of(kwargs.get("invocation_params"))
         except Exception as exc:
             self._guard.warn(exc)
 
@@ -527,20 +391,19 @@ class MusubiCallbackHandler(BaseCallbackHandler):
             run = self._begin(
                 run_id, parent_run_id, "llm", _name(serialized, kwargs, "llm"), prompt
             )
-            run.plain = to_plain(prompt)
-            run.params = kwargs.get("invocation_params")
+            run.model = _model_of(kwargs.get("invocation_params"))
         except Exception as exc:
             self._guard.warn(exc)
 
     def on_llm_end(self, response: LLMResult, *, run_id: UUID, **kwargs: Any) -> None:
-        """Link (or, without a musubi cache, record) the model node."""
+        """Record the model's call (a replay of the cache's node when it served it)."""
         try:
             self._model_end(run_id, response)
         except Exception as exc:
             self._guard.warn(exc)
 
     def on_llm_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
-        """Record the model node as failed."""
+        """Record the model's call as failed."""
         try:
             self._error(run_id, error)
         except Exception as exc:
@@ -567,14 +430,14 @@ class MusubiCallbackHandler(BaseCallbackHandler):
             self._guard.warn(exc)
 
     def on_tool_end(self, output: Any, *, run_id: UUID, **kwargs: Any) -> None:
-        """Record the tool node."""
+        """Record the tool's call (its output is kept)."""
         try:
             self._end(run_id, output)
         except Exception as exc:
             self._guard.warn(exc)
 
     def on_tool_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
-        """Record the tool node as failed."""
+        """Record the tool's call as failed."""
         try:
             self._error(run_id, error)
         except Exception as exc:
@@ -600,14 +463,14 @@ class MusubiCallbackHandler(BaseCallbackHandler):
     def on_retriever_end(
         self, documents: Sequence[Document], *, run_id: UUID, **kwargs: Any
     ) -> None:
-        """Record the retriever node (its documents are the artifact)."""
+        """Record the retriever's call (its documents are kept)."""
         try:
             self._end(run_id, list(documents))
         except Exception as exc:
             self._guard.warn(exc)
 
     def on_retriever_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
-        """Record the retriever node as failed."""
+        """Record the retriever's call as failed."""
         try:
             self._error(run_id, error)
         except Exception as exc:
