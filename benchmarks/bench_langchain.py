@@ -176,16 +176,18 @@ def handler_chain(env: Env) -> Comparison:
     config = {"callbacks": [handler]}
     counter = itertools.count()
     assert handled.invoke(" warm ", config=config) == "ECHO: WARM"
-    handler.flush()
-    recorded = handler.engine.store.stats()["nodes"]
-    assert recorded >= 5, f"the handler recorded {recorded} nodes for a five-step chain"
+    def recorded_calls() -> int:
+        handler.flush()
+        return sum(r.calls for r in handler.engine.store.list_runs(limit=1_000_000))
 
-    before = {"nodes": recorded}
+    recorded = recorded_calls()
+    assert recorded == 6, f"the handler recorded {recorded} calls for a five-step chain"
+
+    before = {"calls": recorded}
 
     def finish() -> None:
-        handler.flush()
-        nodes = handler.engine.store.stats()["nodes"]
-        assert nodes - before["nodes"] >= 5, "the handler stopped recording during the run"
+        calls = recorded_calls()
+        assert calls - before["calls"] >= 6, "the handler stopped recording during the run"
 
     return Comparison(
         "langchain_handler",

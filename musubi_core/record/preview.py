@@ -2,8 +2,8 @@
 
 Cheap and bounded (it stops as soon as it has enough text), deterministic, and never calls
 ``repr`` of arbitrary objects (no memory addresses, no user code): strings, numbers, mappings and
-sequences are rendered; objects by a text-like attribute (``content``, ``page_content``,
-``text``) or else by their class name.
+sequences are rendered; objects by a text-like field or property (``content``,
+``page_content``, ``text``, or the ``messages`` they hold) or else by their class name.
 
 >>> preview({"question": "What does musubi tie?", "k": 2})
 "{question: 'What does musubi tie?', k: 2}"
@@ -18,7 +18,7 @@ from typing import Any
 __all__ = ["PREVIEW_CHARS", "preview", "storable_text"]
 
 PREVIEW_CHARS = 160
-_TEXT_ATTRS = ("content", "page_content", "text")
+_TEXT_ATTRS = ("content", "page_content", "text", "messages")
 _SCALARS = (int, float, bool)
 
 
@@ -74,12 +74,33 @@ def _render(value: Any, out: list[str], budget: int, depth: int) -> int:
         out.append("]")
         return budget - 1
     else:
-        for attr in _TEXT_ATTRS:
-            text = getattr(value, attr, None) if not isinstance(value, type) else None
-            if isinstance(text, str):
-                piece = text[:budget] if not depth else repr(text[:budget])
-                break
+        attr = _TEXT_ATTR.get(type(value), _UNKNOWN)
+        if attr is _UNKNOWN:
+            attr = _text_attr(type(value))
+        inner = getattr(value, attr, None) if attr is not None else None
+        if isinstance(inner, str):
+            piece = inner[:budget] if not depth else repr(inner[:budget])
+        elif isinstance(inner, (list, tuple)) and depth < 4:
+            return _render(inner, out, budget, depth + 1)
         else:
             piece = f"<{type(value).__name__}>"
     out.append(piece)
     return budget - len(piece)
+
+
+# class -> the attribute that holds its text (or messages), decided once per class: a missing
+# attribute of a pydantic model costs ~5 µs to look up, three times per preview.
+_UNKNOWN = object()
+_TEXT_ATTR: dict[type, Any] = {}
+
+
+def _text_attr(cls: type) -> str | None:
+    fields = getattr(cls, "model_fields", None) or getattr(cls, "__dataclass_fields__", None) or {}
+    found = None
+    for attr in _TEXT_ATTRS:
+        if attr in fields or isinstance(getattr(cls, attr, None), property):
+            found = attr
+            break
+    if len(_TEXT_ATTR) < 4096:
+        _TEXT_ATTR[cls] = found
+    return found

@@ -53,6 +53,8 @@ __all__ = ["Recorder", "flush_recorders", "recorder_for"]
 _RECORDERS: weakref.WeakKeyDictionary[Any, Recorder] = weakref.WeakKeyDictionary()
 _RECORDERS_LOCK = threading.Lock()
 _LIVE: weakref.WeakSet[Recorder] = weakref.WeakSet()
+# This process's id, kept current across fork (os.getpid() is a system call per submit).
+_PID = [os.getpid()]
 
 
 def recorder_for(store: Store) -> Recorder:
@@ -197,7 +199,7 @@ class Recorder:
 
     def _kick(self, size: int) -> None:
         writer = self._writer
-        if writer is not None and writer[0] == os.getpid():
+        if writer is not None and writer[0] == _PID[0]:
             if size >= self.batch_rows and not self._wake.is_set():
                 self._wake.set()
             return
@@ -263,7 +265,7 @@ class Recorder:
                         del pending[n.node_id]
 
     def _ensure_writer(self) -> bool:
-        pid = os.getpid()
+        pid = _PID[0]
         writer = self._writer
         if writer is not None and writer[0] == pid and writer[1].is_alive():
             return True
@@ -334,6 +336,7 @@ class Recorder:
 
 
 def _after_fork_in_child() -> None:
+    _PID[0] = os.getpid()
     for rec in list(_LIVE):
         rec._reset()
 

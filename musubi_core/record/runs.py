@@ -64,6 +64,7 @@ class _Ids:
     def reset(self) -> None:
         self.token = os.urandom(7).hex()
         self.counter = itertools.count(1)
+        self.runs = itertools.count(1)
 
 
 _IDS = _Ids()
@@ -75,7 +76,9 @@ def new_call_id() -> str:
 
 
 def new_run_id() -> str:
-    return os.urandom(8).hex()
+    """A run id: 20 hex characters, unique across processes (the per-process token, then a
+    counter; no system call per run: ``os.urandom`` costs up to 150 µs on a busy VM)."""
+    return f"{_IDS.token}{next(_IDS.runs):06x}"
 
 
 class RunState:

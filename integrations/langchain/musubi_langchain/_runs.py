@@ -31,11 +31,14 @@ from collections.abc import Hashable, Iterable
 from typing import Any
 from uuid import UUID
 
+from musubi_core.record import preview
+
 # A trace with more finished runs than this stops indexing new outputs (a runaway agent loop
 # must not make every step slower); edges inferred before that point are kept.
 MAX_INDEXED_RUNS = 5_000
 
 _NO_UPSTREAM: tuple[Run, ...] = ()
+_NO_ATOMS: set[Hashable] = set()  # never mutated: runs replace it with their own set
 _NO_NODES: dict[str, str | None] = {}
 
 
@@ -43,7 +46,7 @@ class Trace:
     """One root run and its descendants: the output index used to infer data edges, and the
     musubi run its calls belong to."""
 
-    __slots__ = ("index", "indexed", "keep", "own", "state")
+    __slots__ = ("index", "indexed", "keep", "own", "previews", "state")
 
     def __init__(self) -> None:
         # atom -> finished runs that produced it (as output)
@@ -56,10 +59,25 @@ class Trace:
         # it (True) or joined a run already current (a chain called inside a @step).
         self.state: Any = None
         self.own = False
+        # id -> (object, preview): the value one step returns is the value the next is given,
+        # so its preview is made once (the object is held, so its id is not reused meanwhile).
+        self.previews: dict[int, tuple[Any, str | None]] = {}
+
+    def preview(self, value: Any) -> str | None:
+        """``musubi_core.record.preview(value)``, once per object of this trace."""
+        if type(value) is str or value is None:
+            return preview(value)
+        found = self.previews.get(id(value))
+        if found is not None and found[0] is value:
+            return found[1]
+        text = preview(value)
+        self.previews[id(value)] = (value, text)
+        return text
 
     def close(self) -> None:
         self.index = {}
         self.keep = []
+        self.previews = {}
 
 
 class Run:
@@ -71,18 +89,14 @@ class Run:
         "input_atoms",
         "input_preview",
         "kind",
-        "messages",
         "model",
         "name",
         "node_id",
         "node_ups",
-        "params",
         "parent",
         "parent_call_id",
-        "plain",
         "run_id",
         "seq",
-        "started",
         "started_at",
         "trace",
         "upstream",
@@ -96,10 +110,9 @@ class Run:
         self.trace = trace
         self.kind = kind
         self.name = name
-        self.input_atoms: set[Hashable] = set()
+        self.input_atoms: set[Hashable] = _NO_ATOMS
         self.upstream = _NO_UPSTREAM  # finished runs of the trace whose output fed this one
-        self.started = time.perf_counter()
-        self.started_at = time.time()
+        self.started_at = time.time()  # its duration is measured on the same clock
         self.call_id = ""
         self.seq = 0
         self.parent_call_id: str | None = parent.call_id if parent is not None else None
@@ -110,9 +123,6 @@ class Run:
         self.node_ups = _NO_NODES
         self.input_preview: str | None = None
         self.model: str | None = None
-        self.plain: Any = None
-        self.messages: Any = None
-        self.params: Any = None
 
     def is_ancestor_of(self, other: Run) -> bool:
         cur = other.parent
@@ -135,25 +145,39 @@ class Run:
         return out
 
 
-def _inherited(run: Run, atom: Hashable) -> bool:
+def _inherited_from(run: Run, atom: Hashable) -> Run | None:
+    """The nearest enclosing run whose input held ``atom`` (None: the atom is new here)."""
     cur = run.parent
     while cur is not None:
         if atom in cur.input_atoms:
-            return True
+            return cur
         cur = cur.parent
-    return False
+    return None
 
 
 def infer(trace: Trace, run: Run) -> tuple[Run, ...]:
-    """The finished runs of the trace whose output fed ``run``."""
+    """The finished runs of the trace whose output fed ``run``.
+
+    An atom the run inherited from an enclosing run's input fed it through that run: it counts
+    only for the producers that fed the enclosing run (a model turn inside a graph node gets
+    the tool result the node was given; a branch of a RunnableParallel does not get the
+    question from a sibling that merely passed it through).
+    """
     index = trace.index
     if not index:
         return _NO_UPSTREAM
     found: dict[Run, None] | None = None
     for atom in run.input_atoms:
         producers = index.get(atom)
-        if producers is None or _inherited(run, atom):
+        if producers is None:
             continue
+        via = _inherited_from(run, atom)
+        if via is not None:
+            if not via.upstream:
+                continue
+            producers = [p for p in producers if p in via.upstream]
+            if not producers:
+                continue
         if found is None:
             found = {}
         for p in producers:

@@ -57,7 +57,7 @@ def _name(serialized: dict[str, Any] | None, kwargs: dict[str, Any], default: st
     return default
 
 
-_now = time.perf_counter
+_now = time.time
 
 
 def _generation_text(generations: Sequence[Any]) -> str | None:
@@ -173,7 +173,7 @@ class MusubiCallbackHandler(BaseCallbackHandler):
             trace.state = state
         run.call_id = new_call_id()
         run.seq = state.next_seq()
-        run.input_preview = preview(inputs)
+        run.input_preview = trace.preview(inputs)
         atoms = run.input_atoms = flow_atoms(inputs, trace.keep)
         if kind == "tool":
             content_atom(atoms, inputs)  # a tool gets a filtered copy of the call's args
@@ -213,13 +213,13 @@ class MusubiCallbackHandler(BaseCallbackHandler):
             status,
             error,
             run.started_at,
-            _now() - run.started,
+            _now() - run.started_at,
             tokens[0],
             tokens[1],
             saved_s,
             run.model,
             run.input_preview,
-            output_preview if output_preview is not None else preview(output),
+            output_preview if output_preview is not None else trace.preview(output),
             state.namespace,
         )
         if run.parent_call_id is None and state.root_call_id is None:
