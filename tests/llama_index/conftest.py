@@ -53,11 +53,27 @@ def documents() -> list[Any]:
     return [Document(text=t, doc_id=f"doc-{i}") for i, t in enumerate(DOCS)]
 
 
+@pytest.fixture
+def settings() -> Iterator[Any]:
+    """LlamaIndex's global ``Settings`` with no LLM / embedding model; restored afterwards."""
+    from llama_index.core import Settings
+
+    saved = dict(Settings.__dict__)
+    Settings._llm = None
+    Settings._embed_model = None
+    yield Settings
+    Settings.__dict__.clear()
+    Settings.__dict__.update(saved)
+
+
 @pytest.fixture(autouse=True)
 def _clean_instrumentation() -> Iterator[None]:
+    from llama_index.core.settings import Settings, _Settings
+
     from musubi_llama_index import _runtime, uninstrument
 
     uninstrument()
     _runtime._warned.clear()  # "warn once" is per process; each test starts fresh
     yield
     uninstrument()
+    assert type(Settings) is _Settings, "uninstrument() left Settings' class swapped"
