@@ -194,8 +194,8 @@ def _enter(v: Any, active: _Open) -> int:
         raise TagError("cycle detected: this container contains itself")
     if len(active) >= active.limit:
         raise TagError(
-            f"nesting too deep: more than {active.limit} containers inside one another; "
-            "flatten the value, or pass it as a JSON string"
+            f"nesting too deep (more than {active.limit} containers inside one another; "
+            "flatten the value, or pass it as a JSON string)"
         )
     active.add(marker)
     return marker
@@ -286,7 +286,11 @@ def _enc_other(v: Any, canonical: bool, hook: Callable[[Any], Any] | None, activ
         return {"$path": v.as_posix()}
     if isinstance(v, set | frozenset):
         marker = _enter(v, active)
-        items = [_enc(item, canonical, hook, active) for item in v]
+        try:
+            items = [_enc(item, canonical, hook, active) for item in v]
+        except TagError as err:
+            err.segments = (*err.segments, "{member}")  # members have no stable index
+            raise
         # Set order is arbitrary (hash-seed dependent), so sort in both modes.
         items.sort(key=_canonical_sort_key)
         active.discard(marker)

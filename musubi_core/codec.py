@@ -36,7 +36,15 @@ from ._plain import COMPACT_JSON, NOT_PLAIN, plain_tree
 from ._tagged import MAX_DEPTH, TagError, class_path, encode, with_fresh_stack
 from .errors import DecodeError, SerializationError
 
-__all__ = ["Codec", "JSONCodec", "allow", "allow_annotation", "allowed_classes", "register_decoder"]
+__all__ = [
+    "MAX_DEPTH",
+    "Codec",
+    "JSONCodec",
+    "allow",
+    "allow_annotation",
+    "allowed_classes",
+    "register_decoder",
+]
 
 JSON_ENCODING = "musubi-json/1"
 
