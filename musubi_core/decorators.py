@@ -151,7 +151,8 @@ class StepFunction(Generic[P, R]):
         )
         if isinstance(fn, functools.partial):
             # A receiver the partial binds enters each call's input hash, as any receiver.
-            self.fingerprint["partial"] = [list(fn.args[in_partial:]), dict(fn.keywords)]
+            bound_args = fn.args[1:] if in_partial else fn.args
+            self.fingerprint["partial"] = [list(bound_args), dict(fn.keywords)]
         with contextlib.suppress(Exception):
             hints = typing.get_type_hints(fn)
             if "return" in hints:

@@ -166,12 +166,12 @@ def receiver_identity(receiver: Any, step: str, name: str = "self") -> Any:
         return receiver  # the encoder tags it with its class
     raise IdentityError(
         f"@step method {step} cannot tell one {cls.__qualname__} from another: `{name}` is "
-        f"part of the call, so it must enter the step's identity, or the result stored for one "
+        "part of the call, so it must enter the step's identity, or the result stored for one "
         f"{cls.__qualname__} would be replayed for all of them. Make {cls.__qualname__} a "
-        f"dataclass or a pydantic model (its fields become the identity), or define "
-        f"{cls.__qualname__}.__musubi_identity__(self) returning the values that decide the "
-        f"result (e.g. `return (self.model, self.temperature)`), or, if every instance gives "
-        f"the same result, opt out with @step(ignore=({name!r},))",
+        "dataclass, an attrs class or a pydantic model (its fields become the identity), or "
+        f"define {cls.__qualname__}.__musubi_identity__(self) returning the values that decide "
+        "the result (e.g. `return (self.model, self.temperature)`), or, if every instance "
+        f"gives the same result, opt out with @step(ignore=({name!r},))",
         f"$.{name}",
     )
 
