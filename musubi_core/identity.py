@@ -15,14 +15,13 @@ True
 from __future__ import annotations
 
 import ast
-import dataclasses
 import enum
 import hashlib
 import inspect
 import json
 import textwrap
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, is_dataclass
 from typing import Any
 
 from pydantic import BaseModel
@@ -44,12 +43,12 @@ __all__ = [
     "HASH_SCHEME",
     "NodeKey",
     "canonical_bytes",
-    "receiver_identity",
     "collect_results",
     "function_fingerprint",
     "input_hash",
     "make_node_id",
     "make_op",
+    "receiver_identity",
     "register_encoder",
 ]
 
@@ -57,9 +56,9 @@ HASH_SCHEME = "musubi/1"
 
 
 # Inputs may nest as deep as stored values, below the containers musubi itself wraps them in
-# (a step's argument mapping, and merge()'s {"args": ..., "merged": ...}): a stored output
-# passed on as an argument is always hashable.
-INPUT_MAX_DEPTH = MAX_DEPTH + 2
+# (a step's argument mapping, merge()'s {"args": ..., "merged": ...}, a receiver's
+# [kind, class, fields] form): a stored output passed on as an argument is always hashable.
+INPUT_MAX_DEPTH = MAX_DEPTH + 4
 
 
 def _result_hook(value: Any) -> Any:
@@ -105,7 +104,8 @@ def _tagged_bytes(value: Any, results: list[Result[Any]] | None) -> bytes:
     """:func:`canonical_bytes` through the type-tagged encoder (any value)."""
     hook = _result_hook if results is None else _collecting_hook(results)
     try:
-        text = with_fresh_stack(_canonical_text, (value, hook))
+        found = (results, len(results)) if results is not None else None
+        text = with_fresh_stack(_canonical_text, (value, hook, found))
     except TagError as err:
         raise IdentityError(f"cannot hash input: {err}", err.path) from None
     except RecursionError:
@@ -118,8 +118,12 @@ def _tagged_bytes(value: Any, results: list[Result[Any]] | None) -> bytes:
     return text.encode("utf-8", "surrogatepass")
 
 
-def _canonical_text(job: tuple[Any, Callable[[Any], Any]]) -> str:
-    value, hook = job
+def _canonical_text(
+    job: tuple[Any, Callable[[Any], Any], tuple[list[Result[Any]], int] | None],
+) -> str:
+    value, hook, found = job
+    if found is not None:  # a second try (on a fresh stack) collects the Results afresh
+        del found[0][found[1] :]
     return _CANONICAL_JSON(encode(value, canonical=True, hook=hook, max_depth=INPUT_MAX_DEPTH))
 
 
@@ -160,7 +164,7 @@ def receiver_identity(receiver: Any, step: str, name: str = "self") -> Any:
         return ["attrs", class_path(cls), fields]
     if (
         isinstance(receiver, BaseModel | enum.Enum)
-        or dataclasses.is_dataclass(receiver)
+        or is_dataclass(receiver)
         or cls in registered_encoders()
     ):
         return receiver  # the encoder tags it with its class
