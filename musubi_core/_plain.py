@@ -2,7 +2,8 @@
 itself, so the C JSON encoder produces their identity bytes and their stored payload directly.
 
 Strings, ints, bools, None, lists and dicts with string keys not starting with ``$`` are plain;
-finite floats are plain once tagged (``{"$float": repr}``, as the tagged encoder does). The
+finite floats are plain once tagged (``{"$float": repr}``, as the tagged encoder does); data
+nested deeper than ``MAX_DEPTH`` is not (the tagged encoder refuses it and names where). The
 results are byte-for-byte those of ``identity.canonical_bytes`` and ``JSONCodec.encode`` (which
 use these first and fall back to the tagged encoder for anything else); adapters reach them
 through :mod:`musubi_core.fastpath`.
@@ -20,6 +21,8 @@ import json
 import math
 from typing import Any
 
+from ._tagged import MAX_DEPTH
+
 __all__ = [
     "COMPACT_JSON",
     "NOT_PLAIN",
@@ -31,8 +34,9 @@ __all__ = [
 ]
 
 
-def _plain_kind(value: object) -> int:
-    """0: not plain JSON data; 1: plain, no floats; 2: plain with (finite) floats."""
+def _plain_kind(value: object, depth: int = 1) -> int:
+    """0: not plain JSON data; 1: plain, no floats; 2: plain with (finite) floats.
+    ``depth``: how many containers ``value`` is inside of, itself included."""
     kind = type(value)
     if kind is str or kind is int or kind is bool or value is None:
         return 1
@@ -47,12 +51,14 @@ def _plain_kind(value: object) -> int:
         items = value.values()  # type: ignore[attr-defined]
     else:
         return 0
+    if depth > MAX_DEPTH:
+        return 0  # too deep to be stored: the tagged encoder says where
     found = 1
     for v in items:
         t = type(v)
         if t is str or t is int or t is bool or v is None:
             continue  # the common leaves, without a call
-        k = _plain_kind(v)
+        k = _plain_kind(v, depth + 1)
         if k == 0:
             return 0
         if k == 2:

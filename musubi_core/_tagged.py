@@ -13,11 +13,17 @@ Two modes share one walker so that the two uses can never drift apart:
   exactly like the one that was stored.
 
 Errors name the failing spot as a JSON-path (``$.messages[3].content``).
+
+Containers (lists, tuples, dicts, sets, dataclasses, models, custom-encoded objects) may nest
+at most :data:`MAX_DEPTH` deep. The limit is explicit so that what is written can always be
+read back: the decoder (and the C JSON parser under it) needs a few stack frames per level,
+and a value accepted here must never be one that only decodes on a shallower stack.
 """
 
 from __future__ import annotations
 
 import base64
+import contextvars
 import dataclasses
 import datetime as dt
 import decimal
@@ -25,13 +31,32 @@ import enum
 import json
 import math
 import pathlib
+import threading
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
-__all__ = ["TagError", "class_path", "encode", "register_encoder", "registered_encoders"]
+__all__ = [
+    "MAX_DEPTH",
+    "TagError",
+    "class_path",
+    "encode",
+    "register_encoder",
+    "registered_encoders",
+    "with_fresh_stack",
+]
+
+A = TypeVar("A")
+T = TypeVar("T")
+
+MAX_DEPTH = 100
+"""How many containers may nest inside one another in a stored value (the codec and the plain
+fast path of :mod:`musubi_core._plain` both refuse deeper values). Decoding a value this deep
+takes at most ~5 Python frames and 4 JSON levels per container: far within the default
+recursion limit of 1000, and :func:`with_fresh_stack` gives it a whole stack when the caller
+has used up its own."""
 
 # Custom encoders registered by users: exact type -> function returning an encodable value.
 _CUSTOM: dict[type, Callable[[Any], Any]] = {}
@@ -50,7 +75,10 @@ class TagError(TypeError):
         return "$" + "".join(reversed(self.segments))
 
     def __str__(self) -> str:
-        return f"{self.reason} at {self.path}"
+        path = self.path
+        if len(path) > 120:  # a path 100 containers deep: its two ends say where
+            path = f"{path[:60]}...{path[-40:]}"
+        return f"{self.reason} at {path}"
 
 
 def register_encoder(cls: type, fn: Callable[[Any], Any]) -> None:
@@ -89,18 +117,60 @@ def encode(
     *,
     canonical: bool,
     hook: Callable[[Any], Any] | None = None,
+    max_depth: int = MAX_DEPTH,
 ) -> Any:
     """Return the tagged JSON-compatible tree for ``value``.
 
     ``hook`` is consulted first for every non-primitive object; if it returns
     something other than ``NotImplemented`` that is used as the tagged form
-    (identity uses it to encode a ``Result`` as its artifact id).
+    (identity uses it to encode a ``Result`` as its artifact id). Containers nested more than
+    ``max_depth`` deep raise a :class:`TagError` naming where.
     """
-    active: set[int] = set()
-    return _enc(value, canonical, hook, active)
+    return _enc(value, canonical, hook, _Open(max_depth))
 
 
-def _enc(v: Any, canonical: bool, hook: Callable[[Any], Any] | None, active: set[int]) -> Any:
+def with_fresh_stack(fn: Callable[[A], T], arg: A) -> T:
+    """``fn(arg)``; if it runs out of stack, ``fn(arg)`` again in a new thread (same context
+    variables), whose stack is empty: a value within :data:`MAX_DEPTH` is encoded, hashed and
+    decoded the same whether the caller is at the top of its stack or deep in a recursion.
+    A ``RecursionError`` there too propagates (the value is deeper than the limit allows)."""
+    try:
+        return fn(arg)
+    except RecursionError:
+        pass  # leave the exhausted frames before starting again
+    outcome: list[Any] = []
+    context = contextvars.copy_context()
+
+    def target() -> None:
+        try:
+            outcome.append((True, context.run(fn, arg)))
+        except BaseException as exc:
+            outcome.append((False, exc))
+
+    thread = threading.Thread(target=target, name="musubi-fresh-stack", daemon=True)
+    try:
+        thread.start()
+    except RuntimeError:  # no new threads at interpreter shutdown
+        raise RecursionError("nesting too deep for the remaining stack") from None
+    thread.join()
+    ok, result = outcome[0]
+    if ok:
+        return result  # type: ignore[no-any-return]
+    raise result
+
+
+class _Open(set[int]):
+    """The ids of the containers being encoded, root to here: a cycle is an id met again, and
+    their number is the depth."""
+
+    __slots__ = ("limit",)
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+
+
+def _enc(v: Any, canonical: bool, hook: Callable[[Any], Any] | None, active: _Open) -> Any:
     t = type(v)
     # Fast path: the types that make up almost every prompt and payload.
     if t is str or t is int or t is bool or v is None:
@@ -118,10 +188,15 @@ def _enc(v: Any, canonical: bool, hook: Callable[[Any], Any] | None, active: set
     return _enc_other(v, canonical, hook, active)
 
 
-def _enter(v: Any, active: set[int]) -> int:
+def _enter(v: Any, active: _Open) -> int:
     marker = id(v)
     if marker in active:
         raise TagError("cycle detected: this container contains itself")
+    if len(active) >= active.limit:
+        raise TagError(
+            f"nesting too deep (more than {active.limit} containers inside one another; "
+            "flatten the value, or pass it as a JSON string)"
+        )
     active.add(marker)
     return marker
 
@@ -130,7 +205,7 @@ def _enc_sequence(
     v: list[Any] | tuple[Any, ...],
     canonical: bool,
     hook: Callable[[Any], Any] | None,
-    active: set[int],
+    active: _Open,
 ) -> Any:
     marker = _enter(v, active)
     out = []
@@ -149,7 +224,7 @@ def _key_label(key: Any) -> str:
 
 
 def _enc_dict(
-    v: dict[Any, Any], canonical: bool, hook: Callable[[Any], Any] | None, active: set[int]
+    v: dict[Any, Any], canonical: bool, hook: Callable[[Any], Any] | None, active: _Open
 ) -> Any:
     marker = _enter(v, active)
     plain = all(type(k) is str and not k.startswith("$") for k in v)
@@ -177,11 +252,16 @@ def _enc_dict(
     return {"$map": pairs}
 
 
-def _enc_other(v: Any, canonical: bool, hook: Callable[[Any], Any] | None, active: set[int]) -> Any:
+def _enc_other(v: Any, canonical: bool, hook: Callable[[Any], Any] | None, active: _Open) -> Any:
     t = type(v)
     custom = _CUSTOM.get(t)
     if custom is not None:
-        return {"$custom": class_path(t), "value": _enc(custom(v), canonical, hook, active)}
+        # Entered like a container: an encoder that returns its own input (or a chain of
+        # objects that encode to one another) is a cycle or too deep, not a RecursionError.
+        marker = _enter(v, active)
+        tree = {"$custom": class_path(t), "value": _enc(custom(v), canonical, hook, active)}
+        active.discard(marker)
+        return tree
     # Checked before int/str so IntEnum/StrEnum members keep their class.
     if isinstance(v, enum.Enum):
         return {"$enum": class_path(t), "value": _enc(v.value, canonical, hook, active)}
@@ -206,7 +286,11 @@ def _enc_other(v: Any, canonical: bool, hook: Callable[[Any], Any] | None, activ
         return {"$path": v.as_posix()}
     if isinstance(v, set | frozenset):
         marker = _enter(v, active)
-        items = [_enc(item, canonical, hook, active) for item in v]
+        try:
+            items = [_enc(item, canonical, hook, active) for item in v]
+        except TagError as err:
+            err.segments = (*err.segments, "{member}")  # members have no stable index
+            raise
         # Set order is arbitrary (hash-seed dependent), so sort in both modes.
         items.sort(key=_canonical_sort_key)
         active.discard(marker)

@@ -33,10 +33,18 @@ from typing import Any, Protocol, runtime_checkable
 from pydantic import BaseModel
 
 from ._plain import COMPACT_JSON, NOT_PLAIN, plain_tree
-from ._tagged import TagError, class_path, encode
+from ._tagged import MAX_DEPTH, TagError, class_path, encode, with_fresh_stack
 from .errors import DecodeError, SerializationError
 
-__all__ = ["Codec", "JSONCodec", "allow", "allow_annotation", "allowed_classes", "register_decoder"]
+__all__ = [
+    "MAX_DEPTH",
+    "Codec",
+    "JSONCodec",
+    "allow",
+    "allow_annotation",
+    "allowed_classes",
+    "register_decoder",
+]
 
 JSON_ENCODING = "musubi-json/1"
 
@@ -147,22 +155,17 @@ class JSONCodec:
     def _encode_tagged(self, value: Any) -> tuple[str, bytes]:
         """:meth:`encode` through the type-tagged encoder (any value)."""
         try:
-            tree = encode(value, canonical=False)
-            if isinstance(tree, dict | list):
-                _check_allowed(tree)
+            payload = with_fresh_stack(_tagged_payload, value)
         except TagError as err:
             raise SerializationError(
                 f"cannot store the result: {err}", path=err.path, value=value
             ) from None
         except RecursionError:
             raise SerializationError(
-                "cannot store the result: nesting too deep", value=value
+                "cannot store the result: nesting too deep; flatten it, or return it as a "
+                "JSON string",
+                value=value,
             ) from None
-        try:
-            # surrogatepass: a str holding lone surrogates (os.fsdecode of
-            # undecodable bytes) is stored as-is instead of failing.
-            text = COMPACT_JSON(tree)
-            payload = text.encode("utf-8", "surrogatepass")
         except ValueError as exc:  # e.g. an int beyond sys.get_int_max_str_digits()
             raise SerializationError(f"cannot store the result: {exc}", value=value) from None
         return JSON_ENCODING, payload
@@ -171,20 +174,37 @@ class JSONCodec:
         if encoding != JSON_ENCODING:
             raise DecodeError(f"unknown artifact encoding {encoding!r}")
         try:
-            tree = json.loads(payload.decode("utf-8", "surrogatepass"))
-            if b'"$' not in payload and b"\\u0024" not in payload:
-                # No string starts with "$": no tagged node anywhere, so the
-                # parsed tree already is the value (_dec would copy it as is).
-                return tree
-            return _dec(tree)
+            return with_fresh_stack(_decode_payload, payload)
         except DecodeError:
             raise
         except RecursionError:
-            raise DecodeError("corrupt artifact: nesting too deep") from None
+            raise DecodeError(
+                f"corrupt artifact: nesting too deep (musubi stores at most {MAX_DEPTH} levels)"
+            ) from None
         except Exception as exc:
             # Whatever a tampered payload makes a constructor raise, it is a
             # miss (recompute), never a crash of the caller.
             raise DecodeError(f"corrupt artifact: {type(exc).__name__}: {exc}") from None
+
+
+def _tagged_payload(value: Any) -> bytes:
+    """The tagged JSON of ``value`` as UTF-8, after checking that every class it names can be
+    rebuilt (``TagError`` if not, or if it nests deeper than ``MAX_DEPTH``)."""
+    tree = encode(value, canonical=False)
+    if isinstance(tree, dict | list):
+        _check_allowed(tree)
+    # surrogatepass: a str holding lone surrogates (os.fsdecode of undecodable bytes) is
+    # stored as-is instead of failing.
+    return COMPACT_JSON(tree).encode("utf-8", "surrogatepass")
+
+
+def _decode_payload(payload: bytes) -> Any:
+    tree = json.loads(payload.decode("utf-8", "surrogatepass"))
+    if b'"$' not in payload and b"\\u0024" not in payload:
+        # No string starts with "$": no tagged node anywhere, so the
+        # parsed tree already is the value (_dec would copy it as is).
+        return tree
+    return _dec(tree)
 
 
 def _allowed(name: str) -> type:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import re
 import typing
 from collections.abc import Awaitable, Callable, Iterator
 from contextvars import ContextVar
@@ -26,12 +27,14 @@ from typing import Any, Generic, ParamSpec, TypeVar, overload
 
 from .codec import allow_annotation
 from .engine import Engine, Outcome, get_engine
+from .errors import IdentityError
 from .identity import (
     NodeKey,
     function_fingerprint,
     input_hash,
     make_node_id,
     make_op,
+    receiver_identity,
 )
 from .policy import Decision, StepConfiguration, StepType
 from .record.scope import CallScope
@@ -67,6 +70,34 @@ def merge(*parents: Result[Any]) -> Iterator[None]:
         _MERGED.reset(token)
 
 
+_UNBOUND: Any = object()
+_RECEIVER_NAMES = ("self", "cls")
+
+
+def _receiver(
+    fn: Callable[..., Any], param_names: list[str], binds: str
+) -> tuple[str | None, Any, bool]:
+    """The name of ``fn``'s receiver parameter (``None``: it has none); the receiver itself
+    when ``fn`` already carries it (a bound method, or a partial over a method given its first
+    argument), else ``_UNBOUND`` (it is the first argument of each call); and whether it is
+    that partial's first argument."""
+    if binds == "nothing":
+        return None, _UNBOUND, False
+    if binds == "class":
+        return (param_names[0] if param_names else None), _UNBOUND, False
+    inner = fn.func if isinstance(fn, functools.partial) else fn
+    if inspect.ismethod(inner):  # step(obj.method): the receiver came with it
+        names = list(inspect.signature(inner.__func__).parameters)
+        return (names[0] if names else "self"), inner.__self__, False
+    if isinstance(fn, functools.partial) and fn.args:
+        names = list(inspect.signature(inner).parameters)
+        if names[:1] and names[0] in _RECEIVER_NAMES:  # partial(Worker.run, worker)
+            return names[0], fn.args[0], True
+    if param_names[:1] and param_names[0] in _RECEIVER_NAMES:
+        return param_names[0], _UNBOUND, False
+    return None, _UNBOUND, False
+
+
 class StepFunction(Generic[P, R]):
     """A function wrapped by :func:`step`. Calling it returns ``Result[R]``
     (awaitable for ``async def`` functions)."""
@@ -80,6 +111,11 @@ class StepFunction(Generic[P, R]):
         engine: Engine | None,
         ignore: tuple[str, ...] = (),
     ) -> None:
+        # @step over @staticmethod / @classmethod: the step is the descriptor (see __get__).
+        self._binds: str = "instance"
+        if isinstance(fn, staticmethod | classmethod):
+            self._binds = "nothing" if isinstance(fn, staticmethod) else "class"
+            fn = fn.__func__
         if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
             raise TypeError(
                 f"@step cannot wrap generator function {getattr(fn, '__qualname__', fn)!r}: "
@@ -96,13 +132,15 @@ class StepFunction(Generic[P, R]):
         self._engine = engine
         self._signature = inspect.signature(fn)
         param_names = list(self._signature.parameters)
-        # A method's receiver (self/cls) usually holds clients and config, not
-        # inputs: it stays out of identity, like any name listed in ``ignore``.
-        receiver = param_names[:1] if param_names[:1] in (["self"], ["cls"]) else []
-        self.ignore = frozenset(ignore) | frozenset(receiver)
-        unknown = set(ignore) - set(param_names)
+        # A method's receiver is an input like any other: Worker("a").run(x) and
+        # Worker("b").run(x) are different calls. It enters identity under its parameter name
+        # (see identity.receiver_identity) unless ``ignore`` names it.
+        receiver, self._bound_receiver, in_partial = _receiver(fn, param_names, self._binds)
+        self.ignore = frozenset(ignore)
+        unknown = set(ignore) - set(param_names) - {receiver}
         if unknown:
             raise TypeError(f"@step(ignore=...) names no parameter of {qualname}: {sorted(unknown)}")
+        self._receiver = receiver if receiver not in self.ignore else None
         self.is_async = inspect.iscoroutinefunction(fn)
         # The code fingerprint: a version pin wins over the AST hash, so a
         # user can refactor without invalidating stored results.
@@ -112,7 +150,9 @@ class StepFunction(Generic[P, R]):
             else {"code": function_fingerprint(target)}
         )
         if isinstance(fn, functools.partial):
-            self.fingerprint["partial"] = [list(fn.args), dict(fn.keywords)]
+            # A receiver the partial binds enters each call's input hash, as any receiver.
+            bound_args = fn.args[1:] if in_partial else fn.args
+            self.fingerprint["partial"] = [list(bound_args), dict(fn.keywords)]
         with contextlib.suppress(Exception):
             hints = typing.get_type_hints(fn)
             if "return" in hints:
@@ -136,9 +176,12 @@ class StepFunction(Generic[P, R]):
             inspect.markcoroutinefunction(self)
 
     def __get__(self, instance: Any, owner: type | None = None) -> Any:
-        """Decorating a method: ``obj.method(x)`` calls the step with ``obj``
-        bound (and, as the receiver, kept out of identity)."""
-        if instance is None:
+        """Decorating a method: ``obj.method(x)`` calls the step with ``obj`` bound (and, as
+        the receiver, part of identity); over a classmethod, with the class; over a
+        staticmethod, with nothing."""
+        if self._binds == "class":
+            return _BoundStep(self, owner if owner is not None else type(instance))
+        if instance is None or self._binds == "nothing":
             return self
         return _BoundStep(self, instance)
 
@@ -157,6 +200,10 @@ class StepFunction(Generic[P, R]):
         """The node key, its upstream (node id -> artifact id), the Results the arguments
         hold (and merge() adds), and the identity arguments."""
         arguments = self._arguments(args, kwargs)
+        receiver = self._receiver
+        if receiver is not None:
+            raw = arguments[receiver] if self._bound_receiver is _UNBOUND else self._bound_receiver
+            arguments[receiver] = receiver_identity(raw, self.label, receiver)
         if self._op_for[0] is not self.name or self._op_for[1] is not self.fingerprint:
             # name or fingerprint was reassigned after decoration
             self._op_for = (self.name, self.fingerprint)
@@ -165,14 +212,24 @@ class StepFunction(Generic[P, R]):
         # The hash walk collects every Result it hashes, however nested.
         found: list[Result[Any]] = []
         merged = _MERGED.get()
-        if merged:
-            # merge() parents enter by artifact too: a parent re-executed with
-            # a different output must not leave this node replaying.
-            inputs: Any = {"args": arguments, "merged": sorted({r.artifact_id for r in merged})}
-            in_hash = input_hash(inputs, found)
-            found.extend(merged)
-        else:
-            in_hash = input_hash(arguments, found)
+        try:
+            if merged:
+                # merge() parents enter by artifact too: a parent re-executed with
+                # a different output must not leave this node replaying.
+                inputs: Any = {"args": arguments, "merged": sorted({r.artifact_id for r in merged})}
+                in_hash = input_hash(inputs, found)
+                found.extend(merged)
+            else:
+                in_hash = input_hash(arguments, found)
+        except IdentityError as err:
+            if receiver is None or not re.match(rf"\$(\.args)?\.{receiver}($|[.\[])", err.path):
+                raise
+            raise IdentityError(
+                f"{err}. This is inside `{receiver}`, the receiver of @step method {self.label}: "
+                f"define {type(raw).__qualname__}.__musubi_identity__(self) returning only the "
+                f"values that decide the result, or opt out with @step(ignore=({receiver!r},))",
+                err.path,
+            ) from None
         upstream_artifacts = {r.node_id: r.artifact_id for r in found}
         ups = tuple(sorted(upstream_artifacts)) if upstream_artifacts else ()
         key = NodeKey(make_node_id(self._op, in_hash, ups), self._op, self.name, in_hash, ups)
@@ -228,9 +285,12 @@ class StepFunction(Generic[P, R]):
         )
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Any:
+        # Identity is settled at the call, for async steps too: a bad input or an undeclared
+        # receiver raises here, not when (or if) the coroutine is awaited.
+        identity = self._identity(args, kwargs)
         if self.is_async:
-            return self._acall(*args, **kwargs)
-        key, upstream_artifacts, found, arguments = self._identity(args, kwargs)
+            return self._acall(identity, args, kwargs)
+        key, upstream_artifacts, found, arguments = identity
         engine = self.engine
         with self._scope(engine, found, arguments) as scope:
             outcome = engine.execute(
@@ -243,8 +303,13 @@ class StepFunction(Generic[P, R]):
             )
             return _result(scope, outcome)
 
-    async def _acall(self, *args: Any, **kwargs: Any) -> Result[Any]:
-        key, upstream_artifacts, found, arguments = self._identity(args, kwargs)
+    async def _acall(
+        self,
+        identity: tuple[NodeKey, dict[str, str], list[Result[Any]], dict[str, Any]],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Result[Any]:
+        key, upstream_artifacts, found, arguments = identity
         fn = typing.cast(Callable[..., Awaitable[Any]], self.fn)
         engine = self.engine
         with self._scope(engine, found, arguments) as scope:
@@ -284,7 +349,7 @@ def _result(scope: CallScope, outcome: Outcome) -> Result[Any]:
 
 
 class _BoundStep:
-    """A step method bound to its instance."""
+    """A step method bound to its instance (or, over a classmethod, its class)."""
 
     def __init__(self, step: StepFunction[Any, Any], instance: Any) -> None:
         self.step = step
@@ -295,6 +360,9 @@ class _BoundStep:
 
     def explain(self, *args: Any, **kwargs: Any) -> Decision:
         return self.step.explain(self.instance, *args, **kwargs)
+
+    def key(self, *args: Any, **kwargs: Any) -> tuple[NodeKey, dict[str, str]]:
+        return self.step.key(self.instance, *args, **kwargs)
 
     def __repr__(self) -> str:
         return f"<bound {self.step!r} of {type(self.instance).__name__}>"
@@ -339,9 +407,12 @@ def step(
     ``version`` are shortcuts for its fields. ``name`` overrides the operation
     name (default ``module.qualname``): keep it stable if you move the code.
     ``ignore`` names parameters that do not enter identity (a client, a
-    logger); a method's ``self``/``cls`` never does. ``strict_upstream=True``
-    turns off replay by content across upstream nodes: a call reaching the
-    same inputs through other upstream nodes then executes.
+    logger). A method's receiver does enter it: a dataclass, pydantic or attrs
+    instance by its fields, any object by its ``__musubi_identity__()``, a
+    classmethod's ``cls`` by its qualified name; any other receiver raises a
+    ``TypeError`` at the call unless ``ignore=("self",)`` opts out.
+    ``strict_upstream=True`` turns off replay by content across upstream nodes:
+    a call reaching the same inputs through other upstream nodes then executes.
     """
     config = semantics or StepConfiguration()
     overrides: dict[str, Any] = {}
@@ -357,7 +428,7 @@ def step(
         config = StepConfiguration(**{**config.model_dump(), **overrides})
 
     def wrap(f: Callable[P, R]) -> StepFunction[P, R]:
-        if not callable(f):
+        if not callable(f) and not isinstance(f, staticmethod | classmethod):
             raise TypeError(f"@step decorates functions, got {type(f).__name__}")
         return StepFunction(f, semantics=config, name=name, engine=engine, ignore=tuple(ignore))
 

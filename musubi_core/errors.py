@@ -20,6 +20,7 @@ __all__ = [
     "DivergenceError",
     "DuplicateStepError",
     "EffectInDoubtError",
+    "IdentityError",
     "InvalidStepNameError",
     "LockedError",
     "MusubiError",
@@ -47,6 +48,15 @@ class SerializationError(MusubiError):
         super().__init__(message)
         self.path = path
         self.value = value
+
+
+class IdentityError(MusubiError, TypeError):
+    """An input (or a method's receiver) cannot be given a stable identity; ``path`` names
+    where (``$.messages[3]``, ``$.self``). Also a ``TypeError``."""
+
+    def __init__(self, message: str, path: str) -> None:
+        super().__init__(message)
+        self.path = path
 
 
 class DecodeError(MusubiError):

@@ -15,16 +15,28 @@ True
 from __future__ import annotations
 
 import ast
+import enum
 import hashlib
 import inspect
 import json
 import textwrap
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, is_dataclass
 from typing import Any
 
+from pydantic import BaseModel
+
 from ._plain import NOT_PLAIN, SORTED_JSON, plain_tree
-from ._tagged import TagError, encode, register_encoder
+from ._tagged import (
+    MAX_DEPTH,
+    TagError,
+    class_path,
+    encode,
+    register_encoder,
+    registered_encoders,
+    with_fresh_stack,
+)
+from .errors import IdentityError
 from .result import Result
 
 __all__ = [
@@ -36,18 +48,17 @@ __all__ = [
     "input_hash",
     "make_node_id",
     "make_op",
+    "receiver_identity",
     "register_encoder",
 ]
 
 HASH_SCHEME = "musubi/1"
 
 
-class IdentityError(TypeError):
-    """An input cannot be given a stable identity; ``path`` names where."""
-
-    def __init__(self, message: str, path: str) -> None:
-        super().__init__(message)
-        self.path = path
+# Inputs may nest as deep as stored values, below the containers musubi itself wraps them in
+# (a step's argument mapping, merge()'s {"args": ..., "merged": ...}, a receiver's
+# [kind, class, fields] form): a stored output passed on as an argument is always hashable.
+INPUT_MAX_DEPTH = MAX_DEPTH + 4
 
 
 def _result_hook(value: Any) -> Any:
@@ -93,17 +104,27 @@ def _tagged_bytes(value: Any, results: list[Result[Any]] | None) -> bytes:
     """:func:`canonical_bytes` through the type-tagged encoder (any value)."""
     hook = _result_hook if results is None else _collecting_hook(results)
     try:
-        tree = encode(value, canonical=True, hook=hook)
+        found = (results, len(results)) if results is not None else None
+        text = with_fresh_stack(_canonical_text, (value, hook, found))
     except TagError as err:
         raise IdentityError(f"cannot hash input: {err}", err.path) from None
     except RecursionError:
-        raise IdentityError("cannot hash input: nesting too deep", "$") from None
-    try:
-        text = _CANONICAL_JSON(tree)
+        raise IdentityError(
+            "cannot hash input: nesting too deep; flatten it, or pass it as a JSON string", "$"
+        ) from None
     except ValueError as exc:  # an int beyond sys.get_int_max_str_digits()
         raise IdentityError(f"cannot hash input: {exc}", "$") from None
     # surrogatepass: strings with lone surrogates still get a stable identity.
     return text.encode("utf-8", "surrogatepass")
+
+
+def _canonical_text(
+    job: tuple[Any, Callable[[Any], Any], tuple[list[Result[Any]], int] | None],
+) -> str:
+    value, hook, found = job
+    if found is not None:  # a second try (on a fresh stack) collects the Results afresh
+        del found[0][found[1] :]
+    return _CANONICAL_JSON(encode(value, canonical=True, hook=hook, max_depth=INPUT_MAX_DEPTH))
 
 
 # The exact encoder ``json.dumps(tree, separators=(",", ":"), ensure_ascii=False)``
@@ -114,6 +135,49 @@ _CANONICAL_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).en
 def input_hash(value: Any, results: list[Result[Any]] | None = None) -> str:
     """SHA-256 hex digest of :func:`canonical_bytes` (``results`` as there)."""
     return hashlib.sha256(canonical_bytes(value, results)).hexdigest()
+
+
+def receiver_identity(receiver: Any, step: str, name: str = "self") -> Any:
+    """What a method's receiver contributes to its step's input hash (under the key ``name``).
+
+    A class (a classmethod's ``cls``) enters by its module and qualified name; an object by
+    its ``__musubi_identity__()`` if it defines one, else by its fields (a dataclass, a
+    pydantic model, an attrs class, found by ``__attrs_attrs__`` without importing attrs), its
+    value (an enum member) or its registered encoder. The forms cannot be confused with one
+    another: a dataclass, model, enum or registered type is encoded (and tagged with its
+    class) by the encoder; the others are lists starting with what they are. Anything else
+    raises an :class:`~musubi_core.errors.IdentityError` (a ``TypeError``) saying how to
+    declare it, naming ``step``.
+
+    >>> receiver_identity(int, "Parser.parse", "cls")
+    ['class', 'builtins:int']
+    """
+    cls = type(receiver)
+    declared = getattr(cls, "__musubi_identity__", None)
+    if declared is not None:
+        return ["__musubi_identity__", class_path(cls), receiver.__musubi_identity__()]
+    if isinstance(receiver, type):
+        return ["class", class_path(receiver)]
+    attributes = getattr(cls, "__attrs_attrs__", None)
+    if attributes is not None:
+        fields = {a.name: getattr(receiver, a.name) for a in attributes}
+        return ["attrs", class_path(cls), fields]
+    if (
+        isinstance(receiver, BaseModel | enum.Enum)
+        or is_dataclass(receiver)
+        or cls in registered_encoders()
+    ):
+        return receiver  # the encoder tags it with its class
+    raise IdentityError(
+        f"@step method {step} cannot tell one {cls.__qualname__} from another: `{name}` is "
+        "part of the call, so it must enter the step's identity, or the result stored for one "
+        f"{cls.__qualname__} would be replayed for all of them. Make {cls.__qualname__} a "
+        "dataclass, an attrs class or a pydantic model (its fields become the identity), or "
+        f"define {cls.__qualname__}.__musubi_identity__(self) returning the values that decide "
+        "the result (e.g. `return (self.model, self.temperature)`), or, if every instance "
+        f"gives the same result, opt out with @step(ignore=({name!r},))",
+        f"$.{name}",
+    )
 
 
 def make_op(op_name: str, fingerprint: Any = None) -> str:

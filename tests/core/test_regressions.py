@@ -342,21 +342,21 @@ def test_results_nested_in_dataclass_namedtuple_and_mappings_are_upstream(
 # -- r07: methods, partials, generators, ignore= ------------------------------------------
 
 
-def test_step_on_a_method_shares_the_node_across_instances(engine: Engine) -> None:
+def test_step_on_a_method_ignoring_self_shares_the_node_across_instances(engine: Engine) -> None:
     calls = Counter[int]()
 
     @dataclasses.dataclass
     class Svc:
         k: int
 
-        @step
+        @step(ignore=("self",))
         def run(self, x: int) -> int:
             calls[x] += 1
             return x + self.k
 
     first = Svc(1).run(2)
     assert first.value == 3 and first.replayed is False
-    # self is out of identity: another instance reaches the same node.
+    # self opted out of identity: another instance reaches the same node.
     second = Svc(100).run(2)
     assert second.node_id == first.node_id
     assert second.replayed is True and second.value == 3

@@ -29,7 +29,13 @@ except ImportError:
 pkg = types.ModuleType("musubi_core")
 pkg.__path__ = [sys.argv[1]]
 sys.modules["musubi_core"] = pkg
-from musubi_core.identity import function_fingerprint, input_hash, make_node_id, make_op  # noqa: E402
+from musubi_core.identity import (  # noqa: E402
+    function_fingerprint,
+    input_hash,
+    make_node_id,
+    make_op,
+    receiver_identity,
+)
 
 
 class Color(enum.Enum):
@@ -40,6 +46,11 @@ class Color(enum.Enum):
 class Point:
     x: int
     y: float
+
+
+class Declared:
+    def __musubi_identity__(self):
+        return ("model", 0.5, {"k": [1, None]})
 
 
 async def agen():
@@ -89,5 +100,10 @@ out = {
     "hashes": [input_hash(v) for v in values],
     "node": make_node_id(make_op("op", {"code": "x"}), input_hash(values), ["b" * 64, "a" * 64]),
     "fingerprint": function_fingerprint(sample_step),
+    # A method's receiver, as @step puts it next to the arguments.
+    "receivers": [
+        input_hash({"self": receiver_identity(r, "C.m"), "x": 1})
+        for r in (Point(1, 2.5), Color.RED, Declared(), Point)
+    ],
 }
 print(json.dumps(out))
