@@ -77,7 +77,7 @@ def test_sigkill_loses_only_the_stated_window(tmp_path: Path) -> None:
 def test_memory_stays_flat_over_100k_replayed_invocations(tmp_path: Path) -> None:
     db, log = tmp_path / "m.db", tmp_path / "log"
     proc = _start(db, "-100000", log)
-    out, err = proc.communicate(timeout=880)
+    _out, err = proc.communicate(timeout=880)
     assert proc.returncode == 0, err.decode()
     rss = {
         int(n): int(b)
