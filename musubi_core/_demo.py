@@ -64,8 +64,8 @@ def _decorator_demo(engine: Engine, out: TextIO) -> None:
 
 
 ADAPTER_DEMOS = (
-    ("LangChain", "musubi_langchain._demo", "musubi[langchain]"),
-    ("LlamaIndex", "musubi_llama_index._demo", "musubi[llama-index]"),
+    ("LangChain", "musubi_langchain._demo", "musubi-lineage[langchain]"),
+    ("LlamaIndex", "musubi_llama_index._demo", "musubi-lineage[llama-index]"),
 )
 
 

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from . import _render
+from . import __version__, _render
 from .engine import DEFAULT_PATH, Engine
 from .errors import LockedError, MusubiError, SchemaError
 from .store import SQLiteStore, is_postgres_target, open_store
@@ -227,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Inspect, explain and invalidate what a musubi store holds.",
         parents=[common],
     )
+    parser.add_argument("--version", action="version", version=f"musubi {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def add(

@@ -15,13 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.snippets import snippets
+
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-FENCE = re.compile(r"^```python\n(.*?)^```", re.MULTILINE | re.DOTALL)
-
-
-def snippets(path: Path) -> list[str]:
-    return [m.group(1) for m in FENCE.finditer(path.read_text(encoding="utf-8"))]
 
 
 @pytest.mark.parametrize("doc", [d for d in DOCS if snippets(d)], ids=lambda p: p.name)
