@@ -6,7 +6,9 @@ snippet, each on its own in a fresh interpreter.
 One virtualenv serves every stage, in order: the wheel alone (the adapters' import
 errors must name the right install line), then ``[langchain]``, ``[postgres]`` and
 ``[llama-index]`` one at a time (each must be what its adapter needs), then the
-README's own command with ``[all]``. This file takes about a minute, mostly pip.
+README's own command with ``[all]``. This file takes about a minute (about 40 s of CPU,
+mostly pip), so the tests that build are marked ``packaging``: ``pytest -m "not packaging"``
+skips them while iterating; the full suite and CI run them.
 """
 
 from __future__ import annotations
@@ -129,6 +131,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
     return Built(wheel, sdist)
 
 
+@pytest.mark.packaging
 def test_wheel_and_sdist_carry_the_name_version_and_license(built: Built) -> None:
     version = source_version()
     assert built.wheel.name == f"musubi_lineage-{version}-py3-none-any.whl"
@@ -205,12 +208,14 @@ def installed(built: Built, tmp_path_factory: pytest.TempPathFactory) -> Install
     return result
 
 
+@pytest.mark.packaging
 def test_without_extras_each_adapter_names_its_install_line(installed: Installed) -> None:
     for extra, proc in installed.missing.items():
         assert proc.returncode != 0 and "ImportError" in proc.stderr, explain(proc)
         assert f'pip install "{DIST}[{extra}]"' in proc.stderr, explain(proc)
 
 
+@pytest.mark.packaging
 @pytest.mark.parametrize("extra", [extra for extra, _ in STAGES])
 def test_each_extra_installs_what_its_adapter_needs(installed: Installed, extra: str) -> None:
     installing, probing = installed.stages[extra]
@@ -218,6 +223,7 @@ def test_each_extra_installs_what_its_adapter_needs(installed: Installed, extra:
     assert probing.returncode == 0, explain(probing)
 
 
+@pytest.mark.packaging
 def test_readme_install_command_runs_the_demo_outside_the_repository(
     installed: Installed,
 ) -> None:
@@ -234,6 +240,7 @@ def test_readme_install_command_runs_the_demo_outside_the_repository(
     assert Path(where.stdout.strip()).is_relative_to(installed.home / ".venv"), explain(where)
 
 
+@pytest.mark.packaging
 @pytest.mark.parametrize("index", range(len(README_SNIPPETS)),
                          ids=[f"snippet{i + 1}" for i in range(len(README_SNIPPETS))])
 def test_readme_snippet_runs_on_its_own_in_the_installed_package(
