@@ -21,6 +21,7 @@ from .context import current_node, current_run
 from .decorators import StepFunction, merge, step
 from .engine import Engine, Lookup, Outcome, get_engine, use_engine
 from .errors import (
+    ConfigError,
     DecodeError,
     DivergenceError,
     DuplicateStepError,
@@ -45,6 +46,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Codec",
+    "ConfigError",
     "Context",
     "DecodeError",
     "Decision",

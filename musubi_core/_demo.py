@@ -4,6 +4,7 @@ run replaying every expensive step from the store."""
 from __future__ import annotations
 
 import importlib
+import shlex
 import time
 from typing import TextIO
 
@@ -43,7 +44,7 @@ DOCUMENT = (
 )
 
 
-def _decorator_demo(engine: Engine, out: TextIO) -> None:
+def _decorator_demo(engine: Engine, out: TextIO, db: str | None) -> None:
     with use_engine(engine):
         for attempt in (1, 2):
             start = time.perf_counter()
@@ -56,7 +57,8 @@ def _decorator_demo(engine: Engine, out: TextIO) -> None:
             )
             out.write(f"  run {attempt}: {elapsed:6.3f}s  {states}\n")
         out.write(f"  summary: {summary.value}\n")
-        out.write(f"  lineage of the summary (musubi lineage {summary.node_id[:12]}):\n")
+        again = f" (`musubi --db {db} lineage {summary.node_id[:12]}`)" if db else ""
+        out.write(f"  lineage of the summary{again}:\n")
         engine.flush()
         nodes, edges = engine.store.lineage(summary.node_id)
         for line in lineage_text(summary.node_id, nodes, edges).splitlines():
@@ -64,16 +66,19 @@ def _decorator_demo(engine: Engine, out: TextIO) -> None:
 
 
 ADAPTER_DEMOS = (
-    ("LangChain", "musubi_langchain._demo", "musubi[langchain]"),
-    ("LlamaIndex", "musubi_llama_index._demo", "musubi[llama-index]"),
+    ("LangChain", "musubi_langchain._demo", "musubi-lineage[langchain]"),
+    ("LlamaIndex", "musubi_llama_index._demo", "musubi-lineage[llama-index]"),
 )
 
 
-def run_demo(db_path: str, out: TextIO) -> int:
-    """Run every demo against ``db_path``; returns a process exit code."""
-    out.write(f"musubi demo (store: {db_path})\n\n@step pipeline:\n")
+def run_demo(db_path: str, out: TextIO, *, kept: bool = True) -> int:
+    """Run every demo against ``db_path``; returns a process exit code. Unless
+    the store is ``kept`` after the demo exits, it prints no command to run on it."""
+    db = shlex.quote(db_path) if kept else None
+    shown = db_path if kept else "a temporary file, removed when the demo ends"
+    out.write(f"musubi demo (store: {shown})\n\n@step pipeline:\n")
     with Engine(SQLiteStore(db_path)) as engine:
-        _decorator_demo(engine, out)
+        _decorator_demo(engine, out, db)
     status = 0
     for title, module_name, extra in ADAPTER_DEMOS:
         out.write(f"\n{title}:\n")
@@ -94,4 +99,8 @@ def run_demo(db_path: str, out: TextIO) -> int:
         f"\nstore totals: {stats['executions']} executions, {stats['replays']} replays, "
         f"{stats['seconds_saved']:.2f}s and {stats['tokens_saved']} tokens saved by replay\n"
     )
+    if db:
+        out.write(f"explore it: `musubi --db {db} stats` (or lineage, explain, runs)\n")
+    else:
+        out.write("keep the store to explore it: `musubi demo --db demo.db`\n")
     return status

@@ -13,32 +13,29 @@ import argparse
 import dataclasses
 import json
 import os
-import re
+import shlex
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from . import _render
+from . import __version__, _check, _render
+from ._duration import age_seconds
 from .engine import DEFAULT_PATH, Engine
-from .errors import LockedError, MusubiError, SchemaError
-from .store import SQLiteStore, is_postgres_target, open_store
+from .errors import ConfigError, LockedError, MusubiError, SchemaError, StoreError
+from .store import SQLiteStore, is_postgres_target, open_store, resolve_target
 
 __all__ = ["build_parser", "main"]
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_LOCKED = 0, 1, 2, 75
 
-_AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)?\s*$")
-_AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, None: 86400}
-
-
 def parse_age(text: str) -> float:
-    """``"30d"`` -> seconds. A bare number means days."""
-    match = _AGE.match(text)
-    if not match:
-        raise argparse.ArgumentTypeError(f"invalid age {text!r}: use e.g. 90m, 12h, 30d, 2w")
-    return float(match.group(1)) * _AGE_UNITS[match.group(2)]
+    """``"30d"`` -> seconds; units ms, s, min, h, d, w (a bare ``m`` is refused)."""
+    try:
+        return age_seconds(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
 
 
 def _default_db() -> str:
@@ -46,7 +43,7 @@ def _default_db() -> str:
 
 
 def _open(args: argparse.Namespace) -> Engine:
-    path = args.db
+    path = resolve_target(args.db)
     if is_postgres_target(path):
         return Engine(open_store(path))
     if args.command not in ("demo",) and not os.path.exists(path):
@@ -192,8 +189,27 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    with _open(args) as engine:
-        problems = engine.store.check()
+    path = resolve_target(args.db)
+    on_disk = not is_postgres_target(path) and os.path.isfile(path)
+    # A damaged file may not even open as a store: then the file itself is examined.
+    damage = _check.damage(path) if on_disk else []
+    if not damage:
+        try:
+            with _open(args) as engine:
+                problems = engine.store.check()
+        except (StoreError, SchemaError):
+            damage = _check.damage(path, deep=True) if on_disk else []
+            if not damage:
+                raise
+    if damage:
+        advice = _check.ADVICE.format(path=shlex.quote(path))
+        _emit(
+            args,
+            {"ok": False, "damaged": True, "path": path, "problems": damage, "advice": advice},
+            "\n".join([f"{path} is damaged:", *(f"problem: {p}" for p in damage),
+                       f"what to do: {advice}"]),
+        )
+        return EXIT_ERROR
     _emit(
         args,
         {"ok": not problems, "problems": problems},
@@ -205,10 +221,13 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from ._demo import run_demo
 
-    if args.db_given:
-        return run_demo(args.db, sys.stdout)
+    if args.db_given or os.environ.get("MUSUBI_DB"):
+        path = resolve_target(args.db)
+        if is_postgres_target(path):
+            raise ConfigError("musubi demo writes a SQLite file: pass --db demo.db", target=path)
+        return run_demo(path, sys.stdout)
     with tempfile.TemporaryDirectory(prefix="musubi-demo-") as folder:
-        return run_demo(os.path.join(folder, "demo.db"), sys.stdout)
+        return run_demo(os.path.join(folder, "demo.db"), sys.stdout, kept=False)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -227,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Inspect, explain and invalidate what a musubi store holds.",
         parents=[common],
     )
+    parser.add_argument("--version", action="version", version=f"musubi {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def add(
@@ -258,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=parse_age,
         default=None,
         metavar="AGE",
-        help="e.g. 30d, 12h (default: artifacts only)",
+        help="e.g. 30d, 12h, 45min, 90s, 500ms (default: artifacts only)",
     )
     add("check", cmd_check, "integrity check of the store file")
     add("demo", cmd_demo, "run an offline pipeline twice and watch the second run replay")
@@ -295,11 +315,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.json = False
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
-        return handler(args)
+        code = handler(args)
+        sys.stdout.flush()  # a closed pipe fails here, inside the try
+        return code
+    except BrokenPipeError:
+        # The reader went away (`musubi demo | head -1`): stop quietly, the way
+        # https://docs.python.org/3/library/signal.html#note-on-sigpipe shows.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_ERROR
     except LockedError as err:
         print(f"musubi: {err}", file=sys.stderr)
         return EXIT_LOCKED
-    except SchemaError as err:
+    except (SchemaError, ConfigError) as err:
         print(f"musubi: {err}", file=sys.stderr)
         return EXIT_USAGE
     except MusubiError as err:

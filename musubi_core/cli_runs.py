@@ -19,7 +19,6 @@ import argparse
 import importlib
 import json
 import os
-import re
 import socket
 import sys
 import time
@@ -35,14 +34,13 @@ from .errors import (
     SchemaError,
     StepFailedError,
 )
-from .runner import DEFAULT_RUN_ID, run, validate_name
-from .store import RunRecord, RunStepRecord, SQLiteStore
+from .runner import DEFAULT_RUN_ID, run, validate_name, validate_run_id
+from .store import RunRecord, RunStepRecord, SQLiteStore, resolve_target
 
 __all__ = ["add_run_commands", "cmd_run", "cmd_runs", "cmd_steps"]
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_LOCKED = 0, 1, 2, 75
 _HOST = socket.gethostname()
-_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 def add_run_commands(subparsers: Any) -> None:
@@ -82,10 +80,10 @@ def add_run_commands(subparsers: Any) -> None:
 def _db(args: argparse.Namespace) -> str:
     path = getattr(args, "db", None)
     if path:
-        return str(path)
+        return resolve_target(str(path))
     from .engine import DEFAULT_PATH
 
-    return os.environ.get("MUSUBI_DB") or DEFAULT_PATH
+    return resolve_target(os.environ.get("MUSUBI_DB") or DEFAULT_PATH)
 
 
 def _open_existing(args: argparse.Namespace) -> SQLiteStore:
@@ -269,8 +267,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _check_usage(db: str, run_id: str, rerun_from: str | None) -> None:
     """Reject a malformed --run-id or an unknown --rerun-from before running
     anything, so exit code 2 always means "fix the command line"."""
-    if not _RUN_ID.fullmatch(run_id):
-        raise ValueError(f"invalid --run-id {run_id!r}: use letters, digits, '.', '_' or '-'")
+    validate_run_id(run_id)
     if rerun_from is None:
         return
     validate_name(rerun_from)

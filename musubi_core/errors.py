@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 __all__ = [
+    "ConfigError",
     "DecodeError",
     "DivergenceError",
     "DuplicateStepError",
@@ -89,6 +90,16 @@ class StoreError(MusubiError):
         self.path = path
 
 
+class ConfigError(MusubiError, ValueError):
+    """A setting names something musubi cannot use: ``--db`` / ``$MUSUBI_DB``
+    with an unknown URL scheme, or a directory where a store file belongs.
+    ``target`` is the value as given (with any password hidden)."""
+
+    def __init__(self, message: str, *, target: str) -> None:
+        super().__init__(message)
+        self.target = target
+
+
 class LockedError(MusubiError):
     """Another live process holds the run's lock."""
 
@@ -115,12 +126,21 @@ class DuplicateStepError(MusubiError):
 
 
 class InvalidStepNameError(MusubiError, ValueError):
-    """A step name does not match ``^[A-Za-z0-9][A-Za-z0-9._-]*$``."""
+    """A step name (or a durable run id: ``what="run id"``) does not match
+    ``^[A-Za-z0-9][A-Za-z0-9._-]*$``, or is longer than ``max_length``."""
 
-    def __init__(self, name: object) -> None:
+    def __init__(
+        self, name: object, *, what: str = "step name", max_length: int | None = None
+    ) -> None:
+        shown = repr(name)
+        if isinstance(name, str) and len(name) > 60:
+            shown = f"{name[:40]!r}... ({len(name)} characters)"
+        limit = ""
+        if max_length is not None:
+            limit = f", at most {max_length} characters (the run's lock file is named after it)"
         super().__init__(
-            f"invalid step name {name!r}: use letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit"
+            f"invalid {what} {shown}: use letters, digits, '.', '_' or '-', "
+            f"starting with a letter or digit{limit}"
         )
         self.name = name
 

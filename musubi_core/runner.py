@@ -98,6 +98,9 @@ DEFAULT_RUN_ID = "default"
 
 # fullmatch, not match with "$": "$" also matches before a trailing newline.
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+# A run id is part of its sidecar lock file's name ("<store>.<run id>.lock"),
+# which the file system caps at 255 bytes: this leaves the store's name room.
+MAX_RUN_ID = 128
 _HOST = socket.gethostname()
 
 # Test hook: called with the step name after its checkpoint committed and
@@ -116,6 +119,14 @@ def validate_name(name: object) -> str:
     if not isinstance(name, str) or _NAME.fullmatch(name) is None:
         raise InvalidStepNameError(name)
     return name
+
+
+def validate_run_id(run_id: object) -> str:
+    """Return ``run_id`` if it is a valid durable run id (a step name of at most
+    :data:`MAX_RUN_ID` characters), else raise :class:`InvalidStepNameError`."""
+    if not isinstance(run_id, str) or _NAME.fullmatch(run_id) is None or len(run_id) > MAX_RUN_ID:
+        raise InvalidStepNameError(run_id, what="run id", max_length=MAX_RUN_ID)
+    return run_id
 
 
 # -- code fingerprints ---------------------------------------------------------------
@@ -518,12 +529,7 @@ def _invocation(
     rerun_from: str | None,
 ) -> Iterator[_Invocation]:
     db = os.fspath(path)
-    rid = DEFAULT_RUN_ID if run_id is None else run_id
-    if not isinstance(rid, str) or _NAME.fullmatch(rid) is None:
-        raise ValueError(
-            f"invalid run id {rid!r}: use letters, digits, '.', '_' or '-', starting with a "
-            "letter or digit"
-        )
+    rid = validate_run_id(DEFAULT_RUN_ID if run_id is None else run_id)
     if rerun_from is not None:
         validate_name(rerun_from)
     folder = os.path.dirname(os.path.abspath(db))

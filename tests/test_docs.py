@@ -15,13 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.snippets import snippets
+
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-FENCE = re.compile(r"^```python\n(.*?)^```", re.MULTILINE | re.DOTALL)
-
-
-def snippets(path: Path) -> list[str]:
-    return [m.group(1) for m in FENCE.finditer(path.read_text(encoding="utf-8"))]
 
 
 @pytest.mark.parametrize("doc", [d for d in DOCS if snippets(d)], ids=lambda p: p.name)
@@ -55,3 +52,14 @@ def test_readme_has_the_two_setup_commands() -> None:
     assert "pytest" in commands[1]
     ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
     assert "readme_test_command" in ci
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/core.md"])
+def test_docs_say_what_identity_does_not_see(doc: str) -> None:
+    """Values a step reads that are not its arguments (module constants, globals,
+    files) are not part of its identity: the doc says so, gives both fixes, and
+    shows it in a snippet that test_doc_snippets_run executes."""
+    text = (ROOT / doc).read_text(encoding="utf-8")
+    assert "module constant" in text and "not part of" in text
+    assert "version=" in text and "as an argument" in text
+    assert any("PROMPT =" in s and "replayed" in s for s in snippets(ROOT / doc))

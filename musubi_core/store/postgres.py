@@ -2,7 +2,7 @@
 
 Same schema, same statements and the same conformance suite as the SQLite
 store; only connections, transactions and locking differ. Requires
-``pip install "musubi[postgres]"`` (psycopg 3).
+``pip install "musubi-lineage[postgres]"`` (psycopg 3).
 
 Durable runs (:func:`musubi_core.run`) stay on SQLite: their one-writer lock
 is a file lock next to the store file.
@@ -79,7 +79,7 @@ class PostgresStore(SQLStoreBase):
             import psycopg
         except ImportError as exc:  # pragma: no cover - depends on the environment
             raise ImportError(
-                'PostgresStore needs psycopg 3: pip install "musubi[postgres]"'
+                'PostgresStore needs psycopg 3: pip install "musubi-lineage[postgres]"'
             ) from exc
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", schema):
             raise ValueError(f"schema must be a plain identifier, got {schema!r}")

@@ -262,7 +262,7 @@ def check_version(conn: Any, path: str, tables: set[str]) -> bool:
     if version > SCHEMA_VERSION:
         raise SchemaError(
             f"{path} was written by a newer musubi (schema {found}; this version reads "
-            f"{SCHEMA_VERSION}); upgrade with `pip install -U musubi`",
+            f"{SCHEMA_VERSION}); upgrade with `pip install -U musubi-lineage`",
             path=path,
             expected=str(SCHEMA_VERSION),
             found=str(found),

@@ -76,7 +76,7 @@ def test_newer_schema_version_is_a_schema_error(db_path: Path) -> None:
         raw.execute("UPDATE musubi_meta SET value = '99' WHERE key = 'schema_version'")
     with pytest.raises(SchemaError) as raised:
         SQLiteStore(db_path)
-    _assert_clear(raised.value, db_path, "newer musubi", "pip install -U musubi")
+    _assert_clear(raised.value, db_path, "newer musubi", "pip install -U musubi-lineage")
     assert raised.value.found == "99" and raised.value.expected == str(SCHEMA_VERSION)
     # Nothing was changed in the file.
     with sqlite3.connect(db_path) as raw:

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 
 import pytest
 
-psycopg = pytest.importorskip("psycopg", reason='pip install "musubi[postgres]"')
+psycopg = pytest.importorskip("psycopg", reason='pip install "musubi-lineage[postgres]"')
 
 
 def _free_port() -> int:

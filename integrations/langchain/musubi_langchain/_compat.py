@@ -11,7 +11,7 @@ try:
     import langchain_core  # noqa: F401
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError(
-        'musubi_langchain needs LangChain: pip install "musubi[langchain]"'
+        'musubi_langchain needs LangChain: pip install "musubi-lineage[langchain]"'
     ) from exc
 
 __all__: list[str] = []

@@ -14,7 +14,7 @@ try:
     import llama_index.core  # noqa: F401
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError(
-        "musubi_llama_index needs LlamaIndex: pip install \"musubi[llama-index]\""
+        "musubi_llama_index needs LlamaIndex: pip install \"musubi-lineage[llama-index]\""
     ) from exc
 
 from musubi_llama_index._instrument import (
