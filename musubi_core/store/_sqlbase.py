@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
+from operator import itemgetter
 from typing import Any, TypeVar
 
 from ..errors import NodeNotFoundError
@@ -142,6 +143,13 @@ _LOOKUP = (
 )
 
 
+_by_id = itemgetter(0)  # a node's or artifact's id: its primary key
+
+
+def _edge_key(edge: EdgeWrite) -> tuple[str, str, str]:
+    return (edge.parent, edge.kind, edge.child)
+
+
 def _fast_node(row: Sequence[Any]) -> NodeRecord:
     """The node part of a lookup row (the first 25 values; more may follow)."""
     return _make_node(row[:_NODE_WIDTH])
@@ -264,7 +272,10 @@ class SQLStoreBase:
     def add_replays(self, counts: Mapping[str, int], now: float) -> None:
         if not counts:
             return
-        rows = [(n, now, node_id) for node_id, n in counts.items()]
+        # In key order: concurrent writers then lock shared rows in the same order, so they
+        # queue instead of deadlocking (PostgreSQL aborts one of two transactions waiting for
+        # each other's rows; SQLite's single writer lock never waits that way).
+        rows = [(counts[node_id], now, node_id) for node_id in sorted(counts)]
         self._write(
             "add_replays",
             lambda c: self._exm(
@@ -535,23 +546,27 @@ class SQLStoreBase:
         edges: Sequence[EdgeWrite],
         now: float,
     ) -> None:
+        # Every table in key order, tables always in this order (as in add_replays): two
+        # batches sharing rows then lock them in the same order and never deadlock.
         if artifacts:
             self._exm(
                 c,
                 _INSERT_ARTIFACT,
                 [
                     (a.artifact_id, a.encoding, a.payload, len(a.payload), a.producer_node_id, now)
-                    for a in artifacts
+                    for a in sorted(artifacts, key=_by_id)
                 ],
             )
         if nodes:
+            nodes = sorted(nodes, key=_by_id)
             changed = self._outputs_changed(c, nodes)
             self._exm(c, _UPSERT_NODE, [(*n, now) for n in nodes])
             for node_id in changed:
                 self._ex(c, _STALE_DESCENDANTS, {"root": node_id})
         if edges:
-            # EdgeWrite's fields are the statement's parameters, in order.
-            self._exm(c, _UPSERT_EDGE, edges)
+            # EdgeWrite's fields are the statement's parameters, in order; sorted by the
+            # primary key (parent, kind, child).
+            self._exm(c, _UPSERT_EDGE, sorted(edges, key=_edge_key))
 
     def _outputs_changed(self, c: Any, nodes: Sequence[NodeWrite]) -> list[str]:
         """Nodes whose stored output this write replaces with a different one
