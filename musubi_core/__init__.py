@@ -21,6 +21,7 @@ from .context import current_node, current_run
 from .decorators import StepFunction, merge, step
 from .engine import Engine, Lookup, Outcome, get_engine, use_engine
 from .errors import (
+    CorruptNodeError,
     DecodeError,
     DivergenceError,
     DuplicateStepError,
@@ -29,6 +30,7 @@ from .errors import (
     LockedError,
     MusubiError,
     NodeNotFoundError,
+    ReadOnlyStoreError,
     SchemaError,
     SerializationError,
     StepFailedError,
@@ -45,6 +47,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Codec",
     "Context",
+    "CorruptNodeError",
     "DecodeError",
     "Decision",
     "DivergenceError",
@@ -60,6 +63,7 @@ __all__ = [
     "NodeNotFoundError",
     "Outcome",
     "PostgresStore",
+    "ReadOnlyStoreError",
     "ReplayReason",
     "Result",
     "SQLiteStore",

@@ -217,7 +217,27 @@ class Engine:
         self.namespace = namespace
         self._buffer = _Buffer()
         self._closed = False
+        self._warned_read_only = False
         _LIVE_ENGINES.add(self)
+
+    # The category of the one warning about a read-only store (adapters use their own).
+    read_only_warning: type[Warning] = RuntimeWarning
+
+    def _skips_writes(self) -> bool:
+        """True when the store is read-only (``store.read_only``): the engine still replays
+        from it, but skips every write (results, failures, edges, replay counts) instead of
+        failing the call, and says so once."""
+        if not getattr(self.store, "read_only", False):
+            return False
+        if not self._warned_read_only:
+            self._warned_read_only = True
+            warnings.warn(
+                f"musubi: {self.store.path} is read-only: stored results are replayed, but "
+                "nothing new is recorded (make the file and its folder writable to record)",
+                self.read_only_warning,
+                stacklevel=4,
+            )
+        return True
 
     # -- identity -------------------------------------------------------------
 
@@ -270,7 +290,7 @@ class Engine:
             return Lookup(
                 False, Decision(False, ReplayReason.ARTIFACT_CORRUPT, str(err)), None, node
             )
-        if upstream_fresh and not self.store.mark_fresh(node.node_id):
+        if upstream_fresh and not self._skips_writes() and not self.store.mark_fresh(node.node_id):
             # A parent changed again between our check and the revival.
             stale = Decision(False, ReplayReason.STALE, "an upstream node changed again")
             return Lookup(False, stale, None, node)
@@ -393,6 +413,8 @@ class Engine:
         """
         encoding, payload = self.codec.encode(value)
         artifact_id = artifact_id_for(encoding, payload)
+        if self._skips_writes():
+            return Recorded(key.node_id, artifact_id, key.node_id)
         now = time.time()
         node = NodeWrite(
             node_id=key.node_id,
@@ -444,6 +466,8 @@ class Engine:
         defer: bool = False,
     ) -> Recorded:
         """Record that ``key`` raised. Failed nodes are never replayed."""
+        if self._skips_writes():
+            return Recorded(key.node_id, None, None)
         text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
         node = NodeWrite(
             node_id=key.node_id,
@@ -484,6 +508,8 @@ class Engine:
         """Record an edge between two nodes (``data`` edges drive invalidation)."""
         if kind not in ("data", "contains"):
             raise ValueError(f"edge kind must be 'data' or 'contains', not {kind!r}")
+        if self._skips_writes():
+            return
         edge = EdgeWrite(parent, child, kind, parent_artifact_id)
         if defer:
             with self._buffer.lock:
@@ -503,6 +529,8 @@ class Engine:
         return edges
 
     def _count_replay(self, node_id: str) -> None:
+        if self._skips_writes():
+            return
         with self._buffer.lock:
             self._buffer.replays[node_id] += 1
         if self._buffer.due():

@@ -137,8 +137,8 @@ def count_replay(engine: Engine, node_id: str, *, flush_when_due: bool = True) -
     ``flush_when_due=False`` only buffers the count, for engines whose buffer is committed by
     someone else on a timer (an adapter's background writer); ``Engine.flush`` writes it.
     """
-    if flush_when_due:
-        engine._count_replay(node_id)
+    if flush_when_due or engine._skips_writes():
+        engine._count_replay(node_id)  # (skips the count on a read-only store)
         return
     buffer = engine._buffer
     with buffer.lock:

@@ -185,6 +185,10 @@ class WriteBehindEngine(Engine):
     >>> engine.close()
     """
 
+    # A read-only store: the engine's one warning is LangChain's (the cache and the handler
+    # then see no error, so they add none).
+    read_only_warning = MusubiLangChainWarning
+
     def __init__(self, store: Any, *, namespace: str = "default") -> None:
         super().__init__(store, codec=PlainAwareCodec(), namespace=namespace)
         self.on_error: Callable[[BaseException], None] | None = None
@@ -493,6 +497,8 @@ def push(
     thread; any other engine gets the write objects and commits inline once its buffer is
     due, as the core's deferred writes do.
     """
+    if engine._skips_writes():
+        return
     if isinstance(engine, WriteBehindEngine):
         engine.stage(node, artifact, edges)
         return

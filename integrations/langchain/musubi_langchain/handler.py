@@ -307,10 +307,10 @@ class MusubiCallbackHandler(BaseCallbackHandler):
             if up != node_id:
                 edges.append((up, node_id, "data", up_artifact))
         engine = self.engine
-        if type(engine) is WriteBehindEngine:
+        if type(engine) is WriteBehindEngine and not engine._skips_writes():
             engine.stage(node, artifact, edges)
         else:
-            push(engine, node, artifact, edges)
+            push(engine, node, artifact, edges)  # (skips a read-only store's writes)
 
     def _artifact(self, engine: Engine, node_id: str, plain: Any) -> ArtifactRow:
         encoding, payload = engine.codec.encode(storable(engine, plain))
