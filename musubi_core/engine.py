@@ -39,6 +39,7 @@ from typing import Any, TypeVar
 from .codec import Codec, JSONCodec
 from .context import current_run, running_node
 from .errors import (
+    CorruptNodeError,
     DecodeError,
     EffectInDoubtError,
     MusubiError,
@@ -220,8 +221,9 @@ class Engine:
         self._warned_read_only = False
         _LIVE_ENGINES.add(self)
 
-    # The category of the one warning about a read-only store (adapters use their own).
-    read_only_warning: type[Warning] = RuntimeWarning
+    # The category of the warnings about the store (a read-only file, a garbled node) that
+    # degrade a call instead of failing it; adapters use their own.
+    warning_category: type[Warning] = RuntimeWarning
 
     def _skips_writes(self) -> bool:
         """True when the store is read-only (``store.read_only``): the engine still replays
@@ -234,7 +236,7 @@ class Engine:
             warnings.warn(
                 f"musubi: {self.store.path} is read-only: stored results are replayed, but "
                 "nothing new is recorded (make the file and its folder writable to record)",
-                self.read_only_warning,
+                self.warning_category,
                 stacklevel=4,
             )
         return True
@@ -260,7 +262,13 @@ class Engine:
 
     def lookup(self, key: NodeKey, config: StepConfiguration = DEFAULT_CONFIG) -> Lookup:
         """Replay ``key`` if policy allows; counts the replay."""
-        found = self._find(key.node_id)
+        try:
+            found = self._find(key.node_id)
+        except CorruptNodeError as err:
+            # A garbled row (a hand edit, damage) is a miss: the call runs, and its record
+            # rewrites the row.
+            warnings.warn(f"musubi: {err}; recomputing it", self.warning_category, stacklevel=3)
+            return Lookup(False, Decision(False, ReplayReason.NODE_CORRUPT, str(err)), None, None)
         if found is None:
             decision = decide(None, config, now=time.time())
             return Lookup(False, decision, None, None)

@@ -62,6 +62,14 @@ _PROBE = (
     "WHERE n.node_id = ?"
 )
 
+# What each _PROBE column holds in a row musubi wrote (see store._sqlbase._COLUMN_TYPES).
+_NUMBER = (float, int, type(None))
+_TEXT = (str, type(None))
+_PROBE_TYPES: tuple[type | tuple[type, ...], ...] = (
+    str, _NUMBER, _TEXT, (int, type(None)), (int, type(None)), _NUMBER, _TEXT,
+    (bytes, str, type(None)), _NUMBER,
+)
+
 _NOT_FOUND = Decision(False, ReplayReason.NOT_FOUND, "no stored node with this identity")
 
 
@@ -105,6 +113,8 @@ def probe_replay(
             return None  # written to the buffer while we read
         return _NOT_FOUND
     status, expires_at, artifact_id, tokens_in, tokens_out, duration_s, encoding, payload, done_at = row
+    if not all(map(isinstance, row, _PROBE_TYPES)):
+        return None  # a garbled column: Engine.lookup makes it a miss and says which
     if (
         config.step_type is StepType.STOCHASTIC
         and config.ttl_seconds is not None

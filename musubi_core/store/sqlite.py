@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 from urllib.parse import quote
 
 from ..errors import ReadOnlyStoreError, SchemaError, StoreError
-from ._sqlbase import _LOOKUP, SQLStoreBase, _fast_node
+from ._sqlbase import _COLUMN_TYPES, _LOOKUP, NODE_COLUMNS, SQLStoreBase, _row_to_node
 from .base import NodeRecord
 from .schema import APP_ID, DDL, SCHEMA_VERSION, check_version, existing_tables
 from .sqlite_runs import RunStoreMixin
@@ -37,6 +37,17 @@ T = TypeVar("T")
 # Inherited connections are parked here after a fork rather than closed:
 # closing a connection the parent still uses could drop the parent's locks.
 _ABANDONED: list[sqlite3.Connection] = []
+
+# A node row holding a value of a type musubi never writes in that column: _COLUMN_TYPES in
+# SQLite's words, over NODE_COLUMNS (the producer is the artifact's, read by a subquery).
+_TYPEOF = {str: "text", float: "real", int: "integer", type(None): "null"}
+_GARBLED = " OR ".join(
+    f"typeof({expr}) NOT IN ({', '.join(repr(_TYPEOF[t]) for t in types)})"
+    for expr, kinds in zip(
+        [c.strip() for c in NODE_COLUMNS.split(", ")], _COLUMN_TYPES, strict=True
+    )
+    for types in [kinds if isinstance(kinds, tuple) else (kinds,)]
+)
 
 # Stores of this process with a file of their own, checkpointed when the interpreter exits.
 _OPEN: weakref.WeakSet[SQLiteStore] = weakref.WeakSet()
@@ -391,6 +402,13 @@ class SQLiteStore(RunStoreMixin, SQLStoreBase):
     def _integrity_problems(self, c: Any) -> list[str]:
         return [r[0] for r in c.execute("PRAGMA integrity_check").fetchall() if r[0] != "ok"]
 
+    def _garbled_rows(self, c: Any, limit: int) -> list[Any]:
+        # SQLite stores any value in any column (a REAL column keeps 'garbage' as text).
+        rows: list[Any] = c.execute(
+            f"SELECT {NODE_COLUMNS} FROM musubi_nodes n WHERE {_GARBLED} LIMIT ?", (limit,)
+        ).fetchall()
+        return rows
+
     def get_node_and_artifact(
         self, node_id: str
     ) -> tuple[NodeRecord, str | None, bytes | None] | None:
@@ -403,7 +421,7 @@ class SQLiteStore(RunStoreMixin, SQLStoreBase):
                 raise exc
         if row is None:
             return None
-        return _fast_node(row), row[25], row[26]
+        return _row_to_node(row, self.path), row[25], row[26]
 
     # -- durable runs -------------------------------------------------------------
 

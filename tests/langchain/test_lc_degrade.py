@@ -158,3 +158,27 @@ def test_instrument_on_an_unopenable_path_still_answers(
     assert a == b
     assert openai_server.chat_count == 2
     assert len(_ours(caught)) == 1, [str(w.message) for w in caught]
+
+
+def test_a_garbled_cache_entry_is_a_miss_with_one_warning(
+    db: str, chat: ChatOpenAI, openai_server: OpenAIServer
+) -> None:
+    import sqlite3
+
+    cache = MusubiCache(db)
+    set_llm_cache(cache)
+    chain = _chain(chat)
+    chain.invoke({"topic": "a"})
+    cache.engine.flush()
+    conn = sqlite3.connect(db)
+    with conn:
+        conn.execute("UPDATE musubi_nodes SET expires_at = 'garbage' WHERE kind = 'chat_model'")
+    conn.close()
+    before = openai_server.chat_count
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        again = chain.invoke({"topic": "a"})  # the garbled entry is not served
+        assert openai_server.chat_count == before + 1
+        assert chain.invoke({"topic": "a"}) == again  # its new record replays
+    assert openai_server.chat_count == before + 1
+    assert len(_ours(caught)) == 1 and "expires_at" in str(_ours(caught)[0].message)

@@ -185,9 +185,9 @@ class WriteBehindEngine(Engine):
     >>> engine.close()
     """
 
-    # A read-only store: the engine's one warning is LangChain's (the cache and the handler
-    # then see no error, so they add none).
-    read_only_warning = MusubiLangChainWarning
+    # A read-only store or a garbled node: the engine's warning is LangChain's (the cache and
+    # the handler then see no error, so they add none).
+    warning_category = MusubiLangChainWarning
 
     def __init__(self, store: Any, *, namespace: str = "default") -> None:
         super().__init__(store, codec=PlainAwareCodec(), namespace=namespace)
