@@ -12,7 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from musubi_core import Engine, ReadOnlyStoreError, SQLiteStore, run, step, use_engine
+from musubi_core import (
+    Engine,
+    ReadOnlyStoreError,
+    SQLiteStore,
+    StoreError,
+    run,
+    step,
+    use_engine,
+)
 from musubi_core.store import NodeWrite
 from tests.core.conftest import subprocess_env
 from tests.support.read_only import HOW, read_only_store
@@ -61,6 +69,9 @@ def test_replays_are_served_and_nothing_is_recorded_with_one_warning(
                 assert engine.store.stats()["nodes"] == nodes
                 with pytest.raises(ReadOnlyStoreError) as raised:
                     engine.store.write([NodeWrite("n" * 64, "op", "op", "step", "deterministic", "h", "done")])
+            for run_id in ("job", "new-job"):  # a durable run needs a writable store
+                with pytest.raises(StoreError):
+                    run(ro, lambda ctx: ctx.step("two", lambda: 2), run_id=run_id)
         ours = [w for w in caught if "read-only" in str(w.message)]
         assert len(ours) == 1, [str(w.message) for w in caught]
         assert CALLS == ["double(2)", "double(2)"]
