@@ -3,6 +3,7 @@ and ``musubi backup`` takes a consistent copy while another process keeps writin
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -11,6 +12,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 from musubi_core import Engine, SQLiteStore
@@ -65,8 +67,10 @@ def _main_file_only(db: Path, folder: Path) -> Path:
     return folder / db.name
 
 
-def test_a_closed_store_leaves_every_row_in_the_main_file(tmp_path: Path) -> None:
-    db = tmp_path / "musubi.db"
+@contextlib.contextmanager
+def _held_open(db: Path) -> Iterator[None]:
+    """Another process keeps a connection to the store while the block runs (so SQLite's own
+    checkpoint, made when the last connection closes, does not happen)."""
     SQLiteStore(db).close()
     holder = subprocess.Popen(
         [sys.executable, "-c", HOLDER, str(db)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -74,13 +78,19 @@ def test_a_closed_store_leaves_every_row_in_the_main_file(tmp_path: Path) -> Non
     )
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "open"
+        yield
+    finally:
+        holder.communicate("")
+
+
+def test_a_closed_store_leaves_every_row_in_the_main_file(tmp_path: Path) -> None:
+    db = tmp_path / "musubi.db"
+    with _held_open(db):
         engine = Engine(SQLiteStore(db))
         for i in range(60):
             engine.record(engine.key("copy.step", i), {"i": i})
         engine.close()
         copy = _main_file_only(db, tmp_path / "copy")
-    finally:
-        holder.communicate("")
     assert _rows(copy) == 60
     with Engine(SQLiteStore(copy)) as engine:
         assert engine.lookup(engine.key("copy.step", 59)).value == {"i": 59}
@@ -90,6 +100,7 @@ def test_a_program_that_never_closes_its_store_leaves_every_row_in_the_main_file
     tmp_path: Path,
 ) -> None:
     db = tmp_path / ".musubi" / "musubi.db"
+    db.parent.mkdir()
     program = textwrap.dedent(
         """
         from musubi_core import step
@@ -102,12 +113,14 @@ def test_a_program_that_never_closes_its_store_leaves_every_row_in_the_main_file
             f(i)
         """
     )
-    done = subprocess.run(
-        [sys.executable, "-c", program], cwd=tmp_path, env=subprocess_env(), capture_output=True,
-        text=True, timeout=120,
-    )
-    assert done.returncode == 0, done.stderr
-    assert _rows(_main_file_only(db, tmp_path / "copy")) == 40
+    with _held_open(db):
+        done = subprocess.run(
+            [sys.executable, "-c", program], cwd=tmp_path, env=subprocess_env(),
+            capture_output=True, text=True, timeout=120,
+        )
+        assert done.returncode == 0, done.stderr
+        copy = _main_file_only(db, tmp_path / "copy")
+    assert _rows(copy) == 40
 
 
 def test_backup_while_another_process_writes_is_one_consistent_snapshot(tmp_path: Path) -> None:

@@ -16,7 +16,6 @@ from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
 from langchain_openai import ChatOpenAI
 
-from musubi_core import SQLiteStore
 from musubi_langchain import MusubiCache, MusubiLangChainWarning, instrument, uninstrument
 from tests.support.openai_server import OpenAIServer
 from tests.support.read_only import HOW, read_only_store
@@ -124,11 +123,13 @@ def test_instrument_on_a_read_only_store_degrades_like_the_cache(
 ) -> None:
     db = tmp_path / "store" / "musubi.db"
     db.parent.mkdir()
-    instrument(str(db))
+    inst = instrument(str(db))
     chain = _chain(chat)
     cold = chain.invoke({"topic": "a"})
     uninstrument()
-    SQLiteStore(db).close()  # a clean close: the main file holds everything
+    assert inst.engine is not None
+    inst.engine.close()  # a clean close: the main file holds everything, no -wal is left
+    assert sorted(os.listdir(db.parent)) == ["musubi.db"]
     with read_only_store(db, how) as ro, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         instrument(str(ro))  # opens read-only instead of raising
