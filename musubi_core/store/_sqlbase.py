@@ -218,7 +218,7 @@ class SQLStoreBase:
 
     def _garbled_rows(self, c: Any, limit: int) -> list[Sequence[Any]]:
         """Up to ``limit`` node rows (NODE_COLUMNS) holding values of a type musubi never
-        writes. None where the database enforces the column types (PostgreSQL)."""
+        writes; always none where the database enforces the column types (PostgreSQL)."""
         return []
 
     def _garbled_nodes(self, c: Any, limit: int = 50) -> list[str]:
@@ -234,7 +234,7 @@ class SQLStoreBase:
                     "and the node is recomputed on its next call"
                 )
         if len(problems) > limit:
-            problems[limit:] = ["more garbled node rows (only the first 50 are listed)"]
+            problems[limit:] = [f"more garbled node rows (only the first {limit} are listed)"]
         return problems
 
     # -- nodes ------------------------------------------------------------------
