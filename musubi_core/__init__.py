@@ -22,6 +22,7 @@ from .decorators import StepFunction, merge, step
 from .engine import Engine, Lookup, Outcome, get_engine, use_engine
 from .errors import (
     ConfigError,
+    CorruptNodeError,
     DecodeError,
     DivergenceError,
     DuplicateStepError,
@@ -31,6 +32,7 @@ from .errors import (
     LockedError,
     MusubiError,
     NodeNotFoundError,
+    ReadOnlyStoreError,
     SchemaError,
     SerializationError,
     StepFailedError,
@@ -48,6 +50,7 @@ __all__ = [
     "Codec",
     "ConfigError",
     "Context",
+    "CorruptNodeError",
     "DecodeError",
     "Decision",
     "DivergenceError",
@@ -64,6 +67,7 @@ __all__ = [
     "NodeNotFoundError",
     "Outcome",
     "PostgresStore",
+    "ReadOnlyStoreError",
     "ReplayReason",
     "Result",
     "SQLiteStore",

@@ -41,7 +41,7 @@ import os
 import socket
 import weakref
 
-from .errors import LockedError
+from .errors import LockedError, StoreError
 
 __all__ = ["RunLock", "lock_path"]
 
@@ -86,7 +86,14 @@ class RunLock:
         """Take the lock or raise :class:`LockedError` at once (never waits)."""
         # os.open descriptors are not inherited across exec (PEP 446), so a
         # subprocess a step launches cannot keep the run locked either.
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise StoreError(
+                f"cannot create the run's lock file {self.path} ({exc.strerror}); durable runs "
+                "need a store whose folder is writable",
+                path=self.db_path,
+            ) from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

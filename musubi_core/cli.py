@@ -3,8 +3,8 @@
 Exit codes: 0 ok, 1 error, 2 usage or schema problem, 75 run locked.
 
     musubi [--db PATH] stats | show NODE | lineage NODE [--format text|dot|mermaid|json]
-           | explain NODE | invalidate NODE | gc [--older-than 30d] | check | demo
-           | runs | steps RUN | run module:function
+           | explain NODE | invalidate NODE | gc [--older-than 30d] | check
+           | backup DEST [--force] | demo | runs | steps RUN | run module:function
 """
 
 from __future__ import annotations
@@ -218,6 +218,25 @@ def cmd_check(args: argparse.Namespace) -> int:
     return EXIT_OK if not problems else EXIT_ERROR
 
 
+def cmd_backup(args: argparse.Namespace) -> int:
+    if is_postgres_target(args.db):
+        raise MusubiError(
+            "musubi backup copies a SQLite store; back up a PostgreSQL store with pg_dump, e.g. "
+            "`pg_dump --schema=musubi --format=custom DBNAME > musubi.dump` "
+            "(restore it with pg_restore)"
+        )
+    with _open(args) as engine:
+        store = engine.store
+        assert isinstance(store, SQLiteStore)
+        done = store.backup(args.dest, force=args.force)
+    _emit(
+        args,
+        done,
+        f"backed up {store.path} to {done['path']} ({done['nodes']} nodes, {done['bytes']} bytes)",
+    )
+    return EXIT_OK
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from ._demo import run_demo
 
@@ -281,6 +300,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="e.g. 30d, 12h, 45min, 90s, 500ms (default: artifacts only)",
     )
     add("check", cmd_check, "integrity check of the store file")
+    backup = add(
+        "backup",
+        cmd_backup,
+        "copy the store to a new file, safely while other processes write to it",
+    )
+    backup.add_argument("dest", metavar="DEST", help="the new file (must not exist)")
+    backup.add_argument("--force", action="store_true", help="replace DEST if it exists")
     add("demo", cmd_demo, "run an offline pipeline twice and watch the second run replay")
     _add_run_commands(sub)
     return parser

@@ -37,6 +37,7 @@ from typing import Any, TypeVar
 from .codec import Codec, JSONCodec
 from .context import current_run, running_node
 from .errors import (
+    CorruptNodeError,
     DecodeError,
     EffectInDoubtError,
     MusubiError,
@@ -184,6 +185,27 @@ class Engine:
         # The store's one writer, shared with every other engine and adapter writing to it.
         self.recorder: Recorder = recorder_for(store)
         self._closed = False
+        self._warned_read_only = False
+
+    # The category of the warnings about the store (a read-only file, a garbled node) that
+    # degrade a call instead of failing it; adapters use their own.
+    warning_category: type[Warning] = RuntimeWarning
+
+    def _skips_writes(self) -> bool:
+        """True when the store is read-only (``store.read_only``): the engine still replays
+        from it, but skips every write (results, failures, edges, replay counts) instead of
+        failing the call, and says so once."""
+        if not getattr(self.store, "read_only", False):
+            return False
+        if not self._warned_read_only:
+            self._warned_read_only = True
+            warnings.warn(
+                f"musubi: {self.store.path} is read-only: stored results are replayed, but "
+                "nothing new is recorded (make the file and its folder writable to record)",
+                self.warning_category,
+                stacklevel=4,
+            )
+        return True
 
     # -- identity -------------------------------------------------------------
 
@@ -206,7 +228,13 @@ class Engine:
 
     def lookup(self, key: NodeKey, config: StepConfiguration = DEFAULT_CONFIG) -> Lookup:
         """Replay ``key`` if policy allows; counts the replay."""
-        found = self._find(key.node_id)
+        try:
+            found = self._find(key.node_id)
+        except CorruptNodeError as err:
+            # A garbled row (a hand edit, damage) is a miss: the call runs, and its record
+            # rewrites the row.
+            warnings.warn(f"musubi: {err}; recomputing it", self.warning_category, stacklevel=3)
+            return Lookup(False, Decision(False, ReplayReason.NODE_CORRUPT, str(err)), None, None)
         if found is None:
             decision = decide(None, config, now=time.time())
             return Lookup(False, decision, None, None)
@@ -236,7 +264,7 @@ class Engine:
             return Lookup(
                 False, Decision(False, ReplayReason.ARTIFACT_CORRUPT, str(err)), None, node
             )
-        if upstream_fresh and not self.store.mark_fresh(node.node_id):
+        if upstream_fresh and not self._skips_writes() and not self.store.mark_fresh(node.node_id):
             # A parent changed again between our check and the revival.
             stale = Decision(False, ReplayReason.STALE, "an upstream node changed again")
             return Lookup(False, stale, None, node)
@@ -442,6 +470,8 @@ class Engine:
         """
         encoding, payload = self.codec.encode(value)
         artifact_id = artifact_id_for(encoding, payload)
+        if self._skips_writes():
+            return Recorded(key.node_id, artifact_id, key.node_id)
         now = time.time()
         node = NodeWrite(
             node_id=key.node_id,
@@ -488,6 +518,8 @@ class Engine:
         defer: bool = False,
     ) -> Recorded:
         """Record that ``key`` raised. Failed nodes are never replayed."""
+        if self._skips_writes():
+            return Recorded(key.node_id, None, None)
         text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
         node = NodeWrite(
             node_id=key.node_id,
@@ -526,6 +558,8 @@ class Engine:
         """Record an edge between two nodes (``data`` edges drive invalidation)."""
         if kind not in ("data", "contains"):
             raise ValueError(f"edge kind must be 'data' or 'contains', not {kind!r}")
+        if self._skips_writes():
+            return
         edge = EdgeWrite(parent, child, kind, parent_artifact_id)
         if defer:
             self.recorder.submit(edges=(edge,))
@@ -543,7 +577,10 @@ class Engine:
 
     def _count_replay(self, node_id: str) -> None:
         """Count a replay (committed with the recorder's next batch; a failing store only
-        delays it: the recorder keeps and retries what it acknowledged)."""
+        delays it: the recorder keeps and retries what it acknowledged; a read-only store
+        skips it)."""
+        if self._skips_writes():
+            return
         self.recorder.replay(node_id)
 
     def _unbuffer(self, node_id: str) -> None:

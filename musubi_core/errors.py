@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 
 __all__ = [
     "ConfigError",
+    "CorruptNodeError",
     "DecodeError",
     "DivergenceError",
     "DuplicateStepError",
@@ -26,6 +27,7 @@ __all__ = [
     "LockedError",
     "MusubiError",
     "NodeNotFoundError",
+    "ReadOnlyStoreError",
     "SchemaError",
     "SerializationError",
     "StepFailedError",
@@ -98,6 +100,46 @@ class ConfigError(MusubiError, ValueError):
     def __init__(self, message: str, *, target: str) -> None:
         super().__init__(message)
         self.target = target
+
+
+class ReadOnlyStoreError(StoreError):
+    """The store is read-only (its file, folder or file system): it serves reads and
+    replays, but nothing can be written to it. An :class:`~musubi_core.engine.Engine`
+    skips its writes instead (one warning); the store's own write methods raise this."""
+
+    def __init__(self, path: str, *, action: str = "write", hint: str | None = None) -> None:
+        super().__init__(
+            f"cannot {action}: {path} is read-only (the file, its folder or its file system); "
+            "musubi replays from a read-only store but records nothing in it. "
+            + (
+                hint[:1].upper() + hint[1:]
+                if hint
+                else "Make the file and its folder writable for this user, or record into a "
+                f"writable copy (`musubi --db {path} backup COPY`, then MUSUBI_DB=COPY)"
+            ),
+            path=path,
+        )
+        self.action = action
+
+
+class CorruptNodeError(StoreError):
+    """A stored node has a column whose value cannot be what musubi wrote (text in a
+    timestamp, a number that is not a number, a missing required value), e.g. after a
+    hand edit or damage. Replays treat the node as a miss (one warning); other reads raise."""
+
+    def __init__(self, node_id: str, column: str, value: Any, *, path: str | None = None) -> None:
+        shown = repr(value)
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        where = f" in {path}" if path else ""
+        super().__init__(
+            f"node {node_id[:16]}{where} has an unreadable {column} ({shown}); run "
+            f"`musubi{f' --db {path}' if path else ''} check` to list such rows, then fix or "
+            "delete them (a deleted node is recomputed on its next call)",
+            path=path,
+        )
+        self.node_id = node_id
+        self.column = column
+        self.value = value
 
 
 class LockedError(MusubiError):

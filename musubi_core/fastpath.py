@@ -62,6 +62,14 @@ _PROBE = (
     "WHERE n.node_id = ?"
 )
 
+# What each _PROBE column holds in a row musubi wrote (see store._sqlbase._COLUMN_TYPES).
+_NUMBER = (float, int, type(None))
+_TEXT = (str, type(None))
+_PROBE_TYPES: tuple[type | tuple[type, ...], ...] = (
+    str, _NUMBER, _TEXT, (int, type(None)), (int, type(None)), _NUMBER, _TEXT,
+    (bytes, str, type(None)), _NUMBER,
+)
+
 _NOT_FOUND = Decision(False, ReplayReason.NOT_FOUND, "no stored node with this identity")
 
 
@@ -104,6 +112,8 @@ def probe_replay(
             return None  # deferred while we read
         return _NOT_FOUND
     status, expires_at, artifact_id, tokens_in, tokens_out, duration_s, encoding, payload, done_at = row
+    if not all(map(isinstance, row, _PROBE_TYPES)):
+        return None  # a garbled column: Engine.lookup makes it a miss and says which
     if (
         config.step_type is StepType.STOCHASTIC
         and config.ttl_seconds is not None
@@ -133,7 +143,7 @@ def probe_replay(
 def count_replay(engine: Engine, node_id: str) -> None:
     """Count one replay of ``node_id`` (queued on the store's recorder, as
     ``Engine.lookup`` counts it)."""
-    engine.recorder.replay(node_id)
+    engine._count_replay(node_id)
 
 
 class HitMemo:

@@ -94,6 +94,7 @@ class ReplayReason(str, enum.Enum):
     EFFECT_IN_DOUBT = "effect_in_doubt"
     ARTIFACT_MISSING = "artifact_missing"
     ARTIFACT_CORRUPT = "artifact_corrupt"
+    NODE_CORRUPT = "node_corrupt"
     CODE_CHANGED = "code_changed"
     UPSTREAM_CHANGED = "upstream_changed"
     INPUT_CHANGED = "input_changed"

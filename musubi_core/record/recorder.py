@@ -40,12 +40,13 @@ import atexit
 import contextlib
 import os
 import threading
+import warnings
 import weakref
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from ..errors import StoreError
+from ..errors import ReadOnlyStoreError, StoreError
 from ..store import ArtifactWrite, CallWrite, EdgeWrite, FlowWrite, NodeWrite, RunWrite, Store
 
 __all__ = ["Recorder", "flush_recorders", "recorder_for"]
@@ -100,6 +101,9 @@ class Recorder:
         # rows stay queued and are retried. Owners set it to their one warning.
         self.on_error: Callable[[BaseException], None] | None = None
         self.closed = False
+        # A read-only store (see SQLiteStore.read_only) can never take a row.
+        self.read_only = bool(getattr(store, "read_only", False))
+        self._warned_read_only = False
         self.commits = 0  # successful commits (for tests and `stats`)
         self.failures = 0  # failed commits since the last success
         self._reset()
@@ -140,7 +144,12 @@ class Recorder:
         runs: Sequence[RunWrite] = (),
         replays: Iterable[str] = (),
     ) -> None:
-        """Queue rows for the next commit (acknowledged when this returns)."""
+        """Queue rows for the next commit (acknowledged when this returns). On a read-only
+        store nothing is queued: the rows are dropped with one warning (they could never be
+        written; the store still serves replays)."""
+        if self.read_only:
+            self._skip_read_only()
+            return
         if self.closed:
             raise StoreError(
                 f"the recorder of {self.store.path} is closed; open the store again",
@@ -178,7 +187,7 @@ class Recorder:
 
     def call(self, row: CallWrite, flows: Sequence[FlowWrite] = ()) -> None:
         """Queue one call and the flows into it (the hot path of every adapter)."""
-        if self.closed or self._size >= self.max_backlog:
+        if self.closed or self.read_only or self._size >= self.max_backlog:
             self.submit(calls=(row,), flows=flows)
             return
         with self._lock:
@@ -191,6 +200,17 @@ class Recorder:
     def replay(self, node_id: str) -> None:
         """Count one replay of ``node_id``."""
         self.submit(replays=(node_id,))
+
+    def _skip_read_only(self) -> None:
+        if self._warned_read_only:
+            return
+        self._warned_read_only = True
+        error = ReadOnlyStoreError(self.store.path, action="record calls")
+        handler = self.on_error
+        if handler is not None:
+            handler(error)
+        else:
+            warnings.warn(f"musubi: {error}", RuntimeWarning, stacklevel=4)
 
     def pending_node(self, node_id: str) -> tuple[NodeWrite, ArtifactWrite | None] | None:
         """A deferred write of ``node_id`` not committed yet (its newest), else None."""

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
+from operator import itemgetter
 from typing import Any, TypeVar
 
-from ..errors import NodeNotFoundError
+from ..errors import CorruptNodeError, NodeNotFoundError
 from ._sqlcalls import CallsMixin, _filters
 from .base import (
     ArtifactWrite,
@@ -52,10 +53,16 @@ ON CONFLICT (node_id) DO UPDATE SET
     started_at = excluded.started_at,
     finished_at = excluded.finished_at,
     expires_at = excluded.expires_at,
-    duration_s = COALESCE(excluded.duration_s, musubi_nodes.duration_s),
-    tokens_in = COALESCE(excluded.tokens_in, musubi_nodes.tokens_in),
-    tokens_out = COALESCE(excluded.tokens_out, musubi_nodes.tokens_out),
+    duration_s = COALESCE(excluded.duration_s, musubi_nodes.duration_s + 0),
+    tokens_in = COALESCE(excluded.tokens_in, musubi_nodes.tokens_in + 0),
+    tokens_out = COALESCE(excluded.tokens_out, musubi_nodes.tokens_out + 0),
     exec_count = musubi_nodes.exec_count + excluded.exec_count,
+    -- A number column holding text (a hand edit; `musubi check` lists them) heals on the next
+    -- write: "+ 0" makes SQLite's text a number (a no-op on a number, and on PostgreSQL),
+    -- and any text or blob sorts above every number in SQLite, so BETWEEN tells them apart.
+    replay_count = musubi_nodes.replay_count + 0,
+    created_at = CASE WHEN musubi_nodes.created_at BETWEEN -1e300 AND 1e300
+                      THEN musubi_nodes.created_at ELSE excluded.created_at END,
     error = excluded.error,
     owner = excluded.owner,
     label = COALESCE(excluded.label, musubi_nodes.label),
@@ -131,8 +138,36 @@ _make_node = NodeRecord._make
 _NODE_WIDTH = len(NodeRecord._fields)
 
 
-def _row_to_node(row: Sequence[Any]) -> NodeRecord:
-    return _make_node(row[:_NODE_WIDTH])
+_OPTIONAL_TEXT = (str, type(None))
+_NUMBER = (float, int)
+_OPTIONAL_NUMBER = (float, int, type(None))
+_OPTIONAL_INT = (int, type(None))
+# What each NodeRecord column can hold as musubi writes it (and as SQLite or PostgreSQL read
+# it back): anything else (text in a timestamp, a blob, a NULL in a required column) was
+# written by something else, a hand edit or damage.
+_COLUMN_TYPES: tuple[type | tuple[type, ...], ...] = (
+    *[str] * 7,  # node_id, op, op_name, kind, step_type, input_hash, status
+    *[_OPTIONAL_TEXT] * 2,  # artifact_id, producer_node_id
+    str,  # namespace
+    _NUMBER,  # created_at
+    *[_OPTIONAL_NUMBER] * 4,  # started_at, finished_at, expires_at, duration_s
+    *[_OPTIONAL_INT] * 2,  # tokens_in, tokens_out
+    int,  # replay_count
+    int,  # exec_count
+    *[_OPTIONAL_TEXT] * 6,  # error, owner, label, run_id, stale_cause, meta
+)
+assert len(_COLUMN_TYPES) == len(NodeRecord._fields)
+
+
+def _row_to_node(row: Sequence[Any], path: str) -> NodeRecord:
+    """The node of a row whose first columns are NODE_COLUMNS (more may follow). A column
+    holding what musubi never writes raises CorruptNodeError, naming the node and column."""
+    values = row[:_NODE_WIDTH]
+    if not all(map(isinstance, values, _COLUMN_TYPES)):
+        for column, value, types in zip(NodeRecord._fields, values, _COLUMN_TYPES, strict=True):
+            if not isinstance(value, types):
+                raise CorruptNodeError(str(values[0]), column, value, path=path)
+    return _make_node(values)
 
 
 _LOOKUP = (
@@ -146,9 +181,11 @@ _LOOKUP = (
 )
 
 
-def _fast_node(row: Sequence[Any]) -> NodeRecord:
-    """The node part of a lookup row (the first 25 values; more may follow)."""
-    return _make_node(row[:_NODE_WIDTH])
+_by_id = itemgetter(0)  # a node's or artifact's id: its primary key
+
+
+def _edge_key(edge: EdgeWrite) -> tuple[str, str, str]:
+    return (edge.parent, edge.kind, edge.child)
 
 
 class SQLStoreBase(CallsMixin):
@@ -203,6 +240,27 @@ class SQLStoreBase(CallsMixin):
     def _integrity_problems(self, c: Any) -> list[str]:
         return []
 
+    def _garbled_rows(self, c: Any, limit: int) -> list[Sequence[Any]]:
+        """Up to ``limit`` node rows (NODE_COLUMNS) holding values of a type musubi never
+        writes; always none where the database enforces the column types (PostgreSQL)."""
+        return []
+
+    def _garbled_nodes(self, c: Any, limit: int = 50) -> list[str]:
+        """``musubi check``'s lines about garbled node rows: node, column, value."""
+        problems = []
+        for row in self._garbled_rows(c, limit + 1):
+            try:
+                _row_to_node(row, self.path)
+            except CorruptNodeError as err:
+                problems.append(
+                    f"node {err.node_id} has an unreadable {err.column} ({err.value!r}); fix it, "
+                    f"or delete the row (DELETE FROM musubi_nodes WHERE node_id = '{err.node_id}') "
+                    "and the node is recomputed on its next call"
+                )
+        if len(problems) > limit:
+            problems[limit:] = [f"more garbled node rows (only the first {limit} are listed)"]
+        return problems
+
     # -- nodes ------------------------------------------------------------------
 
     def get_node(self, node_id: str) -> NodeRecord | None:
@@ -212,7 +270,7 @@ class SQLStoreBase(CallsMixin):
                 c, f"SELECT {NODE_COLUMNS} FROM musubi_nodes n WHERE node_id = ?", (node_id,)
             ).fetchone(),
         )
-        return None if row is None else _row_to_node(row)
+        return None if row is None else _row_to_node(row, self.path)
 
     def get_node_and_artifact(
         self, node_id: str
@@ -221,7 +279,7 @@ class SQLStoreBase(CallsMixin):
         if row is None:
             return None
         payload = row[26]
-        return _fast_node(row), row[25], None if payload is None else bytes(payload)
+        return _row_to_node(row, self.path), row[25], None if payload is None else bytes(payload)
 
     def get_artifact(self, artifact_id: str) -> tuple[str, bytes] | None:
         row = self._read(
@@ -278,7 +336,7 @@ class SQLStoreBase(CallsMixin):
             row = self._ex(
                 c, f"SELECT {NODE_COLUMNS} FROM musubi_nodes n WHERE node_id = ?", (node.node_id,)
             ).fetchone()
-            current = None if row is None else _row_to_node(row)
+            current = None if row is None else _row_to_node(row, self.path)
             if current is not None:
                 if current.status == "done" and not force:
                     return ClaimOutcome("done", current)
@@ -346,7 +404,7 @@ class SQLStoreBase(CallsMixin):
                 (op_name, input_hash, limit),
             ).fetchall(),
         )
-        return [_row_to_node(r) for r in rows]
+        return [_row_to_node(r, self.path) for r in rows]
 
     def nodes_of_op(self, op_name: str, limit: int = 5) -> list[NodeRecord]:
         rows = self._read(
@@ -358,7 +416,7 @@ class SQLStoreBase(CallsMixin):
                 (op_name, limit),
             ).fetchall(),
         )
-        return [_row_to_node(r) for r in rows]
+        return [_row_to_node(r, self.path) for r in rows]
 
     def resolve(self, ref: str) -> str:
         ref = ref.strip().lower()
@@ -434,7 +492,7 @@ class SQLStoreBase(CallsMixin):
                     c, f"SELECT {NODE_COLUMNS} FROM musubi_nodes n WHERE node_id = ?", (nid,)
                 ).fetchone()
                 if row is not None:
-                    nodes.append(_row_to_node(row))
+                    nodes.append(_row_to_node(row, self.path))
             nodes.sort(key=lambda n: (n.created_at, n.node_id))
             return nodes, list(edges.values())
 
@@ -474,7 +532,7 @@ class SQLStoreBase(CallsMixin):
                 (*params, limit),
             ).fetchall(),
         )
-        return [_row_to_node(r) for r in rows]
+        return [_row_to_node(r, self.path) for r in rows]
 
     def stats(self) -> dict[str, Any]:
         def gather(c: Any) -> dict[str, Any]:
@@ -564,6 +622,7 @@ class SQLStoreBase(CallsMixin):
                 problems.append(
                     f"{missing} done node(s) point at a missing artifact (they will re-run)"
                 )
+            problems.extend(self._garbled_nodes(c))
             pending = self._ex(
                 c, "SELECT COUNT(*) FROM musubi_nodes WHERE status = 'pending'"
             ).fetchone()[0]
@@ -583,23 +642,27 @@ class SQLStoreBase(CallsMixin):
         edges: Sequence[EdgeWrite],
         now: float,
     ) -> None:
+        # Every table in key order, tables always in this order (as in add_replays): two
+        # batches sharing rows then lock them in the same order and never deadlock.
         if artifacts:
             self._exm(
                 c,
                 _INSERT_ARTIFACT,
                 [
                     (a.artifact_id, a.encoding, a.payload, len(a.payload), a.producer_node_id, now)
-                    for a in artifacts
+                    for a in sorted(artifacts, key=_by_id)
                 ],
             )
         if nodes:
+            nodes = sorted(nodes, key=_by_id)
             changed = self._outputs_changed(c, nodes)
             self._exm(c, _UPSERT_NODE, [(*n, now) for n in nodes])
             for node_id in changed:
                 self._ex(c, _STALE_DESCENDANTS, {"root": node_id})
         if edges:
-            # EdgeWrite's fields are the statement's parameters, in order.
-            self._exm(c, _UPSERT_EDGE, edges)
+            # EdgeWrite's fields are the statement's parameters, in order; sorted by the
+            # primary key (parent, kind, child).
+            self._exm(c, _UPSERT_EDGE, sorted(edges, key=_edge_key))
 
     def _outputs_changed(self, c: Any, nodes: Sequence[NodeWrite]) -> list[str]:
         """Nodes whose stored output this write replaces with a different one

@@ -288,7 +288,10 @@ class RunStepWrite:
 @runtime_checkable
 class Store(Protocol):
     """What the engine needs from a backend. All methods are thread-safe and
-    raise :class:`musubi_core.errors.StoreError` when the backend fails."""
+    raise :class:`musubi_core.errors.StoreError` when the backend fails.
+
+    A store that can only be read may say so with a true ``read_only``
+    attribute: the engine then replays from it and skips its writes."""
 
     path: str
 

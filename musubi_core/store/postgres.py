@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import random
 import re
 import threading
 import time
@@ -49,6 +50,11 @@ def _pg_types(sql: str) -> str:
 
 
 PG_DDL = _pg_types(DDL)
+
+# SQLSTATEs of a transaction PostgreSQL aborted only because it collided with another one:
+# running it again is correct (it was rolled back whole) and almost always succeeds.
+_RETRYABLE = {"40P01": "deadlock", "40001": "serialization failure"}
+WRITE_ATTEMPTS = 10
 
 _NAMED = re.compile(r":([a-z_]+)\b")
 _ABANDONED: list[Any] = []  # connections inherited across fork: never used, never closed
@@ -92,6 +98,8 @@ class PostgresStore(SQLStoreBase):
         self._all: list[Any] = []
         self._all_lock = threading.Lock()
         self._closed = False
+        # Transactions retried after a deadlock or serialization failure (diagnostics).
+        self.retries = 0
         self._initialise()
 
     # -- connections ----------------------------------------------------------------
@@ -179,10 +187,31 @@ class PostgresStore(SQLStoreBase):
                 conn.rollback()
 
     def _write(self, action: str, fn: Callable[[Any], T]) -> T:
-        with self._errors(action):
+        """Run ``fn`` in one transaction. A transaction PostgreSQL aborted as a deadlock or a
+        serialization failure (rolled back whole, so running ``fn`` again is safe) is retried
+        after a random pause, up to ``WRITE_ATTEMPTS`` times in all."""
+        for attempt in range(1, WRITE_ATTEMPTS + 1):
             conn = self._conn()
-            with conn.transaction():
-                return fn(conn)
+            try:
+                with conn.transaction():
+                    return fn(conn)
+            except self._psycopg.Error as exc:
+                cause = _RETRYABLE.get(getattr(exc, "sqlstate", None) or "")
+                if cause is None:
+                    raise StoreError(
+                        f"{action} failed on {self.path}: {exc}", path=self.path
+                    ) from exc
+                if attempt == WRITE_ATTEMPTS:
+                    raise StoreError(
+                        f"{action} failed on {self.path}: PostgreSQL aborted it as a {cause} "
+                        f"{attempt} times in a row ({exc}); retry later, or run fewer "
+                        "concurrent writers against this store",
+                        path=self.path,
+                    ) from exc
+                self.retries += 1
+                # Jitter: the aborted writers must not all come back at the same moment.
+                time.sleep(random.uniform(0.0, min(0.5, 0.005 * 2**attempt)))
+        raise AssertionError("unreachable")  # pragma: no cover
 
     # -- dialect hooks ------------------------------------------------------------
 

@@ -8,17 +8,24 @@
 
 from __future__ import annotations
 
+import array
+import atexit
 import contextlib
 import os
 import sqlite3
+import stat
+import sys
+import tempfile
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
+from urllib.parse import quote
 
-from ..errors import SchemaError, StoreError
-from ._sqlbase import _LOOKUP, SQLStoreBase, _fast_node
+from ..errors import ReadOnlyStoreError, SchemaError, StoreError
+from ._sqlbase import _COLUMN_TYPES, _LOOKUP, NODE_COLUMNS, SQLStoreBase, _row_to_node
 from .base import NodeRecord
 from .schema import (
     APP_ID,
@@ -39,6 +46,79 @@ T = TypeVar("T")
 # closing a connection the parent still uses could drop the parent's locks.
 _ABANDONED: list[sqlite3.Connection] = []
 
+# A node row holding a value of a type musubi never writes in that column: _COLUMN_TYPES in
+# SQLite's words, over NODE_COLUMNS (the producer is the artifact's, read by a subquery).
+_TYPEOF = {str: "text", float: "real", int: "integer", type(None): "null"}
+_GARBLED = " OR ".join(
+    f"typeof({expr}) NOT IN ({', '.join(repr(_TYPEOF[t]) for t in types)})"
+    for expr, kinds in zip(
+        [c.strip() for c in NODE_COLUMNS.split(", ")], _COLUMN_TYPES, strict=True
+    )
+    for types in [kinds if isinstance(kinds, tuple) else (kinds,)]
+)
+
+# Stores of this process with a file of their own, checkpointed when the interpreter exits.
+_OPEN: weakref.WeakSet[SQLiteStore] = weakref.WeakSet()
+
+
+def _file_uri(path: str, **params: str) -> str:
+    """A ``file:`` URI for ``path`` (quoted: any character a path may hold) with ``params``."""
+    query = "&".join(f"{k}={v}" for k, v in params.items())
+    return f"file:{quote(path)}" + (f"?{query}" if query else "")
+
+
+def _writable(path: str) -> bool:
+    """Can this process write the store at ``path``? SQLite writes the file itself and
+    creates its ``-wal`` and ``-shm`` (or a ``-journal``) next to it, so the folder must be
+    writable too, unless those files already exist and are writable. ``os.access`` answers
+    for this process: file modes, an immutable attribute (even for root) and read-only mounts."""
+    if not os.path.exists(path):
+        return True  # created on open; a failure to create it says why
+    if not os.access(path, os.W_OK):
+        return False
+    if os.access(os.path.dirname(path) or ".", os.W_OK | os.X_OK):
+        return True
+    return all(os.access(path + suffix, os.W_OK) for suffix in ("-wal", "-shm"))
+
+
+def _unchangeable(path: str) -> bool:
+    """May a read-only connection treat the file as immutable (SQLite's ``immutable=1``: no
+    locks, no ``-shm``, no look at the ``-wal``)? Only when no process can change it while
+    we read: its file system is mounted read-only, or its folder is immutable (``chattr +i``)
+    or has no write permission for anyone, so no writer can create the ``-wal`` it would
+    need (only root ignores permissions). Never when a ``-wal`` holds commits: an immutable
+    reader would not see them."""
+    wal = path + "-wal"
+    folder = os.path.dirname(path) or "."
+    try:
+        if os.path.exists(wal) and os.path.getsize(wal) > 0:
+            return False
+        if os.statvfs(path).f_flag & os.ST_RDONLY:
+            return True
+        mode = os.stat(folder).st_mode
+    except OSError:
+        return False
+    return not mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH) or _immutable_attr(folder)
+
+
+def _immutable_attr(path: str) -> bool:
+    """Does ``path`` carry Linux's immutable attribute (``chattr +i``)? False where that
+    cannot be read (another OS or file system)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import fcntl
+
+    flags = array.array("l", [0])
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            fcntl.ioctl(fd, 0x80086601, flags, True)  # FS_IOC_GETFLAGS
+        finally:
+            os.close(fd)
+    except OSError:
+        return False
+    return bool(flags[0] & 0x10)  # FS_IMMUTABLE_FL
+
 
 
 class SQLiteStore(RunStoreMixin, SQLStoreBase):
@@ -47,9 +127,22 @@ class SQLiteStore(RunStoreMixin, SQLStoreBase):
     ``timeout`` is how long a writer waits for another writer before giving
     up (it is SQLite's ``busy_timeout``): long enough that several processes
     writing at once queue up instead of failing with "database is locked".
+
+    A store this process cannot write (a read-only file, folder or mount) is
+    opened read-only (``read_only`` is then true; pass ``read_only=True`` to
+    choose it): every read works, every write raises
+    :class:`~musubi_core.errors.ReadOnlyStoreError`, and an
+    :class:`~musubi_core.engine.Engine` on it replays but skips its writes
+    (with one warning).
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, timeout: float = 60.0) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        timeout: float = 60.0,
+        read_only: bool | None = None,
+    ) -> None:
         raw = os.fspath(path)
         self._uri = False
         if raw == ":memory:":
@@ -63,7 +156,12 @@ class SQLiteStore(RunStoreMixin, SQLStoreBase):
             raw = os.path.abspath(raw)
         self.path = raw
         self._ready = False
-        if not self._uri:
+        if read_only is None:
+            read_only = "mode=ro" in raw if self._uri else not _writable(raw)
+        self.read_only = read_only
+        # What sqlite3.connect opens: the path, or a read-only URI for it.
+        self._target = _file_uri(raw, mode="ro") if read_only and not self._uri else raw
+        if not self._uri and not read_only:
             parent = os.path.dirname(self.path)
             try:
                 os.makedirs(parent, exist_ok=True)
@@ -77,14 +175,16 @@ class SQLiteStore(RunStoreMixin, SQLStoreBase):
         self._file_id: tuple[int, int] | None = None
         self._initialise()
         self._file_id = self._current_file_id()
+        if not self._uri and not read_only:
+            _OPEN.add(self)
 
     # -- connections ------------------------------------------------------------
 
     def _connect(self) -> sqlite3.Connection:
         try:
             conn = sqlite3.connect(
-                self.path,
-                uri=self._uri,
+                self._target,
+                uri=self._uri or self._target != self.path,
                 timeout=self._timeout,
                 isolation_level=None,  # we issue BEGIN IMMEDIATE ourselves
                 check_same_thread=False,  # close() may run on another thread
@@ -103,7 +203,7 @@ class SQLiteStore(RunStoreMixin, SQLStoreBase):
         with contextlib.suppress(sqlite3.Error):
             conn.execute("PRAGMA cache_size = -32000")
             conn.execute("PRAGMA mmap_size = 268435456")
-        if self._ready:
+        if self._ready and not self.read_only:
             self._tune(conn)
         return conn
 
@@ -153,13 +253,20 @@ class SQLiteStore(RunStoreMixin, SQLStoreBase):
         return conn
 
     def _initialise(self) -> None:
-        conn = self._conn()
         try:
-            tables = existing_tables(conn)
+            conn, tables = self._first_read()
             if check_version(conn, self.path, tables):
                 self._ready = True
-                self._tune(conn)
+                if not self.read_only:
+                    self._tune(conn)
                 return
+            if self.read_only:
+                raise ReadOnlyStoreError(
+                    self.path,
+                    action="create the store"
+                    if not tables
+                    else "bring the store up to this version's schema",
+                )
             conn.execute("BEGIN IMMEDIATE")
             try:
                 # Re-check inside the write lock: another process may have
@@ -194,7 +301,7 @@ class SQLiteStore(RunStoreMixin, SQLStoreBase):
                 raise
             self._ready = True
             self._tune(conn)
-        except SchemaError:
+        except (SchemaError, ReadOnlyStoreError):
             self.close()
             raise
         except sqlite3.DatabaseError as exc:
@@ -215,6 +322,31 @@ class SQLiteStore(RunStoreMixin, SQLStoreBase):
                     path=self.path,
                 ) from exc
             raise StoreError(f"cannot open {self.path}: {message}", path=self.path) from exc
+
+    def _first_read(self) -> tuple[sqlite3.Connection, set[str]]:
+        """This thread's connection and the store's tables. The first read is where a
+        read-only WAL file whose ``-shm`` cannot be created fails to open; such a file is
+        opened as immutable when nothing can change it (see ``_unchangeable``), and is
+        otherwise refused (it cannot be read safely)."""
+        conn = self._conn()
+        try:
+            return conn, existing_tables(conn)
+        except sqlite3.OperationalError as exc:
+            if not (self.read_only and "unable to open" in str(exc)) or self._uri:
+                raise
+            if not _unchangeable(self.path):
+                raise ReadOnlyStoreError(
+                    self.path,
+                    action="open it: SQLite needs to create its -shm file next to it",
+                    hint="make the folder writable for this user, or read a copy "
+                    "(`musubi --db PATH backup COPY` where the store is writable)",
+                ) from exc
+        # Swap this thread's connection for an immutable one (nothing else uses it yet).
+        self._target = _file_uri(self.path, mode="ro", immutable="1")
+        self.close()
+        self._closed = False
+        conn = self._conn()
+        return conn, existing_tables(conn)
 
     def _current_file_id(self) -> tuple[int, int] | None:
         if self.path == ":memory:" or self.path.startswith("file:"):
@@ -247,8 +379,9 @@ class SQLiteStore(RunStoreMixin, SQLStoreBase):
             message = str(exc)
             hint = ""
             if "readonly" in message:
-                hint = "; the file or its folder is read-only"
-            elif "locked" in message or "busy" in message:
+                # Writable when opened; read-only since (a remount, a chmod).
+                raise ReadOnlyStoreError(self.path, action=action) from exc
+            if "locked" in message or "busy" in message:
                 hint = f"; another process held the write lock for over {self._timeout:.0f}s"
             elif "malformed" in message or "not a database" in message:
                 hint = f"; run `musubi --db {self.path} check`"
@@ -261,6 +394,8 @@ class SQLiteStore(RunStoreMixin, SQLStoreBase):
             return fn(self._conn())
 
     def _write(self, action: str, fn: Callable[[sqlite3.Connection], T], *, durable: bool = False) -> T:
+        if self.read_only:
+            raise ReadOnlyStoreError(self.path, action=action)
         self._check_file()
         with self._errors(action):
             conn = self._conn()
@@ -294,6 +429,13 @@ class SQLiteStore(RunStoreMixin, SQLStoreBase):
     def _integrity_problems(self, c: Any) -> list[str]:
         return [r[0] for r in c.execute("PRAGMA integrity_check").fetchall() if r[0] != "ok"]
 
+    def _garbled_rows(self, c: Any, limit: int) -> list[Any]:
+        # SQLite stores any value in any column (a REAL column keeps 'garbage' as text).
+        rows: list[Any] = c.execute(
+            f"SELECT {NODE_COLUMNS} FROM musubi_nodes n WHERE {_GARBLED} LIMIT ?", (limit,)
+        ).fetchall()
+        return rows
+
     def get_node_and_artifact(
         self, node_id: str
     ) -> tuple[NodeRecord, str | None, bytes | None] | None:
@@ -306,7 +448,7 @@ class SQLiteStore(RunStoreMixin, SQLStoreBase):
                 raise exc
         if row is None:
             return None
-        return _fast_node(row), row[25], row[26]
+        return _row_to_node(row, self.path), row[25], row[26]
 
     # -- durable runs -------------------------------------------------------------
 
@@ -325,7 +467,74 @@ class SQLiteStore(RunStoreMixin, SQLStoreBase):
         """Run read-only ``fn`` on this thread's connection."""
         return self._read(action, fn)
 
+    # -- copies -------------------------------------------------------------------
+
+    def backup(self, dest: str | os.PathLike[str], *, force: bool = False) -> dict[str, Any]:
+        """Copy the store to the new SQLite file ``dest`` with SQLite's online backup API:
+        one consistent snapshot, taken while other processes keep writing (they are not
+        blocked). ``dest`` must not exist unless ``force``; it appears complete or not at
+        all (the copy is written beside it, then renamed over it). Returns its path, size
+        and node count."""
+        target = os.path.abspath(os.fspath(dest))
+        if os.path.isdir(target):
+            raise StoreError(
+                f"{target} is a folder; give the backup a file name, e.g. "
+                f"{os.path.join(target, 'musubi-backup.db')}",
+                path=target,
+            )
+        if os.path.exists(target):
+            if self._file_id is not None and os.path.samefile(target, self.path):
+                raise StoreError(f"{target} is the store itself; back it up elsewhere", path=target)
+            if not force:
+                raise StoreError(
+                    f"{target} already exists; choose a new file, or pass --force "
+                    "(force=True) to replace it",
+                    path=target,
+                )
+        folder = os.path.dirname(target)
+        try:
+            os.makedirs(folder, exist_ok=True)
+            fd, partial = tempfile.mkstemp(prefix=".musubi-backup-", suffix=".db", dir=folder)
+            os.close(fd)
+        except OSError as exc:
+            raise StoreError(f"cannot write a backup in {folder}: {exc}", path=target) from exc
+        try:
+            with self._errors("backup"), contextlib.closing(sqlite3.connect(partial)) as out:
+                # pages=-1: every page in one step, under one read transaction of the store,
+                # so the copy is one snapshot even while other processes write.
+                self._conn().backup(out, pages=-1)
+                # A backup is one self-contained file: rollback-journal mode needs no -wal or
+                # -shm, so it opens even from read-only media (musubi switches a writable
+                # store back to WAL when it opens it).
+                out.execute("PRAGMA journal_mode = DELETE")
+                nodes = int(out.execute("SELECT COUNT(*) FROM musubi_nodes").fetchone()[0])
+            os.replace(partial, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.remove(partial)
+            raise
+        return {"path": target, "bytes": os.path.getsize(target), "nodes": nodes}
+
     # -- lifecycle ----------------------------------------------------------------
+
+    def checkpoint(self) -> None:
+        """Copy every commit from the ``-wal`` into the main file and empty the ``-wal``, so
+        that the main file alone holds the whole store (a copy of it is complete). Best
+        effort: never raises and never waits for another process (what a busy store cannot
+        checkpoint now stays in the ``-wal``, which is just as safe)."""
+        if self._uri or self.read_only or self._current_file_id() != self._file_id:
+            return  # in memory, not ours to write, or no longer the file we opened
+        with contextlib.suppress(sqlite3.Error):
+            # mode=rw: never create the file if it was deleted meanwhile.
+            conn = sqlite3.connect(_file_uri(self.path, mode="rw"), uri=True, timeout=0)
+            try:
+                # No waiting: a checkpoint that would block on another process's reader
+                # or writer copies what it can and leaves the rest (PASSIVE behaviour).
+                conn.execute("PRAGMA busy_timeout = 0")
+                # TRUNCATE: copy the WAL into the main file, then cut the WAL to zero bytes.
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            finally:
+                conn.close()
 
     def close(self) -> None:
         if self._closed:
@@ -337,6 +546,7 @@ class SQLiteStore(RunStoreMixin, SQLStoreBase):
             self._close_connections()
 
     def _close_connections(self) -> None:
+        already = self._closed
         self._closed = True
         with self._all_lock:
             conns, self._all = self._all, []
@@ -344,6 +554,13 @@ class SQLiteStore(RunStoreMixin, SQLStoreBase):
             with contextlib.suppress(sqlite3.Error):
                 conn.close()
         self._local = threading.local()
+        _OPEN.discard(self)
+        if not already:
+            # A clean close leaves the main file complete: SQLite checkpoints by itself only
+            # when the last connection of ALL processes closes, so while any other process
+            # (a notebook, a `musubi` command, a server) keeps the store open, the commits
+            # would stay in the -wal and a copy of the main file would miss them.
+            self.checkpoint()
 
     def __enter__(self) -> SQLiteStore:
         return self
@@ -353,3 +570,12 @@ class SQLiteStore(RunStoreMixin, SQLStoreBase):
 
     def __repr__(self) -> str:
         return f"SQLiteStore({self.path!r})"
+
+
+@atexit.register
+def _checkpoint_at_exit() -> None:
+    """A program that never closed its store (the default engine of ``@step``) still
+    leaves a complete main file when it exits normally (registered before the engine's
+    exit hook, so it runs after the engine flushed its buffered writes)."""
+    for store in list(_OPEN):
+        store.checkpoint()

@@ -1,5 +1,6 @@
 """SQLiteStore specifics: lookups are index probes however long the history,
-bad files give clear MusubiErrors, read-only and deleted files give StoreError."""
+bad files give clear MusubiErrors, read-only files replay without recording, deleted files
+give StoreError."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import sqlite3
 import statistics
 import subprocess
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -164,23 +166,27 @@ def read_only(path: Path) -> Iterator[None]:
         subprocess.run(["chattr", "-i", str(path)], check=True)
 
 
-def test_read_only_store_gives_store_error(db_path: Path) -> None:
+def test_read_only_file_in_a_writable_folder_replays_and_records_nothing(db_path: Path) -> None:
+    calls: list[int] = []
+
     @step(name="ro.step")
     def f(x: int) -> int:
+        calls.append(x)
         return x
 
     with Engine(SQLiteStore(db_path)) as engine, use_engine(engine):
         f(1)
-    with read_only(db_path):
-        with (
-            pytest.raises(StoreError) as raised,
-            Engine(SQLiteStore(db_path)) as engine,
-            use_engine(engine),
-        ):
-            assert f(1).replayed  # reading still works where SQLite allows it
-            f(2)
-        assert "read-only" in str(raised.value) and str(db_path) in str(raised.value)
-        assert isinstance(raised.value, MusubiError)
+    with read_only(db_path), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with Engine(SQLiteStore(db_path)) as engine, use_engine(engine):
+            assert f(1).replayed  # reading works
+            assert f(2).value == 2 and f(2).value == 2  # computed twice: nothing recorded
+            with pytest.raises(StoreError) as raised:
+                engine.store.invalidate(f(1).node_id)
+    assert calls == [1, 2, 2]
+    assert len([w for w in caught if "read-only" in str(w.message)]) == 1
+    assert "read-only" in str(raised.value) and str(db_path) in str(raised.value)
+    assert isinstance(raised.value, MusubiError)
 
 
 def test_deleted_file_mid_run_gives_store_error(db_path: Path) -> None:

@@ -18,6 +18,7 @@ from langchain_openai import ChatOpenAI
 
 from musubi_langchain import MusubiCache, MusubiLangChainWarning, instrument, uninstrument
 from tests.support.openai_server import OpenAIServer
+from tests.support.read_only import HOW, read_only_store
 
 
 def _chain(model: ChatOpenAI) -> Any:
@@ -114,3 +115,71 @@ def test_unopenable_path_still_answers(tmp_path: Path, chat: ChatOpenAI, openai_
     assert a == b
     assert openai_server.chat_count == 2
     assert len(_ours(caught)) == 1
+
+
+@pytest.mark.parametrize("how", HOW)
+def test_instrument_on_a_read_only_store_degrades_like_the_cache(
+    tmp_path: Path, chat: ChatOpenAI, openai_server: OpenAIServer, how: str
+) -> None:
+    db = tmp_path / "store" / "musubi.db"
+    db.parent.mkdir()
+    inst = instrument(str(db))
+    chain = _chain(chat)
+    cold = chain.invoke({"topic": "a"})
+    uninstrument()
+    assert inst.engine is not None
+    inst.engine.close()  # a clean close: the main file holds everything, no -wal is left
+    assert sorted(os.listdir(db.parent)) == ["musubi.db"]
+    with read_only_store(db, how) as ro, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        instrument(str(ro))  # opens read-only instead of raising
+        before = openai_server.chat_count
+        assert chain.invoke({"topic": "a"}) == cold
+        assert openai_server.chat_count == before  # replayed from the read-only store
+        new = chain.invoke({"topic": "b"})
+        assert chain.invoke({"topic": "b"}) == new
+        assert openai_server.chat_count == before + 2  # could not be stored: asked again
+        uninstrument()
+    assert len(_ours(caught)) == 1, [str(w.message) for w in caught]
+    assert "read-only" in str(_ours(caught)[0].message)
+
+
+def test_instrument_on_an_unopenable_path_still_answers(
+    tmp_path: Path, chat: ChatOpenAI, openai_server: OpenAIServer
+) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("x")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        inst = instrument(str(blocker / "musubi.db"))  # parent is a file: cannot open
+        assert inst.engine is None
+        a = _chain(chat).invoke({"topic": "a"})
+        b = _chain(chat).invoke({"topic": "a"})
+        uninstrument()
+    assert a == b
+    assert openai_server.chat_count == 2
+    assert len(_ours(caught)) == 1, [str(w.message) for w in caught]
+
+
+def test_a_garbled_cache_entry_is_a_miss_with_one_warning(
+    db: str, chat: ChatOpenAI, openai_server: OpenAIServer
+) -> None:
+    import sqlite3
+
+    cache = MusubiCache(db)
+    set_llm_cache(cache)
+    chain = _chain(chat)
+    chain.invoke({"topic": "a"})
+    cache.engine.flush()
+    conn = sqlite3.connect(db)
+    with conn:
+        conn.execute("UPDATE musubi_nodes SET expires_at = 'garbage' WHERE kind = 'chat_model'")
+    conn.close()
+    before = openai_server.chat_count
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        again = chain.invoke({"topic": "a"})  # the garbled entry is not served
+        assert openai_server.chat_count == before + 1
+        assert chain.invoke({"topic": "a"}) == again  # its new record replays
+    assert openai_server.chat_count == before + 1
+    assert len(_ours(caught)) == 1 and "expires_at" in str(_ours(caught)[0].message)

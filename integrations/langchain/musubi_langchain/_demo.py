@@ -23,6 +23,8 @@ from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.retrievers import BaseRetriever
 from langchain_core.runnables import Runnable, RunnableLambda, RunnablePassthrough
 
+from musubi_core.errors import StoreError
+
 from .instrument import instrument, uninstrument
 
 
@@ -93,6 +95,10 @@ def build_chain(delay_s: float = 0.3) -> Runnable[str, str]:
 def demo(db_path: str, out: TextIO) -> None:
     """Run the chain twice under ``instrument(db_path)`` and report what replayed."""
     inst = instrument(db_path)
+    engine = inst.engine
+    if engine is None:
+        uninstrument()
+        raise StoreError(f"cannot open the demo store {db_path}", path=db_path)
     try:
         chain = build_chain()
         question = "what does musubi replay"
@@ -101,8 +107,8 @@ def demo(db_path: str, out: TextIO) -> None:
             answer = chain.invoke(question)
             took = time.perf_counter() - start
             out.write(f"  run {attempt}: {took:.2f}s  -> {answer}\n")
-        inst.engine.flush()
-        stats = inst.engine.store.stats()["by_kind"].get("chat_model", {})
+        engine.flush()
+        stats = engine.store.stats()["by_kind"].get("chat_model", {})
         out.write(
             f"  chat model calls replayed: {stats.get('replays', 0)} "
             f"(saved {stats.get('seconds_saved', 0.0):.2f}s, {stats.get('tokens_saved', 0)} tokens)\n"

@@ -111,14 +111,20 @@ def make_engine(path: str | os.PathLike[str] | None, store: Any | None, namespac
     """The engine for ``path``/``store``; neither given means the process default engine
     (``$MUSUBI_DB`` or ``.musubi/musubi.db``) viewed under ``namespace``. Whatever the engine,
     its writes go through the store's one recorder (committed in the background)."""
-    if store is not None:
-        return Engine(store, codec=PlainAwareCodec(), namespace=namespace)
-    if path is not None:
-        return Engine(SQLiteStore(path), codec=PlainAwareCodec(), namespace=namespace)
-    default = get_engine()
-    if default.namespace == namespace:
-        return default
-    return Engine(default.store, codec=PlainAwareCodec(), namespace=namespace)
+    if store is None and path is None:
+        default = get_engine()
+        if default.namespace == namespace:
+            return default
+        store = default.store
+    engine = Engine(
+        store if store is not None else SQLiteStore(path),  # type: ignore[arg-type]
+        codec=PlainAwareCodec(),
+        namespace=namespace,
+    )
+    # A read-only store or a garbled node: the engine's warning is LangChain's (the cache and
+    # the handler then see no error, so they add none).
+    engine.warning_category = MusubiLangChainWarning
+    return engine
 
 
 class Guard:

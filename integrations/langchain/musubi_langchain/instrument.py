@@ -95,7 +95,8 @@ _LLM_PATCHES = (
 class Instrumentation:
     """What :func:`instrument` installed."""
 
-    engine: Engine
+    # None when the store could not be opened (the cache and handler then degrade to misses).
+    engine: Engine | None
     cache: MusubiCache | None
     handler: MusubiCallbackHandler | None
     previous_cache: BaseCache | None
@@ -136,14 +137,28 @@ def instrument(
             if _current.args == args:
                 return _current
             uninstrument()
-        eng = engine or make_engine(path, store, namespace)
+        try:
+            eng: Engine | None = engine or make_engine(path, store, namespace)
+        except Exception:
+            # A store that cannot be opened (a missing folder, a damaged file, a read-only
+            # one SQLite cannot read safely) must not break the host: the cache and the
+            # handler open it on first use, as a MusubiCache does, so every call misses and
+            # LangChain answers from the provider, with one warning.
+            eng = None
         new_cache = (
-            MusubiCache(engine=eng, namespace=namespace, ttl_seconds=ttl_seconds,
-                        replay_streams=replay_streams)
+            MusubiCache(path, store=store, engine=eng, namespace=namespace,
+                        ttl_seconds=ttl_seconds, replay_streams=replay_streams)
             if cache
             else None
         )
-        new_handler = MusubiCallbackHandler(engine=eng, namespace=namespace) if handler else None
+        new_handler = (
+            MusubiCallbackHandler(path, store=store, engine=eng, namespace=namespace)
+            if handler
+            else None
+        )
+        if new_cache is not None and new_handler is not None:
+            # One warning for the whole instrumentation, whichever of the two fails first.
+            new_handler._guard = new_cache._guard
         previous = get_llm_cache()
         if new_cache is not None:
             set_llm_cache(new_cache)
@@ -178,8 +193,9 @@ def uninstrument() -> None:
         # after instrument() is theirs to keep.
         if inst.cache is not None and get_llm_cache() is inst.cache:
             set_llm_cache(inst.previous_cache)
-        with contextlib.suppress(Exception):  # best effort; uninstrument must not raise
-            inst.engine.flush()
+        if inst.engine is not None:
+            with contextlib.suppress(Exception):  # best effort; uninstrument must not raise
+                inst.engine.flush()
 
 
 def current() -> Instrumentation | None:
