@@ -185,7 +185,6 @@ class Engine:
         # The store's one writer, shared with every other engine and adapter writing to it.
         self.recorder: Recorder = recorder_for(store)
         self._closed = False
-        self._warned_read_only = False
 
     # The category of the warnings about the store (a read-only file, a garbled node) that
     # degrade a call instead of failing it; adapters use their own.
@@ -194,17 +193,11 @@ class Engine:
     def _skips_writes(self) -> bool:
         """True when the store is read-only (``store.read_only``): the engine still replays
         from it, but skips every write (results, failures, edges, replay counts) instead of
-        failing the call, and says so once."""
-        if not getattr(self.store, "read_only", False):
+        failing the call, and the store's recorder says so once."""
+        recorder = self.recorder
+        if not recorder.read_only:
             return False
-        if not self._warned_read_only:
-            self._warned_read_only = True
-            warnings.warn(
-                f"musubi: {self.store.path} is read-only: stored results are replayed, but "
-                "nothing new is recorded (make the file and its folder writable to record)",
-                self.warning_category,
-                stacklevel=4,
-            )
+        recorder.skip_read_only(self.warning_category)
         return True
 
     # -- identity -------------------------------------------------------------

@@ -5,9 +5,10 @@ engine, adapter and run writing to it. Writers hand it rows; a background thread
 in batches, one transaction each, so a LangChain callback or a LlamaIndex span never waits for
 the disk. Its contract, which the tests hold it to:
 
-* **Bounded.** At most ``max_backlog`` rows wait. Past that bound the submitting thread
-  commits the backlog itself (backpressure) before its rows are accepted, so memory stays flat
-  under any load.
+* **Bounded.** At most ``max_backlog`` rows wait, and none waits longer than ``max_lag``
+  (1.5 s). Past either bound the submitting thread commits the backlog itself (backpressure)
+  before its rows are accepted, so memory stays flat and a starved writer thread (a busy
+  machine) cannot let the backlog age.
 * **Timely.** While rows wait, a commit happens at least every ``interval`` seconds (1 s), or
   sooner once ``batch_rows`` are waiting.
 * **Nothing acknowledged is dropped.** A row is acknowledged when ``submit`` returns. A commit
@@ -17,8 +18,9 @@ the disk. Its contract, which the tests hold it to:
   :class:`~musubi_core.errors.StoreError`, and then the new rows were not accepted.
 * **Flushed on close.** Closing the store, closing an engine, interpreter exit and
   ``flush()`` commit everything waiting.
-* **Loss window.** A SIGKILL loses at most the rows acknowledged since the last commit: about
-  ``interval`` seconds of calls (docs/core.md states it; a test measures it).
+* **Loss window.** A SIGKILL loses at most the rows acknowledged since the last commit: under
+  ``max_lag`` plus one commit, about two seconds of calls at worst and about one typically
+  (docs/core.md states it; a test measures it).
 * **Fork safe.** A child process starts with an empty backlog (the parent commits its own
   rows) and its own writer thread.
 
@@ -40,6 +42,7 @@ import atexit
 import contextlib
 import os
 import threading
+import time
 import warnings
 import weakref
 from collections import Counter
@@ -91,10 +94,12 @@ class Recorder:
         *,
         interval: float = 1.0,
         batch_rows: int = 2048,
-        max_backlog: int = 50_000,
+        max_backlog: int = 10_000,
+        max_lag: float = 1.5,
     ) -> None:
         self.store = store
         self.interval = interval
+        self.max_lag = max_lag
         self.batch_rows = batch_rows
         self.max_backlog = max_backlog
         # Called (from the writer thread) with the error of a failed background commit; the
@@ -125,6 +130,7 @@ class Recorder:
         # Deferred node writes by id, for lookups (see pending_node).
         self._pending: dict[str, tuple[NodeWrite, ArtifactWrite | None]] = {}
         self._size = 0
+        self._since = time.monotonic()  # when the oldest waiting row arrived
 
     # -- accepting rows -------------------------------------------------------------
 
@@ -148,17 +154,19 @@ class Recorder:
         store nothing is queued: the rows are dropped with one warning (they could never be
         written; the store still serves replays)."""
         if self.read_only:
-            self._skip_read_only()
+            self.skip_read_only()
             return
         if self.closed:
             raise StoreError(
                 f"the recorder of {self.store.path} is closed; open the store again",
                 path=self.store.path,
             )
-        if self._size >= self.max_backlog:
+        if self._size and (self._size >= self.max_backlog or self._lagging()):
             self._backpressure()
         with self._lock:
             size = self._size
+            if not size:
+                self._since = time.monotonic()
             if nodes:
                 self._nodes.extend(nodes)
                 by_id = {a.artifact_id: a for a in artifacts}
@@ -187,7 +195,14 @@ class Recorder:
 
     def call(self, row: CallWrite, flows: Sequence[FlowWrite] = ()) -> None:
         """Queue one call and the flows into it (the hot path of every adapter)."""
-        if self.closed or self.read_only or self._size >= self.max_backlog:
+        size = self._size
+        if (
+            self.closed
+            or self.read_only
+            or not size
+            or size >= self.max_backlog
+            or self._lagging()
+        ):
             self.submit(calls=(row,), flows=flows)
             return
         with self._lock:
@@ -201,16 +216,23 @@ class Recorder:
         """Count one replay of ``node_id``."""
         self.submit(replays=(node_id,))
 
-    def _skip_read_only(self) -> None:
+    def skip_read_only(self, category: type[Warning] = RuntimeWarning) -> None:
+        """A write was skipped because the store is read-only: say so, once per store (through
+        ``on_error`` when an owner set it, else as a ``category`` warning)."""
         if self._warned_read_only:
             return
         self._warned_read_only = True
-        error = ReadOnlyStoreError(self.store.path, action="record calls")
+        path = self.store.path
         handler = self.on_error
         if handler is not None:
-            handler(error)
-        else:
-            warnings.warn(f"musubi: {error}", RuntimeWarning, stacklevel=4)
+            handler(ReadOnlyStoreError(path, action="record"))
+            return
+        warnings.warn(
+            f"musubi: {path} is read-only: stored results are replayed, but nothing new is "
+            "recorded (make the file and its folder writable to record)",
+            category,
+            stacklevel=4,
+        )
 
     def pending_node(self, node_id: str) -> tuple[NodeWrite, ArtifactWrite | None] | None:
         """A deferred write of ``node_id`` not committed yet (its newest), else None."""
@@ -227,10 +249,17 @@ class Recorder:
             self.flush()  # no thread can start (interpreter exit): commit inline
 
     def _backpressure(self) -> None:
-        """The backlog is full: this thread commits it before adding more."""
+        """The backlog is full, or its oldest row has waited past ``max_lag`` (the writer
+        thread is starved or its store slow): this thread commits it before adding more, so
+        neither memory nor what a crash can lose grows without bound."""
         with self._io:
-            if self._size >= self.max_backlog:
+            if self._size and (self._size >= self.max_backlog or self._lagging()):
                 self._commit()  # raises StoreError when it cannot: the new rows are refused
+
+    def _lagging(self) -> bool:
+        """Has the oldest waiting row waited past ``max_lag`` while commits succeed? (A store
+        that is failing is not hurried: its rows wait for the retries, up to the size bound.)"""
+        return not self.failures and time.monotonic() - self._since > self.max_lag
 
     # -- committing -------------------------------------------------------------------
 
@@ -246,7 +275,7 @@ class Recorder:
                 return
             nodes, artifacts, edges = self._nodes, self._artifacts, self._edges
             calls, flows, runs, replays = self._calls, self._flows, self._runs, self._replays
-            size = self._size
+            size, since = self._size, self._since
             self._nodes, self._artifacts, self._edges = [], [], []
             self._calls, self._flows, self._runs, self._replays = [], [], {}, Counter()
             self._size = 0
@@ -272,10 +301,15 @@ class Recorder:
                 self._runs.update(newer)
                 self._replays.update(replays)
                 self._size += size
+                self._since = min(since, self._since) if self._size > size else since
             self.failures += 1
             raise
         self.failures = 0
         self.commits += 1
+        after = getattr(self.store, "after_batch", None)
+        if after is not None:
+            with contextlib.suppress(Exception):
+                after()  # e.g. a checkpoint in the background once the WAL has grown
         if nodes:
             with self._lock:
                 pending = self._pending

@@ -26,10 +26,9 @@ CALL_COLUMNS = (
 
 # CallWrite's fields are the statement's parameters, in order. A call id is written once in
 # the common case; a second write of the same id (a durable step's call committed again after
-# a resumed run re-recorded it) replaces the row.
-_UPSERT_CALL = f"""
-INSERT INTO musubi_calls ({CALL_COLUMNS})
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+# a resumed run re-recorded it) replaces the row. Written many rows per statement (see _many).
+_INSERT_CALLS = f"INSERT INTO musubi_calls ({CALL_COLUMNS}) VALUES "
+_ON_CALL_CONFLICT = """
 ON CONFLICT (call_id) DO UPDATE SET
     status = excluded.status,
     error = excluded.error,
@@ -43,18 +42,24 @@ ON CONFLICT (call_id) DO UPDATE SET
     output_preview = excluded.output_preview
 """
 
-_INSERT_FLOW = """
-INSERT INTO musubi_flows (dst_call_id, src_call_id, artifact_id) VALUES (?, ?, ?)
-ON CONFLICT (dst_call_id, src_call_id) DO NOTHING
-"""
+_INSERT_FLOWS = "INSERT INTO musubi_flows (dst_call_id, src_call_id, artifact_id) VALUES "
+_ON_FLOW_CONFLICT = " ON CONFLICT (dst_call_id, src_call_id) DO NOTHING"
+
+# Rows per statement: each executed statement hands the GIL back and forth once, and a thread
+# committing a batch while the application's thread keeps the interpreter busy waits for the
+# GIL at every one of them (up to the 5 ms switch interval): thousands of one-row statements
+# made a 2,000-call batch take a second under load. 100 rows x 20 columns stays far below
+# SQLite's and PostgreSQL's parameter limits.
+_ROWS_PER_STATEMENT = 100
 
 # A run row is written when the run starts (status running) and again when it ends; the counts
 # are the recorder's, for the calls it recorded in this run.
-_UPSERT_RUN = """
+_INSERT_RUNS = """
 INSERT INTO musubi_runs (run_id, kind, name, status, started_at, finished_at, duration_s, host,
                          pid, error, namespace, root_call_id, calls, replays, tokens_in,
                          tokens_out, tokens_saved, seconds_saved, created_at, attempts)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1)
+VALUES """
+_ON_RUN_CONFLICT = """
 ON CONFLICT (run_id) DO UPDATE SET
     kind = excluded.kind,
     name = COALESCE(excluded.name, musubi_runs.name),
@@ -110,11 +115,30 @@ class CallsMixin:
         now: float,
     ) -> None:
         if runs:
-            self._exm(c, _UPSERT_RUN, [(*r, now) for r in runs])
+            if len({r.run_id for r in runs}) != len(runs):
+                runs = list({r.run_id: r for r in runs}.values())
+            self._many(
+                c, _INSERT_RUNS, len(RunWrite._fields) + 2, _ON_RUN_CONFLICT,
+                [(*r, now, 1) for r in runs],
+            )
         if calls:
-            self._exm(c, _UPSERT_CALL, calls)
+            if len({r.call_id for r in calls}) != len(calls):
+                # One statement may not upsert a row twice (PostgreSQL refuses): the last wins.
+                calls = list({r.call_id: r for r in calls}.values())
+            self._many(c, _INSERT_CALLS, len(CallWrite._fields), _ON_CALL_CONFLICT, calls)
         if flows:
-            self._exm(c, _INSERT_FLOW, flows)
+            self._many(c, _INSERT_FLOWS, 3, _ON_FLOW_CONFLICT, flows)
+
+    def _many(
+        self, c: Any, head: str, width: int, tail: str, rows: Sequence[Sequence[Any]]
+    ) -> None:
+        """``head`` + up to ``_ROWS_PER_STATEMENT`` value tuples + ``tail`` per statement."""
+        group = "(" + ", ".join("?" * width) + ")"
+        step = _ROWS_PER_STATEMENT
+        for i in range(0, len(rows), step):
+            chunk = rows[i : i + step]
+            sql = head + ", ".join([group] * len(chunk)) + tail
+            self._ex(c, sql, [v for row in chunk for v in row])
 
     # -- runs ---------------------------------------------------------------------
 

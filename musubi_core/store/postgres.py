@@ -125,9 +125,14 @@ class PostgresStore(SQLStoreBase):
             conn.commit()
         except self._psycopg.Error as exc:
             raise StoreError(f"cannot connect to {self.path}: {exc}", path=self.path) from exc
-        local.conn, local.pid = conn, pid
         with self._all_lock:
+            if self._closed:
+                # close() ran while this thread connected: do not leave a connection open.
+                with contextlib.suppress(Exception):
+                    conn.close()
+                raise StoreError(f"store {self.path} is closed", path=self.path)
             self._all.append(conn)
+        local.conn, local.pid = conn, pid
         return conn
 
     def _initialise(self) -> None:
@@ -240,8 +245,8 @@ class PostgresStore(SQLStoreBase):
             self._close_connections()
 
     def _close_connections(self) -> None:
-        self._closed = True
         with self._all_lock:
+            self._closed = True
             conns, self._all = self._all, []
         for conn in conns:
             with contextlib.suppress(Exception):

@@ -63,9 +63,14 @@ def test_sigkill_loses_only_the_stated_window(tmp_path: Path) -> None:
         (replayed_calls,) = con.execute(
             "SELECT COUNT(*) FROM musubi_calls WHERE replayed = 1"
         ).fetchone()
+        (newest,) = con.execute("SELECT MAX(finished_at) FROM musubi_runs").fetchone()
     finally:
         con.close()
-    assert runs - 100 >= len(before_window), (runs, len(before_window), len(finished))
+    lost = len(finished) - (runs - 100)
+    assert runs - 100 >= len(before_window), (
+        f"{lost} of {len(finished)} invocations lost; the newest committed run ended "
+        f"{killed_at - newest:.2f} s before the kill"
+    )
     assert calls >= CALLS_PER_INVOCATION * runs  # a committed run has all its calls
     assert replays >= len(before_window)  # every replay older than the window was counted
     assert replayed_calls >= len(before_window)
