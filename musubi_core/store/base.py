@@ -309,8 +309,14 @@ class Store(Protocol):
         nodes: Sequence[NodeWrite] = (),
         artifacts: Sequence[ArtifactWrite] = (),
         edges: Sequence[EdgeWrite] = (),
+        *,
+        calls: Sequence[CallWrite] = (),
+        flows: Sequence[FlowWrite] = (),
+        runs: Sequence[RunWrite] = (),
+        replays: Mapping[str, int] | None = None,
     ) -> None:
-        """Upsert nodes, artifacts and edges atomically (one transaction)."""
+        """Upsert nodes, artifacts and edges, record calls, flows and runs, and add replay
+        counts, atomically (one transaction)."""
         ...
 
     def claim(
