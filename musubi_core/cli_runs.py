@@ -228,11 +228,16 @@ def _steps_text(
         if durable:
             row += (step.attempts if step else "-",)
         rows.append((*row, _render.clip(c.error, 60) or ""))
+    # Durable steps without a call: in flight (its call is recorded when it ends), or
+    # recorded before calls existed (a store migrated from schema 1).
+    called = {c.op_name for c in calls if c.kind in ("run_step", "sleep")}
     for s in steps:
-        if s.status == "pending":  # in flight: its call is recorded when it ends
+        if s.status == "pending" or s.name not in called:
+            took = (s.finished_at - s.started_at) if s.started_at and s.finished_at else None
+            status = "pending (in flight)" if s.status == "pending" else _step_status(s, now)
             rows.append(("-", "-", "-", "run_step" if s.kind == "step" else s.kind, s.name,
-                         _render.short(s.node_id), "-", "-", "-", "pending (in flight)",
-                         s.attempts, ""))
+                         _render.short(s.node_id), "-", _render.duration(took), "-", status,
+                         s.attempts, _render.clip(s.error, 60)))
     if not rows:
         return head + "\n(no calls recorded yet)"
     headers = ("#", "CALL", "PARENT", "KIND", "OP", "NODE", "REPLAYED", "TOOK", "TOKENS",

@@ -183,3 +183,18 @@ def test_stats_counts_runs_and_calls(store: dict[str, Any]) -> None:
     assert stats["calls"] == 14 + 3 + 2 and stats["runs"] == 7
     text = musubi(store["db"], "stats").stdout
     assert re.search(r"^script\s+4\s+14\s+1\s", text, re.MULTILINE)
+
+
+def test_steps_of_a_durable_run_recorded_before_calls(tmp_path: Path) -> None:
+    """A durable run of a schema-1 store has steps but no calls: ``steps`` still lists them."""
+    db = tmp_path / "v1.db"
+    with sqlite3.connect(Path(__file__).parents[1] / "data" / "v1_store.db") as src, \
+            sqlite3.connect(db) as dst:
+        src.backup(dst)
+    (run,) = musubi_json(db, "runs")
+    assert (run["run_id"], run["kind"], run["steps_done"]) == ("v1-run", "durable", 3)
+    data = musubi_json(db, "steps", "v1-run")
+    assert data["calls"] == [] and [s["name"] for s in data["steps"]] == ["load", "split", "count"]
+    text = musubi(db, "steps", "v1").stdout
+    assert [line.split()[3:5] for line in text.splitlines()[3:]] == [
+        ["run_step", "load"], ["run_step", "split"], ["run_step", "count"]]
