@@ -275,6 +275,18 @@ def lineage_json(
     )
 
 
+def _value_lines(value: Any, items: int = 8) -> list[str]:
+    """A kept value under its call: a list one item a line (retrieved documents each show
+    their text), anything else on one line."""
+    if not isinstance(value, list | tuple) or not value:
+        return [f"      value:  {clip(value_text(value), 600)}"]
+    lines = [f"      value:  ({len(value)} item{'s' if len(value) != 1 else ''})"]
+    lines += [f"        - {clip(value_text(item), 300)}" for item in value[:items]]
+    if len(value) > items:
+        lines.append(f"        ... {len(value) - items} more (--json shows all)")
+    return lines
+
+
 @dataclasses.dataclass(frozen=True)
 class CallGraph:
     """What flowed into (or out of) one call in its run: the calls in topological order, the
@@ -319,7 +331,7 @@ class CallGraph:
             if c.error:
                 lines.append(f"      error:  {clip(c.error, 300)}")
             if c.call_id in self.values:
-                lines.append(f"      value:  {clip(value_text(self.values[c.call_id]), 600)}")
+                lines += _value_lines(self.values[c.call_id])
             elif c.output_preview:
                 lines.append(f"      output: {clip(c.output_preview, 300)}")
         if self.flows:

@@ -207,6 +207,11 @@ def _steps_text(
         f"started {_render.when(run_rec.started_at)}, took {_render.duration(_took(run_rec))}, "
         f"{run_rec.calls} call(s), {run_rec.replays} replayed"
     )
+    if run_rec.tokens_in or run_rec.tokens_out:
+        head += f", {run_rec.tokens_in + run_rec.tokens_out} tokens"
+    if run_rec.replays:
+        head += (f", replay saved {run_rec.tokens_saved} tokens and "
+                 f"{_render.duration(run_rec.seconds_saved)}")
     if durable:
         head += (f"; {run_rec.steps_done}/{run_rec.steps_total} steps done, "
                  f"attempt {run_rec.attempts}")
