@@ -1,34 +1,38 @@
-"""The ``musubi`` command: inspect, explain and invalidate what a store holds.
+"""The ``musubi`` command: list, inspect, explain and invalidate what a store holds.
 
 Exit codes: 0 ok, 1 error, 2 usage or schema problem, 75 run locked.
 
-    musubi [--db PATH] stats | show NODE | lineage NODE [--format text|dot|mermaid|json]
-           | explain NODE | invalidate NODE | gc [--older-than 30d] | check
-           | backup DEST [--force] | demo | runs | steps RUN | run module:function
+    musubi [--db PATH|URL] stats | runs [--kind K] [--since 1h] [--status S]
+           | steps RUN | nodes [--kind] [--op] [--status] [--since] [--run RUN]
+           | show REF | lineage REF [--up|--down] [--depth N] [--format text|dot|mermaid|json]
+           | explain REF | invalidate NODE | gc [--older-than 30d] | check
+           | backup DEST [--force] | demo | run module:function
+
+REF is a node id or a call id, or a unique prefix of one. Every read command takes ``--json``.
+The commands live by concern: runs and calls in :mod:`musubi_core.cli_runs`, nodes and lineage
+in :mod:`musubi_core.cli_lineage`; this module holds the store-wide ones and the parser.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import os
 import shlex
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-from . import __version__, _check, _render
+from . import __version__, _check, _render, cli_lineage, cli_runs
+from ._cli import EXIT_ERROR, EXIT_LOCKED, EXIT_OK, EXIT_USAGE, Handler, default_db, emit
+from ._cli import open_engine as _open
 from ._duration import age_seconds
-from .engine import DEFAULT_PATH, Engine
 from .errors import ConfigError, LockedError, MusubiError, SchemaError, StoreError
-from .store import SQLiteStore, is_postgres_target, open_store, resolve_target
+from .store import SQLiteStore, is_postgres_target, resolve_target
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "main", "parse_age"]
 
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_LOCKED = 0, 1, 2, 75
 
 def parse_age(text: str) -> float:
     """``"30d"`` -> seconds; units ms, s, min, h, d, w (a bare ``m`` is refused)."""
@@ -38,129 +42,38 @@ def parse_age(text: str) -> float:
         raise argparse.ArgumentTypeError(str(err)) from err
 
 
-def _default_db() -> str:
-    return os.environ.get("MUSUBI_DB") or DEFAULT_PATH
-
-
-def _open(args: argparse.Namespace) -> Engine:
-    path = resolve_target(args.db)
-    if is_postgres_target(path):
-        return Engine(open_store(path))
-    if args.command not in ("demo",) and not os.path.exists(path):
-        raise MusubiError(
-            f"no musubi store at {path}; pass --db PATH or set MUSUBI_DB "
-            "(a store is created the first time a step runs)"
-        )
-    return Engine(SQLiteStore(path))
-
-
-def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
-    if args.json:
-        print(json.dumps(data, indent=2, default=str))
-    else:
-        print(text)
-
-
 def cmd_stats(args: argparse.Namespace) -> int:
     with _open(args) as engine:
         stats = engine.store.stats()
+        run_counts = getattr(engine.store, "run_counts", None)
+        by_run_kind: dict[str, dict[str, Any]] = run_counts() if run_counts else {}
+    stats["runs_by_kind"] = by_run_kind
+    stats["calls"] = sum(k["calls"] for k in by_run_kind.values())
+    stats["call_replays"] = sum(k["replays"] for k in by_run_kind.values())
+    saved = ("tokens_saved", "seconds_saved")
     rows = [
-        (
-            kind,
-            k["nodes"],
-            k["executions"],
-            k["replays"],
-            k["tokens_saved"],
-            f"{k['seconds_saved']:.2f}",
-        )
-        for kind, k in stats["by_kind"].items()
+        (kind, k["nodes"], k["executions"], k["replays"], k[saved[0]], f"{k[saved[1]]:.2f}")
+        for kind, k in [*stats["by_kind"].items(), ("total", stats)]
     ]
-    rows.append(
-        (
-            "total",
-            stats["nodes"],
-            stats["executions"],
-            stats["replays"],
-            stats["tokens_saved"],
-            f"{stats['seconds_saved']:.2f}",
-        )
-    )
     calls = stats["executions"] + stats["replays"]
     rate = f"{100.0 * stats['replays'] / calls:.1f}%" if calls else "-"
-    text = "\n".join(
-        [
-            f"store: {stats['path']}",
-            _render.table(
-                ("kind", "nodes", "executed", "replayed", "tokens saved", "seconds saved"), rows
-            ),
-            "",
-            f"replay rate: {rate}   artifacts: {stats['artifacts']} "
-            f"({stats['artifact_bytes']} bytes)   runs: {stats['runs']}   "
-            f"statuses: {', '.join(f'{k}={v}' for k, v in sorted(stats['statuses'].items())) or '-'}",
-        ]
-    )
-    _emit(args, stats, text)
-    return EXIT_OK
-
-
-def cmd_show(args: argparse.Namespace) -> int:
-    with _open(args) as engine:
-        node = engine.store.get_node(engine.store.resolve(args.node))
-        assert node is not None
-        edges = engine.store.edges(node.node_id)
-        artifact = engine.store.get_artifact(node.artifact_id) if node.artifact_id else None
-        value: Any = None
-        if artifact is not None:
-            try:
-                value = engine.codec.decode(*artifact)
-            except MusubiError as err:
-                value = f"<undecodable: {err}>"
-    data = _render.node_dict(node)
-    data["edges"] = [dataclasses.asdict(e) for e in edges]
-    data["value"] = value
-    lines = [f"{k:<17} {v}" for k, v in _render.node_dict(node).items() if v not in (None, "")]
-    lines += ["", "edges:"] + [
-        f"  {e.kind:<8} {_render.short(e.parent)} -> {_render.short(e.child)}" for e in edges
+    lines = [
+        f"store: {stats['path']}",
+        _render.table(
+            ("kind", "nodes", "executed", "replayed", "tokens saved", "seconds saved"), rows
+        ),
+        "",
+        f"replay rate: {rate}   artifacts: {stats['artifacts']} "
+        f"({stats['artifact_bytes']} bytes)   runs: {stats['runs']}   "
+        f"statuses: {', '.join(f'{k}={v}' for k, v in sorted(stats['statuses'].items())) or '-'}",
     ]
-    rendered = repr(value)
-    lines += ["", "value:", "  " + (rendered if len(rendered) < 2000 else rendered[:2000] + " ...")]
-    _emit(args, data, "\n".join(lines))
-    return EXIT_OK
-
-
-def cmd_lineage(args: argparse.Namespace) -> int:
-    with _open(args) as engine:
-        root = engine.store.resolve(args.node)
-        nodes, edges = engine.store.lineage(
-            root, upstream=not args.down, downstream=not args.up, depth=args.depth
-        )
-    fmt = "json" if args.json else args.format
-    renderers: dict[str, Callable[..., str]] = {
-        "text": _render.lineage_text,
-        "dot": _render.lineage_dot,
-        "mermaid": _render.lineage_mermaid,
-        "json": _render.lineage_json,
-    }
-    print(renderers[fmt](root, nodes, edges))
-    return EXIT_OK
-
-
-def cmd_explain(args: argparse.Namespace) -> int:
-    with _open(args) as engine:
-        node, decision = engine.explain_node(args.node)
-    data = {
-        "node_id": node.node_id,
-        "op": node.op,
-        "step_type": node.step_type,
-        "replay": decision.replay,
-        "reason": decision.reason.value,
-        "detail": decision.detail,
-    }
-    verdict = "would REPLAY" if decision.replay else "would EXECUTE"
-    text = f"{_render.short(node.node_id)} {node.op_name}: {verdict} ({decision.reason.value})"
-    if decision.detail:
-        text += f"\n  {decision.detail}"
-    _emit(args, data, text)
+    if by_run_kind:
+        lines += ["", _render.table(
+            ("run kind", "runs", "calls", "replayed calls", "tokens saved", "seconds saved"),
+            [(kind, k["runs"], k["calls"], k["replays"], k["tokens_saved"],
+              f"{k['seconds_saved']:.2f}") for kind, k in by_run_kind.items()],
+        )]
+    emit(args, stats, "\n".join(lines))
     return EXIT_OK
 
 
@@ -168,7 +81,7 @@ def cmd_invalidate(args: argparse.Namespace) -> int:
     with _open(args) as engine:
         node_id = engine.store.resolve(args.node)
         changed = engine.invalidate(node_id)
-    _emit(
+    emit(
         args,
         {"node_id": node_id, "invalidated": changed},
         f"invalidated {changed} node(s) (node {_render.short(node_id)} and its data descendants); "
@@ -180,7 +93,7 @@ def cmd_invalidate(args: argparse.Namespace) -> int:
 def cmd_gc(args: argparse.Namespace) -> int:
     with _open(args) as engine:
         removed = engine.store.gc(older_than=args.older_than, now=time.time())
-    _emit(
+    emit(
         args,
         removed,
         f"removed {removed['nodes']} node(s) and {removed['artifacts']} unreferenced artifact(s)",
@@ -203,14 +116,14 @@ def cmd_check(args: argparse.Namespace) -> int:
                 raise
     if damage:
         advice = _check.ADVICE.format(path=shlex.quote(path))
-        _emit(
+        emit(
             args,
             {"ok": False, "damaged": True, "path": path, "problems": damage, "advice": advice},
             "\n".join([f"{path} is damaged:", *(f"problem: {p}" for p in damage),
                        f"what to do: {advice}"]),
         )
         return EXIT_ERROR
-    _emit(
+    emit(
         args,
         {"ok": not problems, "problems": problems},
         "ok" if not problems else "\n".join(f"problem: {p}" for p in problems),
@@ -229,7 +142,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
         store = engine.store
         assert isinstance(store, SQLiteStore)
         done = store.backup(args.dest, force=args.force)
-    _emit(
+    emit(
         args,
         done,
         f"backed up {store.path} to {done['path']} ({done['nodes']} nodes, {done['bytes']} bytes)",
@@ -254,7 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--db",
         default=argparse.SUPPRESS,
-        help="store file (default: $MUSUBI_DB or .musubi/musubi.db)",
+        help="store file, sqlite:/// URL or PostgreSQL URL (default: $MUSUBI_DB or "
+        ".musubi/musubi.db)",
     )
     common.add_argument(
         "--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output"
@@ -262,33 +176,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="musubi",
-        description="Inspect, explain and invalidate what a musubi store holds.",
+        description="List, inspect, explain and invalidate what a musubi store holds.",
         parents=[common],
     )
     parser.add_argument("--version", action="version", version=f"musubi {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    def add(
-        name: str, handler: Callable[[argparse.Namespace], int], help_text: str
-    ) -> argparse.ArgumentParser:
+    def add(name: str, handler: Handler, help_text: str) -> argparse.ArgumentParser:
         command = sub.add_parser(name, help=help_text, description=help_text, parents=[common])
         command.set_defaults(handler=handler)
         return command
 
     add("stats", cmd_stats, "replays, executions and what replay saved (calls, tokens, seconds)")
-    add("show", cmd_show, "one node: fields, edges and stored value").add_argument(
-        "node", help="node id or unique prefix"
-    )
-    lineage = add("lineage", cmd_lineage, "the node's upstream and downstream graph")
-    lineage.add_argument("node", help="node id or unique prefix")
-    lineage.add_argument("--format", choices=("text", "dot", "mermaid", "json"), default="text")
-    lineage.add_argument("--depth", type=int, default=50)
-    direction = lineage.add_mutually_exclusive_group()
-    direction.add_argument("--up", action="store_true", help="ancestors only")
-    direction.add_argument("--down", action="store_true", help="descendants only")
-    add("explain", cmd_explain, "would this node replay now, and why").add_argument(
-        "node", help="node id or unique prefix"
-    )
+    cli_runs.add_commands(add)
+    cli_lineage.add_commands(add)
     add("invalidate", cmd_invalidate, "mark a node and its data descendants stale").add_argument(
         "node", help="node id or unique prefix"
     )
@@ -308,27 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     backup.add_argument("dest", metavar="DEST", help="the new file (must not exist)")
     backup.add_argument("--force", action="store_true", help="replace DEST if it exists")
     add("demo", cmd_demo, "run an offline pipeline twice and watch the second run replay")
-    _add_run_commands(sub)
     return parser
-
-
-def _add_run_commands(sub: Any) -> None:
-    """The durable-run commands live in their own module; they get the same
-    ``--db``/``--json`` options after the command name as every other one."""
-    try:
-        from .cli_runs import add_run_commands
-    except ImportError:
-        return
-    before = set(sub.choices)
-    add_run_commands(sub)
-    for name, command in sub.choices.items():
-        if name in before:
-            continue
-        known = {opt for action in command._actions for opt in action.option_strings}
-        if "--db" not in known:
-            command.add_argument("--db", default=argparse.SUPPRESS, help="store file")
-        if "--json" not in known:
-            command.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -336,10 +217,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.db_given = hasattr(args, "db")
     if not args.db_given:
-        args.db = _default_db()
+        args.db = default_db()
     if not hasattr(args, "json"):
         args.json = False
-    handler: Callable[[argparse.Namespace], int] = args.handler
+    handler: Handler = args.handler
     try:
         code = handler(args)
         sys.stdout.flush()  # a closed pipe fails here, inside the try

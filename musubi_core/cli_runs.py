@@ -1,15 +1,16 @@
 """``musubi runs``, ``musubi steps RUN`` and ``musubi run module:function``.
 
-The read commands open the store like any SQLite reader (WAL, SQLite's own
-locking on), so they are safe to run against a live run, as often as you
-like. ``musubi run`` executes a workflow durably; run it again after a crash
-and it resumes.
+``runs`` lists every run a store recorded (LangChain and LlamaIndex traces, workflow runs,
+durable runs, ``@step`` call trees and named ``trace`` blocks); ``steps`` lists one run's
+calls as a tree. The read commands open the store like any SQLite reader (WAL, SQLite's own
+locking on), so they are safe to run against a live run, as often as you like. ``musubi run``
+executes a workflow durably; run it again after a crash and it resumes.
 
-Exit codes: 0 ok, 1 error (a step failed, the workflow raised), 2 usage, name
-or schema problem, 75 the run is locked by another process.
+Exit codes: 0 ok, 1 error (a step failed, the workflow raised), 2 usage, name or schema
+problem, 75 the run is locked by another process.
 
     $ musubi --db task.db run myflows:nightly --run-id 2024-06-01
-    $ musubi --db task.db runs
+    $ musubi --db task.db runs --kind durable --since 1d
     $ musubi --db task.db steps 2024-06-01 --json
 """
 
@@ -26,6 +27,17 @@ import traceback
 from typing import Any
 
 from . import _render
+from ._cli import (
+    EXIT_ERROR,
+    EXIT_LOCKED,
+    EXIT_OK,
+    EXIT_USAGE,
+    AddCommand,
+    db_path,
+    emit,
+    open_engine,
+    since,
+)
 from .errors import (
     DivergenceError,
     InvalidStepNameError,
@@ -35,38 +47,33 @@ from .errors import (
     StepFailedError,
 )
 from .runner import DEFAULT_RUN_ID, run, validate_name, validate_run_id
-from .store import RunRecord, RunStepRecord, SQLiteStore, resolve_target
+from .store import CallRecord, RunRecord, RunStepRecord, SQLiteStore
 
-__all__ = ["add_run_commands", "cmd_run", "cmd_runs", "cmd_steps"]
+__all__ = ["add_commands", "cmd_run", "cmd_runs", "cmd_steps"]
 
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_LOCKED = 0, 1, 2, 75
 _HOST = socket.gethostname()
+RUN_KINDS = ("langchain", "llama_index", "workflow", "durable", "step", "script")
+RUN_STATUSES = ("running", "done", "failed", "interrupted")
 
 
-def add_run_commands(subparsers: Any) -> None:
-    """Register ``runs``, ``steps`` and ``run`` on an argparse subparsers
-    object. Handlers are stored as the ``handler`` default and take the
-    parsed namespace (with ``db`` and ``json`` set by the caller)."""
-    runs = subparsers.add_parser(
-        "runs", help="durable runs in the store, newest first",
-        description="Durable runs in the store, newest first. Safe while runs execute.",
-    )
+def add_commands(add: AddCommand) -> None:
+    """Register ``runs``, ``steps`` and ``run``."""
+    runs = add("runs", cmd_runs, "every recorded run, newest first (safe while runs execute)")
+    runs.add_argument("--kind", help=f"only runs of this kind ({', '.join(RUN_KINDS)})")
+    runs.add_argument("--since", type=since, metavar="AGE", help="started within, e.g. 90s, 12h, 1d")
+    runs.add_argument("--status", choices=RUN_STATUSES)
     runs.add_argument("--limit", type=int, default=50, help="at most this many runs")
-    runs.set_defaults(handler=cmd_runs)
 
-    steps = subparsers.add_parser(
-        "steps", help="the steps of one durable run, in body order",
-        description="The steps of one durable run, in body order. Safe while the run executes.",
+    steps = add("steps", cmd_steps, "one run's calls in order, as a tree (safe while it runs)")
+    steps.add_argument(
+        "run_id", metavar="RUN",
+        help=f"run id or unique prefix (a bare file's durable run is {DEFAULT_RUN_ID!r})",
     )
-    steps.add_argument("run_id", metavar="RUN", help=f"run id (a bare file's run is {DEFAULT_RUN_ID!r})")
-    steps.set_defaults(handler=cmd_steps)
 
-    run_cmd = subparsers.add_parser(
-        "run", help="run or resume a workflow: musubi run module:function",
-        description=(
-            "Run a workflow function durably, or resume it after a crash. The function "
-            "takes a musubi Context. Exits 75 if another process is executing the same run."
-        ),
+    run_cmd = add(
+        "run", cmd_run,
+        "run or resume a workflow durably: musubi run module:function (exit 75 if another "
+        "process is executing the same run)",
     )
     run_cmd.add_argument("target", metavar="MODULE:FUNCTION", help="e.g. myflows:nightly")
     run_cmd.add_argument("--run-id", default=None, help="run id inside a shared store")
@@ -74,23 +81,6 @@ def add_run_commands(subparsers: Any) -> None:
         "--rerun-from", default=None, metavar="STEP",
         help="accept a reported change: forget STEP and every later step, then run",
     )
-    run_cmd.set_defaults(handler=cmd_run)
-
-
-def _db(args: argparse.Namespace) -> str:
-    path = getattr(args, "db", None)
-    if path:
-        return resolve_target(str(path))
-    from .engine import DEFAULT_PATH
-
-    return resolve_target(os.environ.get("MUSUBI_DB") or DEFAULT_PATH)
-
-
-def _open_existing(args: argparse.Namespace) -> SQLiteStore:
-    path = _db(args)
-    if not os.path.exists(path):
-        raise MusubiError(f"no musubi store at {path}; pass --db PATH or set MUSUBI_DB")
-    return SQLiteStore(path)
 
 
 def _status(run: RunRecord) -> str:
@@ -116,78 +106,146 @@ def _step_status(step: RunStepRecord, now: float) -> str:
 
 def _run_dict(run: RunRecord) -> dict[str, Any]:
     return {
-        "run_id": run.run_id, "name": run.name, "status": _status(run),
-        "recorded_status": run.status, "steps_done": run.steps_done,
-        "steps_total": run.steps_total, "attempts": run.attempts, "created_at": run.created_at,
-        "started_at": run.started_at, "finished_at": run.finished_at, "host": run.host,
-        "pid": run.pid, "error": run.error, "node_id": run.node_id,
+        "run_id": run.run_id, "kind": run.kind, "name": run.name, "status": _status(run),
+        "recorded_status": run.status, "started_at": run.started_at,
+        "finished_at": run.finished_at, "duration_s": run.duration_s, "calls": run.calls,
+        "replays": run.replays, "tokens_in": run.tokens_in, "tokens_out": run.tokens_out,
+        "tokens_saved": run.tokens_saved, "seconds_saved": run.seconds_saved,
+        "steps_done": run.steps_done, "steps_total": run.steps_total, "attempts": run.attempts,
+        "created_at": run.created_at, "host": run.host, "pid": run.pid, "error": run.error,
+        "node_id": run.node_id, "root_call_id": run.root_call_id, "namespace": run.namespace,
     }
 
 
+def _took(run: RunRecord) -> float | None:
+    if run.duration_s is not None:
+        return run.duration_s
+    if run.started_at is not None and run.finished_at is not None:
+        return run.finished_at - run.started_at
+    return None
+
+
+def _list_runs(store: Any, args: argparse.Namespace) -> list[RunRecord]:
+    """Runs matching the filters. ``running`` and ``interrupted`` are judged as displayed: a
+    row left ``running`` by a process that is gone is interrupted."""
+    limit = max(1, int(args.limit))
+    status = args.status
+    if status not in ("running", "interrupted"):
+        return list(store.list_runs(limit=limit, kind=args.kind, since=args.since, status=status))
+    rows = [
+        r for r in store.list_runs(limit=limit, kind=args.kind, since=args.since, status="running")
+        if _status(r) == status
+    ]
+    if status == "interrupted":
+        rows += store.list_runs(limit=limit, kind=args.kind, since=args.since, status=status)
+        rows.sort(key=lambda r: r.started_at or r.created_at, reverse=True)
+    return rows[:limit]
+
+
 def cmd_runs(args: argparse.Namespace) -> int:
-    with _open_existing(args) as store:
-        runs = store.list_runs(limit=max(1, int(getattr(args, "limit", 50))))
-    if getattr(args, "json", False):
-        print(json.dumps([_run_dict(r) for r in runs], indent=2))
-        return EXIT_OK
-    if not runs:
-        print("no durable runs in this store")
-        return EXIT_OK
+    with open_engine(args) as engine:
+        runs = _list_runs(engine.store, args)
+    errors = any(r.error for r in runs)
     rows = [
         (
-            r.run_id, _status(r), f"{r.steps_done}/{r.steps_total}", r.attempts,
-            _render.when(r.started_at), _render.when(r.finished_at), r.name or "-",
-            (r.error or "")[:60],
-        )
+            r.run_id, r.kind, r.name or "-", _status(r), _render.when(r.started_at),
+            _render.duration(_took(r)), r.calls, r.replays,
+            _render.tokens(r.tokens_in, r.tokens_out), r.tokens_saved or "-",
+            _render.duration(r.seconds_saved) if r.seconds_saved else "-",
+            f"{r.steps_done}/{r.steps_total}" if r.kind == "durable" else "-",
+        ) + ((_render.clip(r.error, 50) or "-",) if errors else ())
         for r in runs
     ]
-    print(_render.table(
-        ("RUN", "STATUS", "STEPS", "ATTEMPTS", "STARTED", "FINISHED", "WORKFLOW", "ERROR"), rows
-    ))
+    headers = ("RUN", "KIND", "NAME", "STATUS", "STARTED", "TOOK", "CALLS", "REPLAYS", "TOKENS",
+               "TOKENS SAVED", "TIME SAVED", "STEPS") + (("ERROR",) if errors else ())
+    text = _render.table(headers, rows) if rows else (
+        "no runs match (runs are recorded when steps, traces or durable runs execute)"
+    )
+    emit(args, [_run_dict(r) for r in runs], text)
     return EXIT_OK
+
+
+def _durable_steps(store: Any, run: RunRecord) -> list[RunStepRecord]:
+    run_steps = getattr(store, "run_steps", None)
+    if run.kind != "durable" or run_steps is None:
+        return []
+    return list(run_steps(run.run_id))
 
 
 def cmd_steps(args: argparse.Namespace) -> int:
-    with _open_existing(args) as store:
-        run_rec = store.get_run(args.run_id)
-        if run_rec is None:
-            known = [r.run_id for r in store.list_runs(limit=10)]
-            raise MusubiError(
-                f"no run {args.run_id!r} in {store.path}"
-                + (f" (recent runs: {', '.join(known)})" if known else "")
-            )
-        steps = store.run_steps(args.run_id)
+    with open_engine(args) as engine:
+        store: Any = engine.store
+        run_rec = store.get_run(store.resolve_run(args.run_id))
+        assert run_rec is not None
+        calls: list[CallRecord] = store.run_calls(run_rec.run_id)
+        steps = _durable_steps(store, run_rec)
     now = time.time()
-    if getattr(args, "json", False):
-        print(json.dumps({
-            "run": _run_dict(run_rec),
-            "steps": [
-                {
-                    "seq": s.seq, "name": s.name, "kind": s.kind, "status": _step_status(s, now),
-                    "attempts": s.attempts, "started_at": s.started_at,
-                    "finished_at": s.finished_at, "wake_at": s.wake_at, "node_id": s.node_id,
-                    "artifact_id": s.artifact_id, "fingerprint": s.fingerprint, "error": s.error,
-                }
-                for s in steps
-            ],
-        }, indent=2))
-        return EXIT_OK
-    print(f"run {run_rec.run_id}: {_status(run_rec)}, {run_rec.steps_done}/{run_rec.steps_total} "
-          f"steps done, attempt {run_rec.attempts}")
-    rows = []
-    for s in steps:
-        took = "-"
-        if s.kind == "sleep" and s.wake_at:
-            took = f"until {_render.when(s.wake_at)}"
-        elif s.started_at and s.finished_at:
-            took = f"{s.finished_at - s.started_at:.3f}s"
-        rows.append((s.seq, s.name, s.kind, _step_status(s, now), s.attempts, took,
-                     (s.node_id or "-")[:12], (s.error or "")[:60]))
-    if rows:
-        print(_render.table(
-            ("SEQ", "STEP", "KIND", "STATUS", "ATTEMPTS", "TOOK", "NODE", "ERROR"), rows
-        ))
+    step_dicts = [
+        {
+            "seq": s.seq, "name": s.name, "kind": s.kind, "status": _step_status(s, now),
+            "attempts": s.attempts, "started_at": s.started_at, "finished_at": s.finished_at,
+            "wake_at": s.wake_at, "node_id": s.node_id, "artifact_id": s.artifact_id,
+            "fingerprint": s.fingerprint, "error": s.error,
+        }
+        for s in steps
+    ]
+    data: dict[str, Any] = {"run": _run_dict(run_rec), "calls": [_render.call_dict(c) for c in calls]}
+    if run_rec.kind == "durable":
+        data["steps"] = step_dicts
+    emit(args, data, _steps_text(run_rec, calls, steps, now))
     return EXIT_OK
+
+
+def _steps_text(
+    run_rec: RunRecord, calls: list[CallRecord], steps: list[RunStepRecord], now: float
+) -> str:
+    durable = run_rec.kind == "durable"
+    head = (
+        f"run {run_rec.run_id} ({run_rec.kind} {run_rec.name or '-'}): {_status(run_rec)}, "
+        f"started {_render.when(run_rec.started_at)}, took {_render.duration(_took(run_rec))}, "
+        f"{run_rec.calls} call(s), {run_rec.replays} replayed"
+    )
+    if run_rec.tokens_in or run_rec.tokens_out:
+        head += f", {run_rec.tokens_in + run_rec.tokens_out} tokens"
+    if run_rec.replays:
+        head += (f", replay saved {run_rec.tokens_saved} tokens and "
+                 f"{_render.duration(run_rec.seconds_saved)}")
+    if durable:
+        head += (f"; {run_rec.steps_done}/{run_rec.steps_total} steps done, "
+                 f"attempt {run_rec.attempts}")
+    if run_rec.error:
+        head += f"\n  error: {_render.clip(run_rec.error, 300)}"
+    by_name = {s.name: s for s in steps}
+    seq_of = {c.call_id: c.seq for c in calls}
+    rows: list[tuple[Any, ...]] = []
+    for depth, c in _render.call_tree(calls):
+        step = by_name.get(c.op_name) if c.kind in ("run_step", "sleep") else None
+        status = _step_status(step, now) if step and c.status == "done" else c.status
+        row: tuple[Any, ...] = (
+            c.seq, c.call_id,
+            f"#{seq_of[c.parent_call_id]}" if c.parent_call_id in seq_of else "-",
+            c.kind, "  " * depth + c.op_name, _render.short(c.node_id),
+            "yes" if c.replayed else "-", _render.duration(c.duration_s),
+            _render.tokens(c.tokens_in, c.tokens_out), status,
+        )
+        if durable:
+            row += (step.attempts if step else "-",)
+        rows.append((*row, _render.clip(c.error, 60) or ""))
+    # Durable steps without a call: in flight (its call is recorded when it ends), or
+    # recorded before calls existed (a store migrated from schema 1).
+    called = {c.op_name for c in calls if c.kind in ("run_step", "sleep")}
+    for s in steps:
+        if s.status == "pending" or s.name not in called:
+            took = (s.finished_at - s.started_at) if s.started_at and s.finished_at else None
+            status = "pending (in flight)" if s.status == "pending" else _step_status(s, now)
+            rows.append(("-", "-", "-", "run_step" if s.kind == "step" else s.kind, s.name,
+                         _render.short(s.node_id), "-", _render.duration(took), "-", status,
+                         s.attempts, _render.clip(s.error, 60)))
+    if not rows:
+        return head + "\n(no calls recorded yet)"
+    headers = ("#", "CALL", "PARENT", "KIND", "OP", "NODE", "REPLAYED", "TOOK", "TOKENS",
+               "STATUS") + (("ATTEMPTS",) if durable else ()) + ("ERROR",)
+    return head + "\n" + _render.table(headers, rows)
 
 
 def _load(target: str) -> Any:
@@ -221,7 +279,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     run_id = args.run_id or DEFAULT_RUN_ID
     try:
-        _check_usage(_db(args), run_id, args.rerun_from)
+        _check_usage(db_path(args), run_id, args.rerun_from)
     except ValueError as err:
         print(f"musubi: {err}", file=sys.stderr)
         return EXIT_USAGE
@@ -231,10 +289,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
             from .runner import arun
 
-            result = asyncio.run(arun(_db(args), workflow, run_id=run_id,
+            result = asyncio.run(arun(db_path(args), workflow, run_id=run_id,
                                       rerun_from=args.rerun_from))
         else:
-            result = run(_db(args), workflow, run_id=run_id, rerun_from=args.rerun_from)
+            result = run(db_path(args), workflow, run_id=run_id, rerun_from=args.rerun_from)
     except LockedError as err:
         print(f"musubi: {err}", file=sys.stderr)
         return EXIT_LOCKED

@@ -266,7 +266,7 @@ class NodeNotFoundError(MusubiError, LookupError):
             message = f"{what} prefix {ref!r} is ambiguous ({shown}, ...); give more characters"
         else:
             message = f"no {what} matches {ref!r}; list them with `{listing}`"
-            if what == "node":
+            if what in ("node", "node or call"):
                 message += " (or `musubi runs`, then `musubi steps RUN` for a run's calls)"
         super().__init__(message)
         self.ref = ref

@@ -281,13 +281,14 @@ class CallsMixin:
                 if not enabled:
                     continue
                 frontier = [call_id]
+                column = "dst_call_id" if direction == "up" else "src_call_id"
                 for level in range(depth + 1):
                     if not frontier:
                         break
                     if level == depth or len(seen) >= limit:
-                        cut = True
+                        # Cut only when a call beyond the frontier exists (not at a source).
+                        cut = cut or self._flows_beyond(c, column, frontier, seen)
                         break
-                    column = "dst_call_id" if direction == "up" else "src_call_id"
                     found: list[str] = []
                     for i in range(0, len(frontier), 500):
                         chunk = frontier[i : i + 500]
@@ -323,6 +324,42 @@ class CallsMixin:
             return calls, list(flows.values()), cut
 
         return self._read("call lineage", walk)
+
+    def _flows_beyond(self, c: Any, column: str, frontier: list[str], seen: set[str]) -> bool:
+        """Does a flow lead from ``frontier`` (along ``column``) to a call not in ``seen``?"""
+        other = "src_call_id" if column == "dst_call_id" else "dst_call_id"
+        for i in range(0, len(frontier), 500):
+            chunk = frontier[i : i + 500]
+            marks = ", ".join("?" * len(chunk))
+            rows = self._ex(
+                c, f"SELECT {other} FROM musubi_flows WHERE {column} IN ({marks})", chunk
+            ).fetchall()
+            if any(row[0] not in seen for row in rows):
+                return True
+        return False
+
+    def run_counts(self) -> dict[str, dict[str, Any]]:
+        """Per run kind: how many runs, their calls and replayed calls, and what replay saved
+        (from the counts kept on each run row: no scan of the calls)."""
+        rows = self._read(
+            "run counts",
+            lambda c: self._ex(
+                c,
+                "SELECT kind, COUNT(*), CAST(SUM(calls) AS BIGINT), CAST(SUM(replays) AS BIGINT), "
+                "CAST(SUM(tokens_saved) AS BIGINT), SUM(seconds_saved) "
+                "FROM musubi_runs GROUP BY kind ORDER BY kind",
+            ).fetchall(),
+        )
+        return {
+            row[0]: {
+                "runs": int(row[1]),
+                "calls": int(row[2] or 0),
+                "replays": int(row[3] or 0),
+                "tokens_saved": int(row[4] or 0),
+                "seconds_saved": round(float(row[5] or 0.0), 3),
+            }
+            for row in rows
+        }
 
 
 def _filters(*pairs: tuple[str, Any]) -> tuple[str, list[Any]]:

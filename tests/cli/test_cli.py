@@ -134,7 +134,7 @@ def test_show_explain_and_lineage_formats(recorded: tuple[Path, Path, Path, list
 def test_errors_and_exit_codes(tmp_path: Path, recorded: tuple[Path, Path, Path, list[str]]) -> None:
     db = recorded[0]
     missing = musubi("show", "ffff", db=db)
-    assert missing.returncode == 1 and "no node matches" in missing.stderr
+    assert missing.returncode == 1 and "no node or call matches" in missing.stderr
     ambiguous = musubi("show", "", db=db)
     assert ambiguous.returncode == 1
     no_store = musubi("stats", db=tmp_path / "nothing.db")

@@ -69,13 +69,19 @@ def test_run_then_inspect(flows: Path) -> None:
     assert [(s["name"], s["kind"], s["status"]) for s in data["steps"]] == [
         ("a", "step", "done"), ("nap", "sleep", "done"), ("b", "step", "done")]
 
+    # Each step is also a call of the run (kind run_step, or sleep), its op the step name.
+    assert [(c["kind"], c["op_name"]) for c in data["calls"]] == [
+        ("run_step", "a"), ("sleep", "nap"), ("run_step", "b")]
+
     text = musubi(flows, "--db", "t.db", "steps", "r1")
     assert text.returncode == 0 and "nap" in text.stdout and "sleep" in text.stdout
+    assert "3/3 steps done" in text.stdout and "ATTEMPTS" in text.stdout
     table = musubi(flows, "--db", "t.db", "runs")
-    assert "r1" in table.stdout and "3/3" in table.stdout
+    assert "r1" in table.stdout and "3/3" in table.stdout and "durable" in table.stdout
 
     missing = musubi(flows, "--db", "t.db", "steps", "nope")
-    assert missing.returncode == 1 and "no run 'nope'" in missing.stderr
+    assert missing.returncode == 1 and "no run matches 'nope'" in missing.stderr
+    assert "`musubi runs`" in missing.stderr
 
 
 def test_async_workflow(flows: Path) -> None:
