@@ -1,0 +1,299 @@
+"""What a LlamaIndex value carries, read cheaply: its texts (for flows between calls) and a
+short preview (for a call's row).
+
+Both walk values through one handler per *type*, chosen once per class (a dict lookup per
+value after that): span arguments and results are the same few types every query, and
+``hasattr`` on a pydantic model that lacks the attribute costs an exception each time.
+
+* :func:`atoms` -- the texts a value carries (node contents, responses, messages, strings of
+  at least :data:`MIN_ATOM` characters): a call whose input holds a text an earlier call of
+  the same trace produced consumed that call's output.
+* :func:`brief` -- at most :data:`~musubi_core.record.PREVIEW_CHARS` characters describing a
+  value (never ``repr`` of an object: no addresses, no secrets of components).
+* :func:`retrieved` -- the plain record of retrieved nodes (id, score, text) kept as a
+  retriever call's artifact.
+
+>>> from llama_index.core.schema import NodeWithScore, TextNode
+>>> hit = NodeWithScore(node=TextNode(text="Musubi ties things together."), score=0.5)
+>>> atoms({"nodes": [hit], "k": 2})
+['Musubi ties things together.']
+>>> brief({"query": "what is musubi?", "nodes": [hit]})
+"{query: 'what is musubi?', nodes: ['Musubi ties things together.']}"
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+from llama_index.core.base.llms.types import ChatMessage, ChatResponse, CompletionResponse
+from llama_index.core.base.response.schema import (
+    AsyncStreamingResponse,
+    PydanticResponse,
+    Response,
+    StreamingResponse,
+)
+from llama_index.core.prompts.base import BasePromptTemplate
+from llama_index.core.schema import (
+    BaseComponent,
+    BaseNode,
+    MetadataMode,
+    NodeWithScore,
+    QueryBundle,
+)
+from pydantic import BaseModel
+from workflows.events import Event as WorkflowEvent  # llama-index-workflows, a core dependency
+
+from musubi_core.record import PREVIEW_CHARS
+from musubi_core.record.preview import storable_text
+
+__all__ = [
+    "MIN_ATOM",
+    "atoms",
+    "brief",
+    "message_text",
+    "prompt_text",
+    "retrieved",
+    "usage_of",
+]
+
+MIN_ATOM = 12  # shorter strings ("yes", "gpt-4o", ids) are not evidence of a flow
+_MAX_ITEMS = 256
+_MAX_DEPTH = 6
+_MAX_FIELDS = 32
+
+
+
+# ----------------------------------------------------------------------------- texts of objects
+def _node_texts(node: BaseNode) -> list[str]:
+    """A node's text, and its content as an LLM sees it when metadata is prepended."""
+    text = node.get_content()
+    if not node.metadata:
+        return [text]
+    shown = node.get_content(metadata_mode=MetadataMode.LLM)
+    return [text] if shown == text else [text, shown]
+
+
+def message_text(message: Any) -> str:
+    """The text blocks of a ChatMessage, joined."""
+    parts = [b.text for b in message.blocks if type(getattr(b, "text", None)) is str]
+    return parts[0] if len(parts) == 1 else "\n".join(parts)
+
+
+def _event_values(event: Any) -> list[Any]:
+    """A workflow event's fields, its free-form attributes and (StopEvent) its result."""
+    values = [getattr(event, name, None) for name in list(type(event).model_fields)[:_MAX_FIELDS]]
+    private = getattr(event, "__pydantic_private__", None) or {}
+    for value in private.values():
+        if type(value) is dict:
+            values.extend(list(value.values())[:_MAX_FIELDS])
+        else:
+            values.append(value)
+    return values
+
+
+def _model_values(value: Any) -> list[Any]:
+    return [getattr(value, name, None) for name in list(type(value).model_fields)[:_MAX_FIELDS]]
+
+
+# A type's reader: what a value of it carries, as (texts, inner values to walk). One per class.
+_Reader = Callable[[Any], tuple[list[str], list[Any]]]
+_NOTHING: tuple[list[str], list[Any]] = ([], [])
+
+
+def _reader_for(cls: type) -> _Reader:
+    if issubclass(cls, NodeWithScore):
+        return lambda v: (_node_texts(v.node), [])
+    if issubclass(cls, BaseNode):
+        return lambda v: (_node_texts(v), [])
+    if issubclass(cls, QueryBundle):
+        return lambda v: ([v.query_str], [])
+    if issubclass(cls, (Response, PydanticResponse)):
+        return lambda v: ([str(v.response)] if v.response is not None else [], [])
+    if issubclass(cls, (StreamingResponse, AsyncStreamingResponse)):
+        return lambda v: _NOTHING  # its text arrives later, through the model's end event
+    if issubclass(cls, ChatResponse):
+        return lambda v: ([message_text(v.message)], [])
+    if issubclass(cls, CompletionResponse):
+        return lambda v: ([v.text], [])
+    if issubclass(cls, ChatMessage):
+        return lambda v: ([message_text(v)], [])
+    if issubclass(cls, BasePromptTemplate):
+        return lambda v: _NOTHING  # a template is configuration, not data that flowed
+    if issubclass(cls, WorkflowEvent):
+        return lambda v: ([], _event_values(v))
+    if issubclass(cls, BaseComponent):
+        return lambda v: _NOTHING  # components (retrievers, synthesizers, ...) are not data
+    if issubclass(cls, BaseModel):
+        return lambda v: ([], _model_values(v))  # plain results (StructuredRefineResponse)
+    return lambda v: _NOTHING
+
+
+_READERS: dict[type, _Reader] = {}
+
+
+def _reader(cls: type) -> _Reader:
+    reader = _READERS.get(cls)
+    if reader is None:
+        reader = _READERS[cls] = _reader_for(cls)
+    return reader
+
+
+# ----------------------------------------------------------------------------- atoms
+def atoms(value: Any) -> list[str]:
+    """The texts ``value`` carries (bounded; order of appearance; duplicates possible)."""
+    out: list[str] = []
+    _atoms(value, out, 0)
+    return out
+
+
+def _atoms(value: Any, out: list[str], depth: int) -> None:
+    cls = type(value)
+    if cls is str:
+        if len(value) >= MIN_ATOM:
+            out.append(value)
+        return
+    if value is None or cls is int or cls is float or cls is bool or depth > _MAX_DEPTH:
+        return
+    if cls is list or cls is tuple:
+        if value and type(value[0]) in (float, int):
+            return  # a vector
+        for item in value[:_MAX_ITEMS]:
+            _atoms(item, out, depth + 1)
+        return
+    if cls is dict:
+        for item in list(value.values())[:_MAX_ITEMS]:
+            _atoms(item, out, depth + 1)
+        return
+    try:
+        texts, inner = _reader(cls)(value)
+    except Exception:  # a value whose reader fails carries nothing we can match
+        return
+    for text in texts:
+        if type(text) is str and len(text) >= MIN_ATOM:
+            out.append(text)
+    for item in inner:
+        _atoms(item, out, depth + 1)
+
+
+# ----------------------------------------------------------------------------- previews
+def brief(value: Any, limit: int = PREVIEW_CHARS) -> str | None:
+    """At most ``limit`` characters describing ``value`` (None for None)."""
+    if value is None:
+        return None
+    if type(value) is str:
+        text = value
+    else:
+        parts: list[str] = []
+        _render(value, parts, limit, 0)
+        text = "".join(parts)
+    if len(text) > limit:
+        text = text[: limit - 1] + "…"
+    return text if text.isascii() else storable_text(text)
+
+
+def _render(value: Any, out: list[str], budget: int, depth: int) -> int:
+    """Append text for ``value``; returns the budget left."""
+    if budget <= 0:
+        return 0
+    cls = type(value)
+    if cls is str:
+        piece = repr(value[:budget]) if depth else value[:budget]
+    elif value is None or cls is int or cls is float or cls is bool:
+        piece = str(value)
+    elif cls is dict:
+        out.append("{")
+        budget -= 1
+        for i, (k, v) in enumerate(value.items()):
+            if budget <= 0:
+                break
+            key = f"{', ' if i else ''}{k}: "
+            out.append(key)
+            budget = _render(v, out, budget - len(key), depth + 1)
+        out.append("}")
+        return budget - 1
+    elif cls is list or cls is tuple:
+        if value and type(value[0]) is float:
+            piece = f"<{len(value)} floats>"
+        else:
+            out.append("[")
+            budget -= 1
+            for i, v in enumerate(value):
+                if budget <= 0:
+                    break
+                if i:
+                    out.append(", ")
+                    budget -= 2
+                budget = _render(v, out, budget, depth + 1)
+            out.append("]")
+            return budget - 1
+    elif depth > _MAX_DEPTH:
+        piece = "…"
+    else:
+        try:
+            texts, _inner = _reader(cls)(value)
+        except Exception:
+            texts = []
+        if texts and type(texts[0]) is str:
+            piece = repr(texts[0][:budget]) if depth else texts[0][:budget]
+        else:
+            piece = f"<{cls.__name__}>"
+    out.append(piece)
+    return budget - len(piece)
+
+
+# ----------------------------------------------------------------------------- artifacts
+def retrieved(result: Any) -> list[dict[str, Any]] | None:
+    """What a retriever returned, as plain data (node id, score, text), or None when the
+    result is not a list of scored nodes."""
+    if type(result) is not list:
+        return None
+    out: list[dict[str, Any]] = []
+    for item in result:
+        if not isinstance(item, NodeWithScore):
+            return None
+        node = item.node
+        score = item.score
+        out.append(
+            {
+                "node_id": node.node_id,
+                "score": score if type(score) is float and math.isfinite(score) else None,
+                "text": node.get_content(),
+            }
+        )
+    return out
+
+
+# ----------------------------------------------------------------------------- model requests
+def prompt_text(payload: Any) -> str:
+    """The text of a prompt or of a message list (what a prompt was formatted from appears
+    inside it)."""
+    if payload is None:
+        return ""
+    if isinstance(payload, str):
+        return payload
+    parts: list[str] = []
+    try:
+        for message in payload:
+            for block in getattr(message, "blocks", ()):
+                text = getattr(block, "text", None)
+                if isinstance(text, str):
+                    parts.append(text)
+    except TypeError:
+        return ""
+    return "\n".join(parts)
+
+
+def usage_of(response: Any) -> tuple[int | None, int | None]:
+    """(prompt tokens, completion tokens) a chat or completion response reports."""
+    raw = getattr(response, "raw", None)
+    usage = raw.get("usage") if isinstance(raw, dict) else getattr(raw, "usage", None)
+    if isinstance(usage, dict):
+        p, c = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    else:
+        p, c = getattr(usage, "prompt_tokens", None), getattr(usage, "completion_tokens", None)
+    extra = getattr(response, "additional_kwargs", None) or {}
+    p = p if isinstance(p, int) else extra.get("prompt_tokens")
+    c = c if isinstance(c, int) else extra.get("completion_tokens")
+    return (p if isinstance(p, int) else None, c if isinstance(c, int) else None)
