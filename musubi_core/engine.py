@@ -36,7 +36,6 @@ from typing import Any, TypeVar
 
 from .codec import Codec, JSONCodec
 from .context import current_run, running_node
-from .record import Recorder, flush_recorders, recorder_for
 from .errors import (
     DecodeError,
     EffectInDoubtError,
@@ -53,6 +52,7 @@ from .policy import (
     decide,
     expiry,
 )
+from .record import Recorder, flush_recorders, recorder_for
 from .store import ArtifactWrite, EdgeWrite, NodeRecord, NodeWrite, Store, open_store
 
 __all__ = ["Engine", "Lookup", "Outcome", "Recorded", "get_engine", "use_engine"]

@@ -13,7 +13,7 @@ LockedError /tmp/x.db
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 __all__ = [
     "DecodeError",
@@ -174,7 +174,11 @@ class NodeNotFoundError(MusubiError, LookupError):
     """No node (or call, or run: ``what``) matches the given id or prefix, or the prefix is
     ambiguous. The message names a command that lists what exists."""
 
-    _LISTINGS = {"node": "musubi nodes", "call": "musubi steps RUN", "run": "musubi runs"}
+    _LISTINGS: ClassVar[dict[str, str]] = {
+        "node": "musubi nodes",
+        "call": "musubi steps RUN",
+        "run": "musubi runs",
+    }
 
     def __init__(
         self,

@@ -288,6 +288,10 @@ class Recorder:
     def _run_writer(self) -> None:
         me = threading.current_thread()
         idle = 0
+        tune = getattr(self.store, "tune_for_writing", None)
+        if tune is not None:
+            with contextlib.suppress(Exception):
+                tune()  # e.g. a small page cache for a connection that only writes
         try:
             while not self.closed:
                 self._wake.wait(self.interval)

@@ -309,8 +309,14 @@ class Store(Protocol):
         nodes: Sequence[NodeWrite] = (),
         artifacts: Sequence[ArtifactWrite] = (),
         edges: Sequence[EdgeWrite] = (),
+        *,
+        calls: Sequence[CallWrite] = (),
+        flows: Sequence[FlowWrite] = (),
+        runs: Sequence[RunWrite] = (),
+        replays: Mapping[str, int] | None = None,
     ) -> None:
-        """Upsert nodes, artifacts and edges atomically (one transaction)."""
+        """Upsert nodes, artifacts, edges, calls, flows and runs and add replay counts,
+        atomically (one transaction)."""
         ...
 
     def claim(
@@ -352,10 +358,55 @@ class Store(Protocol):
     ) -> tuple[list[NodeRecord], list[EdgeRecord]]: ...
 
     def list_nodes(
-        self, *, limit: int = 50, kind: str | None = None, status: str | None = None
+        self,
+        *,
+        limit: int = 50,
+        kind: str | None = None,
+        status: str | None = None,
+        op: str | None = None,
+        since: float | None = None,
+        run: str | None = None,
+        namespace: str | None = None,
     ) -> list[NodeRecord]: ...
 
     def stats(self) -> dict[str, Any]: ...
+
+    # -- the record of what happened (calls, flows, runs) --------------------------
+
+    def list_runs(
+        self,
+        *,
+        limit: int = 50,
+        kind: str | None = None,
+        since: float | None = None,
+        status: str | None = None,
+    ) -> list[RunRecord]:
+        """Most recently started runs first."""
+        ...
+
+    def get_run(self, run_id: str) -> RunRecord | None: ...
+
+    def resolve_run(self, ref: str) -> str: ...
+
+    def run_calls(self, run_id: str, *, limit: int | None = None) -> list[CallRecord]: ...
+
+    def get_call(self, call_id: str) -> CallRecord | None: ...
+
+    def resolve_call(self, ref: str) -> str | None: ...
+
+    def node_calls(self, node_id: str, *, limit: int = 20) -> list[CallRecord]: ...
+
+    def call_flows(self, call_id: str) -> list[FlowRecord]: ...
+
+    def call_lineage(
+        self,
+        call_id: str,
+        *,
+        upstream: bool = True,
+        downstream: bool = False,
+        depth: int = 50,
+        limit: int = 2000,
+    ) -> tuple[list[CallRecord], list[FlowRecord], bool]: ...
 
     def gc(self, *, older_than: float | None, now: float) -> dict[str, int]: ...
 
@@ -442,12 +493,6 @@ class RunStore(Protocol):
         artifact: ArtifactWrite | None,
         now: float,
     ) -> None: ...
-
-    def get_run(self, run_id: str) -> RunRecord | None: ...
-
-    def list_runs(self, *, limit: int = 50) -> list[RunRecord]:
-        """Most recently started runs first."""
-        ...
 
     def run_steps(self, run_id: str, *, payloads: bool = False) -> list[RunStepRecord]:
         """A run's steps in ``seq`` order (with encoding and payload when asked)."""

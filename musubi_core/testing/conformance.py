@@ -824,4 +824,12 @@ def test_store_factory_gives_independent_stores(store_factory: StoreFactory) -> 
         second.close()
 
 
-__all__ = ["store", *sorted(name for name in list(globals()) if name.startswith("test_store_"))]
+# The record of what happened (calls, flows, runs) and the recorder: part two of the suite.
+from .conformance_calls import *  # noqa: E402, F403
+
+__all__ = [
+    "store",
+    *sorted(
+        name for name in list(globals()) if name.startswith(("test_store_", "test_calls_"))
+    ),
+]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import random
 import sqlite3
 import time
@@ -40,7 +39,6 @@ from musubi_core.identity import input_hash
 from musubi_core.policy import StepConfiguration, StepType
 from musubi_langchain import MusubiCache, MusubiCallbackHandler, MusubiLangChainWarning
 from musubi_langchain._codec import Template, decode_generations, encode_generations
-from musubi_core.engine import Engine
 from musubi_langchain._engine import PlainAwareCodec, Precoded, storable
 from musubi_langchain._keys import _fast_dumpd, canonical_message_objects, canonical_messages
 

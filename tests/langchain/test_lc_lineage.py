@@ -1,10 +1,10 @@
-"""MusubiCallbackHandler + instrument(): nodes, contains/data edges, replays, CLI invalidation."""
+"""MusubiCallbackHandler + instrument(): runs, calls and flows, replays of the cache's nodes,
+node-level data edges derived through node-less calls, CLI invalidation."""
 
 from __future__ import annotations
 
 import contextlib
 import json
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -27,6 +27,7 @@ from test_lc_cache import _agent_rule, get_weather
 
 import musubi_langchain
 from musubi_langchain import MusubiCache, MusubiCallbackHandler, instrument, uninstrument
+from tests.support import lineage
 from tests.support.openai_server import OpenAIServer
 
 
@@ -42,8 +43,10 @@ class Docs(BaseRetriever):
         return [Document(page_content=d) for d in self.docs if words & set(d.lower().split())]
 
 
-def _rag(model: Any) -> Any:
-    retriever = Docs(docs=["musubi stores lineage in sqlite", "bananas are yellow", "musubi replays steps"])
+def _rag(model: Any, docs: list[str] | None = None) -> Any:
+    if docs is None:
+        docs = ["musubi stores lineage in sqlite", "bananas are yellow", "musubi replays steps"]
+    retriever = Docs(docs=docs)
     prompt = ChatPromptTemplate.from_messages(
         [("system", "Answer from context:\n{context}"), ("human", "{question}")]
     )
@@ -59,75 +62,75 @@ def _rag(model: Any) -> Any:
     )
 
 
-def _nodes(db: str) -> dict[str, dict[str, Any]]:
-    con = sqlite3.connect(db)
-    con.row_factory = sqlite3.Row
-    rows = {r["node_id"]: dict(r) for r in con.execute("SELECT * FROM musubi_nodes")}
-    con.close()
-    return rows
-
-
-def _edges(db: str, kind: str) -> set[tuple[str, str]]:
-    con = sqlite3.connect(db)
-    rows = set(con.execute("SELECT parent, child FROM musubi_edges WHERE kind = ?", (kind,)).fetchall())
-    con.close()
-    return rows
-
-
-def _by_label(nodes: dict[str, dict[str, Any]], kind: str, label: str | None = None) -> str:
-    found = [n for n, r in nodes.items() if r["kind"] == kind and (label is None or r["label"] == label)]
-    assert len(found) == 1, (kind, label, [(r["kind"], r["label"]) for r in nodes.values()])
+def _one(rows: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
+    found = [r for r in rows if r["kind"] == kind and (name is None or r["op_name"] == name)]
+    assert len(found) == 1, (kind, name, [(r["kind"], r["op_name"]) for r in rows])
     return found[0]
 
 
-def _reaches(edges: set[tuple[str, str]], a: str, b: str) -> bool:
-    frontier, seen = [a], {a}
-    while frontier:
-        cur = frontier.pop()
-        for p, c in edges:
-            if p == cur and c not in seen:
-                if c == b:
-                    return True
-                seen.add(c)
-                frontier.append(c)
-    return False
-
-
-def test_rag_chain_lineage_has_data_edges(db: str, chat: ChatOpenAI, openai_server: OpenAIServer) -> None:
+def test_rag_chain_calls_flows_and_tree(db: str, chat: ChatOpenAI, openai_server: OpenAIServer) -> None:
     instrument(db)
     chain = _rag(chat)
     answer = chain.invoke("what does musubi store")
     assert answer.startswith("answer-")
     uninstrument()  # flushes
-    nodes = _nodes(db)
-    data = _edges(db, "data")
-    retriever = _by_label(nodes, "retriever", "Docs")
-    fmt = _by_label(nodes, "chain", "format_docs")
-    prompt = _by_label(nodes, "chain", "ChatPromptTemplate")
-    model = _by_label(nodes, "chat_model")
-    parser = _by_label(nodes, "chain", "StrOutputParser")
-    assert (retriever, fmt) in data
-    assert (fmt, prompt) in data
-    assert (prompt, model) in data
-    assert (model, parser) in data
+    (run,) = lineage.runs(db)
+    assert run["kind"] == "langchain" and run["status"] == "done"
+    calls = lineage.calls(db, run["run_id"])
+    assert run["calls"] == len(calls) and run["root_call_id"] == calls[0]["call_id"]
+    lineage.assert_runs_are_trees(db)
+    flows = lineage.flows(db)
+    retriever = _one(calls, "retriever", "Docs")
+    fmt = _one(calls, "chain", "format_docs")
+    prompt = _one(calls, "chain", "ChatPromptTemplate")
+    model = _one(calls, "chat_model")
+    parser = _one(calls, "chain", "StrOutputParser")
+    assert (retriever["call_id"], fmt["call_id"]) in flows
+    assert (fmt["call_id"], prompt["call_id"]) in flows
+    assert (prompt["call_id"], model["call_id"]) in flows
+    assert (model["call_id"], parser["call_id"]) in flows
     # The question reaches the retriever and the prompt straight from the input: the
     # passthrough branch is not mistaken for the retriever's upstream.
-    passthrough = _by_label(nodes, "chain", "RunnablePassthrough")
-    assert (passthrough, retriever) not in data
-    # contains edges follow the run tree: the root sequence contains the model call.
-    contains = _edges(db, "contains")
-    root = _by_label(nodes, "chain", "RunnableSequence")
-    assert _reaches(contains, root, model)
-    assert nodes[model]["tokens_in"] and nodes[model]["tokens_out"]
+    passthrough = _one(calls, "chain", "RunnablePassthrough")
+    assert (passthrough["call_id"], retriever["call_id"]) not in flows
+    # Distinct runnables are distinct calls: the root sequence, the parallel map and the inner
+    # `retriever | format_docs` sequence are three calls, each under the one that ran it.
+    sequences = [c for c in calls if c["op_name"] == "RunnableSequence"]
+    assert len(sequences) == 2 and sequences[0]["parent_call_id"] is None
+    root = sequences[0]
+    assert [a["call_id"] for a in lineage.ancestors(db, model["call_id"])] == [root["call_id"]]
+    inner = sequences[1]
+    assert lineage.ancestors(db, retriever["call_id"])[0]["call_id"] == inner["call_id"]
+    # The model call reached the cache's node; its tokens are on the call.
+    assert model["node_id"] and model["replayed"] == 0
+    assert model["tokens_in"] and model["tokens_out"] and model["model"] == "gpt-4o-mini"
+    assert "musubi stores lineage in sqlite" in lineage.artifact_text(db, retriever["artifact_id"])
+    # What flowed into the answer: the retrieved document, through format_docs and the prompt.
+    assert "musubi stores lineage in sqlite" in lineage.what_flowed(db, parser["call_id"])
+    assert "bananas" not in lineage.what_flowed(db, parser["call_id"])
 
-    # musubi lineage (the CLI) shows retriever -> ... -> parser.
-    out = subprocess.run(
-        [sys.executable, "-m", "musubi_core.cli", "--db", db, "--json", "lineage", parser],
-        capture_output=True, text=True, check=True,
-    )
-    graph = json.loads(out.stdout)
-    text = json.dumps(graph)
-    assert retriever in text and model in text
+
+def test_edited_document_old_answer_points_at_old_text(
+    db: str, chat: ChatOpenAI, openai_server: OpenAIServer
+) -> None:
+    """After a document is edited, the old answer's lineage still reaches the OLD text and the
+    new answer's the NEW; neither reaches the other run's calls."""
+    instrument(db)
+    question = "what does musubi store"
+    first = _rag(chat, docs=["musubi stores lineage in sqlite"]).invoke(question)
+    second = _rag(chat, docs=["musubi stores lineage in postgres now"]).invoke(question)
+    assert first != second and openai_server.chat_count == 2
+    uninstrument()
+    lineage.assert_runs_are_trees(db)
+    old_run, new_run = lineage.runs(db)
+    old_answer = _one(lineage.calls(db, old_run["run_id"]), "chain", "StrOutputParser")
+    new_answer = _one(lineage.calls(db, new_run["run_id"]), "chain", "StrOutputParser")
+    old_flow = lineage.what_flowed(db, old_answer["call_id"])
+    new_flow = lineage.what_flowed(db, new_answer["call_id"])
+    assert "in sqlite" in old_flow and "postgres" not in old_flow
+    assert "postgres now" in new_flow and "in sqlite" not in new_flow
+    for answer, run in ((old_answer, old_run), (new_answer, new_run)):
+        assert {c["run_id"] for c in lineage.upstream(db, answer["call_id"])} == {run["run_id"]}
 
 
 def test_hit_is_a_replay_of_the_same_node(db: str, chat: ChatOpenAI, openai_server: OpenAIServer) -> None:
@@ -138,11 +141,17 @@ def test_hit_is_a_replay_of_the_same_node(db: str, chat: ChatOpenAI, openai_serv
     assert first == second
     assert openai_server.chat_count == 1
     uninstrument()
-    nodes = _nodes(db)
+    nodes = lineage.nodes(db)
     models = [r for r in nodes.values() if r["kind"] == "chat_model"]
-    assert len(models) == 1  # the handler's node IS the cache's node
-    assert models[0]["replay_count"] == 1
-    assert models[0]["exec_count"] == 1
+    assert len(models) == 1  # the handler's model calls reach the cache's node
+    assert models[0]["replay_count"] == 1 and models[0]["exec_count"] == 1
+    run1, run2 = lineage.runs(db)
+    call1 = _one(lineage.calls(db, run1["run_id"]), "chat_model")
+    call2 = _one(lineage.calls(db, run2["run_id"]), "chat_model")
+    assert call1["node_id"] == call2["node_id"] == models[0]["node_id"]
+    assert (call1["replayed"], call2["replayed"]) == (0, 1)
+    assert call2["tokens_in"] == models[0]["tokens_in"] and call2["saved_s"] is not None
+    assert run2["replays"] == 1 and run2["tokens_saved"] == models[0]["tokens_in"] + models[0]["tokens_out"]
     out = subprocess.run(
         [sys.executable, "-m", "musubi_core.cli", "--db", db, "--json", "stats"],
         capture_output=True, text=True, check=True,
@@ -184,14 +193,21 @@ def test_cli_invalidate_reruns_exactly_the_invalidated_part(
     musubi_langchain.instrument(db)  # idempotent: same instrumentation, nothing reinstalled
     uninstrument()
 
-    nodes = _nodes(db)
+    nodes = lineage.nodes(db)
     turns = sorted(
         (n for n, r in nodes.items() if r["kind"] == "chat_model"), key=lambda n: nodes[n]["created_at"]
     )
     assert len(turns) == 2
-    tool_node = _by_label(nodes, "tool", "get_weather")
-    data = _edges(db, "data")
-    assert (turns[0], tool_node) in data and (tool_node, turns[1]) in data
+    # The tool call sits between the turns: its output flowed into turn 2, so turn 1's node has
+    # a data edge to turn 2's node (derived through the tool call, which has no node).
+    assert (turns[0], turns[1]) in lineage.node_edges(db)
+    run1 = lineage.runs(db)[0]
+    calls = lineage.calls(db, run1["run_id"])
+    tool = _one(calls, "tool", "get_weather")
+    models = [c for c in calls if c["kind"] == "chat_model"]
+    flows = lineage.flows(db)
+    assert (models[0]["call_id"], tool["call_id"]) in flows and (tool["call_id"], models[1]["call_id"]) in flows
+    assert "Paris" in lineage.artifact_text(db, tool["artifact_id"])
 
     # Invalidate the final turn only: the next run sends exactly that one request.
     subprocess.run(
@@ -222,18 +238,21 @@ def test_cli_invalidate_reruns_exactly_the_invalidated_part(
     assert openai_server.chat_count == 5
 
 
-def test_handler_without_cache_records_nodes(db: str) -> None:
+def test_handler_without_cache_records_calls(db: str) -> None:
     handler = MusubiCallbackHandler(db)
     model = FakeListChatModel(responses=["hello"])
     chain = ChatPromptTemplate.from_template("say {x}") | model | StrOutputParser()
     assert chain.invoke({"x": "hi"}, config={"callbacks": [handler]}) == "hello"
     handler.flush()
-    nodes = _nodes(db)
-    kinds = sorted(r["kind"] for r in nodes.values())
-    assert kinds.count("chain") == 3 and kinds.count("chat_model") == 1
-    model_node = _by_label(nodes, "chat_model")
-    prompt = _by_label(nodes, "chain", "ChatPromptTemplate")
-    assert (prompt, model_node) in _edges(db, "data")
+    calls = lineage.calls(db)
+    kinds = sorted(c["kind"] for c in calls)
+    assert kinds == ["chain", "chain", "chain", "chat_model"]
+    model_call = _one(calls, "chat_model")
+    prompt = _one(calls, "chain", "ChatPromptTemplate")
+    assert (prompt["call_id"], model_call["call_id"]) in lineage.flows(db)
+    # No cache, nothing to replay: the model call reaches no node, and nothing is a node.
+    assert model_call["node_id"] is None and model_call["output_preview"] == "hello"
+    assert lineage.nodes(db) == {}
 
 
 def test_errors_are_recorded(db: str) -> None:
@@ -246,8 +265,10 @@ def test_errors_are_recorded(db: str) -> None:
     with contextlib.suppress(ValueError):
         chain.invoke("x")
     uninstrument()
-    failed = [r for r in _nodes(db).values() if r["status"] == "failed"]
-    assert failed and "kaboom" in failed[0]["error"]
+    (failed,) = [c for c in lineage.calls(db) if c["status"] == "failed"]
+    assert "kaboom" in failed["error"] and failed["op_name"] == "boom"
+    (run,) = lineage.runs(db)
+    assert run["status"] == "failed" and "kaboom" in run["error"]
 
 
 def test_instrument_is_idempotent_and_reversible(db: str) -> None:
@@ -272,15 +293,15 @@ def test_instrument_is_idempotent_and_reversible(db: str) -> None:
     t.join()
     assert inst.handler is not None and len(inst.handler._traces) == 0
     inst.engine.flush()
-    assert any(r["kind"] == "chain" for r in _nodes(db).values())
+    assert any(c["kind"] == "chain" for c in lineage.calls(db))
 
     uninstrument()
     uninstrument()
     assert get_llm_cache() is before_cache
     assert tracer_context._configure_hooks == hooks_before
-    count = len(_nodes(db))
+    count = len(lineage.calls(db))
     (ChatPromptTemplate.from_template("{a}") | model).invoke({"a": "zzz"})
-    assert len(_nodes(db)) == count  # nothing recorded after uninstrument
+    assert len(lineage.calls(db)) == count  # nothing recorded after uninstrument
 
 
 def test_handler_never_raises_into_langchain(tmp_path: Any) -> None:

@@ -1,4 +1,4 @@
-"""Streaming: recorded as nodes, and served from the store when the user opts in."""
+"""Streaming: recorded as calls, and served from the store when the user opts in."""
 
 from __future__ import annotations
 
@@ -22,15 +22,15 @@ def _chain(model: ChatOpenAI) -> Any:
     return ChatPromptTemplate.from_template("Stream about {topic}") | model | StrOutputParser()
 
 
-def test_streams_are_recorded_as_nodes_without_replay(db: str, chat: ChatOpenAI, openai_server: OpenAIServer) -> None:
+def test_streams_are_recorded_as_calls_without_replay(db: str, chat: ChatOpenAI, openai_server: OpenAIServer) -> None:
     handler = MusubiCallbackHandler(db)
     text = "".join(_chain(chat).stream({"topic": "x"}, config={"callbacks": [handler]}))
     assert text.startswith("answer-")
     handler.flush()
     con = sqlite3.connect(db)
-    kinds = [k for (k,) in con.execute("SELECT kind FROM musubi_nodes")]
+    models = con.execute("SELECT output_preview FROM musubi_calls WHERE kind = 'chat_model'").fetchall()
     con.close()
-    assert kinds.count("chat_model") == 1  # the final message, assembled from the chunks
+    assert models == [(text,)]  # the final message, assembled from the chunks
     assert openai_server.requests[0].stream
 
 
