@@ -21,6 +21,7 @@ recorder, which commits them in the background.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from contextvars import ContextVar
@@ -49,15 +50,34 @@ __all__ = [
 
 MAX_ATOMS = 512  # texts indexed per trace (a runaway agent loop must not slow every call)
 MAX_CLOSED = 4096  # exited spans remembered (late children, stream end events)
+BATCH_CALLS = 256  # a trace hands its rows to the recorder at least every this many calls
+BATCH_SECONDS = 1.0  # ... and at least this often (the recorder then commits within 1 s)
 
 _NO_NODES: dict[str, str | None] = {}
 _now = time.perf_counter
+_new_row = tuple.__new__  # a NamedTuple row without its Python-level __new__
 
 
 class Trace:
-    """One root span and its descendants: the run they record into and the content index."""
+    """One root span and its descendants: the run they record into, the content index, and
+    the rows of its finished calls not handed to the recorder yet (they go in one batch when
+    the root ends, or every :data:`BATCH_CALLS` calls / :data:`BATCH_SECONDS` of a long
+    trace such as a workflow)."""
 
-    __slots__ = ("ended", "error", "exact", "own", "state", "status")
+    __slots__ = (
+        "artifacts",
+        "calls",
+        "edges",
+        "ended",
+        "error",
+        "exact",
+        "first",
+        "flows",
+        "lock",
+        "own",
+        "state",
+        "status",
+    )
 
     def __init__(self, state: RunState, own: bool) -> None:
         self.state = state
@@ -68,6 +88,48 @@ class Trace:
         self.ended = False
         self.status = "done"
         self.error: str | None = None
+        self.lock = threading.Lock()
+        self.calls: list[CallWrite] = []
+        self.flows: list[FlowWrite] = []
+        self.edges: list[EdgeWrite] = []
+        self.artifacts: list[ArtifactWrite] = []
+        self.first = 0.0  # when the oldest pending row was added
+
+    def add(
+        self,
+        row: CallWrite,
+        flows: Sequence[FlowWrite],
+        edges: Sequence[EdgeWrite],
+        artifact: ArtifactWrite | None,
+        now: float,
+    ) -> bool:
+        """Keep a finished call's rows; True when the batch is due."""
+        with self.lock:
+            calls = self.calls
+            if not calls:
+                self.first = now
+            calls.append(row)
+            if flows:
+                self.flows.extend(flows)
+            if edges:
+                self.edges.extend(edges)
+            if artifact is not None:
+                self.artifacts.append(artifact)
+            return len(calls) >= BATCH_CALLS or now - self.first >= BATCH_SECONDS
+
+    def flush(self, run: RunWrite | None = None) -> None:
+        """Hand the pending rows (and ``run``) to the recorder."""
+        with self.lock:
+            calls, flows, edges, artifacts = self.calls, self.flows, self.edges, self.artifacts
+            self.calls, self.flows, self.edges, self.artifacts = [], [], [], []
+        if calls or run is not None:
+            self.state.recorder.submit(
+                calls=calls,
+                flows=flows,
+                edges=edges,
+                artifacts=artifacts,
+                runs=(run,) if run is not None else (),
+            )
 
     def produced(self, texts: Iterable[str], call: Call) -> None:
         exact = self.exact
@@ -205,28 +267,33 @@ def finish(
     trace = call.trace
     state = trace.state
     call_id = call.call_id
-    row = CallWrite(
-        call_id,
-        state.run_id,
-        call.parent_call_id,
-        call.seq,
-        call.kind,
-        call.op,
-        call.node_id,
-        call.artifact_id,
-        1 if replayed else 0,
-        status,
-        error,
-        call.started_at,
-        _now() - call.t0,
-        call.tokens_in,
-        call.tokens_out,
-        saved_s,
-        call.model,
-        call.input_preview,
-        output_preview,
-        state.namespace,
+    now = _now()
+    row = _new_row(
+        CallWrite,
+        (
+            call_id,
+            state.run_id,
+            call.parent_call_id,
+            call.seq,
+            call.kind,
+            call.op,
+            call.node_id,
+            call.artifact_id,
+            1 if replayed else 0,
+            status,
+            error,
+            call.started_at,
+            now - call.t0,
+            call.tokens_in,
+            call.tokens_out,
+            saved_s,
+            call.model,
+            call.input_preview,
+            output_preview,
+            state.namespace,
+        ),
     )
+    root = call.parent is None and count
     if count:
         if call.parent_call_id is None and state.root_call_id is None:
             state.root_call_id = call_id
@@ -236,7 +303,7 @@ def finish(
     edges: Sequence[EdgeWrite] = ()
     nodes = _NO_NODES
     if ups:
-        flows = [FlowWrite(call_id, p.call_id, p.artifact_id) for p in ups]
+        flows = [_new_row(FlowWrite, (call_id, p.call_id, p.artifact_id)) for p in ups]
         nodes = _upstream_nodes(ups)
     node_id = call.node_id
     if node_id is not None:
@@ -245,26 +312,14 @@ def finish(
         call.node_ups = {node_id: call.artifact_id}
     else:
         call.node_ups = nodes
-    runs: tuple[RunWrite, ...] = ()
-    if trace.own:
-        if call.parent is None and count:
-            trace.end(status, error)
-            runs = (state.row(status, error),)
-        elif trace.ended:  # a late call (a stream consumed after its query returned)
-            runs = (state.row(trace.status, trace.error),)
-    elif call.parent is None and count:
+    due = trace.add(row, flows, edges, artifact, now)
+    if root:
         trace.end(status, error)
-    recorder = state.recorder
-    if artifact is None and not edges and not runs:
-        recorder.call(row, flows)
-    else:
-        recorder.submit(
-            calls=(row,),
-            flows=flows,
-            artifacts=(artifact,) if artifact is not None else (),
-            edges=edges,
-            runs=runs,
-        )
+        trace.flush(state.row(status, error) if trace.own else None)
+    elif trace.ended:  # a late call (a stream consumed after its query returned)
+        trace.flush(state.row(trace.status, trace.error) if trace.own else None)
+    elif due:
+        trace.flush()
 
 
 def _upstream_nodes(ups: dict[Call, None]) -> dict[str, str | None]:

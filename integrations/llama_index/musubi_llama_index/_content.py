@@ -35,13 +35,7 @@ from llama_index.core.base.response.schema import (
     StreamingResponse,
 )
 from llama_index.core.prompts.base import BasePromptTemplate
-from llama_index.core.schema import (
-    BaseComponent,
-    BaseNode,
-    MetadataMode,
-    NodeWithScore,
-    QueryBundle,
-)
+from llama_index.core.schema import BaseComponent, BaseNode, NodeWithScore, QueryBundle, TextNode
 from pydantic import BaseModel
 from workflows.events import Event as WorkflowEvent  # llama-index-workflows, a core dependency
 
@@ -66,13 +60,10 @@ _MAX_FIELDS = 32
 
 
 # ----------------------------------------------------------------------------- texts of objects
-def _node_texts(node: BaseNode) -> list[str]:
-    """A node's text, and its content as an LLM sees it when metadata is prepended."""
-    text = node.get_content()
-    if not node.metadata:
-        return [text]
-    shown = node.get_content(metadata_mode=MetadataMode.LLM)
-    return [text] if shown == text else [text, shown]
+def _node_text(node: BaseNode) -> str:
+    """A node's text (what ``get_content()`` returns; an LLM prompt shows it, with metadata
+    prepended, so it is also found inside a prompt)."""
+    return node.text if type(node) is TextNode else node.get_content()
 
 
 def message_text(message: Any) -> str:
@@ -97,43 +88,50 @@ def _model_values(value: Any) -> list[Any]:
     return [getattr(value, name, None) for name in list(type(value).model_fields)[:_MAX_FIELDS]]
 
 
-# A type's reader: what a value of it carries, as (texts, inner values to walk). One per class.
-_Reader = Callable[[Any], tuple[list[str], list[Any]]]
-_NOTHING: tuple[list[str], list[Any]] = ([], [])
+def _response_text(value: Any) -> str | None:
+    response = value.response
+    return response if response is None or type(response) is str else str(response)
 
 
-def _reader_for(cls: type) -> _Reader:
+# How a value of one class is read, chosen once per class: its text (None: it has none) and
+# the values inside it to walk on (None: nothing).
+_Text = Callable[[Any], "str | None"]
+_Inner = Callable[[Any], "list[Any] | None"]
+_NONE: tuple[_Text | None, _Inner | None] = (None, None)
+
+
+def _reader_for(cls: type) -> tuple[_Text | None, _Inner | None]:
     if issubclass(cls, NodeWithScore):
-        return lambda v: (_node_texts(v.node), [])
+        return (lambda v: _node_text(v.node)), None
     if issubclass(cls, BaseNode):
-        return lambda v: (_node_texts(v), [])
+        return _node_text, None
     if issubclass(cls, QueryBundle):
-        return lambda v: ([v.query_str], [])
+        return (lambda v: v.query_str), None
     if issubclass(cls, (Response, PydanticResponse)):
-        return lambda v: ([str(v.response)] if v.response is not None else [], [])
+        return _response_text, None
     if issubclass(cls, (StreamingResponse, AsyncStreamingResponse)):
-        return lambda v: _NOTHING  # its text arrives later, through the model's end event
+        return _NONE  # its text arrives later, through the model's end event
     if issubclass(cls, ChatResponse):
-        return lambda v: ([message_text(v.message)], [])
+        return (lambda v: message_text(v.message)), None
     if issubclass(cls, CompletionResponse):
-        return lambda v: ([v.text], [])
+        return (lambda v: v.text), None
     if issubclass(cls, ChatMessage):
-        return lambda v: ([message_text(v)], [])
+        return message_text, None
     if issubclass(cls, BasePromptTemplate):
-        return lambda v: _NOTHING  # a template is configuration, not data that flowed
+        return _NONE  # a template is configuration, not data that flowed
     if issubclass(cls, WorkflowEvent):
-        return lambda v: ([], _event_values(v))
+        return None, _event_values
     if issubclass(cls, BaseComponent):
-        return lambda v: _NOTHING  # components (retrievers, synthesizers, ...) are not data
+        return _NONE  # components (retrievers, synthesizers, ...) are not data
     if issubclass(cls, BaseModel):
-        return lambda v: ([], _model_values(v))  # plain results (StructuredRefineResponse)
-    return lambda v: _NOTHING
+        return None, _model_values  # plain results (StructuredRefineResponse)
+    return _NONE
 
 
-_READERS: dict[type, _Reader] = {}
+_READERS: dict[type, tuple[_Text | None, _Inner | None]] = {}
 
 
-def _reader(cls: type) -> _Reader:
+def _reader(cls: type) -> tuple[_Text | None, _Inner | None]:
     reader = _READERS.get(cls)
     if reader is None:
         reader = _READERS[cls] = _reader_for(cls)
@@ -141,40 +139,51 @@ def _reader(cls: type) -> _Reader:
 
 
 # ----------------------------------------------------------------------------- atoms
+_PLAIN = frozenset({int, float, bool, type(None)})
+
+
 def atoms(value: Any) -> list[str]:
     """The texts ``value`` carries (bounded; order of appearance; duplicates possible)."""
     out: list[str] = []
-    _atoms(value, out, 0)
+    if type(value) is str:
+        if len(value) >= MIN_ATOM:
+            out.append(value)
+    elif type(value) not in _PLAIN:
+        _atoms(value, out, 0)
     return out
 
 
 def _atoms(value: Any, out: list[str], depth: int) -> None:
+    """Append the texts of ``value`` (not a str, not a plain scalar) to ``out``."""
     cls = type(value)
-    if cls is str:
-        if len(value) >= MIN_ATOM:
-            out.append(value)
-        return
-    if value is None or cls is int or cls is float or cls is bool or depth > _MAX_DEPTH:
-        return
-    if cls is list or cls is tuple:
-        if value and type(value[0]) in (float, int):
-            return  # a vector
-        for item in value[:_MAX_ITEMS]:
-            _atoms(item, out, depth + 1)
-        return
+    items: Any
     if cls is dict:
-        for item in list(value.values())[:_MAX_ITEMS]:
+        items = value.values()
+    elif cls is list or cls is tuple:
+        if not value or type(value[0]) in _PLAIN:
+            return  # empty, or a vector
+        items = value if len(value) <= _MAX_ITEMS else value[:_MAX_ITEMS]
+    else:
+        text_of, inner = _reader(cls)
+        try:
+            if text_of is not None:
+                text = text_of(value)
+                if type(text) is str and len(text) >= MIN_ATOM:
+                    out.append(text)
+            if inner is None:
+                return
+            items = inner(value)
+        except Exception:  # a value whose reader fails carries nothing we can match
+            return
+    if depth >= _MAX_DEPTH:
+        return
+    for item in items:
+        kind = type(item)
+        if kind is str:
+            if len(item) >= MIN_ATOM:
+                out.append(item)
+        elif kind not in _PLAIN:
             _atoms(item, out, depth + 1)
-        return
-    try:
-        texts, inner = _reader(cls)(value)
-    except Exception:  # a value whose reader fails carries nothing we can match
-        return
-    for text in texts:
-        if type(text) is str and len(text) >= MIN_ATOM:
-            out.append(text)
-    for item in inner:
-        _atoms(item, out, depth + 1)
 
 
 # ----------------------------------------------------------------------------- previews
@@ -195,20 +204,20 @@ def brief(value: Any, limit: int = PREVIEW_CHARS) -> str | None:
 
 def _render(value: Any, out: list[str], budget: int, depth: int) -> int:
     """Append text for ``value``; returns the budget left."""
-    if budget <= 0:
-        return 0
     cls = type(value)
     if cls is str:
         piece = repr(value[:budget]) if depth else value[:budget]
-    elif value is None or cls is int or cls is float or cls is bool:
+    elif cls in _PLAIN:
         piece = str(value)
     elif cls is dict:
         out.append("{")
         budget -= 1
-        for i, (k, v) in enumerate(value.items()):
+        first = True
+        for k, v in value.items():
             if budget <= 0:
                 break
-            key = f"{', ' if i else ''}{k}: "
+            key = f"{k}: " if first else f", {k}: "
+            first = False
             out.append(key)
             budget = _render(v, out, budget - len(key), depth + 1)
         out.append("}")
@@ -219,24 +228,35 @@ def _render(value: Any, out: list[str], budget: int, depth: int) -> int:
         else:
             out.append("[")
             budget -= 1
-            for i, v in enumerate(value):
+            first = True
+            for v in value:
                 if budget <= 0:
                     break
-                if i:
+                if not first:
                     out.append(", ")
                     budget -= 2
+                first = False
                 budget = _render(v, out, budget, depth + 1)
             out.append("]")
             return budget - 1
     elif depth > _MAX_DEPTH:
         piece = "…"
     else:
+        text_of, inner = _reader(cls)
+        text = None
         try:
-            texts, _inner = _reader(cls)(value)
+            if text_of is not None:
+                text = text_of(value)
+            elif inner is not None:  # a data object: its class and what it holds
+                head = f"{cls.__name__}("
+                out.append(head)
+                budget = _render(inner(value), out, budget - len(head), depth + 1)
+                out.append(")")
+                return budget - 1
         except Exception:
-            texts = []
-        if texts and type(texts[0]) is str:
-            piece = repr(texts[0][:budget]) if depth else texts[0][:budget]
+            text = None
+        if type(text) is str:
+            piece = repr(text[:budget]) if depth else text[:budget]
         else:
             piece = f"<{cls.__name__}>"
     out.append(piece)
@@ -259,7 +279,7 @@ def retrieved(result: Any) -> list[dict[str, Any]] | None:
             {
                 "node_id": node.node_id,
                 "score": score if type(score) is float and math.isfinite(score) else None,
-                "text": node.get_content(),
+                "text": _node_text(node),
             }
         )
     return out

@@ -128,7 +128,7 @@ class LineageRecorder(Tracker):
                 states[id_] = target
                 return
         if parent is UNRECORDED:
-            states[id_] = UNRECORDED
+            states[id_] = parent  # not recorded: nor is anything under it
             return
         op = id_.partition("-")[0]
         if instance is None and tags and _RUN_TAG in tags:
@@ -262,7 +262,7 @@ class MusubiSpanHandler(BaseSpanHandler[BaseSpan]):
         tags: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
-        rec = self._recorder
+        rec = _REC
         if rec is None:
             return
         try:
@@ -278,7 +278,7 @@ class MusubiSpanHandler(BaseSpanHandler[BaseSpan]):
         result: Any | None = None,
         **kwargs: Any,
     ) -> None:
-        rec = self._recorder
+        rec = _REC
         if rec is None:
             return
         try:
@@ -294,7 +294,7 @@ class MusubiSpanHandler(BaseSpanHandler[BaseSpan]):
         err: BaseException | None = None,
         **kwargs: Any,
     ) -> None:
-        rec = self._recorder
+        rec = _REC
         if rec is None:
             return
         try:
@@ -339,7 +339,6 @@ class MusubiEventHandler(BaseEventHandler):
     replay (instrumented models' calls are recorded by the replay layer)."""
 
     _recorder: LineageRecorder | None = PrivateAttr(default=None)
-    _seen: int = PrivateAttr(default=0)
 
     @classmethod
     def class_name(cls) -> str:
@@ -351,15 +350,10 @@ class MusubiEventHandler(BaseEventHandler):
         handler._recorder = recorder
         return handler
 
-    @property
-    def events_seen(self) -> int:
-        return self._seen
-
     def handle(self, event: BaseEvent, **kwargs: Any) -> Any:
-        self._seen += 1
         if type(event) not in _END_EVENTS:
             return None
-        rec = self._recorder
+        rec = _REC
         if rec is None:
             return None
         try:
@@ -369,6 +363,14 @@ class MusubiEventHandler(BaseEventHandler):
         return None
 
 
+# The recorder of the current instrument(): what the handlers feed (a module global, read on
+# every span: a pydantic private attribute costs a __getattr__ round trip each time).
+_REC: LineageRecorder | None = None
+
+
 def set_recorder(recorder: LineageRecorder | None) -> None:
-    """Make ``recorder`` the one the replay layer places model calls with."""
+    """Make ``recorder`` the one the handlers feed and the replay layer places model calls
+    with (None: the handlers do nothing)."""
+    global _REC
+    _REC = recorder
     _calls.set_active(recorder)
