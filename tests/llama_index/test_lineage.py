@@ -31,7 +31,9 @@ def _record_query(db_path: str, llm: Any, embed_model: Any, documents: list[Any]
 def _query_run(db_path: str) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """The (one) query run, and its calls by op name (each op must occur once, except the
     nested CompactAndRefine.get_response / TokenTextSplitter.split_text pairs)."""
-    (run,) = [r for r in lin.runs(db_path, "llama_index") if r["name"] == "RetrieverQueryEngine.query"]
+    (run,) = [
+        r for r in lin.runs(db_path, "llama_index") if r["name"] == "RetrieverQueryEngine.query"
+    ]
     calls = {c["op_name"]: c for c in lin.calls(db_path, run["run_id"])}
     return run, calls
 
@@ -51,7 +53,10 @@ def test_query_is_a_run_of_calls(
     chat = calls["OpenAI.chat"]
     embedding = calls["OpenAIEmbedding.embedding"]
     assert (retrieve["kind"], synth["kind"], chat["kind"], embedding["kind"]) == (
-        "retriever", "span", "llm", "embedding",
+        "retriever",
+        "span",
+        "llm",
+        "embedding",
     )
     # Spans have no node (no identity); model calls reach theirs.
     assert retrieve["node_id"] is None and synth["node_id"] is None
@@ -61,7 +66,8 @@ def test_query_is_a_run_of_calls(
     chain = [c["op_name"] for c in lin.ancestors(db_path, chat["call_id"])]
     assert "CompactAndRefine.synthesize" in chain and chain[-1] == "RetrieverQueryEngine.query"
     assert [c["op_name"] for c in lin.ancestors(db_path, embedding["call_id"])][-2:] == [
-        "RetrieverQueryEngine._query", "RetrieverQueryEngine.query",
+        "RetrieverQueryEngine._query",
+        "RetrieverQueryEngine.query",
     ]
     # Flows by content: query embedding -> retrieval -> synthesis and the LLM prompt; the
     # LLM answer flows up into the query's result.
@@ -94,9 +100,20 @@ def test_call_lineage_from_the_store_and_node_lineage_from_the_cli(
     assert all(f.dst_call_id in {c.call_id for c in found} for f in flows)
     # The LLM node's memo lineage (what invalidation follows) reaches the query embedding.
     proc = subprocess.run(
-        [sys.executable, "-m", "musubi_core.cli", "--db", db_path, "lineage", chat["node_id"],
-         "--format", "json"],
-        capture_output=True, text=True, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "musubi_core.cli",
+            "--db",
+            db_path,
+            "lineage",
+            chat["node_id"],
+            "--format",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 0, proc.stderr
     assert calls["OpenAIEmbedding.embedding"]["node_id"] in json.dumps(json.loads(proc.stdout))
@@ -111,9 +128,12 @@ def test_same_query_again_is_a_new_run_replaying_the_same_node(
     _record_query(db_path, llm, embed_model, documents)
     assert openai_server.count() == 0
     assert set(lin.nodes(db_path)) == nodes_before  # the memo: nothing new
-    first, second = [r for r in lin.runs(db_path, "llama_index") if r["name"] == "RetrieverQueryEngine.query"]
+    first, second = [
+        r for r in lin.runs(db_path, "llama_index") if r["name"] == "RetrieverQueryEngine.query"
+    ]
     chat1, chat2 = (
-        next(c for c in lin.calls(db_path, r["run_id"]) if c["kind"] == "llm") for r in (first, second)
+        next(c for c in lin.calls(db_path, r["run_id"]) if c["kind"] == "llm")
+        for r in (first, second)
     )
     assert chat1["call_id"] != chat2["call_id"] and chat1["node_id"] == chat2["node_id"]
     assert (chat1["replayed"], chat2["replayed"]) == (0, 1)
@@ -148,7 +168,9 @@ def test_edited_document_each_answer_shows_its_own_documents(
     uninstrument()
 
     lin.assert_runs_are_trees(db_path)
-    runs = [r for r in lin.runs(db_path, "llama_index") if r["name"] == "RetrieverQueryEngine.query"]
+    runs = [
+        r for r in lin.runs(db_path, "llama_index") if r["name"] == "RetrieverQueryEngine.query"
+    ]
     assert len(runs) == 3
     answers = []
     for run in runs:
@@ -159,7 +181,7 @@ def test_edited_document_each_answer_shows_its_own_documents(
         for start in (chat, root):
             ups = lin.upstream(db_path, start["call_id"])
             assert ups and {c["run_id"] for c in ups} == {run["run_id"]}, "lineage left its run"
-    (run1, chat1, root1), (run2, chat2, root2), (run3, chat3, root3) = answers
+    (run1, chat1, root1), (_run2, chat2, root2), (_run3, chat3, root3) = answers
     for chat, root, seen, unseen in (
         (chat1, root1, old_text, new_text),
         (chat2, root2, new_text, old_text),
@@ -282,10 +304,14 @@ def test_root_span_inside_a_step_or_trace_joins_that_run(
     assert any(c["kind"] == "llm" for c in step_calls)
     (script,) = lin.runs(db_path, "script")
     roots = [
-        c for c in lin.calls(db_path, script["run_id"]) if c["op_name"] == "RetrieverQueryEngine.query"
+        c
+        for c in lin.calls(db_path, script["run_id"])
+        if c["op_name"] == "RetrieverQueryEngine.query"
     ]
     assert len(roots) == 2 and all(c["parent_call_id"] is None for c in roots)
-    assert not [r for r in lin.runs(db_path, "llama_index") if r["name"] == "RetrieverQueryEngine.query"]
+    assert not [
+        r for r in lin.runs(db_path, "llama_index") if r["name"] == "RetrieverQueryEngine.query"
+    ]
 
 
 def test_workflow_run_is_a_run_of_its_steps(

@@ -58,7 +58,6 @@ _MAX_DEPTH = 6
 _MAX_FIELDS = 32
 
 
-
 # ----------------------------------------------------------------------------- texts of objects
 def _node_text(node: BaseNode) -> str:
     """A node's text (what ``get_content()`` returns; an LLM prompt shows it, with metadata

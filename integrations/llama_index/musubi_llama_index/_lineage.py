@@ -60,7 +60,6 @@ _STREAMS = (Generator, AsyncGenerator, StreamingResponse, AsyncStreamingResponse
 _END_EVENTS = frozenset({LLMChatEndEvent, LLMCompletionEndEvent})
 
 
-
 def _classify(cls: type) -> tuple[str, bool]:
     """(call kind, instance of an instrumented model) for spans run on a ``cls``."""
     patched = "__musubi_original__" in cls.__dict__

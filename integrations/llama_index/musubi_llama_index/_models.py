@@ -119,8 +119,13 @@ def end(call: Any, **fields: Any) -> None:
 
 def failed(call: Any, err: BaseException) -> None:
     end(
-        call, node_id=None, artifact_id=None, replayed=False, tokens=(None, None),
-        saved_s=None, texts=[], output_preview=None, error=f"{type(err).__name__}: {err}"[:4000],
+        call,
+        node_id=None,
+        artifact_id=None,
+        replayed=False,
+        tokens=(None, None),
+        saved_s=None,
+        texts=[],
+        output_preview=None,
+        error=f"{type(err).__name__}: {err}"[:4000],
     )
-
-
