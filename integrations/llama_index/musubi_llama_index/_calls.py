@@ -74,14 +74,17 @@ class Trace:
         "first",
         "flows",
         "lock",
+        "open",
         "own",
         "state",
         "status",
     )
 
-    def __init__(self, state: RunState, own: bool) -> None:
+    def __init__(self, state: RunState, own: bool, *, open_ended: bool = False) -> None:
         self.state = state
         self.own = own  # the trace started the run (else it joined a musubi frame's run)
+        # Its top-level calls do not end it (a KV store's own run): its owner flushes it.
+        self.open = open_ended
         # text -> the call that produced it last (an enclosing call re-registers what its
         # child returned, so the outermost finished producer of a text wins)
         self.exact: dict[str, Call] = {}
@@ -122,8 +125,11 @@ class Trace:
         with self.lock:
             calls, flows, edges, artifacts = self.calls, self.flows, self.edges, self.artifacts
             self.calls, self.flows, self.edges, self.artifacts = [], [], [], []
-        if calls or run is not None:
-            self.state.recorder.submit(
+        recorder = self.state.recorder
+        if len(calls) == 1 and run is None and not edges and not artifacts:
+            recorder.call(calls[0], flows)
+        elif calls or run is not None:
+            recorder.submit(
                 calls=calls,
                 flows=flows,
                 edges=edges,
@@ -293,7 +299,7 @@ def finish(
             state.namespace,
         ),
     )
-    root = call.parent is None and count
+    root = call.parent is None and count and not trace.open
     if count:
         if call.parent_call_id is None and state.root_call_id is None:
             state.root_call_id = call_id

@@ -97,6 +97,13 @@ def _error_text(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}"[:4000]
 
 
+def _tool_name(tool: Any) -> str:
+    try:
+        return str(tool.metadata.name)
+    except Exception:
+        return "?"
+
+
 class LineageRecorder(Tracker):
     """What the span and event handlers do (shared by both; see the module docstring)."""
 
@@ -160,6 +167,8 @@ class LineageRecorder(Tracker):
                         call.upstream = found
         if kind == "llm":
             call.model = model_name(instance)
+        elif kind == "tool":  # FunctionTool.acall(add): which tool
+            call.op = f"{op}({_tool_name(instance)})"
         states[id_] = call
 
     def exit(self, id_: str, result: Any, err: BaseException | None = None) -> None:

@@ -90,7 +90,8 @@ class _Call:
     def replayed(self, hit: Any) -> None:
         """Record the call as a replay of its node (served from ``hit``)."""
         node = hit.node
-        texts = _atoms_of_value(hit.value)
+        value = hit.value
+        texts = _atoms_of_value(value)
         _m.end(
             self.call,
             node_id=node.node_id if node is not None else None,
@@ -99,7 +100,7 @@ class _Call:
             tokens=(node.tokens_in, node.tokens_out) if node is not None else (None, None),
             saved_s=node.duration_s if node is not None else None,
             texts=texts,
-            output_preview=brief(texts[0]) if texts else None,
+            output_preview=_preview(value, texts),
         )
 
     def failed(self, err: BaseException) -> None:
@@ -140,7 +141,7 @@ class _Call:
             tokens=(tin, tout),
             saved_s=None,
             texts=texts,
-            output_preview=brief(texts[0]) if texts else None,
+            output_preview=_preview(value, texts),
         )
 
 
@@ -153,6 +154,27 @@ def _atoms_of_value(value: Any) -> list[str]:
         return [t for t in texts if isinstance(t, str)]
     except (KeyError, TypeError, AttributeError):
         return []
+
+
+def _preview(value: Any, texts: list[str]) -> str | None:
+    """An LLM answer's preview: its text, else the tools it called."""
+    if texts:
+        return brief(texts[0])
+    try:
+        message = value["final"]["message"]
+        called = [
+            f"{b.get('tool_name')}({b.get('tool_kwargs')})"
+            for b in message["blocks"]
+            if b.get("block_type") == "tool_call"
+        ]
+        if not called:
+            extra = message.get("additional_kwargs") or {}
+            for tc in (extra.get("tool_calls") or {}).get("__tool_calls__", []):
+                fn = tc.get("function") or {}
+                called.append(f"{fn.get('name')}({fn.get('arguments')})")
+    except (KeyError, TypeError, AttributeError):
+        return None
+    return brief("tool calls: " + ", ".join(called)) if called else None
 
 
 def _decode(kind: str, stored: Any, *, delta: str | None = None, text: str | None = None) -> Any:

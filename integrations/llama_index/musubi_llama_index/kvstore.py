@@ -47,7 +47,6 @@ from musubi_llama_index._runtime import guarded, warn_once
 __all__ = ["SESSION_IDLE_S", "MusubiKVStore"]
 
 SESSION_IDLE_S = 2.0
-_SESSION_ROW_EVERY = 256  # a long session's run row is refreshed this often (in calls)
 
 
 class _Session:
@@ -63,7 +62,7 @@ class _Session:
     def end(self) -> None:
         state = self.trace.state
         if not state.recorder.closed:
-            state.finish("done")
+            self.trace.flush(state.row("done"))
 
 
 def _end_session(holder: list[_Session]) -> None:
@@ -191,14 +190,17 @@ class MusubiKVStore(BaseKVStore):
         if session is None:
             state = RunState(eng.recorder, "kv", repr(self), namespace=self.namespace)
             state.start()
-            session = _Session(_calls.Trace(state, False))
+            session = _Session(_calls.Trace(state, False, open_ended=True))
             holder.append(session)
         session.last = now
-        session.calls += 1
-        if session.calls % _SESSION_ROW_EVERY == 0:
-            state = session.trace.state
-            state.recorder.submit(runs=(state.row("running"),))
         return session.trace
+
+    def _commit(self, eng: Engine) -> None:
+        """Commit this store's entries and calls now (pool workers are terminated without
+        running exit handlers)."""
+        if self._session:
+            self._session[0].trace.flush()
+        eng.flush()
 
     def flush(self) -> None:
         """End the store's own run (if one is open) and commit what it recorded."""
@@ -221,7 +223,7 @@ class MusubiKVStore(BaseKVStore):
 
         def write() -> None:
             self._record(key, val, collection)
-            self._engine().flush()
+            self._commit(self._engine())
 
         guarded(write, None, topic="kv put")
 
@@ -236,7 +238,7 @@ class MusubiKVStore(BaseKVStore):
         def write() -> None:
             for key, val in kv_pairs:
                 self._record(key, val, collection)
-            self._engine().flush()
+            self._commit(self._engine())
 
         guarded(write, None, topic="kv put")
 
