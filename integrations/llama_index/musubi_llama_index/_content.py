@@ -39,8 +39,7 @@ from llama_index.core.schema import BaseComponent, BaseNode, NodeWithScore, Quer
 from pydantic import BaseModel
 from workflows.events import Event as WorkflowEvent  # llama-index-workflows, a core dependency
 
-from musubi_core.record import PREVIEW_CHARS
-from musubi_core.record.preview import storable_text
+from musubi_core.record import PREVIEW_CHARS, preview
 
 __all__ = [
     "MIN_ATOM",
@@ -188,17 +187,11 @@ def _atoms(value: Any, out: list[str], depth: int) -> None:
 # ----------------------------------------------------------------------------- previews
 def brief(value: Any, limit: int = PREVIEW_CHARS) -> str | None:
     """At most ``limit`` characters describing ``value`` (None for None)."""
-    if value is None:
-        return None
-    if type(value) is str:
-        text = value
-    else:
-        parts: list[str] = []
-        _render(value, parts, limit, 0)
-        text = "".join(parts)
-    if len(text) > limit:
-        text = text[: limit - 1] + "…"
-    return text if text.isascii() else storable_text(text)
+    if value is None or type(value) is str:
+        return preview(value, limit)
+    parts: list[str] = []
+    _render(value, parts, limit, 0)
+    return preview("".join(parts), limit)
 
 
 def _render(value: Any, out: list[str], budget: int, depth: int) -> int:

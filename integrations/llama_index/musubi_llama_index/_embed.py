@@ -107,63 +107,13 @@ def _embedder(obj: Any) -> _Embedder:
     return _Embedder(obj, rt)
 
 
-def _single(cls: type, name: str, mode: str, is_async: bool) -> Callable[..., Any]:
-    original = getattr(cls, name)
-
-    if is_async:
-
-        async def amethod(self: Any, text: str) -> Any:
-            if _m.passthrough(self):
-                return await original(self, text)
-            emb = _embedder(self)
-            key = emb.key(mode, text)
-            got = emb.served(key, text)
-            if got is not None:
-                return got
-            call = emb.begin(text)
-            t0 = time.perf_counter()
-            try:
-                with _m.Guard(self, call):
-                    vec = await original(self, text)
-            except BaseException as err:
-                _m.failed(call, err)
-                raise
-            emb.record(key, vec, time.perf_counter() - t0, call)
-            return vec
-
-        amethod.__name__ = name
-        return _m.mark(amethod)
-
-    def method(self: Any, text: str) -> Any:
-        if _m.passthrough(self):
-            return original(self, text)
-        emb = _embedder(self)
-        key = emb.key(mode, text)
-        got = emb.served(key, text)
-        if got is not None:
-            return got
-        call = emb.begin(text)
-        t0 = time.perf_counter()
-        try:
-            with _m.Guard(self, call):
-                vec = original(self, text)
-        except BaseException as err:
-            _m.failed(call, err)
-            raise
-        emb.record(key, vec, time.perf_counter() - t0, call)
-        return vec
-
-    method.__name__ = name
-    return _m.mark(method)
-
-
 class _Batch:
-    """A batch of texts: the ones served from the store, and calls for the rest."""
+    """Texts to embed: the ones served from the store, and calls for the rest."""
 
-    def __init__(self, obj: Any, texts: Sequence[str]) -> None:
+    def __init__(self, obj: Any, texts: Sequence[str], mode: str) -> None:
         self.emb = emb = _embedder(obj)
         self.texts = list(texts)
-        self.keys = [emb.key("text", t) for t in self.texts]
+        self.keys = [emb.key(mode, t) for t in self.texts]
         self.found: list[Any] = [
             emb.served(k, t) for k, t in zip(self.keys, self.texts, strict=False)
         ]
@@ -177,56 +127,60 @@ class _Batch:
         self.t0 = time.perf_counter()
         return [self.texts[i] for i in self.missing]
 
+    def guard(self) -> _m.Guard:
+        # One text: the provider's own spans belong to its call.
+        return _m.Guard(self.emb.obj, self.calls[0] if len(self.calls) == 1 else None)
+
     def failed(self, err: BaseException) -> None:
         for call in self.calls:
             _m.failed(call, err)
 
-    def finish(self, vectors: Sequence[Sequence[float]]) -> list[list[float]]:
+    def finish(self, vectors: Sequence[Sequence[float]]) -> None:
         per = (time.perf_counter() - self.t0) / max(1, len(self.missing))
         found = self.found
         for i, vec, call in zip(self.missing, vectors, self.calls, strict=False):
             found[i] = list(vec)
             self.emb.record(self.keys[i], vec, per, call)
-        return found
 
 
-def _batch(cls: type, name: str, is_async: bool) -> Callable[..., Any]:
+def _override(cls: type, name: str, mode: str, *, one: bool, is_async: bool) -> Callable[..., Any]:
+    """The replaying override of ``cls.name``: one text (``one``) or a list of texts."""
     original = getattr(cls, name)
 
     if is_async:
 
-        async def amethod(self: Any, texts: list[str]) -> Any:
+        async def amethod(self: Any, arg: Any) -> Any:
             if _m.passthrough(self):
-                return await original(self, texts)
-            batch = _Batch(self, texts)
-            if not batch.missing:
-                return batch.found
-            todo = batch.start()
-            try:
-                with _m.Guard(self):
-                    vectors = await original(self, todo)
-            except BaseException as err:
-                batch.failed(err)
-                raise
-            return batch.finish(vectors)
+                return await original(self, arg)
+            batch = _Batch(self, [arg] if one else arg, mode)
+            if batch.missing:
+                todo = batch.start()
+                try:
+                    with batch.guard():
+                        got = await original(self, todo[0] if one else todo)
+                except BaseException as err:
+                    batch.failed(err)
+                    raise
+                batch.finish([got] if one else got)
+            return batch.found[0] if one else batch.found
 
         amethod.__name__ = name
         return _m.mark(amethod)
 
-    def method(self: Any, texts: list[str]) -> Any:
+    def method(self: Any, arg: Any) -> Any:
         if _m.passthrough(self):
-            return original(self, texts)
-        batch = _Batch(self, texts)
-        if not batch.missing:
-            return batch.found
-        todo = batch.start()
-        try:
-            with _m.Guard(self):
-                vectors = original(self, todo)
-        except BaseException as err:
-            batch.failed(err)
-            raise
-        return batch.finish(vectors)
+            return original(self, arg)
+        batch = _Batch(self, [arg] if one else arg, mode)
+        if batch.missing:
+            todo = batch.start()
+            try:
+                with batch.guard():
+                    got = original(self, todo[0] if one else todo)
+            except BaseException as err:
+                batch.failed(err)
+                raise
+            batch.finish([got] if one else got)
+        return batch.found[0] if one else batch.found
 
     method.__name__ = name
     return _m.mark(method)
@@ -234,11 +188,15 @@ def _batch(cls: type, name: str, is_async: bool) -> Callable[..., Any]:
 
 def make_embedding_methods(cls: type) -> dict[str, Any]:
     """The replaying overrides of an embedding class ``cls``."""
+    forms = (
+        ("_get_query_embedding", "query", True, False),
+        ("_aget_query_embedding", "query", True, True),
+        ("_get_text_embedding", "text", True, False),
+        ("_aget_text_embedding", "text", True, True),
+        ("_get_text_embeddings", "text", False, False),
+        ("_aget_text_embeddings", "text", False, True),
+    )
     return {
-        "_get_query_embedding": _single(cls, "_get_query_embedding", "query", False),
-        "_aget_query_embedding": _single(cls, "_aget_query_embedding", "query", True),
-        "_get_text_embedding": _single(cls, "_get_text_embedding", "text", False),
-        "_aget_text_embedding": _single(cls, "_aget_text_embedding", "text", True),
-        "_get_text_embeddings": _batch(cls, "_get_text_embeddings", False),
-        "_aget_text_embeddings": _batch(cls, "_aget_text_embeddings", True),
+        name: _override(cls, name, mode, one=one, is_async=is_async)
+        for name, mode, one, is_async in forms
     }

@@ -60,24 +60,21 @@ _STREAMS = (Generator, AsyncGenerator, StreamingResponse, AsyncStreamingResponse
 _END_EVENTS = frozenset({LLMChatEndEvent, LLMCompletionEndEvent})
 
 
+# The call kind of a span, by the class of the component it runs on (first match).
+_KIND_OF: tuple[tuple[type, str], ...] = (
+    (BaseLLM, "llm"),
+    (BaseEmbedding, "embedding"),
+    (BaseRetriever, "retriever"),
+    (BaseQueryEngine, "query"),
+    (BaseTool, "tool"),
+    (Workflow, "workflow"),
+)
+
+
 def _classify(cls: type) -> tuple[str, bool]:
     """(call kind, instance of an instrumented model) for spans run on a ``cls``."""
-    patched = "__musubi_original__" in cls.__dict__
-    if issubclass(cls, BaseLLM):
-        kind = "llm"
-    elif issubclass(cls, BaseEmbedding):
-        kind = "embedding"
-    elif issubclass(cls, BaseRetriever):
-        kind = "retriever"
-    elif issubclass(cls, BaseQueryEngine):
-        kind = "query"
-    elif issubclass(cls, BaseTool):
-        kind = "tool"
-    elif issubclass(cls, Workflow):
-        kind = "workflow"
-    else:
-        kind = "span"
-    return kind, patched
+    kind = next((k for base, k in _KIND_OF if issubclass(cls, base)), "span")
+    return kind, "__musubi_original__" in cls.__dict__
 
 
 _KINDS: dict[type, tuple[str, bool]] = {}

@@ -90,15 +90,29 @@ class _Call:
     def replayed(self, hit: Any) -> None:
         """Record the call as a replay of its node (served from ``hit``)."""
         node = hit.node
-        value = hit.value
+        if node is None:
+            self._end(hit.value, None, None, True, (None, None), None)
+        else:
+            tokens = (node.tokens_in, node.tokens_out)
+            self._end(hit.value, node.node_id, node.artifact_id, True, tokens, node.duration_s)
+
+    def _end(
+        self,
+        value: Any,
+        node_id: str | None,
+        artifact_id: str | None,
+        replayed: bool,
+        tokens: tuple[int | None, int | None],
+        saved_s: float | None,
+    ) -> None:
         texts = _atoms_of_value(value)
         _m.end(
             self.call,
-            node_id=node.node_id if node is not None else None,
-            artifact_id=node.artifact_id if node is not None else None,
-            replayed=True,
-            tokens=(node.tokens_in, node.tokens_out) if node is not None else (None, None),
-            saved_s=node.duration_s if node is not None else None,
+            node_id=node_id,
+            artifact_id=artifact_id,
+            replayed=replayed,
+            tokens=tokens,
+            saved_s=saved_s,
             texts=texts,
             output_preview=_preview(value, texts),
         )
@@ -132,17 +146,10 @@ class _Call:
                 None,
                 topic="record",
             )
-        texts = _atoms_of_value(value)
-        _m.end(
-            self.call,
-            node_id=recorded.node_id if recorded is not None else None,
-            artifact_id=recorded.artifact_id if recorded is not None else None,
-            replayed=False,
-            tokens=(tin, tout),
-            saved_s=None,
-            texts=texts,
-            output_preview=_preview(value, texts),
-        )
+        if recorded is None:
+            self._end(value, None, None, False, (tin, tout), None)
+        else:
+            self._end(value, recorded.node_id, recorded.artifact_id, False, (tin, tout), None)
 
 
 def _atoms_of_value(value: Any) -> list[str]:
