@@ -314,6 +314,31 @@ def test_root_span_inside_a_step_or_trace_joins_that_run(
     ]
 
 
+def test_query_in_a_durable_step_joins_the_durable_run(
+    openai_server: OpenAIServer, tmp_path: Any, llm: Any, embed_model: Any, documents: list[Any]
+) -> None:
+    from musubi_core import run as durable_run
+
+    db = str(tmp_path / "durable.db")
+    instrument(db, llm=llm, embed_model=embed_model)
+    qe = VectorStoreIndex.from_documents(documents, embed_model=embed_model).as_query_engine(
+        llm=llm
+    )
+
+    def workflow(ctx: Any) -> str:
+        return ctx.step("ask", lambda: str(qe.query(QUESTION)))
+
+    durable_run(db, workflow)
+    uninstrument()
+    lin.assert_runs_are_trees(db)
+    (run,) = lin.runs(db, "durable")
+    calls = lin.calls(db, run["run_id"])
+    (ask,) = [c for c in calls if c["op_name"] == "ask"]
+    (root,) = [c for c in calls if c["op_name"] == "RetrieverQueryEngine.query"]
+    assert root["parent_call_id"] == ask["call_id"]
+    assert any(c["kind"] == "llm" and c["node_id"] for c in calls)
+
+
 def test_workflow_run_is_a_run_of_its_steps(
     openai_server: OpenAIServer, db_path: str, llm: Any
 ) -> None:
@@ -360,6 +385,29 @@ def test_workflow_run_is_a_run_of_its_steps(
         # The draft flowed into the polishing step (by content: the Drafted event).
         polish_up = {c["op_name"] for c in lin.upstream(db_path, steps["Writer.polish"]["call_id"])}
         assert "Writer.draft" in polish_up
+
+
+def test_failed_query_is_a_failed_run(
+    openai_server: OpenAIServer, db_path: str, llm: Any, embed_model: Any, documents: list[Any]
+) -> None:
+    from tests.support.openai_server import ChatReply
+
+    openai_server.enqueue_chat(ChatReply(status=400, error="the model refused"))
+    instrument(db_path, llm=llm, embed_model=embed_model)
+    index = VectorStoreIndex.from_documents(documents, embed_model=embed_model)
+    with pytest.raises(Exception, match="the model refused"):
+        index.as_query_engine(llm=llm).query(QUESTION)
+    uninstrument()
+    lin.assert_runs_are_trees(db_path)
+    run, calls = _query_run(db_path)
+    assert run["status"] == "failed" and "the model refused" in (run["error"] or "")
+    assert calls["RetrieverQueryEngine.query"]["status"] == "failed"
+    chat = calls["OpenAI.chat"]
+    assert chat["status"] == "failed" and chat["node_id"] is None
+    assert "the model refused" in (chat["error"] or "")
+    assert calls["VectorIndexRetriever.retrieve"]["status"] == "done"
+    # A failed request is not a node: nothing replays it.
+    assert "llm" not in {n["kind"] for n in lin.nodes(db_path).values()}
 
 
 def test_broken_store_never_breaks_llamaindex(

@@ -49,7 +49,7 @@ __all__ = [
 ]
 
 MAX_ATOMS = 512  # texts indexed per trace (a runaway agent loop must not slow every call)
-MAX_CLOSED = 4096  # exited spans remembered (late children, stream end events)
+MAX_CLOSED = 4096  # exited streaming spans remembered (their model's end event comes later)
 BATCH_CALLS = 256  # a trace hands its rows to the recorder at least every this many calls
 BATCH_SECONDS = 1.0  # ... and at least this often (the recorder then commits within 1 s)
 
@@ -73,6 +73,9 @@ class Trace:
         "exact",
         "first",
         "flows",
+        "last",
+        "last_shown",
+        "last_texts",
         "lock",
         "open",
         "own",
@@ -97,6 +100,11 @@ class Trace:
         self.edges: list[EdgeWrite] = []
         self.artifacts: list[ArtifactWrite] = []
         self.first = 0.0  # when the oldest pending row was added
+        # The result the last span exited with, its texts and preview: a result handed up
+        # unchanged through enclosing spans is read once.
+        self.last: Any = None
+        self.last_texts: list[str] = []
+        self.last_shown: str | None = None
 
     def add(
         self,
@@ -167,6 +175,7 @@ class Trace:
         self.ended = True
         self.status, self.error = status, error
         self.exact = {}
+        self.last = None
 
 
 class Call:

@@ -270,7 +270,8 @@ def retrieved(result: Any) -> list[dict[str, Any]] | None:
         out.append(
             {
                 "node_id": node.node_id,
-                "score": score if type(score) is float and math.isfinite(score) else None,
+                # as text: the artifact stays plain JSON (a float would be tagged)
+                "score": f"{score:.6g}" if type(score) is float and math.isfinite(score) else None,
                 "text": _node_text(node),
             }
         )

@@ -170,22 +170,24 @@ class LineageRecorder(Tracker):
 
     def exit(self, id_: str, result: Any, err: BaseException | None = None) -> None:
         call = self.states.pop(id_, None)
-        if call is None:
-            return
-        if call is not UNRECORDED:
-            self.remember(id_, call)
-        if call is UNRECORDED or call.sid != id_:
+        if call is None or call is UNRECORDED or call.sid != id_:
             return  # not recorded, or a model's own span (its call records it)
         if err is not None:
             finish(call, "failed", None, error=_error_text(err))
             return
         if _is_stream(type(result)):
             call.stream = True  # its text arrives with the model's end event
+            self.remember(id_, call)
             finish(call, "done", f"<{type(result).__name__}>")
             return
         trace = call.trace
         parent = call.parent
-        texts = atoms(result) if result is not None else []
+        if result is trace.last:  # handed up unchanged (a Response through query/_query)
+            texts, shown = trace.last_texts, trace.last_shown
+        else:
+            texts = atoms(result) if result is not None else []
+            shown = brief(result)
+            trace.last, trace.last_texts, trace.last_shown = result, texts, shown
         if texts and trace.exact:
             # What the call returns that a call inside it produced came from there.
             exact = trace.exact
@@ -200,7 +202,7 @@ class LineageRecorder(Tracker):
         artifact = None
         if call.kind == "retriever" and (parent is None or parent.inst != call.inst):
             artifact = self._retrieved(call, result)
-        finish(call, "done", brief(result), artifact=artifact)
+        finish(call, "done", shown, artifact=artifact)
         if parent is not None:
             if texts:
                 trace.produced(texts, call)
