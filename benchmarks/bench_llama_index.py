@@ -150,9 +150,8 @@ def spans(env: Env) -> Comparison:
     so the replay layer never runs: every query reaches the LLM and the query embedding, and
     the only musubi code on the path is the handlers (a call per span, flows inferred by
     content; the store's recorder commits the rows in the background, inside the timed
-    blocks). The
-    handlers are global to the root dispatcher, so the baseline block runs with them
-    uninstalled (``uninstrument()`` in the untimed setup) - one query engine for both.
+    blocks). The handlers are global to the root dispatcher, so the baseline block runs with
+    them uninstalled (``uninstrument()`` in the untimed setup) - one query engine for both.
     """
     need("llama_index.core", "llama-index-core")
     try:
