@@ -120,6 +120,11 @@ class _Call:
     def failed(self, err: BaseException) -> None:
         _m.failed(self.call, err)
 
+    def recorded(self, resp: Any) -> Any:
+        """Record an executed response; returns it."""
+        self.record(resp, None)
+        return resp
+
     def record(self, resp: Any, deltas: list[str] | None) -> None:
         key = self.key
         final = (
@@ -230,123 +235,76 @@ def _make_llm_methods(cls: type) -> dict[str, Any]:
         payload, call_kwargs = _split_args(kind, args, kwargs)
         return _Call(self, rt, kind, payload, call_kwargs)
 
-    def _served(call: _Call, kind: str) -> Any | None:
-        """The stored response of a replay (its call recorded), else None."""
+    def _served(call: _Call, kind: str, stream: bool) -> Any | None:
+        """The stored response (a list of chunks for a stream) of a replay, its call
+        recorded; None when the call executes."""
         hit = call.lookup()
         if hit is None:
             return None
-        resp = _decode_or_none(kind, hit.value)
-        if resp is not None:
-            call.replayed(hit)
-        return resp
-
-    def _served_stream(call: _Call, kind: str) -> list[Any] | None:
-        hit = call.lookup()
-        if hit is None:
-            return None
-        try:
-            chunks = _replay_chunks(kind, hit.value)
-        except (DecodeFailure, KeyError, TypeError, ValueError) as exc:
-            warn_once("decode", f"stored stream could not be decoded ({exc})")
-            return None
+        if stream:
+            try:
+                served: Any = _replay_chunks(kind, hit.value)
+            except (DecodeFailure, KeyError, TypeError, ValueError) as exc:
+                warn_once("decode", f"stored stream could not be decoded ({exc})")
+                return None
+        else:
+            served = _decode_or_none(kind, hit.value)
+            if served is None:
+                return None
         call.replayed(hit)
-        return chunks
+        return served
 
-    def _sync(kind: str, name: str) -> Callable[..., Any]:
+    def _sync(kind: str, name: str, stream: bool) -> Callable[..., Any]:
         original = getattr(cls, name)
 
         def method(self: Any, *args: Any, **kwargs: Any) -> Any:
             if _m.passthrough(self):
                 return original(self, *args, **kwargs)
             call = _start(self, kind, args, kwargs)
-            resp = _served(call, kind)
-            if resp is not None:
-                return resp
+            served = _served(call, kind, stream)
+            if served is not None:
+                return iter(served) if stream else served
             try:
                 with call.guard():
-                    resp = original(self, *args, **kwargs)
+                    out = original(self, *args, **kwargs)
             except BaseException as err:
                 call.failed(err)
                 raise
-            call.record(resp, None)
-            return resp
+            return _recording_gen(call, out) if stream else call.recorded(out)
 
         method.__name__ = name
         return _m.mark(method)
 
-    def _async(kind: str, name: str) -> Callable[..., Any]:
+    def _async(kind: str, name: str, stream: bool) -> Callable[..., Any]:
         original = getattr(cls, name)
 
         async def method(self: Any, *args: Any, **kwargs: Any) -> Any:
             if _m.passthrough(self):
                 return await original(self, *args, **kwargs)
             call = _start(self, kind, args, kwargs)
-            resp = _served(call, kind)
-            if resp is not None:
-                return resp
+            served = _served(call, kind, stream)
+            if served is not None:
+                return _async_iter(served) if stream else served
             try:
                 with call.guard():
-                    resp = await original(self, *args, **kwargs)
+                    out = await original(self, *args, **kwargs)
             except BaseException as err:
                 call.failed(err)
                 raise
-            call.record(resp, None)
-            return resp
-
-        method.__name__ = name
-        return _m.mark(method)
-
-    def _stream(kind: str, name: str) -> Callable[..., Any]:
-        original = getattr(cls, name)
-
-        def method(self: Any, *args: Any, **kwargs: Any) -> Any:
-            if _m.passthrough(self):
-                return original(self, *args, **kwargs)
-            call = _start(self, kind, args, kwargs)
-            chunks = _served_stream(call, kind)
-            if chunks is not None:
-                return iter(chunks)
-            try:
-                with call.guard():
-                    inner = original(self, *args, **kwargs)
-            except BaseException as err:
-                call.failed(err)
-                raise
-            return _recording_gen(call, inner)
-
-        method.__name__ = name
-        return _m.mark(method)
-
-    def _astream(kind: str, name: str) -> Callable[..., Any]:
-        original = getattr(cls, name)
-
-        async def method(self: Any, *args: Any, **kwargs: Any) -> Any:
-            if _m.passthrough(self):
-                return await original(self, *args, **kwargs)
-            call = _start(self, kind, args, kwargs)
-            chunks = _served_stream(call, kind)
-            if chunks is not None:
-                return _async_iter(chunks)
-            try:
-                with call.guard():
-                    inner = await original(self, *args, **kwargs)
-            except BaseException as err:
-                call.failed(err)
-                raise
-            return _recording_agen(call, inner)
+            return _recording_agen(call, out) if stream else call.recorded(out)
 
         method.__name__ = name
         return _m.mark(method)
 
     return {
-        "chat": _sync("chat", "chat"),
-        "complete": _sync("complete", "complete"),
-        "achat": _async("chat", "achat"),
-        "acomplete": _async("complete", "acomplete"),
-        "stream_chat": _stream("chat", "stream_chat"),
-        "stream_complete": _stream("complete", "stream_complete"),
-        "astream_chat": _astream("chat", "astream_chat"),
-        "astream_complete": _astream("complete", "astream_complete"),
+        "chat": _sync("chat", "chat", False),
+        "complete": _sync("complete", "complete", False),
+        "achat": _async("chat", "achat", False),
+        "acomplete": _async("complete", "acomplete", False),
+        "stream_chat": _sync("chat", "stream_chat", True),
+        "stream_complete": _sync("complete", "stream_complete", True),
+        "astream_chat": _async("chat", "astream_chat", True),
+        "astream_complete": _async("complete", "astream_complete", True),
     }
 
 
