@@ -148,10 +148,10 @@ def spans(env: Env) -> Comparison:
 
     The models are *not* patched (``instrument()`` is given none and ``use_settings=False``),
     so the replay layer never runs: every query reaches the LLM and the query embedding, and
-    the only musubi code on the path is the handlers (span identity at enter, node + edges at
-    exit, deferred writes flushed into SQLite every 64 items inside the timed blocks). The
-    handlers are global to the root dispatcher, so the baseline block runs with them
-    uninstalled (``uninstrument()`` in the untimed setup) - one query engine for both.
+    the only musubi code on the path is the handlers (a call per span, flows inferred by
+    content; the store's recorder commits the rows in the background, inside the timed
+    blocks). The handlers are global to the root dispatcher, so the baseline block runs with
+    them uninstalled (``uninstrument()`` in the untimed setup) - one query engine for both.
     """
     need("llama_index.core", "llama-index-core")
     try:
@@ -185,23 +185,24 @@ def spans(env: Env) -> Comparison:
         return any(type(h).__name__ == "MusubiSpanHandler" for h in dispatcher.span_handlers)
 
     def counts() -> tuple[int, int, int, int, int]:
-        """(nodes, query-span nodes, LLM-span nodes, edges, replays) in the store."""
+        """(calls, query calls, LLM calls, flows, replays) in the store."""
         engine.flush()
         with sqlite3.connect(db) as con:
-            nodes, replays = con.execute(
-                "SELECT COUNT(*), COALESCE(SUM(replay_count), 0) FROM musubi_nodes"
-            ).fetchone()
+            calls = con.execute("SELECT COUNT(*) FROM musubi_calls").fetchone()[0]
             q = con.execute(
-                "SELECT COUNT(*) FROM musubi_nodes WHERE kind = 'query' AND op_name = ?",
-                ("llama_index:RetrieverQueryEngine.query",),
+                "SELECT COUNT(*) FROM musubi_calls WHERE kind = 'query' AND op_name = ?",
+                ("RetrieverQueryEngine.query",),
             ).fetchone()[0]
             lm = con.execute(
-                "SELECT COUNT(*) FROM musubi_nodes WHERE kind = 'llm' AND op_name LIKE ?",
-                (f"llama_index:{llm_cls.__name__}.complete",),
+                "SELECT COUNT(*) FROM musubi_calls WHERE kind = 'llm' AND op_name = ?",
+                (f"{llm_cls.__name__}.complete",),
             ).fetchone()[0]
-            edges = con.execute("SELECT COUNT(*) FROM musubi_edges").fetchone()[0]
+            flows = con.execute("SELECT COUNT(*) FROM musubi_flows").fetchone()[0]
+            replays = con.execute(
+                "SELECT COALESCE(SUM(replay_count), 0) FROM musubi_nodes"
+            ).fetchone()[0]
         con.close()
-        return nodes, q, lm, edges, replays
+        return calls, q, lm, flows, replays
 
     state: dict[str, Any] = {}
 
@@ -229,15 +230,15 @@ def spans(env: Env) -> Comparison:
 
     def check_spans(n: int) -> None:
         ran_every_query(n)
-        nodes, q, lm, edges, replays = counts()
-        nodes0, q0, lm0, edges0, replays0 = state["store"]
-        # Every query recorded its own span tree: a query-engine node and an LLM node
-        # per (fresh) question, plus retrieval / synthesis / embedding spans and edges.
-        assert q - q0 == n, f"{q - q0} query span nodes recorded for {n} queries"
-        assert lm - lm0 == n, f"{lm - lm0} LLM span nodes recorded for {n} queries"
-        assert nodes - nodes0 >= 8 * n, f"only {nodes - nodes0} span nodes for {n} queries"
-        assert edges - edges0 >= 8 * n, f"only {edges - edges0} edges for {n} queries"
-        assert replays == replays0 == 0, "a span node was replayed"
+        calls, q, lm, flows, replays = counts()
+        calls0, q0, lm0, flows0, replays0 = state["store"]
+        # Every query recorded its own call tree: a query-engine call and an LLM call per
+        # (fresh) question, plus retrieval / synthesis / embedding calls and the flows.
+        assert q - q0 == n, f"{q - q0} query calls recorded for {n} queries"
+        assert lm - lm0 == n, f"{lm - lm0} LLM calls recorded for {n} queries"
+        assert calls - calls0 >= 8 * n, f"only {calls - calls0} calls for {n} queries"
+        assert flows - flows0 >= 8 * n, f"only {flows - flows0} flows for {n} queries"
+        assert replays == replays0 == 0, "a span was replayed"
 
     def finish() -> None:
         uninstrument()

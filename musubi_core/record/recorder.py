@@ -346,8 +346,11 @@ class Recorder:
         idle = 0
         tune = getattr(self.store, "tune_for_writing", None)
         if tune is not None:
-            with contextlib.suppress(Exception):
-                tune()  # e.g. a small page cache for a connection that only writes
+            # Under the commit lock, and never once closed: closing the store closes this
+            # thread's connection, and a statement running on a closed connection crashes.
+            with self._io, contextlib.suppress(Exception):
+                if not self.closed:
+                    tune()  # e.g. a small page cache for a connection that only writes
         try:
             while not self.closed:
                 self._wake.wait(self.interval)
@@ -385,7 +388,8 @@ class Recorder:
         try:
             self.flush()
         finally:
-            self.closed = True
+            with self._io:  # no commit or tuning of the writer's connection runs past here
+                self.closed = True
             self._wake.set()
 
 

@@ -45,6 +45,21 @@ def test_function_agent_second_run_replays(
     assert second == first
     # Tools are not LLM calls: the agent ran the (replayed) tool call again.
     assert calls == [(2, 3), (2, 3)]
+    # Each agent run is a workflow run: its steps, the tool call and the LLM calls (replayed
+    # the second time) are calls of it, in one tree.
+    from musubi_llama_index import uninstrument
+    from tests.support import lineage as lin
+
+    uninstrument()
+    lin.assert_runs_are_trees(db_path)
+    runs = lin.runs(db_path, "workflow")
+    assert len(runs) == 2
+    for run, replayed in zip(runs, (0, 1), strict=True):
+        run_calls = lin.calls(db_path, run["run_id"])
+        assert any(c["kind"] == "tool" and c["op_name"].endswith("(add)") for c in run_calls)
+        assert any(c["kind"] == "workflow_step" for c in run_calls)
+        models = [c for c in run_calls if c["kind"] == "llm" and c["node_id"]]
+        assert len(models) == 2 and {c["replayed"] for c in models} == {replayed}
 
 
 def test_chat_with_tools_sync_replays_tool_calls(

@@ -126,3 +126,81 @@ def test_as_embeddings_cache(openai_server: OpenAIServer, db_path: str) -> None:
     v2 = model().get_text_embedding_batch(["alpha text", "beta text"])
     assert openai_server.count("embeddings") == 1
     assert v2 == v1
+
+
+# ----------------------------------------------------------------------------- calls
+def test_gets_and_puts_are_calls_of_their_nodes(db_path: str) -> None:
+    from tests.support import lineage as lin
+
+    kv = MusubiKVStore(db_path, scope="s")
+    kv.put("a", {"x": 1})
+    kv.put_all([("b", {"y": 2}), ("c", {"z": 3})])
+    assert kv.get("a") == {"x": 1}
+    assert kv.get("missing") is None
+    kv.flush()  # ends the store's own run
+
+    (run,) = lin.runs(db_path, "kv")
+    assert run["status"] == "done" and run["name"] == repr(kv)
+    calls = lin.calls(db_path, run["run_id"])
+    assert [c["op_name"] for c in calls] == ["MusubiKVStore.put"] * 3 + ["MusubiKVStore.get"] * 2
+    assert {c["kind"] for c in calls} == {"kv"}
+    put_a, _b, _c, get_a, miss = calls
+    assert put_a["node_id"] and put_a["replayed"] == 0 and put_a["artifact_id"]
+    assert get_a["node_id"] == put_a["node_id"] and get_a["replayed"] == 1
+    assert get_a["artifact_id"] == put_a["artifact_id"]
+    assert miss["node_id"] is None and miss["output_preview"] == "miss"
+    assert run["calls"] == 5 and run["replays"] == 1
+    lin.assert_runs_are_trees(db_path)
+
+
+def test_ingestion_cache_calls_are_under_the_pipeline_span(
+    openai_server: OpenAIServer, db_path: str, embed_model: Any, documents: list[Any]
+) -> None:
+    from musubi_llama_index import instrument, uninstrument
+    from tests.support import lineage as lin
+
+    instrument(db_path, embed_model=embed_model)
+    _pipeline(db_path, embed_model).run(documents=documents)
+    openai_server.clear_log()
+    _pipeline(db_path, embed_model).run(documents=documents)
+    assert openai_server.count() == 0
+    uninstrument()
+
+    lin.assert_runs_are_trees(db_path)
+    runs = [r for r in lin.runs(db_path, "llama_index") if r["name"] == "IngestionPipeline.run"]
+    assert len(runs) == 2
+    for run, hit in zip(runs, (0, 1), strict=True):
+        calls = {c["call_id"]: c for c in lin.calls(db_path, run["run_id"])}
+        kv = [c for c in calls.values() if c["kind"] == "kv"]
+        gets = [c for c in kv if c["op_name"] == "MusubiKVStore.get"]
+        assert gets and all(calls[c["parent_call_id"]]["run_id"] == run["run_id"] for c in kv)
+        assert {c["replayed"] for c in gets} == {hit}
+        puts = [c for c in kv if c["op_name"] == "MusubiKVStore.put"]
+        assert (len(puts) > 0) == (hit == 0)  # the second run finds everything
+    assert not lin.runs(db_path, "kv")  # no call of the store ran outside a run
+
+
+def test_kv_calls_inside_a_step_join_its_run(db_path: str) -> None:
+    from musubi_core import Engine, SQLiteStore, step, use_engine
+    from tests.support import lineage as lin
+
+    kv = MusubiKVStore(db_path)
+
+    @step(name="cached")
+    def cached(key: str) -> dict[str, Any]:
+        found = kv.get(key)
+        if found is None:
+            found = {"computed": key}
+            kv.put(key, found)
+        return found
+
+    with Engine(SQLiteStore(db_path)) as engine, use_engine(engine):
+        cached("alpha")
+    kv.close()
+    (run,) = lin.runs(db_path, "step")
+    calls = lin.calls(db_path, run["run_id"])
+    (step_call,) = [c for c in calls if c["kind"] == "step"]
+    kv_calls = [c for c in calls if c["kind"] == "kv"]
+    assert [c["op_name"] for c in kv_calls] == ["MusubiKVStore.get", "MusubiKVStore.put"]
+    assert all(c["parent_call_id"] == step_call["call_id"] for c in kv_calls)
+    assert not lin.runs(db_path, "kv")

@@ -1,111 +1,345 @@
-"""Spans become nodes; lineage of a query shows embedding -> retrieval -> synthesis -> LLM."""
+"""Spans become calls: every query is a run whose calls form a tree, with flows by content
+(embedding -> retrieval -> synthesis -> LLM -> answer), and the instrumented model calls
+reach their nodes (the memo)."""
 
 from __future__ import annotations
 
 import json
-import sqlite3
 import subprocess
 import sys
-from collections import defaultdict
 from typing import Any
 
 import pytest
 from llama_index.core import VectorStoreIndex
 
+from musubi_core import SQLiteStore
 from musubi_llama_index import instrument, uninstrument
+from tests.support import lineage as lin
 from tests.support.openai_server import OpenAIServer
 
-
-def _graph(db_path: str) -> tuple[dict[str, tuple[str, str]], list[tuple[str, str, str]]]:
-    with sqlite3.connect(db_path) as c:
-        nodes = {
-            nid: (kind, label or "")
-            for nid, kind, label in c.execute("SELECT node_id, kind, label FROM musubi_nodes")
-        }
-        edges = list(c.execute("SELECT parent, child, kind FROM musubi_edges"))
-    return nodes, edges
+QUESTION = "What does musubi mean?"
 
 
-def _reachable(edges: list[tuple[str, str, str]], start: set[str], kinds: set[str]) -> set[str]:
-    out: dict[str, set[str]] = defaultdict(set)
-    for p, ch, k in edges:
-        if k in kinds:
-            out[p].add(ch)
-    seen, stack = set(start), list(start)
-    while stack:
-        for nxt in out[stack.pop()]:
-            if nxt not in seen:
-                seen.add(nxt)
-                stack.append(nxt)
-    return seen
-
-
-def _record_query(db_path: str, llm: Any, embed_model: Any, documents: list[Any]) -> None:
+def _record_query(db_path: str, llm: Any, embed_model: Any, documents: list[Any]) -> Any:
     instrument(db_path, llm=llm, embed_model=embed_model)
     index = VectorStoreIndex.from_documents(documents, embed_model=embed_model)
-    index.as_query_engine(llm=llm).query("What does musubi mean?")
-    uninstrument()  # flushes buffered span nodes
+    answer = index.as_query_engine(llm=llm).query(QUESTION)
+    uninstrument()  # commits what the recorder holds
+    return answer
 
 
-def test_query_lineage_chain(
+def _query_run(db_path: str) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """The (one) query run, and its calls by op name (each op must occur once, except the
+    nested CompactAndRefine.get_response / TokenTextSplitter.split_text pairs)."""
+    (run,) = [
+        r for r in lin.runs(db_path, "llama_index") if r["name"] == "RetrieverQueryEngine.query"
+    ]
+    calls = {c["op_name"]: c for c in lin.calls(db_path, run["run_id"])}
+    return run, calls
+
+
+def test_query_is_a_run_of_calls(
     openai_server: OpenAIServer, db_path: str, llm: Any, embed_model: Any, documents: list[Any]
 ) -> None:
     _record_query(db_path, llm, embed_model, documents)
-    nodes, edges = _graph(db_path)
+    lin.assert_runs_are_trees(db_path)
+    run, calls = _query_run(db_path)
+    root = calls["RetrieverQueryEngine.query"]
+    assert root["parent_call_id"] is None and run["root_call_id"] == root["call_id"]
+    assert run["status"] == "done" and run["calls"] == len(lin.calls(db_path, run["run_id"]))
 
-    def ids(pred: Any) -> set[str]:
-        return {n for n, (kind, label) in nodes.items() if pred(kind, label)}
+    retrieve = calls["VectorIndexRetriever.retrieve"]
+    synth = calls["CompactAndRefine.synthesize"]
+    chat = calls["OpenAI.chat"]
+    embedding = calls["OpenAIEmbedding.embedding"]
+    assert (retrieve["kind"], synth["kind"], chat["kind"], embedding["kind"]) == (
+        "retriever",
+        "span",
+        "llm",
+        "embedding",
+    )
+    # Spans have no node (no identity); model calls reach theirs.
+    assert retrieve["node_id"] is None and synth["node_id"] is None
+    assert chat["node_id"] and embedding["node_id"]
+    assert chat["model"] == "gpt-4o-mini" and chat["tokens_in"] and chat["replayed"] == 0
+    # The call tree: the LLM call sits under synthesis, synthesis under the query.
+    chain = [c["op_name"] for c in lin.ancestors(db_path, chat["call_id"])]
+    assert "CompactAndRefine.synthesize" in chain and chain[-1] == "RetrieverQueryEngine.query"
+    assert [c["op_name"] for c in lin.ancestors(db_path, embedding["call_id"])][-2:] == [
+        "RetrieverQueryEngine._query",
+        "RetrieverQueryEngine.query",
+    ]
+    # Flows by content: query embedding -> retrieval -> synthesis and the LLM prompt; the
+    # LLM answer flows up into the query's result.
+    up = lambda call: {c["op_name"] for c in lin.upstream(db_path, call["call_id"])}  # noqa: E731
+    assert "OpenAIEmbedding.embedding" in up(retrieve)
+    assert "VectorIndexRetriever.retrieve" in up(synth)
+    assert {"VectorIndexRetriever.retrieve", "OpenAIEmbedding.embedding"} <= up(chat)
+    assert {"OpenAI.chat", "VectorIndexRetriever.retrieve"} <= up(root)
+    # The retriever keeps what it returned: the documents the answer used.
+    kept = lin.artifact_text(db_path, retrieve["artifact_id"])
+    assert any(doc in kept for doc in (d.text for d in documents))
+    # Node-level data edges derive from the flows: the query embedding feeds the LLM node.
+    assert (embedding["node_id"], chat["node_id"]) in lin.node_edges(db_path)
+    # No span is a node: the memo holds the model calls only.
+    assert {n["kind"] for n in lin.nodes(db_path).values()} == {"llm", "embedding"}
 
-    query_embeddings = ids(lambda k, lab: k == "embedding")
-    retrievals = ids(lambda k, lab: lab == "VectorIndexRetriever.retrieve")
-    synth = ids(lambda k, lab: lab == "CompactAndRefine.synthesize")
-    llms = ids(lambda k, lab: k == "llm")
-    roots = ids(lambda k, lab: lab == "RetrieverQueryEngine.query")
-    assert len(retrievals) == len(synth) == len(llms) == len(roots) == 1
 
-    # data: embedding -> retrieval -> synthesis; synthesis contains the LLM call, and the
-    # LLM call depends (by content: retrieved text in its prompt) on the retrieval.
-    data_from_embeddings = _reachable(edges, query_embeddings, {"data"})
-    assert retrievals <= data_from_embeddings
-    assert synth <= _reachable(edges, retrievals, {"data"})
-    assert llms <= _reachable(edges, synth, {"contains"})
-    assert llms <= _reachable(edges, retrievals, {"data"})
-    # the LLM answer flows back up into the query result
-    assert roots <= _reachable(edges, llms, {"data"})
-    # and the query contains everything
-    assert retrievals | synth | llms <= _reachable(edges, roots, {"contains"})
-
-
-def test_musubi_lineage_command_shows_chain(
+def test_call_lineage_from_the_store_and_node_lineage_from_the_cli(
     openai_server: OpenAIServer, db_path: str, llm: Any, embed_model: Any, documents: list[Any]
 ) -> None:
     _record_query(db_path, llm, embed_model, documents)
-    nodes, _ = _graph(db_path)
-    (llm_node,) = [n for n, (kind, _) in nodes.items() if kind == "llm"]
+    _run, calls = _query_run(db_path)
+    chat = calls["OpenAI.chat"]
+    with SQLiteStore(db_path) as store:
+        found, flows, cut = store.call_lineage(chat["call_id"])
+    assert not cut
+    ops = [c.op_name for c in found]
+    assert {"OpenAIEmbedding.embedding", "VectorIndexRetriever.retrieve", "OpenAI.chat"} <= set(ops)
+    assert ops.index("OpenAIEmbedding.embedding") < ops.index("OpenAI.chat")  # topological
+    assert all(f.dst_call_id in {c.call_id for c in found} for f in flows)
+    # The LLM node's memo lineage (what invalidation follows) reaches the query embedding.
     proc = subprocess.run(
-        [sys.executable, "-m", "musubi_core.cli", "--db", db_path, "lineage", llm_node,
-         "--format", "json"],
-        capture_output=True, text=True, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "musubi_core.cli",
+            "--db",
+            db_path,
+            "lineage",
+            chat["node_id"],
+            "--format",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 0, proc.stderr
-    data = json.loads(proc.stdout)
-    text = json.dumps(data)
-    for label in ("OpenAIEmbedding.embedding", "VectorIndexRetriever.retrieve",
-                  "CompactAndRefine.synthesize", "OpenAI.chat"):
-        assert label in text, label
+    assert calls["OpenAIEmbedding.embedding"]["node_id"] in json.dumps(json.loads(proc.stdout))
 
 
-def test_replayed_query_reuses_the_same_nodes(
+def test_same_query_again_is_a_new_run_replaying_the_same_node(
     openai_server: OpenAIServer, db_path: str, llm: Any, embed_model: Any, documents: list[Any]
 ) -> None:
     _record_query(db_path, llm, embed_model, documents)
-    before, _ = _graph(db_path)
+    nodes_before = set(lin.nodes(db_path))
+    openai_server.clear_log()
     _record_query(db_path, llm, embed_model, documents)
-    after, _ = _graph(db_path)
-    assert set(after) == set(before)  # deterministic span identity: no new nodes
+    assert openai_server.count() == 0
+    assert set(lin.nodes(db_path)) == nodes_before  # the memo: nothing new
+    first, second = [
+        r for r in lin.runs(db_path, "llama_index") if r["name"] == "RetrieverQueryEngine.query"
+    ]
+    chat1, chat2 = (
+        next(c for c in lin.calls(db_path, r["run_id"]) if c["kind"] == "llm")
+        for r in (first, second)
+    )
+    assert chat1["call_id"] != chat2["call_id"] and chat1["node_id"] == chat2["node_id"]
+    assert (chat1["replayed"], chat2["replayed"]) == (0, 1)
+    assert chat2["tokens_in"] == chat1["tokens_in"] and chat2["saved_s"] is not None
+    assert second["replays"] >= 2 and second["tokens_saved"] > 0  # LLM + query embedding
+    lin.assert_runs_are_trees(db_path)
 
 
-def test_workflow_steps_are_nodes_of_their_run(
+def test_edited_document_each_answer_shows_its_own_documents(
+    openai_server: OpenAIServer, db_path: str, llm: Any, embed_model: Any, documents: list[Any]
+) -> None:
+    """The issue's scenario: one document edited between two runs of a VectorStoreIndex query
+    engine. Each answer's call lineage reaches exactly the text it was computed from, inside
+    its own run; the unchanged third run replays run 2 with zero requests."""
+    from llama_index.core import Document
+
+    old_text = documents[0].text
+    new_text = "Musubi now names the cord that binds every cached result to its sources."
+    edited = [Document(text=new_text, doc_id="doc-0"), *documents[1:]]
+    instrument(db_path, llm=llm, embed_model=embed_model)
+
+    def ask(docs: list[Any]) -> str:
+        index = VectorStoreIndex.from_documents(docs, embed_model=embed_model)
+        return str(index.as_query_engine(llm=llm, similarity_top_k=len(docs)).query(QUESTION))
+
+    answer1 = ask(documents)
+    answer2 = ask(edited)
+    openai_server.clear_log()
+    answer3 = ask(edited)
+    assert openai_server.count() == 0, openai_server.counts()
+    assert answer1 != answer2 and answer3 == answer2
+    uninstrument()
+
+    lin.assert_runs_are_trees(db_path)
+    runs = [
+        r for r in lin.runs(db_path, "llama_index") if r["name"] == "RetrieverQueryEngine.query"
+    ]
+    assert len(runs) == 3
+    answers = []
+    for run in runs:
+        calls = lin.calls(db_path, run["run_id"])
+        (chat,) = [c for c in calls if c["kind"] == "llm"]
+        (root,) = [c for c in calls if c["parent_call_id"] is None]
+        answers.append((run, chat, root))
+        for start in (chat, root):
+            ups = lin.upstream(db_path, start["call_id"])
+            assert ups and {c["run_id"] for c in ups} == {run["run_id"]}, "lineage left its run"
+    (run1, chat1, root1), (_run2, chat2, root2), (_run3, chat3, root3) = answers
+    for chat, root, seen, unseen in (
+        (chat1, root1, old_text, new_text),
+        (chat2, root2, new_text, old_text),
+        (chat3, root3, new_text, old_text),
+    ):
+        for start in (chat, root):
+            flowed = lin.what_flowed(db_path, start["call_id"])
+            assert seen in flowed and unseen not in flowed
+    # Run 2 executed a new LLM node (its prompt changed); run 3 replayed it.
+    assert chat1["node_id"] != chat2["node_id"] == chat3["node_id"]
+    assert (chat1["replayed"], chat2["replayed"], chat3["replayed"]) == (0, 0, 1)
+    # The store's own walk (what `musubi lineage CALL` prints) agrees.
+    with SQLiteStore(db_path) as store:
+        found, _flows, _cut = store.call_lineage(chat1["call_id"])
+    assert {c.run_id for c in found} == {run1["run_id"]}
+    retrieved = [c for c in found if c.kind == "retriever" and c.artifact_id]
+    assert retrieved and old_text in lin.artifact_text(db_path, retrieved[0].artifact_id)
+
+
+def _echo_llm() -> Any:
+    """An in-process LLM whose answer carries the question of its prompt: distinct questions
+    over the same retrieved context give distinct outputs."""
+    from llama_index.core.llms import CompletionResponse, CustomLLM, LLMMetadata
+    from llama_index.core.llms.callbacks import llm_completion_callback
+
+    class EchoLLM(CustomLLM):
+        model: str = "echo"
+
+        @property
+        def metadata(self) -> LLMMetadata:
+            return LLMMetadata(model_name=self.model)
+
+        @llm_completion_callback()
+        def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> Any:
+            question = prompt.rsplit("Query:", 1)[-1].split("Answer:", 1)[0].strip()
+            return CompletionResponse(text=f"the answer to {question!r}")
+
+        @llm_completion_callback()
+        def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> Any:
+            raise NotImplementedError
+
+    return EchoLLM()
+
+
+def test_runs_over_the_same_context_never_link(
+    db_path: str, documents: list[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression (issue 11): a shared ``TokenTextSplitter.split_text`` span node linked the
+    lineage of one query to the answers of earlier ones. Spans are calls now: each run has
+    its own, nothing on the span path hashes anything, and no lineage leaves its run."""
+    from llama_index.core.embeddings import MockEmbedding
+
+    import musubi_core.identity as identity
+    from musubi_core import Engine
+
+    # A constant embedding: every question retrieves the same context (the worst case).
+    index = VectorStoreIndex.from_documents(documents, embed_model=MockEmbedding(embed_dim=8))
+    engine = Engine(SQLiteStore(db_path), namespace="t")
+    # Models not patched: lineage only, every query runs (as in the span benchmark).
+    instrument(engine=engine, lineage=True, use_settings=False)
+
+    def no_hashing(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the span path computed a content identity")
+
+    monkeypatch.setattr(identity, "canonical_bytes", no_hashing)
+    qe = index.as_query_engine(llm=_echo_llm())
+    n = 4
+    for i in range(n):
+        qe.query(f"What does musubi mean? (variant {i})")
+    monkeypatch.undo()
+    uninstrument()
+    engine.close()
+
+    assert lin.nodes(db_path) == {}  # spans are never nodes
+    lin.assert_runs_are_trees(db_path)
+    runs = lin.runs(db_path, "llama_index")
+    assert len(runs) == n
+    for i, run in enumerate(runs):
+        calls = lin.calls(db_path, run["run_id"])
+        splitters = [c for c in calls if c["op_name"] == "TokenTextSplitter.split_text"]
+        assert splitters  # each run its own
+        (answer,) = [c for c in calls if c["op_name"] == "EchoLLM.complete"]
+        ups = lin.upstream(db_path, answer["call_id"])
+        assert {c["run_id"] for c in ups} == {run["run_id"]}
+        assert f"variant {i}" in (answer["output_preview"] or "")
+    # Every flow joins two calls of one run.
+    run_of = {c["call_id"]: c["run_id"] for c in lin.calls(db_path)}
+    assert all(run_of[src] == run_of[dst] for src, dst in lin.flows(db_path))
+
+
+def test_root_span_inside_a_step_or_trace_joins_that_run(
+    openai_server: OpenAIServer, db_path: str, llm: Any, embed_model: Any, documents: list[Any]
+) -> None:
+    from musubi_core import Engine, step, use_engine
+    from musubi_core.record import trace
+
+    engine = Engine(SQLiteStore(db_path))
+    instrument(engine=engine, llm=llm, embed_model=embed_model)
+    index = VectorStoreIndex.from_documents(documents, embed_model=embed_model)
+    qe = index.as_query_engine(llm=llm)
+
+    @step(name="ask")
+    def ask(question: str) -> str:
+        return str(qe.query(question))
+
+    with use_engine(engine):
+        ask(QUESTION)
+        with trace("two questions"):
+            qe.query(QUESTION)
+            qe.query("Where is the lineage kept?")
+    uninstrument()
+    engine.close()
+
+    lin.assert_runs_are_trees(db_path)
+    (step_run,) = lin.runs(db_path, "step")
+    step_calls = lin.calls(db_path, step_run["run_id"])
+    (step_call,) = [c for c in step_calls if c["kind"] == "step"]
+    (query_root,) = [c for c in step_calls if c["op_name"] == "RetrieverQueryEngine.query"]
+    assert query_root["parent_call_id"] == step_call["call_id"]
+    assert any(c["kind"] == "llm" for c in step_calls)
+    (script,) = lin.runs(db_path, "script")
+    roots = [
+        c
+        for c in lin.calls(db_path, script["run_id"])
+        if c["op_name"] == "RetrieverQueryEngine.query"
+    ]
+    assert len(roots) == 2 and all(c["parent_call_id"] is None for c in roots)
+    assert not [
+        r for r in lin.runs(db_path, "llama_index") if r["name"] == "RetrieverQueryEngine.query"
+    ]
+
+
+def test_query_in_a_durable_step_joins_the_durable_run(
+    openai_server: OpenAIServer, tmp_path: Any, llm: Any, embed_model: Any, documents: list[Any]
+) -> None:
+    from musubi_core import run as durable_run
+
+    db = str(tmp_path / "durable.db")
+    instrument(db, llm=llm, embed_model=embed_model)
+    qe = VectorStoreIndex.from_documents(documents, embed_model=embed_model).as_query_engine(
+        llm=llm
+    )
+
+    def workflow(ctx: Any) -> str:
+        return ctx.step("ask", lambda: str(qe.query(QUESTION)))
+
+    durable_run(db, workflow)
+    uninstrument()
+    lin.assert_runs_are_trees(db)
+    (run,) = lin.runs(db, "durable")
+    calls = lin.calls(db, run["run_id"])
+    (ask,) = [c for c in calls if c["op_name"] == "ask"]
+    (root,) = [c for c in calls if c["op_name"] == "RetrieverQueryEngine.query"]
+    assert root["parent_call_id"] == ask["call_id"]
+    assert any(c["kind"] == "llm" and c["node_id"] for c in calls)
+
+
+def test_workflow_run_is_a_run_of_its_steps(
     openai_server: OpenAIServer, db_path: str, llm: Any
 ) -> None:
     import asyncio
@@ -138,17 +372,42 @@ def test_workflow_steps_are_nodes_of_their_run(
     assert openai_server.count() == 0
     uninstrument()
 
-    with sqlite3.connect(db_path) as c:
-        steps = c.execute(
-            "SELECT label, run_id FROM musubi_nodes WHERE kind = 'workflow_step'"
-        ).fetchall()
-    labels = {label for label, _ in steps}
-    assert {"Writer.draft", "Writer.polish"} <= labels
-    assert all(run_id for _, run_id in steps)
-    nodes, edges = _graph(db_path)
-    step_ids = {n for n, (_, lab) in nodes.items() if lab in ("Writer.draft", "Writer.polish")}
-    llm_ids = {n for n, (k, _) in nodes.items() if k == "llm"}
-    assert llm_ids <= _reachable(edges, step_ids, {"contains"})
+    lin.assert_runs_are_trees(db_path)
+    runs = lin.runs(db_path, "workflow")
+    assert [r["name"] for r in runs] == ["Writer.run", "Writer.run"]
+    for run, replayed in zip(runs, (0, 1), strict=True):
+        calls = {c["call_id"]: c for c in lin.calls(db_path, run["run_id"])}
+        steps = {c["op_name"]: c for c in calls.values() if c["kind"] == "workflow_step"}
+        assert set(steps) == {"Writer.draft", "Writer.polish"}
+        llm_calls = [c for c in calls.values() if c["kind"] == "llm"]
+        assert len(llm_calls) == 2 and {c["replayed"] for c in llm_calls} == {replayed}
+        assert {calls[c["parent_call_id"]]["op_name"] for c in llm_calls} == set(steps)
+        # The draft flowed into the polishing step (by content: the Drafted event).
+        polish_up = {c["op_name"] for c in lin.upstream(db_path, steps["Writer.polish"]["call_id"])}
+        assert "Writer.draft" in polish_up
+
+
+def test_failed_query_is_a_failed_run(
+    openai_server: OpenAIServer, db_path: str, llm: Any, embed_model: Any, documents: list[Any]
+) -> None:
+    from tests.support.openai_server import ChatReply
+
+    openai_server.enqueue_chat(ChatReply(status=400, error="the model refused"))
+    instrument(db_path, llm=llm, embed_model=embed_model)
+    index = VectorStoreIndex.from_documents(documents, embed_model=embed_model)
+    with pytest.raises(Exception, match="the model refused"):
+        index.as_query_engine(llm=llm).query(QUESTION)
+    uninstrument()
+    lin.assert_runs_are_trees(db_path)
+    run, calls = _query_run(db_path)
+    assert run["status"] == "failed" and "the model refused" in (run["error"] or "")
+    assert calls["RetrieverQueryEngine.query"]["status"] == "failed"
+    chat = calls["OpenAI.chat"]
+    assert chat["status"] == "failed" and chat["node_id"] is None
+    assert "the model refused" in (chat["error"] or "")
+    assert calls["VectorIndexRetriever.retrieve"]["status"] == "done"
+    # A failed request is not a node: nothing replays it.
+    assert "llm" not in {n["kind"] for n in lin.nodes(db_path).values()}
 
 
 def test_broken_store_never_breaks_llamaindex(
@@ -159,104 +418,6 @@ def test_broken_store_never_breaks_llamaindex(
     with pytest.warns(RuntimeWarning, match="musubi"):
         instrument(str(bad), llm=llm, embed_model=embed_model)
         index = VectorStoreIndex.from_documents(documents, embed_model=embed_model)
-        answer = index.as_query_engine(llm=llm).query("What does musubi mean?")
+        answer = index.as_query_engine(llm=llm).query(QUESTION)
     assert "answer-" in str(answer)
     assert openai_server.count("chat") == 1
-
-
-@pytest.mark.parametrize(
-    "component",
-    [
-        None,
-        {"class": "x.Y", "params": {"top_k": 2, "mode": "compact"}},
-        # Equal under ==, different canonical encodings: the memo must keep them apart.
-        {"class": "x.Y", "params": {"v": 1}},
-        {"class": "x.Y", "params": {"v": 1.0}},
-        {"class": "x.Y", "params": {"v": True}},
-        {"class": "x.Y", "params": {"v": [1, "a", None, 0.5]}},
-    ],
-)
-def test_span_key_memo_matches_engine_key(tmp_path: Any, component: Any) -> None:
-    from musubi_core import Engine, SQLiteStore
-    from musubi_llama_index._lineage import span_key
-
-    with Engine(SQLiteStore(str(tmp_path / "k.db"))) as engine:
-        inputs = {"query": "What is musubi?", "n": 3}
-        for _ in range(2):  # a miss, then a memo hit
-            got = span_key("llama_index:X.query", inputs, component)
-            want = engine.key("llama_index:X.query", inputs, fingerprint={"component": component})
-            assert got == want
-    ids = {span_key("op", {}, {"params": {"v": v}}).node_id for v in (1, 1.0, True)}
-    assert len(ids) == 3
-
-
-def _echo_llm() -> Any:
-    """An in-process LLM whose answer carries the question of its prompt: distinct questions
-    over the same retrieved context give distinct outputs."""
-    from llama_index.core.llms import CompletionResponse, CustomLLM, LLMMetadata
-    from llama_index.core.llms.callbacks import llm_completion_callback
-
-    class EchoLLM(CustomLLM):
-        model: str = "echo"
-
-        @property
-        def metadata(self) -> LLMMetadata:
-            return LLMMetadata(model_name=self.model)
-
-        @llm_completion_callback()
-        def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> Any:
-            question = prompt.rsplit("Query:", 1)[-1].split("Answer:", 1)[0].strip()
-            return CompletionResponse(text=f"the answer to {question!r}")
-
-        @llm_completion_callback()
-        def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> Any:
-            raise NotImplementedError
-
-    return EchoLLM()
-
-
-def test_distinct_queries_never_share_a_span_node(db_path: str, documents: list[Any]) -> None:
-    """Regression: ``DefaultRefineProgram.__call__`` is called with the context only (the
-    question is partially formatted into the prompt the program holds), so its identity
-    missed the question: distinct queries over the same context collided on one node, which
-    was re-written with each new answer (its data-descendants marked stale)."""
-    from llama_index.core.embeddings import MockEmbedding
-
-    from musubi_core import Engine, SQLiteStore
-
-    # A constant embedding: every question retrieves the same context (the worst case).
-    index = VectorStoreIndex.from_documents(documents, embed_model=MockEmbedding(embed_dim=8))
-    engine = Engine(SQLiteStore(db_path), namespace="t")
-    # Models not patched: lineage only, every query runs (as in the span benchmark).
-    instrument(engine=engine, lineage=True, use_settings=False)
-    qe = index.as_query_engine(llm=_echo_llm())
-    n = 6
-    for i in range(n):
-        qe.query(f"What does musubi mean? (variant {i})")
-        engine.flush()  # one write batch per query: a collision is a re-write, not a merge
-
-    def rows() -> list[tuple[str, str, int, str]]:
-        with sqlite3.connect(db_path) as c:
-            return list(c.execute("SELECT node_id, op_name, exec_count, status FROM musubi_nodes"))
-
-    first = rows()
-    # A text splitter sees the same context text under the same settings: a legitimate
-    # re-execution with the same output. Every other span ran once per distinct query.
-    repeating = {"llama_index:TokenTextSplitter.split_text"}
-    rewritten = [(op, cnt) for _, op, cnt, _ in first if cnt != 1 and op not in repeating]
-    assert rewritten == []
-    assert [op for _, op, _, status in first if status != "done"] == []
-    per_op: dict[str, int] = defaultdict(int)
-    for _, op, _, _ in first:
-        per_op[op] += 1
-    assert per_op["llama_index:DefaultRefineProgram.__call__"] == n
-    assert per_op["llama_index:RetrieverQueryEngine.query"] == n
-
-    # The same query again maps onto the same nodes: nothing added, nothing stale.
-    qe.query("What does musubi mean? (variant 2)")
-    engine.flush()
-    again = rows()
-    uninstrument()
-    engine.close()
-    assert {r[0] for r in again} == {r[0] for r in first}
-    assert [op for _, op, _, status in again if status != "done"] == []

@@ -92,6 +92,18 @@ def test_async_gather_queries_replay(
     openai_server.clear_log()
     assert asyncio.run(run()) == first
     assert openai_server.count() == 0
+    # Concurrent queries are runs of their own, each one tree with its own LLM call.
+    from musubi_llama_index import uninstrument
+    from tests.support import lineage as lin
+
+    uninstrument()
+    lin.assert_runs_are_trees(db_path)
+    runs = [r for r in lin.runs(db_path, "llama_index") if r["name"] == "RetrieverQueryEngine.aquery"]
+    assert len(runs) == 6
+    for run in runs:
+        calls = lin.calls(db_path, run["run_id"])
+        assert len([c for c in calls if c["kind"] == "llm"]) == 1
+        assert len([c for c in calls if c["parent_call_id"] is None]) == 1
 
 
 def test_streaming_query_replays_as_generator(
@@ -111,6 +123,17 @@ def test_streaming_query_replays_as_generator(
     chunks2 = list(second.response_gen)
     assert openai_server.count() == 0, openai_server.counts()
     assert chunks2 == chunks1
+    # The streamed LLM request is a call of its node both times (recorded when the stream
+    # ended, after the query's spans exited), executed and then replayed.
+    from musubi_llama_index import uninstrument
+    from tests.support import lineage as lin
+
+    uninstrument()
+    llm_calls = [c for c in lin.calls(db_path) if c["kind"] == "llm" and c["node_id"]]
+    assert [c["replayed"] for c in llm_calls] == [0, 1]
+    assert llm_calls[0]["node_id"] == llm_calls[1]["node_id"]
+    assert all(c["status"] == "done" and c["output_preview"] for c in llm_calls)
+    lin.assert_runs_are_trees(db_path)
 
 
 def test_async_streaming_replays(

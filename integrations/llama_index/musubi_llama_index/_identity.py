@@ -8,11 +8,10 @@ the core hashes: never ``repr()``, ``id()`` or memory addresses, and never secre
   (api_key, api_base, headers, timeouts, clients) excluded.
 * :func:`message_identity` / :func:`llm_call_inputs` -- the request of one LLM call with
   volatile fields (provider tool-call ids) removed.
-* :func:`identity_view` -- a bounded structural view of arbitrary span arguments (nodes by
-  content hash, query bundles by their strings, unknown objects by class name only).
-* :func:`prompt_identity` -- a prompt template held by a component: its template text and its
-  partially formatted variables (``query_str`` bound by ``partial_format``).
-* :func:`text_atoms` -- the texts a value carries, for content-based data edges.
+* :func:`identity_view` -- a bounded structural view of the extra arguments of an LLM call
+  (nodes by content hash, query bundles by their strings, unknown objects by class name only).
+
+Spans have no identity (they are calls, recorded, never replayed): nothing here runs for them.
 
 Example::
 
@@ -37,9 +36,7 @@ __all__ = [
     "llm_call_inputs",
     "message_identity",
     "model_fingerprint",
-    "prompt_identity",
     "scrub",
-    "text_atoms",
 ]
 
 # Field names that never enter identity: credentials, transport, plumbing. Matched on the
@@ -233,7 +230,7 @@ def llm_call_inputs(kind: str, payload: Any, kwargs: Mapping[str, Any]) -> dict[
     return {"kind": kind, "input": body, "kwargs": kw}
 
 
-# ----------------------------------------------------------------------------- spans
+# ----------------------------------------------------------------------------- call arguments
 _MAX_ITEMS = 256
 
 
@@ -321,98 +318,3 @@ def identity_view(value: Any, depth: int = 0) -> Any:
         return {"__class__": class_path(type(value)), **identity_view(data, depth + 1)}
     # Unknown objects (components, contexts, callables): class only, never repr/id.
     return {"__class__": class_path(type(value))}
-
-
-def prompt_identity(prompt: Any, depth: int = 0) -> Any:
-    """What a ``BasePromptTemplate`` contributes to the text it formats: class, template
-    (text or chat messages), partially formatted variables, variable mappings, and for a
-    ``SelectorPromptTemplate`` the same for its default and conditional templates.
-
-    Components such as ``DefaultRefineProgram`` are built per query around a template that
-    ``partial_format(query_str=...)`` bound the question into, and called with the context
-    only: the bound variables are part of what the call computes from.
-    """
-    if depth > 4:
-        return {"__truncated__": True}
-    # Fields read from the instance dict: getattr of a missing name on a pydantic model
-    # goes through its __getattr__ and an exception (microseconds each, several per span).
-    fields: Mapping[str, Any] = getattr(prompt, "__dict__", None) or {}
-    out: dict[str, Any] = {
-        "class": class_path(type(prompt)),
-        "kwargs": identity_view(fields.get("kwargs") or {}),
-    }
-    found = False
-    template = fields.get("template")
-    if isinstance(template, str):  # PromptTemplate
-        out["template"] = template
-        found = True
-    messages = fields.get("message_templates")
-    if isinstance(messages, (list, tuple)):  # ChatPromptTemplate
-        out["messages"] = [message_identity(m) for m in messages[:_MAX_ITEMS]]
-        found = True
-    default = fields.get("default_template")
-    if default is not None:  # SelectorPromptTemplate
-        out["default"] = prompt_identity(default, depth + 1)
-        out["conditionals"] = [
-            prompt_identity(p, depth + 1)
-            for _, p in list(fields.get("conditionals") or [])[:_MAX_ITEMS]
-        ]
-        found = True
-    if not found:  # another template shape: its generic structural view
-        return {**out, "view": identity_view(prompt, depth + 1)}
-    mappings = fields.get("template_var_mappings")
-    if mappings:
-        out["var_mappings"] = scrub(mappings)
-    functions = fields.get("function_mappings")
-    if functions:
-        out["function_mappings"] = sorted(str(k) for k in functions)
-    parser = fields.get("output_parser")
-    if parser is not None:
-        out["output_parser"] = class_path(type(parser))
-    return out
-
-
-def text_atoms(value: Any, depth: int = 0, out: list[str] | None = None) -> list[str]:
-    """Texts carried by a value (node contents, response texts), for data-edge matching."""
-    acc: list[str] = [] if out is None else out
-    if depth > 5 or len(acc) > _MAX_ITEMS:
-        return acc
-    if isinstance(value, str):
-        if len(value.strip()) >= 12:
-            acc.append(value)
-        return acc
-    if isinstance(value, Mapping):
-        for v in list(value.values())[:_MAX_ITEMS]:
-            text_atoms(v, depth + 1, acc)
-        return acc
-    if isinstance(value, (list, tuple)):
-        for v in list(value)[:_MAX_ITEMS]:
-            text_atoms(v, depth + 1, acc)
-        return acc
-    if hasattr(value, "node") and hasattr(value, "score"):
-        return text_atoms(value.node, depth + 1, acc)
-    if hasattr(value, "get_content") and hasattr(value, "node_id"):
-        try:
-            text = value.get_content()
-        except Exception:
-            return acc
-        return text_atoms(text, depth + 1, acc)
-    name = type(value).__name__
-    if name in ("Response", "PydanticResponse"):
-        return text_atoms(getattr(value, "response", None), depth + 1, acc)
-    if name == "QueryBundle":
-        return text_atoms(value.query_str, depth + 1, acc)
-    if name == "ChatResponse":
-        return text_atoms(value.message, depth + 1, acc)
-    if name == "CompletionResponse":
-        return text_atoms(value.text, depth + 1, acc)
-    if hasattr(value, "blocks") and hasattr(value, "role"):
-        for b in value.blocks:
-            text_atoms(getattr(b, "text", None), depth + 1, acc)
-        return acc
-    fields = getattr(type(value), "model_fields", None)
-    if isinstance(fields, dict) and not hasattr(value, "class_name"):
-        # Plain pydantic results (StructuredRefineResponse, workflow events): their fields.
-        for name in list(fields)[:32]:
-            text_atoms(getattr(value, name, None), depth + 1, acc)
-    return acc

@@ -57,7 +57,8 @@ class Instrumentation:
     watch: UnpatchedModelWatch | None = None
 
     def flush(self) -> None:
-        """Write buffered span nodes and edges now (they are also flushed at exit)."""
+        """Commit the calls, runs and nodes recorded so far (the recorder also commits at least
+        every second, and at exit)."""
         self.runtime.flush()
 
 

@@ -27,8 +27,6 @@ Example::
 
 from __future__ import annotations
 
-import contextvars
-import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
@@ -36,7 +34,9 @@ from typing import Any
 from llama_index.core.base.llms.types import ChatMessage, ChatResponse, CompletionResponse
 
 from musubi_core import StepConfiguration, StepType
-from musubi_llama_index import _lineage
+from musubi_llama_index import _embed
+from musubi_llama_index import _models as _m
+from musubi_llama_index._content import brief, prompt_text, usage_of
 from musubi_llama_index._identity import llm_call_inputs, model_fingerprint
 from musubi_llama_index._runtime import Runtime, guarded, warn_once
 from musubi_llama_index._serde import (
@@ -49,135 +49,112 @@ from musubi_llama_index._serde import (
 
 __all__ = ["is_patched", "patch_embedding", "patch_llm", "patched_objects", "unpatch"]
 
-_SPAN_ATTR = "__dispatcher_span_decorated__"
 OP_CHAT = "llama_index.llm.chat"
 OP_COMPLETE = "llama_index.llm.complete"
-OP_EMBED = "llama_index.embedding"
-
-# id(instance) of objects currently executing their *original* method: nested calls made by
-# the provider itself (MockLLM.acomplete -> self.complete, base _get_text_embeddings ->
-# self._get_text_embedding) pass straight through, so only the outermost call is a node.
-_inside: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar(
-    "musubi_li_inside", default=frozenset()
-)
-
-_lock = threading.RLock()
-_subclasses: dict[type, type] = {}
-# id(obj) -> (obj, original class, runtime)
-_patched: dict[int, tuple[Any, type, Runtime]] = {}
-
-
-# ----------------------------------------------------------------------------- helpers
-def _runtime_of(obj: Any) -> Runtime | None:
-    with _lock:
-        entry = _patched.get(id(obj))
-    return entry[2] if entry is not None and entry[0] is obj else None
-
-
-def _mark(fn: Callable[..., Any]) -> Callable[..., Any]:
-    setattr(fn, _SPAN_ATTR, True)  # DispatcherSpanMixin: "already a span", do not wrap
-    return fn
-
-
-class _Guard:
-    """Marks ``obj`` as running its original method in the current context."""
-
-    __slots__ = ("_obj", "_token")
-
-    def __init__(self, obj: Any) -> None:
-        self._obj = obj
-        self._token: contextvars.Token[frozenset[int]] | None = None
-
-    def __enter__(self) -> None:
-        self._token = _inside.set(_inside.get() | {id(self._obj)})
-
-    def __exit__(self, *exc: object) -> None:
-        if self._token is not None:
-            try:
-                _inside.reset(self._token)
-            except ValueError:  # token from another context (generator moved): best effort
-                _inside.set(_inside.get() - {id(self._obj)})
-
-
-def _passthrough(obj: Any) -> bool:
-    return id(obj) in _inside.get() or _runtime_of(obj) is None
-
-
-def _usage(resp: Any) -> tuple[int | None, int | None]:
-    raw = getattr(resp, "raw", None)
-    usage = raw.get("usage") if isinstance(raw, dict) else getattr(raw, "usage", None)
-    if isinstance(usage, dict):
-        p, c = usage.get("prompt_tokens"), usage.get("completion_tokens")
-    else:
-        p, c = getattr(usage, "prompt_tokens", None), getattr(usage, "completion_tokens", None)
-    ak = getattr(resp, "additional_kwargs", None) or {}
-    p = p if isinstance(p, int) else ak.get("prompt_tokens")
-    c = c if isinstance(c, int) else ak.get("completion_tokens")
-    return (p if isinstance(p, int) else None, c if isinstance(c, int) else None)
 
 
 class _Call:
-    """One LLM call: its key, and how to look it up / record it."""
+    """One LLM call: its key, how to look it up / record it, and its call record."""
 
     def __init__(self, obj: Any, rt: Runtime, kind: str, payload: Any, kwargs: dict[str, Any]):
         self.obj = obj
         self.rt = rt
         self.kind = kind
         self.op = OP_CHAT if kind == "chat" else OP_COMPLETE
+        self.label = f"{type(obj).__name__}.{kind}"
         self.config = StepConfiguration(step_type=StepType.STOCHASTIC, ttl_seconds=rt.ttl_seconds)
         self.inputs = llm_call_inputs(kind, payload, kwargs)
-        self.input_text = _lineage.input_text(payload)
-        # The span the call was made in: a stream is recorded after that span has exited.
-        self.span_id = _lineage.current_span_id()
         original = type(obj).__dict__.get("__musubi_original__", type(obj))
         fp = model_fingerprint(obj, original_cls=original)
         self.key = guarded(
             lambda: rt.engine().key(self.op, self.inputs, fingerprint=fp), None, topic="key"
         )
+        # Its call: under the span it is made in (a stream is recorded after that span has
+        # exited, so the place is taken now).
+        self.call = _m.begin(rt, "llm", self.label, _m.model_name(obj), prompt_text(payload))
         self.t0 = time.perf_counter()
 
+    def guard(self) -> _m.Guard:
+        return _m.Guard(self.obj, self.call)
+
     def lookup(self) -> Any | None:
-        """The stored value on a replay, else None."""
+        """What the store holds for this call when it replays (a ``Lookup``), else None."""
         key = self.key
         if key is None:
             return None
         hit = guarded(lambda: self.rt.engine().lookup(key, config=self.config), None)
         if hit is None or not hit.replay:
             return None
-        _lineage.on_leaf(
-            key.node_id, "llm", self.input_text, _atoms_of_value(hit.value), self.span_id
+        return hit
+
+    def replayed(self, hit: Any) -> None:
+        """Record the call as a replay of its node (served from ``hit``)."""
+        node = hit.node
+        if node is None:
+            self._end(hit.value, None, None, True, (None, None), None)
+        else:
+            tokens = (node.tokens_in, node.tokens_out)
+            self._end(hit.value, node.node_id, node.artifact_id, True, tokens, node.duration_s)
+
+    def _end(
+        self,
+        value: Any,
+        node_id: str | None,
+        artifact_id: str | None,
+        replayed: bool,
+        tokens: tuple[int | None, int | None],
+        saved_s: float | None,
+    ) -> None:
+        texts = _atoms_of_value(value)
+        _m.end(
+            self.call,
+            node_id=node_id,
+            artifact_id=artifact_id,
+            replayed=replayed,
+            tokens=tokens,
+            saved_s=saved_s,
+            texts=texts,
+            output_preview=_preview(value, texts),
         )
-        return hit.value
+
+    def failed(self, err: BaseException) -> None:
+        _m.failed(self.call, err)
+
+    def recorded(self, resp: Any) -> Any:
+        """Record an executed response; returns it."""
+        self.record(resp, None)
+        return resp
 
     def record(self, resp: Any, deltas: list[str] | None) -> None:
         key = self.key
-        if key is None:
-            return
         final = (
             dump_chat_response(resp)
             if isinstance(resp, ChatResponse)
             else dump_completion_response(resp)
         )
         value = {"final": final, "deltas": deltas}
-        tin, tout = _usage(resp)
+        tin, tout = usage_of(resp)
         duration = time.perf_counter() - self.t0
-        guarded(
-            lambda: self.rt.engine().record(
-                key,
-                value,
-                self.config,
-                kind="llm",
-                duration_s=duration,
-                tokens_in=tin,
-                tokens_out=tout,
-                label=f"{type(self.obj).__name__}.{self.kind}",
-            ),
-            None,
-            topic="record",
-        )
-        _lineage.on_leaf(
-            key.node_id, "llm", self.input_text, _atoms_of_value(value), self.span_id
-        )
+        recorded = None
+        if key is not None:
+            recorded = guarded(
+                lambda: self.rt.engine().record(
+                    key,
+                    value,
+                    self.config,
+                    kind="llm",
+                    duration_s=duration,
+                    tokens_in=tin,
+                    tokens_out=tout,
+                    label=self.label,
+                ),
+                None,
+                topic="record",
+            )
+        if recorded is None:
+            self._end(value, None, None, False, (tin, tout), None)
+        else:
+            self._end(value, recorded.node_id, recorded.artifact_id, False, (tin, tout), None)
 
 
 def _atoms_of_value(value: Any) -> list[str]:
@@ -189,6 +166,27 @@ def _atoms_of_value(value: Any) -> list[str]:
         return [t for t in texts if isinstance(t, str)]
     except (KeyError, TypeError, AttributeError):
         return []
+
+
+def _preview(value: Any, texts: list[str]) -> str | None:
+    """An LLM answer's preview: its text, else the tools it called."""
+    if texts:
+        return brief(texts[0])
+    try:
+        message = value["final"]["message"]
+        called = [
+            f"{b.get('tool_name')}({b.get('tool_kwargs')})"
+            for b in message["blocks"]
+            if b.get("block_type") == "tool_call"
+        ]
+        if not called:
+            extra = message.get("additional_kwargs") or {}
+            for tc in (extra.get("tool_calls") or {}).get("__tool_calls__", []):
+                fn = tc.get("function") or {}
+                called.append(f"{fn.get('name')}({fn.get('arguments')})")
+    except (KeyError, TypeError, AttributeError):
+        return None
+    return brief("tool calls: " + ", ".join(called)) if called else None
 
 
 def _decode(kind: str, stored: Any, *, delta: str | None = None, text: str | None = None) -> Any:
@@ -231,107 +229,82 @@ def _replay_chunks(kind: str, stored: Any) -> list[Any]:
 
 # ----------------------------------------------------------------------------- LLM overrides
 def _make_llm_methods(cls: type) -> dict[str, Any]:
-    def _sync(kind: str, name: str) -> Callable[..., Any]:
+    def _start(self: Any, kind: str, args: Any, kwargs: Any) -> _Call:
+        rt = _m.runtime_of(self)
+        assert rt is not None
+        payload, call_kwargs = _split_args(kind, args, kwargs)
+        return _Call(self, rt, kind, payload, call_kwargs)
+
+    def _served(call: _Call, kind: str, stream: bool) -> Any | None:
+        """The stored response (a list of chunks for a stream) of a replay, its call
+        recorded; None when the call executes."""
+        hit = call.lookup()
+        if hit is None:
+            return None
+        if stream:
+            try:
+                served: Any = _replay_chunks(kind, hit.value)
+            except (DecodeFailure, KeyError, TypeError, ValueError) as exc:
+                warn_once("decode", f"stored stream could not be decoded ({exc})")
+                return None
+        else:
+            served = _decode_or_none(kind, hit.value)
+            if served is None:
+                return None
+        call.replayed(hit)
+        return served
+
+    def _sync(kind: str, name: str, stream: bool) -> Callable[..., Any]:
         original = getattr(cls, name)
 
         def method(self: Any, *args: Any, **kwargs: Any) -> Any:
-            if _passthrough(self):
+            if _m.passthrough(self):
                 return original(self, *args, **kwargs)
-            rt = _runtime_of(self)
-            assert rt is not None
-            payload, call_kwargs = _split_args(kind, args, kwargs)
-            call = _Call(self, rt, kind, payload, call_kwargs)
-            stored = call.lookup()
-            if stored is not None:
-                resp = _decode_or_none(kind, stored)
-                if resp is not None:
-                    return resp
-            with _Guard(self):
-                resp = original(self, *args, **kwargs)
-            call.record(resp, None)
-            return resp
+            call = _start(self, kind, args, kwargs)
+            served = _served(call, kind, stream)
+            if served is not None:
+                return iter(served) if stream else served
+            try:
+                with call.guard():
+                    out = original(self, *args, **kwargs)
+            except BaseException as err:
+                call.failed(err)
+                raise
+            return _recording_gen(call, out) if stream else call.recorded(out)
 
         method.__name__ = name
-        return _mark(method)
+        return _m.mark(method)
 
-    def _async(kind: str, name: str) -> Callable[..., Any]:
+    def _async(kind: str, name: str, stream: bool) -> Callable[..., Any]:
         original = getattr(cls, name)
 
         async def method(self: Any, *args: Any, **kwargs: Any) -> Any:
-            if _passthrough(self):
+            if _m.passthrough(self):
                 return await original(self, *args, **kwargs)
-            rt = _runtime_of(self)
-            assert rt is not None
-            payload, call_kwargs = _split_args(kind, args, kwargs)
-            call = _Call(self, rt, kind, payload, call_kwargs)
-            stored = call.lookup()
-            if stored is not None:
-                resp = _decode_or_none(kind, stored)
-                if resp is not None:
-                    return resp
-            with _Guard(self):
-                resp = await original(self, *args, **kwargs)
-            call.record(resp, None)
-            return resp
+            call = _start(self, kind, args, kwargs)
+            served = _served(call, kind, stream)
+            if served is not None:
+                return _async_iter(served) if stream else served
+            try:
+                with call.guard():
+                    out = await original(self, *args, **kwargs)
+            except BaseException as err:
+                call.failed(err)
+                raise
+            return _recording_agen(call, out) if stream else call.recorded(out)
 
         method.__name__ = name
-        return _mark(method)
-
-    def _stream(kind: str, name: str) -> Callable[..., Any]:
-        original = getattr(cls, name)
-
-        def method(self: Any, *args: Any, **kwargs: Any) -> Any:
-            if _passthrough(self):
-                return original(self, *args, **kwargs)
-            rt = _runtime_of(self)
-            assert rt is not None
-            payload, call_kwargs = _split_args(kind, args, kwargs)
-            call = _Call(self, rt, kind, payload, call_kwargs)
-            stored = call.lookup()
-            if stored is not None:
-                try:
-                    return iter(_replay_chunks(kind, stored))
-                except (DecodeFailure, KeyError, TypeError, ValueError) as exc:
-                    warn_once("decode", f"stored stream could not be decoded ({exc})")
-            with _Guard(self):
-                inner = original(self, *args, **kwargs)
-            return _recording_gen(self, call, inner)
-
-        method.__name__ = name
-        return _mark(method)
-
-    def _astream(kind: str, name: str) -> Callable[..., Any]:
-        original = getattr(cls, name)
-
-        async def method(self: Any, *args: Any, **kwargs: Any) -> Any:
-            if _passthrough(self):
-                return await original(self, *args, **kwargs)
-            rt = _runtime_of(self)
-            assert rt is not None
-            payload, call_kwargs = _split_args(kind, args, kwargs)
-            call = _Call(self, rt, kind, payload, call_kwargs)
-            stored = call.lookup()
-            if stored is not None:
-                try:
-                    return _async_iter(_replay_chunks(kind, stored))
-                except (DecodeFailure, KeyError, TypeError, ValueError) as exc:
-                    warn_once("decode", f"stored stream could not be decoded ({exc})")
-            with _Guard(self):
-                inner = await original(self, *args, **kwargs)
-            return _recording_agen(self, call, inner)
-
-        method.__name__ = name
-        return _mark(method)
+        return _m.mark(method)
 
     return {
-        "chat": _sync("chat", "chat"),
-        "complete": _sync("complete", "complete"),
-        "achat": _async("chat", "achat"),
-        "acomplete": _async("complete", "acomplete"),
-        "stream_chat": _stream("chat", "stream_chat"),
-        "stream_complete": _stream("complete", "stream_complete"),
-        "astream_chat": _astream("chat", "astream_chat"),
-        "astream_complete": _astream("complete", "astream_complete"),
+        "chat": _sync("chat", "chat", False),
+        "complete": _sync("complete", "complete", False),
+        "achat": _async("chat", "achat", False),
+        "acomplete": _async("complete", "acomplete", False),
+        "stream_chat": _sync("chat", "stream_chat", True),
+        "stream_complete": _sync("complete", "stream_complete", True),
+        "astream_chat": _async("chat", "astream_chat", True),
+        "astream_complete": _async("complete", "astream_complete", True),
     }
 
 
@@ -354,15 +327,19 @@ def _split_args(
     return payload, out
 
 
-def _recording_gen(obj: Any, call: _Call, inner: Iterator[Any]) -> Iterator[Any]:
+def _recording_gen(call: _Call, inner: Iterator[Any]) -> Iterator[Any]:
+    """The provider's stream, recorded when it is exhausted."""
     deltas: list[str] = []
     last = None
     while True:
-        with _Guard(obj):
-            try:
+        try:
+            with call.guard():
                 chunk = next(inner)
-            except StopIteration:
-                break
+        except StopIteration:
+            break
+        except BaseException as err:
+            call.failed(err)
+            raise
         last = chunk
         deltas.append(chunk.delta or "")
         yield chunk
@@ -370,15 +347,18 @@ def _recording_gen(obj: Any, call: _Call, inner: Iterator[Any]) -> Iterator[Any]
         call.record(last, deltas)
 
 
-async def _recording_agen(obj: Any, call: _Call, inner: AsyncIterator[Any]) -> AsyncIterator[Any]:
+async def _recording_agen(call: _Call, inner: AsyncIterator[Any]) -> AsyncIterator[Any]:
     deltas: list[str] = []
     last = None
     while True:
-        with _Guard(obj):
-            try:
+        try:
+            with call.guard():
                 chunk = await inner.__anext__()
-            except StopAsyncIteration:
-                break
+        except StopAsyncIteration:
+            break
+        except BaseException as err:
+            call.failed(err)
+            raise
         last = chunk
         deltas.append(chunk.delta or "")
         yield chunk
@@ -391,171 +371,6 @@ async def _async_iter(items: Sequence[Any]) -> AsyncIterator[Any]:
         yield item
 
 
-# ----------------------------------------------------------------------------- embeddings
-class _EmbedCall:
-    def __init__(self, obj: Any, rt: Runtime) -> None:
-        self.obj = obj
-        self.rt = rt
-        original = type(obj).__dict__.get("__musubi_original__", type(obj))
-        self.fp = model_fingerprint(obj, original_cls=original)
-        self.config = StepConfiguration(step_type=StepType.DETERMINISTIC)
-        self.span_id = _lineage.current_span_id()
-
-    def key(self, mode: str, text: str) -> Any:
-        return guarded(
-            lambda: self.rt.engine().key(
-                OP_EMBED, {"mode": mode, "text": text}, fingerprint=self.fp
-            ),
-            None,
-            topic="key",
-        )
-
-    def lookup(self, key: Any, text: str) -> list[float] | None:
-        if key is None:
-            return None
-        hit = guarded(lambda: self.rt.engine().lookup(key, config=self.config), None)
-        if hit is None or not hit.replay:
-            return None
-        value = hit.value
-        if not isinstance(value, list) or not all(isinstance(v, (int, float)) for v in value):
-            warn_once("decode", "stored embedding is not a list of numbers; re-executing")
-            return None
-        _lineage.on_leaf(key.node_id, "embedding", text, [], self.span_id)
-        return [float(v) for v in value]
-
-    def record(self, key: Any, text: str, vector: Sequence[float], duration: float) -> None:
-        if key is None:
-            return
-        guarded(
-            lambda: self.rt.engine().record(
-                key,
-                [float(v) for v in vector],
-                self.config,
-                kind="embedding",
-                duration_s=duration,
-                label=f"{type(self.obj).__name__}.embedding",
-                defer=True,  # ingestion embeds thousands of texts: batch the writes
-            ),
-            None,
-            topic="record",
-        )
-        _lineage.on_leaf(key.node_id, "embedding", text, [], self.span_id)
-
-
-def _make_embedding_methods(cls: type) -> dict[str, Any]:
-    def _single(name: str, mode: str, is_async: bool) -> Callable[..., Any]:
-        original = getattr(cls, name)
-
-        if is_async:
-
-            async def amethod(self: Any, text: str) -> Any:
-                if _passthrough(self):
-                    return await original(self, text)
-                rt = _runtime_of(self)
-                assert rt is not None
-                call = _EmbedCall(self, rt)
-                key = call.key(mode, text)
-                got = call.lookup(key, text)
-                if got is not None:
-                    return got
-                t0 = time.perf_counter()
-                with _Guard(self):
-                    vec = await original(self, text)
-                call.record(key, text, vec, time.perf_counter() - t0)
-                return vec
-
-            amethod.__name__ = name
-            return _mark(amethod)
-
-        def method(self: Any, text: str) -> Any:
-            if _passthrough(self):
-                return original(self, text)
-            rt = _runtime_of(self)
-            assert rt is not None
-            call = _EmbedCall(self, rt)
-            key = call.key(mode, text)
-            got = call.lookup(key, text)
-            if got is not None:
-                return got
-            t0 = time.perf_counter()
-            with _Guard(self):
-                vec = original(self, text)
-            call.record(key, text, vec, time.perf_counter() - t0)
-            return vec
-
-        method.__name__ = name
-        return _mark(method)
-
-    def _batch(name: str, is_async: bool) -> Callable[..., Any]:
-        original = getattr(cls, name)
-
-        def prepare(self: Any, texts: list[str]) -> tuple[_EmbedCall, list[Any], list[Any]]:
-            rt = _runtime_of(self)
-            assert rt is not None
-            call = _EmbedCall(self, rt)
-            keys = [call.key("text", t) for t in texts]
-            found = [call.lookup(k, t) for k, t in zip(keys, texts, strict=False)]
-            return call, keys, found
-
-        def finish(
-            call: _EmbedCall,
-            texts: list[str],
-            keys: list[Any],
-            found: list[Any],
-            missing: list[int],
-            vectors: Sequence[Sequence[float]],
-            duration: float,
-        ) -> list[list[float]]:
-            per = duration / max(1, len(missing))
-            for i, vec in zip(missing, vectors, strict=False):
-                found[i] = list(vec)
-                call.record(keys[i], texts[i], vec, per)
-            return found
-
-        if is_async:
-
-            async def amethod(self: Any, texts: list[str]) -> Any:
-                if _passthrough(self):
-                    return await original(self, texts)
-                texts = list(texts)
-                call, keys, found = prepare(self, texts)
-                missing = [i for i, v in enumerate(found) if v is None]
-                if not missing:
-                    return found
-                t0 = time.perf_counter()
-                with _Guard(self):
-                    vectors = await original(self, [texts[i] for i in missing])
-                return finish(call, texts, keys, found, missing, vectors, time.perf_counter() - t0)
-
-            amethod.__name__ = name
-            return _mark(amethod)
-
-        def method(self: Any, texts: list[str]) -> Any:
-            if _passthrough(self):
-                return original(self, texts)
-            texts = list(texts)
-            call, keys, found = prepare(self, texts)
-            missing = [i for i, v in enumerate(found) if v is None]
-            if not missing:
-                return found
-            t0 = time.perf_counter()
-            with _Guard(self):
-                vectors = original(self, [texts[i] for i in missing])
-            return finish(call, texts, keys, found, missing, vectors, time.perf_counter() - t0)
-
-        method.__name__ = name
-        return _mark(method)
-
-    return {
-        "_get_query_embedding": _single("_get_query_embedding", "query", False),
-        "_aget_query_embedding": _single("_aget_query_embedding", "query", True),
-        "_get_text_embedding": _single("_get_text_embedding", "text", False),
-        "_aget_text_embedding": _single("_aget_text_embedding", "text", True),
-        "_get_text_embeddings": _batch("_get_text_embeddings", False),
-        "_aget_text_embeddings": _batch("_aget_text_embeddings", True),
-    }
-
-
 # ----------------------------------------------------------------------------- class swap
 def _rebuild_original(cls: Any, state: Any) -> Any:
     """Unpickle a patched object as its original class (worker processes get no replay)."""
@@ -565,11 +380,11 @@ def _rebuild_original(cls: Any, state: Any) -> Any:
 
 
 def _replay_class(cls: type, kind: str) -> type:
-    with _lock:
-        cached = _subclasses.get(cls)
+    with _m.lock:
+        cached = _m.subclasses.get(cls)
         if cached is not None:
             return cached
-        methods = _make_llm_methods(cls) if kind == "llm" else _make_embedding_methods(cls)
+        methods = _make_llm_methods(cls) if kind == "llm" else _embed.make_embedding_methods(cls)
 
         def __reduce_ex__(self: Any, protocol: Any) -> Any:
             return (_rebuild_original, (cls, self.__getstate__()))
@@ -585,20 +400,20 @@ def _replay_class(cls: type, kind: str) -> type:
         # Same name as the original: span ids ("OpenAI.chat-<uuid>") and class_name() unchanged.
         meta: Any = type(cls)  # pydantic's model metaclass
         sub: type = meta(cls.__name__, (cls,), ns)
-        _subclasses[cls] = sub
+        _m.subclasses[cls] = sub
         return sub
 
 
 def _patch(obj: Any, rt: Runtime, kind: str) -> bool:
-    with _lock:
-        entry = _patched.get(id(obj))
+    with _m.lock:
+        entry = _m.patched.get(id(obj))
         if entry is not None and entry[0] is obj:
-            _patched[id(obj)] = (obj, entry[1], rt)  # re-instrument: new runtime, same class
+            _m.patched[id(obj)] = (obj, entry[1], rt)  # re-instrument: new runtime, same class
             return False
         cls = type(obj)
         sub = _replay_class(cls, kind)
         object.__setattr__(obj, "__class__", sub)
-        _patched[id(obj)] = (obj, cls, rt)
+        _m.patched[id(obj)] = (obj, cls, rt)
         return True
 
 
@@ -613,20 +428,20 @@ def patch_embedding(embed_model: Any, rt: Runtime) -> bool:
 
 
 def is_patched(obj: Any) -> bool:
-    with _lock:
-        entry = _patched.get(id(obj))
+    with _m.lock:
+        entry = _m.patched.get(id(obj))
     return entry is not None and entry[0] is obj
 
 
 def unpatch(obj: Any) -> None:
     """Restore the original class of ``obj`` (no-op if not patched)."""
-    with _lock:
-        entry = _patched.pop(id(obj), None)
+    with _m.lock:
+        entry = _m.patched.pop(id(obj), None)
         if entry is None or entry[0] is not obj:
             return
         object.__setattr__(obj, "__class__", entry[1])
 
 
 def patched_objects() -> list[Any]:
-    with _lock:
-        return [e[0] for e in _patched.values()]
+    with _m.lock:
+        return [e[0] for e in _m.patched.values()]

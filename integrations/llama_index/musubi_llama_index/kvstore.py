@@ -5,9 +5,17 @@ entry is a musubi node (op ``llama_index.kv:<scope>/<collection>``, input = the 
 entries show up in ``musubi stats`` as replays, can be invalidated, and live in the same
 SQLite file as the lineage.
 
+Every ``get``/``put`` is also a *call* (kind ``kv``, with the entry's node): under the current
+span's call when LlamaIndex lineage is recorded (an ``IngestionPipeline.run``), else under the
+current musubi frame's call (a ``@step``, a durable step, a ``trace()`` block), else in a run
+of the store's own: calls made outside any run are grouped into one ``kv`` run per store
+object, which ends when the store is flushed or closed, or has been idle for
+:data:`SESSION_IDLE_S` seconds. A get that finds nothing is a call without a node.
+
 It pickles as its path (``IngestionPipeline(num_workers=2)`` spawns processes): each worker
-reopens the file and writes its cache entries directly, so nothing is lost when the pool
-exits (LlamaIndex only merges worker writes back for in-memory stores).
+reopens the file and writes its cache entries directly (a ``put`` commits the entry and its
+call before it returns), so nothing is lost when the pool terminates its workers (LlamaIndex
+only merges worker writes back for in-memory stores).
 
 Example::
 
@@ -20,6 +28,8 @@ from __future__ import annotations
 
 import json
 import threading
+import time
+import weakref
 from typing import Any
 
 from llama_index.core.storage.kvstore.types import (
@@ -29,9 +39,38 @@ from llama_index.core.storage.kvstore.types import (
 )
 
 from musubi_core import Engine, SQLiteStore, StepConfiguration, StepType
+from musubi_core.record import RunState
+from musubi_llama_index import _calls
+from musubi_llama_index._content import brief
 from musubi_llama_index._runtime import guarded, warn_once
 
-__all__ = ["MusubiKVStore"]
+__all__ = ["SESSION_IDLE_S", "MusubiKVStore"]
+
+SESSION_IDLE_S = 2.0
+
+
+class _Session:
+    """The run that groups a store's calls made outside any run."""
+
+    __slots__ = ("calls", "last", "trace")
+
+    def __init__(self, trace: _calls.Trace) -> None:
+        self.trace = trace
+        self.last = time.monotonic()
+        self.calls = 0
+
+    def end(self) -> None:
+        state = self.trace.state
+        if not state.recorder.closed:
+            self.trace.flush(state.row("done"))
+
+
+def _end_session(holder: list[_Session]) -> None:
+    """End the open session in ``holder`` (at flush, close, or interpreter exit)."""
+    if holder:
+        session = holder.pop()
+        guarded(session.end, None, topic="kv run")
+
 
 def _json(val: dict[str, Any]) -> Any:
     # LlamaIndex values are JSON documents but may hold str-Enums (ObjectType) and tuples;
@@ -68,6 +107,12 @@ class MusubiKVStore(BaseKVStore):
         self.namespace = namespace
         self._engine_obj: Engine | None = None
         self._lock = threading.Lock()
+        self._init_session()
+
+    def _init_session(self) -> None:
+        self._session: list[_Session] = []
+        # Ends the open session's run at interpreter exit (before the recorder's last flush).
+        weakref.finalize(self, _end_session, self._session)
 
     # ------------------------------------------------------------------ plumbing
     def _engine(self) -> Engine:
@@ -86,6 +131,7 @@ class MusubiKVStore(BaseKVStore):
         self.namespace = state["namespace"]
         self._engine_obj = None
         self._lock = threading.Lock()
+        self._init_session()
 
     def __repr__(self) -> str:
         # No memory address: IngestionPipeline hashes str(to_dict()) of transformations.
@@ -97,19 +143,74 @@ class MusubiKVStore(BaseKVStore):
     def _key(self, key: str, collection: str) -> Any:
         return self._engine().key(self._op(collection), str(key))
 
-    def _record(
-        self, key: str, val: dict[str, Any], collection: str, *, defer: bool = False
-    ) -> None:
-        self._engine().record(
-            self._key(key, collection),
-            {"k": str(key), "v": _json(val)},
-            _CONFIG,
-            kind="kv",
-            label=f"kv:{collection}",
-            defer=defer,
+    def _record(self, key: str, val: dict[str, Any], collection: str) -> None:
+        """Queue the entry's node and its call (the caller flushes)."""
+        eng = self._engine()
+        k = self._key(key, collection)
+        recorded = eng.record(
+            k, {"k": str(key), "v": _json(val)}, _CONFIG, kind="kv", label=f"kv:{collection}",
+            defer=True,
         )
+        self._call(eng, "put", collection, key, k.node_id, recorded.artifact_id, False, None)
+
+    def _call(
+        self,
+        eng: Engine,
+        action: str,
+        collection: str,
+        key: str | None,
+        node_id: str | None,
+        artifact_id: str | None,
+        replayed: bool,
+        output: str | None,
+    ) -> None:
+        """Record one call of this store where it belongs (see the module docstring)."""
+        recorder = eng.recorder
+        where = _calls.place(recorder)
+        if where is None:
+            trace, parent, parent_call_id = self._session_trace(eng), None, None
+        else:
+            trace, parent, parent_call_id = where
+        call = _calls.Call(
+            None, parent, trace, parent_call_id, "kv", f"MusubiKVStore.{action}"
+        )
+        call.node_id, call.artifact_id = node_id, artifact_id
+        call.input_preview = brief(f"{self.scope}/{collection}: {key}" if key else collection)
+        _calls.finish(call, "done", output, replayed=replayed)
+
+    def _session_trace(self, eng: Engine) -> _calls.Trace:
+        holder = self._session
+        now = time.monotonic()
+        session = holder[0] if holder else None
+        if session is not None and (
+            now - session.last > SESSION_IDLE_S or session.trace.state.recorder is not eng.recorder
+        ):
+            _end_session(holder)
+            session = None
+        if session is None:
+            state = RunState(eng.recorder, "kv", repr(self), namespace=self.namespace)
+            state.start()
+            session = _Session(_calls.Trace(state, False, open_ended=True))
+            holder.append(session)
+        session.last = now
+        return session.trace
+
+    def _commit(self, eng: Engine) -> None:
+        """Commit this store's entries and calls now (pool workers are terminated without
+        running exit handlers)."""
+        if self._session:
+            self._session[0].trace.flush()
+        eng.flush()
+
+    def flush(self) -> None:
+        """End the store's own run (if one is open) and commit what it recorded."""
+        _end_session(self._session)
+        eng = self._engine_obj
+        if eng is not None:
+            guarded(eng.flush, None, topic="kv flush")
 
     def close(self) -> None:
+        _end_session(self._session)
         with self._lock:
             eng, self._engine_obj = self._engine_obj, None
         if eng is not None:
@@ -117,8 +218,14 @@ class MusubiKVStore(BaseKVStore):
 
     # ------------------------------------------------------------------ sync API
     def put(self, key: str, val: dict[str, Any], collection: str = DEFAULT_COLLECTION) -> None:
-        """Store ``val`` under ``key`` (written at once: workers may exit without atexit)."""
-        guarded(lambda: self._record(key, val, collection), None, topic="kv put")
+        """Store ``val`` under ``key``; the entry and its call are committed before this
+        returns (pool workers are terminated without running exit handlers)."""
+
+        def write() -> None:
+            self._record(key, val, collection)
+            self._commit(self._engine())
+
+        guarded(write, None, topic="kv put")
 
     def put_all(
         self,
@@ -126,13 +233,12 @@ class MusubiKVStore(BaseKVStore):
         collection: str = DEFAULT_COLLECTION,
         batch_size: int = DEFAULT_BATCH_SIZE,
     ) -> None:
-        """Store many pairs in one transaction per buffer flush."""
+        """Store many pairs in one transaction (one call per pair)."""
 
         def write() -> None:
-            eng = self._engine()
             for key, val in kv_pairs:
-                self._record(key, val, collection, defer=True)
-            eng.flush()
+                self._record(key, val, collection)
+            self._commit(self._engine())
 
         guarded(write, None, topic="kv put")
 
@@ -141,10 +247,16 @@ class MusubiKVStore(BaseKVStore):
 
         def read() -> dict[str, Any] | None:
             eng = self._engine()
-            hit = eng.lookup(self._key(key, collection), _CONFIG)
-            if not hit.replay:
-                return None
-            return self._unwrap(hit.value, key)
+            k = self._key(key, collection)
+            hit = eng.lookup(k, _CONFIG)
+            found = self._unwrap(hit.value, key) if hit.replay else None
+            if found is None:
+                self._call(eng, "get", collection, key, None, None, False, "miss")
+            else:
+                node = hit.node
+                artifact_id = node.artifact_id if node is not None else None
+                self._call(eng, "get", collection, key, k.node_id, artifact_id, True, brief(found))
+            return found
 
         return guarded(read, None, topic="kv get")
 
@@ -165,6 +277,7 @@ class MusubiKVStore(BaseKVStore):
             eng = self._engine()
             eng.flush()
             out: dict[str, dict[str, Any]] = {}
+            self._call(eng, "get_all", collection, None, None, None, False, None)
             for node in eng.store.nodes_of_op(self._op(collection), limit=_MAX_LIST):
                 if node.status != "done" or node.artifact_id is None:
                     continue
@@ -190,6 +303,7 @@ class MusubiKVStore(BaseKVStore):
             if node is None or node.status != "done":
                 return False
             eng.invalidate(k.node_id)
+            self._call(eng, "delete", collection, key, k.node_id, None, False, None)
             return True
 
         return guarded(remove, False, topic="kv delete")
