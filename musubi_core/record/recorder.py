@@ -393,13 +393,37 @@ class Recorder:
             self._wake.set()
 
 
+# Fork safety: no recorder thread may be inside SQLite (a commit, opening its connection) at
+# the moment of a fork, or the child inherits SQLite's internal mutexes locked by a thread that
+# does not exist there, and its first connect waits forever. Every commit runs under the
+# recorder's ``_io`` lock, so a fork takes them all first (waiting for commits in flight).
+_FORK_HELD: list[threading.Lock] = []
+
+
+def _before_fork() -> None:
+    for rec in list(_LIVE):
+        lock = rec._io
+        lock.acquire()
+        _FORK_HELD.append(lock)
+
+
+def _after_fork_in_parent() -> None:
+    while _FORK_HELD:
+        _FORK_HELD.pop().release()
+
+
 def _after_fork_in_child() -> None:
+    _FORK_HELD.clear()  # the child's recorders get new locks below
     _PID[0] = os.getpid()
     for rec in list(_LIVE):
         rec._reset()
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+os.register_at_fork(
+    before=_before_fork,
+    after_in_parent=_after_fork_in_parent,
+    after_in_child=_after_fork_in_child,
+)
 
 
 @atexit.register

@@ -60,6 +60,16 @@ _GARBLED = " OR ".join(
 # Stores of this process with a file of their own, checkpointed when the interpreter exits.
 _OPEN: weakref.WeakSet[SQLiteStore] = weakref.WeakSet()
 
+# Held by a background checkpoint while it is inside SQLite, and taken around a fork: a child
+# must not inherit SQLite's internal mutexes locked by a thread it does not have (its first
+# connect would wait forever). The recorder's commits are covered the same way (recorder.py).
+_BACKGROUND = threading.Lock()
+os.register_at_fork(
+    before=_BACKGROUND.acquire,
+    after_in_parent=_BACKGROUND.release,
+    after_in_child=_BACKGROUND.release,
+)
+
 
 def _file_uri(path: str, **params: str) -> str:
     """A ``file:`` URI for ``path`` (quoted: any character a path may hold) with ``params``."""
@@ -264,7 +274,7 @@ class SQLiteStore(RunStoreMixin, SQLStoreBase):
 
     def _background_checkpoint(self) -> None:
         try:
-            with contextlib.suppress(sqlite3.Error):
+            with _BACKGROUND, contextlib.suppress(sqlite3.Error):
                 conn = sqlite3.connect(_file_uri(self.path, mode="rw"), uri=True, timeout=0)
                 try:
                     # PASSIVE: copies what it can without waiting for anyone.
