@@ -52,7 +52,18 @@ from typing import Any
 from ..errors import ReadOnlyStoreError, StoreError
 from ..store import ArtifactWrite, CallWrite, EdgeWrite, FlowWrite, NodeWrite, RunWrite, Store
 
-__all__ = ["Recorder", "flush_recorders", "recorder_for"]
+__all__ = ["Batch", "Recorder", "flush_recorders", "recorder_for"]
+
+# What a source hands over (see Recorder.add_source): the arguments of Recorder.submit, in
+# order (nodes, artifacts, edges, calls, flows, runs).
+Batch = tuple[
+    Sequence[NodeWrite],
+    Sequence[ArtifactWrite],
+    Sequence[EdgeWrite],
+    Sequence[CallWrite],
+    Sequence[FlowWrite],
+    Sequence[RunWrite],
+]
 
 _RECORDERS: weakref.WeakKeyDictionary[Any, Recorder] = weakref.WeakKeyDictionary()
 _RECORDERS_LOCK = threading.Lock()
@@ -131,6 +142,7 @@ class Recorder:
         self._pending: dict[str, tuple[NodeWrite, ArtifactWrite | None]] = {}
         self._size = 0
         self._since = time.monotonic()  # when the oldest waiting row arrived
+        self._sources: list[Callable[[], Callable[[], Batch | None] | None]] = []
 
     # -- accepting rows -------------------------------------------------------------
 
@@ -163,6 +175,19 @@ class Recorder:
             )
         if self._size and (self._size >= self.max_backlog or self._lagging()):
             self._backpressure()
+        self._kick(self._accept(nodes, artifacts, edges, calls, flows, runs, replays))
+
+    def _accept(
+        self,
+        nodes: Sequence[NodeWrite] = (),
+        artifacts: Sequence[ArtifactWrite] = (),
+        edges: Sequence[EdgeWrite] = (),
+        calls: Sequence[CallWrite] = (),
+        flows: Sequence[FlowWrite] = (),
+        runs: Sequence[RunWrite] = (),
+        replays: Iterable[str] = (),
+    ) -> int:
+        """Add rows to the backlog; returns its size."""
         with self._lock:
             size = self._size
             if not size:
@@ -191,7 +216,7 @@ class Recorder:
                 self._replays[node_id] += 1
                 size += 1
             self._size = size
-        self._kick(size)
+        return size
 
     def call(self, row: CallWrite, flows: Sequence[FlowWrite] = ()) -> None:
         """Queue one call and the flows into it (the hot path of every adapter)."""
@@ -268,8 +293,43 @@ class Recorder:
         with self._io:
             self._commit()
 
+    def add_source(self, pull: Callable[[], Batch | None]) -> None:
+        """Register a source of rows the recorder pulls before every commit (held weakly when
+        it is a bound method). An adapter that buffers what a trace records, so its hot path
+        only appends, registers one: its rows then reach the store at least every
+        ``interval`` even while the trace is still running."""
+        ref: Callable[[], Callable[[], Batch | None] | None]
+        if hasattr(pull, "__self__") and hasattr(pull, "__func__"):
+            ref = weakref.WeakMethod(pull)
+        else:
+            ref = lambda: pull  # noqa: E731
+        with self._lock:
+            self._sources.append(ref)
+
+    def _pull(self) -> None:
+        """Take what the sources hold into the backlog (the caller holds ``_io``)."""
+        if not self._sources:
+            return
+        for ref in list(self._sources):
+            pull = ref()
+            if pull is None:
+                with self._lock, contextlib.suppress(ValueError):
+                    self._sources.remove(ref)
+                continue
+            try:
+                batch = pull()
+            except Exception as exc:  # a source's failure must not stop the commit
+                handler = self.on_error
+                if handler is not None:
+                    with contextlib.suppress(Exception):
+                        handler(exc)
+                continue
+            if batch is not None:
+                self._accept(*batch)
+
     def _commit(self) -> None:
         """Take the backlog and write it in one transaction (the caller holds ``_io``)."""
+        self._pull()
         with self._lock:
             if not self._size and not self._artifacts:
                 return
@@ -355,13 +415,17 @@ class Recorder:
             while not self.closed:
                 self._wake.wait(self.interval)
                 self._wake.clear()
+                if self._sources:
+                    with self._io:
+                        self._pull()  # what running traces buffered counts as waiting
                 if not self._size and not self._artifacts:
                     idle += 1
                     if idle < self.IDLE_INTERVALS:
                         continue
                     with self._lock:
-                        # Retire, unless rows arrived meanwhile (their submitter saw us alive).
-                        if self._size or self._artifacts:
+                        # Retire, unless rows arrived meanwhile (their submitter saw us alive)
+                        # or a source may still buffer rows (a handler that is alive).
+                        if self._size or self._artifacts or self._sources:
                             idle = 0
                             continue
                         if self._writer is not None and self._writer[1] is me:

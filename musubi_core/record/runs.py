@@ -52,6 +52,10 @@ __all__ = [
 ]
 
 _HOST = socket.gethostname()
+_REPLAYED = CallWrite._fields.index("replayed")
+_TOKENS_IN = CallWrite._fields.index("tokens_in")
+_TOKENS_OUT = CallWrite._fields.index("tokens_out")
+_SAVED_S = CallWrite._fields.index("saved_s")
 
 
 class _Ids:
@@ -168,16 +172,31 @@ class RunState:
 
     def count(self, call: CallWrite) -> None:
         """Add one recorded call to the run's totals."""
-        with self._lock:
-            self.calls += 1
-            tin, tout = call.tokens_in or 0, call.tokens_out or 0
-            if call.replayed:
-                self.replays += 1
-                self.tokens_saved += tin + tout
-                self.seconds_saved += call.saved_s or 0.0
+        self.count_rows((call,))
+
+    def count_rows(self, rows: Sequence[tuple[Any, ...]]) -> None:
+        """Add recorded calls (rows in :class:`CallWrite`'s field order) to the run's totals:
+        one lock for a whole batch (an adapter that buffers a trace's rows counts them when
+        it hands them over)."""
+        calls = replays = tokens_in = tokens_out = saved_tokens = 0
+        saved = 0.0
+        for row in rows:
+            calls += 1
+            tin, tout = row[_TOKENS_IN] or 0, row[_TOKENS_OUT] or 0
+            if row[_REPLAYED]:
+                replays += 1
+                saved_tokens += tin + tout
+                saved += row[_SAVED_S] or 0.0
             else:
-                self.tokens_in += tin
-                self.tokens_out += tout
+                tokens_in += tin
+                tokens_out += tout
+        with self._lock:
+            self.calls += calls
+            self.replays += replays
+            self.tokens_in += tokens_in
+            self.tokens_out += tokens_out
+            self.tokens_saved += saved_tokens
+            self.seconds_saved += saved
 
     def record(
         self,

@@ -185,7 +185,8 @@ _by_id = itemgetter(0)  # a node's or artifact's id: its primary key
 
 
 def _edge_key(edge: EdgeWrite) -> tuple[str, str, str]:
-    return (edge.parent, edge.kind, edge.child)
+    # By position: adapters may hand edges over as plain tuples in EdgeWrite's field order.
+    return (edge[0], edge[2], edge[1])
 
 
 class SQLStoreBase(CallsMixin):

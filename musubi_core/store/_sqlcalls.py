@@ -122,9 +122,10 @@ class CallsMixin:
                 [(*r, now, 1) for r in runs],
             )
         if calls:
-            if len({r.call_id for r in calls}) != len(calls):
+            # (rows may be CallWrite objects or plain tuples in its field order)
+            if len({r[0] for r in calls}) != len(calls):
                 # One statement may not upsert a row twice (PostgreSQL refuses): the last wins.
-                calls = list({r.call_id: r for r in calls}.values())
+                calls = list({r[0]: r for r in calls}.values())
             self._many(c, _INSERT_CALLS, len(CallWrite._fields), _ON_CALL_CONFLICT, calls)
         if flows:
             self._many(c, _INSERT_FLOWS, 3, _ON_FLOW_CONFLICT, flows)

@@ -27,18 +27,21 @@ Example:
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Hashable, Iterable
 from typing import Any
 from uuid import UUID
 
 from musubi_core.record import preview
 
+from ._content import MIN_ATOM_CHARS, flow_atoms
+
 # A trace with more finished runs than this stops indexing new outputs (a runaway agent loop
 # must not make every step slower); edges inferred before that point are kept.
 MAX_INDEXED_RUNS = 5_000
 
 _NO_UPSTREAM: tuple[Run, ...] = ()
-_NO_ATOMS: set[Hashable] = set()  # never mutated: runs replace it with their own set
+_NO_ATOMS: frozenset[Hashable] = frozenset()
 _NO_NODES: dict[str, str | None] = {}
 
 
@@ -46,7 +49,7 @@ class Trace:
     """One root run and its descendants: the output index used to infer data edges, and the
     musubi run its calls belong to."""
 
-    __slots__ = ("index", "indexed", "keep", "own", "previews", "state")
+    __slots__ = ("index", "indexed", "keep", "own", "pending", "seen", "state")
 
     def __init__(self) -> None:
         # atom -> finished runs that produced it (as output)
@@ -59,25 +62,72 @@ class Trace:
         # it (True) or joined a run already current (a chain called inside a @step).
         self.state: Any = None
         self.own = False
-        # id -> (object, preview): the value one step returns is the value the next is given,
-        # so its preview is made once (the object is held, so its id is not reused meanwhile).
-        self.previews: dict[int, tuple[Any, str | None]] = {}
+        # What the trace recorded and the recorder has not taken yet: per call, (its row, the
+        # flows into it, the node edges derived for it, its artifact or None); rows are plain
+        # tuples in the field order of CallWrite, FlowWrite and EdgeWrite. A deque: the
+        # recording thread appends, the recorder's thread pops (both atomic), no lock.
+        self.pending: deque[tuple[Any, Any, Any, Any]] = deque()
+        # id -> (object, preview, atoms): the value one step returns is the value the next is
+        # given, so it is read once (the object is held, so its id is not reused meanwhile).
+        self.seen: dict[int, tuple[Any, str | None, frozenset[Hashable]]] = {}
 
-    def preview(self, value: Any) -> str | None:
-        """``musubi_core.record.preview(value)``, once per object of this trace."""
-        if type(value) is str or value is None:
-            return preview(value)
-        found = self.previews.get(id(value))
+    def observe(self, value: Any) -> tuple[str | None, frozenset[Hashable]]:
+        """The preview of ``value`` and its data-flow atoms (``_content.flow_atoms``), read
+        once per object of this trace."""
+        kind = type(value)
+        if kind is str:
+            text = preview(value)
+            return text, frozenset((value,)) if len(value) >= MIN_ATOM_CHARS else _NO_ATOMS
+        if value is None:
+            return None, _NO_ATOMS
+        found = self.seen.get(id(value))
         if found is not None and found[0] is value:
-            return found[1]
+            return found[1], found[2]
         text = preview(value)
-        self.previews[id(value)] = (value, text)
-        return text
+        atoms = frozenset(flow_atoms(value, self.keep))
+        self.seen[id(value)] = (value, text, atoms)
+        return text, atoms
+
+    def take(self, batch: list[list[Any]]) -> None:
+        """Move what the trace recorded so far into ``batch`` (calls, flows, edges, artifacts
+        lists), counting the calls in the run's totals."""
+        pending = self.pending
+        calls, flows, edges, artifacts = batch
+        taken = []
+        while True:
+            try:
+                row, into, derived, artifact = pending.popleft()
+            except IndexError:
+                break
+            taken.append(row)
+            if into:
+                flows.extend(into)
+            if derived:
+                edges.extend(derived)
+            if artifact is not None:
+                artifacts.append(artifact)
+        if taken:
+            calls.extend(taken)
+            self.state.count_rows(taken)
+
+    def finish(self, status: str, error: str | None, root_call_id: str) -> None:
+        """The root ended: hand everything the trace recorded to the recorder, with the run's
+        row when the trace owns the run."""
+        batch: list[list[Any]] = [[], [], [], []]
+        self.take(batch)
+        calls, flows, edges, artifacts = batch
+        state = self.state
+        runs: tuple[Any, ...] = ()
+        if self.own:
+            if state.root_call_id is None:
+                state.root_call_id = root_call_id
+            runs = (state.row("done" if status == "done" else "failed", error),)
+        state.recorder.submit(calls=calls, flows=flows, edges=edges, artifacts=artifacts, runs=runs)
 
     def close(self) -> None:
         self.index = {}
         self.keep = []
-        self.previews = {}
+        self.seen = {}
 
 
 class Run:
@@ -110,7 +160,7 @@ class Run:
         self.trace = trace
         self.kind = kind
         self.name = name
-        self.input_atoms: set[Hashable] = _NO_ATOMS
+        self.input_atoms: frozenset[Hashable] = _NO_ATOMS
         self.upstream = _NO_UPSTREAM  # finished runs of the trace whose output fed this one
         self.started_at = time.time()  # its duration is measured on the same clock
         self.call_id = ""
@@ -210,7 +260,7 @@ class Traces:
     ) -> Run:
         parent = self._runs.get(parent_run_id.int) if parent_run_id is not None else None
         run = Run(run_id, parent, parent.trace if parent is not None else Trace(), kind, name)
-        run.input_atoms = set(input_atoms)
+        run.input_atoms = frozenset(input_atoms)
         run.upstream = infer(run.trace, run)
         self._runs[run_id.int] = run
         return run

@@ -29,11 +29,12 @@ from langchain_core.outputs import LLMResult
 
 from musubi_core.engine import Engine, artifact_id_for
 from musubi_core.record import RunState, current_frame, joinable, new_call_id, preview
-from musubi_core.store import ArtifactWrite, CallWrite, EdgeWrite, FlowWrite
+from musubi_core.record.recorder import Batch
+from musubi_core.store import ArtifactWrite
 
 from . import _correlate
 from ._codec import usage_of
-from ._content import content_atom, flow_atoms, to_plain
+from ._content import content_atom, to_plain
 from ._engine import Guard, make_engine, storable
 from ._runs import Run, Trace, Traces, infer
 
@@ -42,6 +43,7 @@ _MODEL_KINDS = frozenset({"chat_model", "llm"})
 # lineage shows exactly what flowed. Chains keep previews only; model outputs are the cache's.
 _KEEP_OUTPUT = frozenset({"tool", "retriever"})
 _MODEL_PARAMS = ("model", "model_name", "model_id")
+
 
 
 def _name(serialized: dict[str, Any] | None, kwargs: dict[str, Any], default: str) -> str:
@@ -122,6 +124,8 @@ class MusubiCallbackHandler(BaseCallbackHandler):
         self._engine_lock = threading.Lock()
         self._traces = Traces()
         self._guard = Guard("MusubiCallbackHandler")
+        # Traces whose root has not ended (their recorded calls wait in them; see _pull).
+        self._open: dict[int, Trace] = {}
 
     @property
     def engine(self) -> Engine:
@@ -133,8 +137,10 @@ class MusubiCallbackHandler(BaseCallbackHandler):
             engine = self._engine
             if engine is None:
                 engine = self._engine = make_engine(self._path, self._store, self._namespace)
-            if engine.recorder.on_error is None:
-                engine.recorder.on_error = self._guard.warn  # batches committed in the background
+            recorder = engine.recorder
+            if recorder.on_error is None:
+                recorder.on_error = self._guard.warn  # batches committed in the background
+            recorder.add_source(self._pull)
             self._ready = engine
         return engine
 
@@ -171,12 +177,15 @@ class MusubiCallbackHandler(BaseCallbackHandler):
                 state = frame.run
                 run.parent_call_id = frame.call_id
             trace.state = state
+            self._open[id(trace)] = trace
         run.call_id = new_call_id()
         run.seq = state.next_seq()
-        run.input_preview = trace.preview(inputs)
-        atoms = run.input_atoms = flow_atoms(inputs, trace.keep)
+        run.input_preview, atoms = trace.observe(inputs)
         if kind == "tool":
-            content_atom(atoms, inputs)  # a tool gets a filtered copy of the call's args
+            more: set[Any] = set(atoms)
+            content_atom(more, inputs)  # a tool gets a filtered copy of the call's args
+            atoms = frozenset(more)
+        run.input_atoms = atoms
         if trace.index:
             run.upstream = infer(trace, run)
         traces.add(run)
@@ -186,7 +195,6 @@ class MusubiCallbackHandler(BaseCallbackHandler):
         self,
         run: Run,
         status: str,
-        output: Any = None,
         *,
         error: str | None = None,
         artifact: ArtifactWrite | None = None,
@@ -195,14 +203,15 @@ class MusubiCallbackHandler(BaseCallbackHandler):
         saved_s: float | None = None,
         output_preview: str | None = None,
     ) -> None:
-        """Write ``run``'s call, the flows into it, its artifact and (for a call that reached a
-        node) the node-level data edges derived from the flows."""
+        """Buffer ``run``'s call, the flows into it, its artifact and (for a call that reached
+        a node) the node-level data edges derived from the flows: rows are plain tuples in the
+        field order of the core's write objects, handed to the recorder per trace (see
+        ``Trace.hand_over``)."""
         trace = run.trace
-        state: RunState = trace.state
         call_id = run.call_id
-        row = CallWrite(
+        row = (
             call_id,
-            state.run_id,
+            trace.state.run_id,
             run.parent_call_id,
             run.seq,
             run.kind,
@@ -219,38 +228,35 @@ class MusubiCallbackHandler(BaseCallbackHandler):
             saved_s,
             run.model,
             run.input_preview,
-            output_preview if output_preview is not None else trace.preview(output),
-            state.namespace,
+            output_preview,
+            trace.state.namespace,
         )
-        if run.parent_call_id is None and state.root_call_id is None:
-            state.root_call_id = call_id
-        state.count(row)
         ups = run.upstream
-        flows = [FlowWrite(call_id, p.call_id, p.artifact_id) for p in ups] if ups else ()
+        flows = [(call_id, p.call_id, p.artifact_id) for p in ups] if ups else None
         node_id = run.node_id
+        edges = None
         if node_id is not None:
             edges = [
-                EdgeWrite(up, node_id, "data", art)
+                (up, node_id, "data", art)
                 for up, art in run.upstream_nodes().items()
                 if up != node_id
             ]
             run.node_ups = {node_id: run.artifact_id}
-        else:
-            edges = []
+        elif ups:
             run.node_ups = run.upstream_nodes()
-        runs = (state.row("done" if status == "done" else "failed", error),) if (
-            run.parent is None and trace.own
-        ) else ()
-        if artifact is None and not edges and not runs:
-            state.recorder.call(row, flows)
-        else:
-            state.recorder.submit(
-                calls=(row,),
-                flows=flows,
-                artifacts=(artifact,) if artifact is not None else (),
-                edges=edges,
-                runs=runs,
-            )
+        trace.pending.append((row, flows, edges, artifact))
+        if run.parent is None:
+            self._open.pop(id(trace), None)
+            trace.finish(status, error, call_id)
+
+    def _pull(self) -> Batch | None:
+        """What running traces recorded so far (the recorder pulls it before each commit, so
+        a long agent loop's calls reach the store while it runs)."""
+        batch: list[list[Any]] = [[], [], [], []]
+        for trace in list(self._open.values()):
+            trace.take(batch)
+        calls, flows, edges, artifacts = batch
+        return ((), artifacts, edges, calls, flows, ()) if calls else None
 
     def _artifact(self, run: Run, plain: Any) -> ArtifactWrite:
         engine = self.engine
@@ -267,9 +273,10 @@ class MusubiCallbackHandler(BaseCallbackHandler):
             artifact = None
             if run.kind in _KEEP_OUTPUT:
                 artifact = self._artifact(run, to_plain(output))
-            self._record(run, "done", output, artifact=artifact)
+            text, atoms = run.trace.observe(output)
+            self._record(run, "done", artifact=artifact, output_preview=text)
             if run.parent is not None:
-                Traces.index(run, flow_atoms(output, run.trace.keep))
+                Traces.index(run, atoms)
         finally:
             if run.parent is None:
                 run.trace.close()
@@ -313,7 +320,7 @@ class MusubiCallbackHandler(BaseCallbackHandler):
                     run.node_id, run.artifact_id = report.node_id, report.artifact_id
                 self._record(run, "done", tokens=usage_of(generations), output_preview=text)
             if run.parent is not None:
-                Traces.index(run, flow_atoms(response, run.trace.keep))
+                Traces.index(run, run.trace.observe(response)[1])
         finally:
             if run.parent is None:
                 run.trace.close()
