@@ -104,8 +104,8 @@ class Recorder:
         store: Store,
         *,
         interval: float = 1.0,
-        batch_rows: int = 2048,
-        max_backlog: int = 10_000,
+        batch_rows: int = 8192,
+        max_backlog: int = 30_000,
         max_lag: float = 1.5,
     ) -> None:
         self.store = store

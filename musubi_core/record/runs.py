@@ -52,6 +52,10 @@ __all__ = [
 ]
 
 _HOST = socket.gethostname()
+_PID = [os.getpid()]
+_new = tuple.__new__
+# Run totals are updated under one lock for all runs (a batch's counts at a time: short).
+_COUNT_LOCK = threading.Lock()
 _REPLAYED = CallWrite._fields.index("replayed")
 _TOKENS_IN = CallWrite._fields.index("tokens_in")
 _TOKENS_OUT = CallWrite._fields.index("tokens_out")
@@ -76,7 +80,14 @@ class _Ids:
 
 
 _IDS = _Ids()
-os.register_at_fork(after_in_child=_IDS.reset)
+
+
+def _after_fork_in_child() -> None:
+    _IDS.reset()
+    _PID[0] = os.getpid()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def new_call_id() -> str:
@@ -94,7 +105,6 @@ class RunState:
     (written on its row when it ends)."""
 
     __slots__ = (
-        "_lock",
         "_seq",
         "calls",
         "kind",
@@ -129,7 +139,6 @@ class RunState:
         self.started_at = time.time()
         self.t0 = time.perf_counter()
         self._seq = itertools.count()
-        self._lock = threading.Lock()
         self.root_call_id: str | None = None
         self.calls = self.replays = 0
         self.tokens_in = self.tokens_out = self.tokens_saved = 0
@@ -141,7 +150,9 @@ class RunState:
     def row(self, status: str, error: str | None = None) -> RunWrite:
         done = status != "running"
         duration = time.perf_counter() - self.t0 if done else None
-        return RunWrite(
+        return _new(  # RunWrite(...), without its Python-level __new__
+            RunWrite,
+            (
             self.run_id,
             self.kind,
             self.name,
@@ -150,7 +161,7 @@ class RunState:
             self.started_at + duration if duration is not None else None,
             duration,
             _HOST,
-            os.getpid(),
+            _PID[0],
             error,
             self.namespace,
             self.root_call_id,
@@ -160,6 +171,7 @@ class RunState:
             self.tokens_out,
             self.tokens_saved,
             self.seconds_saved,
+            ),
         )
 
     def start(self) -> None:
@@ -190,7 +202,7 @@ class RunState:
             else:
                 tokens_in += tin
                 tokens_out += tout
-        with self._lock:
+        with _COUNT_LOCK:
             self.calls += calls
             self.replays += replays
             self.tokens_in += tokens_in
@@ -228,7 +240,9 @@ class RunState:
         """Record one call of this run (previews are made of ``inputs``/``output`` unless
         given as text). ``submit=False`` only builds the row, for a caller that commits it
         itself (a durable checkpoint) and then counts it with :meth:`count`."""
-        row = CallWrite(
+        row = _new(  # CallWrite(...), without its Python-level __new__
+            CallWrite,
+            (
             call_id,
             self.run_id,
             parent_call_id,
@@ -251,6 +265,7 @@ class RunState:
             input_preview if input_preview is not None else preview(inputs),
             output_preview if output_preview is not None else preview(output),
             self.namespace,
+            ),
         )
         if parent_call_id is None and self.root_call_id is None:
             self.root_call_id = call_id

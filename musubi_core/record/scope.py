@@ -12,7 +12,7 @@ calls is recorded under it.
 >>> store = SQLiteStore(os.path.join(tempfile.mkdtemp(), "m.db"))
 >>> scope = CallScope(recorder_for(store), "step", "demo.add", run_kind="step")
 >>> with scope:
-...     scope.done(output=3)
+...     _ = scope.done(output=3)
 >>> recorder_for(store).flush()
 >>> [(c.kind, c.op_name, c.output_preview) for c in store.run_calls(scope.run.run_id)]
 [('step', 'demo.add', '3')]
@@ -100,10 +100,19 @@ class CallScope:
             _FRAME.reset(self._token)
             self._token = None
         if self.recorded is None and exc is not None:
-            self.failed(exc)
-        if self.own_run:
-            status = "done" if exc is None else ("failed" if isinstance(exc, Exception) else "interrupted")
-            self.run.finish(status, exc)
+            self._record("failed", exc)
+        row = self.recorded
+        if row is None:
+            return
+        flows = self._flows()
+        run = self.run
+        if not self.own_run:
+            run.recorder.call(row, flows)
+            return
+        # A run of its own: the call and the run's row go to the recorder together.
+        status = "done" if exc is None else ("failed" if isinstance(exc, Exception) else "interrupted")
+        error = None if exc is None else f"{type(exc).__name__}: {exc}"[:4000]
+        run.recorder.submit(calls=(row,), flows=flows, runs=(run.row(status, error),))
 
     def done(
         self,
@@ -132,11 +141,15 @@ class CallScope:
         )
 
     def failed(self, error: BaseException | str, *, node_id: str | None = None) -> CallWrite:
-        """Record the call as failed."""
+        """Record the call as failed (the block may still end normally)."""
         return self._record("failed", error, node_id=node_id)
 
+    def _flows(self) -> list[FlowWrite]:
+        return [FlowWrite(self.call_id, src, art) for src, art in self.flows_from if src]
+
     def _record(self, status: str, error: BaseException | str | None, **fields: Any) -> CallWrite:
-        flows = [FlowWrite(self.call_id, src, art) for src, art in self.flows_from if src]
+        """Build the call's row and count it in the run (it is handed to the recorder when the
+        block ends, with the run's row when the call has a run of its own)."""
         row = self.run.record(
             self.call_id,
             self.parent_call_id,
@@ -148,7 +161,7 @@ class CallScope:
             started_at=self.started_at,
             duration_s=time.perf_counter() - self.t0,
             inputs=self.inputs,
-            flows=flows,
+            submit=False,
             **fields,
         )
         self.recorded = row

@@ -8,7 +8,9 @@ the CLI; nothing here decides what replays.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
+from operator import itemgetter
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..errors import NodeNotFoundError
@@ -48,9 +50,9 @@ _ON_FLOW_CONFLICT = " ON CONFLICT (dst_call_id, src_call_id) DO NOTHING"
 # Rows per statement: each executed statement hands the GIL back and forth once, and a thread
 # committing a batch while the application's thread keeps the interpreter busy waits for the
 # GIL at every one of them (up to the 5 ms switch interval): thousands of one-row statements
-# made a 2,000-call batch take a second under load. 100 rows x 20 columns stays far below
+# made a 2,000-call batch take a second under load. 500 rows x 20 columns stays below
 # SQLite's and PostgreSQL's parameter limits.
-_ROWS_PER_STATEMENT = 100
+_ROWS_PER_STATEMENT = 500
 
 # A run row is written when the run starts (status running) and again when it ends; the counts
 # are the recorder's, for the calls it recorded in this run.
@@ -86,6 +88,8 @@ RUN_COLUMNS = (
 )
 
 _HEX = frozenset("0123456789abcdef")
+_first = itemgetter(0)
+_chain = itertools.chain.from_iterable
 
 
 class CallsMixin:
@@ -115,15 +119,15 @@ class CallsMixin:
         now: float,
     ) -> None:
         if runs:
-            if len({r.run_id for r in runs}) != len(runs):
-                runs = list({r.run_id: r for r in runs}.values())
+            if len(set(map(_first, runs))) != len(runs):
+                runs = list({r[0]: r for r in runs}.values())
             self._many(
                 c, _INSERT_RUNS, len(RunWrite._fields) + 2, _ON_RUN_CONFLICT,
                 [(*r, now, 1) for r in runs],
             )
         if calls:
             # (rows may be CallWrite objects or plain tuples in its field order)
-            if len({r[0] for r in calls}) != len(calls):
+            if len(set(map(_first, calls))) != len(calls):
                 # One statement may not upsert a row twice (PostgreSQL refuses): the last wins.
                 calls = list({r[0]: r for r in calls}.values())
             self._many(c, _INSERT_CALLS, len(CallWrite._fields), _ON_CALL_CONFLICT, calls)
@@ -139,7 +143,7 @@ class CallsMixin:
         for i in range(0, len(rows), step):
             chunk = rows[i : i + step]
             sql = head + ", ".join([group] * len(chunk)) + tail
-            self._ex(c, sql, [v for row in chunk for v in row])
+            self._ex(c, sql, list(_chain(chunk)))
 
     # -- runs ---------------------------------------------------------------------
 

@@ -481,12 +481,12 @@ class SQLiteStore(RunStoreMixin, SQLStoreBase):
     # -- dialect hooks ------------------------------------------------------------
 
     def _count_replays(self, c: Any, counts: Mapping[str, int], now: float) -> None:
-        # One statement per 100 nodes instead of one per node (see _sqlcalls._many: each
+        # One statement per 500 nodes instead of one per node (see _sqlcalls._many: each
         # statement is a GIL hand-off, slow while the application keeps the interpreter busy).
         # SQLite has one writer at a time, so the order rows are updated in does not matter.
         items = sorted(counts.items())
-        for i in range(0, len(items), 100):
-            chunk = items[i : i + 100]
+        for i in range(0, len(items), 500):
+            chunk = items[i : i + 500]
             values = ", ".join(["(?, ?)"] * len(chunk))
             c.execute(
                 "UPDATE musubi_nodes SET replay_count = replay_count + v.column2, "
