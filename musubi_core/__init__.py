@@ -40,6 +40,7 @@ from .errors import (
 )
 from .identity import NodeKey, input_hash
 from .policy import Decision, ReplayReason, StepConfiguration, StepType
+from .record import trace
 from .result import Result
 from .runner import Context, arun, run
 from .store import PostgresStore, SQLiteStore, Store
@@ -91,5 +92,6 @@ __all__ = [
     "register_encoder",
     "run",
     "step",
+    "trace",
     "use_engine",
 ]
