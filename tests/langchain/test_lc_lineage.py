@@ -316,3 +316,18 @@ def test_handler_never_raises_into_langchain(tmp_path: Any) -> None:
     ours = [w for w in caught if issubclass(w.category, musubi_langchain.MusubiLangChainWarning)]
     assert len(ours) == 1
     assert len(handler._traces) == 0  # no run left behind after failures
+
+
+def test_cache_without_a_handler_records_its_lookups_in_one_run(db: str) -> None:
+    """Lookups no handler sees are calls too: one run per burst of calls outside any trace
+    (not one run per call), with the hits as replays of the cache's node."""
+    cache = MusubiCache(db)
+    model = FakeListChatModel(responses=["one", "two"], cache=cache)
+    for _ in range(5):
+        assert model.invoke("same question").content == "one"
+    cache.engine.flush()
+    (run,) = lineage.runs(db)
+    assert run["kind"] == "langchain" and (run["calls"], run["replays"]) == (5, 4)
+    calls = lineage.calls(db, run["run_id"])
+    assert [c["replayed"] for c in calls] == [0, 1, 1, 1, 1]
+    assert len({c["node_id"] for c in calls}) == 1 and calls[0]["node_id"]

@@ -27,7 +27,8 @@ from musubi_core.engine import Engine
 from musubi_core.fastpath import EncodedHit, HitMemo
 from musubi_core.identity import NodeKey
 from musubi_core.policy import StepConfiguration, StepType
-from musubi_core.record import RunState, current_frame, joinable, new_call_id
+from musubi_core.record import current_frame, joinable, new_call_id
+from musubi_core.record.ambient import AmbientRun
 
 from . import _correlate
 from ._codec import (
@@ -104,6 +105,7 @@ class MusubiCache(BaseCache):
         # the template itself is never handed out.
         self._decoded: dict[str, tuple[str, bytes, Template]] = {}
         self._hits: HitMemo | None = None
+        self._ambient: AmbientRun | None = None  # the run of lookups made outside any trace
         if replay_streams:
             from .streaming import install_stream_replay  # cycle: streaming imports this module
 
@@ -175,16 +177,38 @@ class MusubiCache(BaseCache):
     ) -> None:
         """Record a lookup no callback handler saw (no handler installed, or a text-LLM hit,
         for which LangChain fires no callbacks) as a call: of the current run (inside a
-        ``@step`` or a durable step), else of a run of its own."""
-        recorder = self.engine.recorder
+        ``@step`` or a durable step), else of this cache's run of calls outside any trace (one
+        run per burst of calls, see ``musubi_core.record.ambient``)."""
         kind, _, name = key.op_name.partition(":")
-        frame = joinable(current_frame(), recorder)
-        own = frame is None
-        state = RunState(recorder, "langchain", name, namespace=self._namespace) if frame is None else frame.run
-        row = state.record(
+        kind = kind if kind in ("chat_model", "llm") else "llm"
+        frame = current_frame()
+        recorder = self.engine.recorder
+        if frame is None or joinable(frame, recorder) is None:
+            ambient = self._ambient
+            if ambient is None:
+                with self._engine_lock:
+                    ambient = self._ambient
+                    if ambient is None:
+                        ambient = self._ambient = AmbientRun(
+                            recorder, "langchain", "LLM calls outside a trace",
+                            namespace=self._namespace,
+                        )
+            ambient.record(
+                kind,
+                name,
+                node_id=key.node_id,
+                artifact_id=artifact_id,
+                replayed=replayed,
+                duration_s=duration_s,
+                tokens_in=tokens_in,
+                tokens_out=tokens_out,
+                saved_s=saved_s,
+            )
+            return
+        frame.run.record(
             new_call_id(),
-            None if frame is None else frame.call_id,
-            kind if kind in ("chat_model", "llm") else "llm",
+            frame.call_id,
+            kind,
             name,
             node_id=key.node_id,
             artifact_id=artifact_id,
@@ -193,9 +217,7 @@ class MusubiCache(BaseCache):
             tokens_in=tokens_in,
             tokens_out=tokens_out,
             saved_s=saved_s,
-            submit=False,
         )
-        recorder.submit(calls=(row,), runs=(state.row("done"),) if own else ())
 
     def _generations(self, hit: EncodedHit) -> list[Generation]:
         """Fresh generations for a hit: from the decoded template when the stored bytes are

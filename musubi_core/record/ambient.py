@@ -1,0 +1,150 @@
+"""Calls made outside any run, grouped into one run per owner and session.
+
+A LangChain cache used without a callback handler (or a text-LLM hit, for which LangChain fires
+no callbacks) still records each lookup as a call; so does a key-value store used outside a
+pipeline. One run per such call would flood ``musubi runs``. An :class:`AmbientRun` groups them:
+the calls of one owner (a cache object) belong to one run until the owner has been idle for
+``idle_s`` seconds, then the next call starts a new run. Recording a call only appends a tuple;
+the store's recorder pulls the calls (and the run's row with its totals) before every commit.
+
+>>> import os, tempfile
+>>> from musubi_core.store import SQLiteStore
+>>> from musubi_core.record import recorder_for
+>>> store = SQLiteStore(os.path.join(tempfile.mkdtemp(), "m.db"))
+>>> ambient = AmbientRun(recorder_for(store), "langchain", "calls outside a trace")
+>>> for _ in range(3):
+...     ambient.record("chat_model", "fake", node_id="n" * 64, replayed=True)
+>>> recorder_for(store).flush()
+>>> [(r.kind, r.calls, r.replays) for r in store.list_runs()]
+[('langchain', 3, 3)]
+>>> store.close()
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from typing import TYPE_CHECKING
+
+from ..store import CallWrite, RunWrite
+from .recorder import Batch
+from .runs import RunState, new_call_id
+
+if TYPE_CHECKING:
+    from .recorder import Recorder
+
+__all__ = ["AmbientRun"]
+
+_new = tuple.__new__
+
+
+class AmbientRun:
+    """The run that calls of one owner made outside any run belong to (see the module
+    docstring). Thread safe: a short lock per call keeps the run a call joins and the run's end
+apart."""
+
+    def __init__(
+        self,
+        recorder: Recorder,
+        kind: str,
+        name: str,
+        *,
+        namespace: str = "default",
+        idle_s: float = 2.0,
+    ) -> None:
+        self.recorder = recorder
+        self.kind = kind
+        self.name = name
+        self.namespace = namespace
+        self.idle_s = idle_s
+        self._lock = threading.Lock()
+        self._state: RunState | None = None
+        self._last = 0.0  # when the last call was recorded (time.monotonic)
+        self._pending: deque[CallWrite] = deque()
+        # The current run and the runs that ended but whose calls may not be counted yet.
+        self._open: dict[str, RunState] = {}
+        recorder.add_source(self._pull)
+
+    def record(
+        self,
+        kind: str,
+        op_name: str,
+        *,
+        node_id: str | None = None,
+        artifact_id: str | None = None,
+        replayed: bool = False,
+        duration_s: float | None = None,
+        tokens_in: int | None = None,
+        tokens_out: int | None = None,
+        saved_s: float | None = None,
+        model: str | None = None,
+        input_preview: str | None = None,
+        output_preview: str | None = None,
+    ) -> None:
+        """Record one call (a tuple appended; the recorder takes it before its next commit)."""
+        started = time.time()
+        with self._lock:  # a pull cannot end the run between choosing it and appending
+            now = time.monotonic()
+            state = self._state
+            if state is None or now - self._last > self.idle_s:
+                state = self._state = RunState(
+                    self.recorder, self.kind, self.name, namespace=self.namespace
+                )
+                self._open[state.run_id] = state
+            self._last = now
+            self._pending.append(
+                _new(
+                    CallWrite,
+                    (
+                        new_call_id(),
+                        state.run_id,
+                        None,
+                        state.next_seq(),
+                        kind,
+                        op_name,
+                        node_id,
+                        artifact_id,
+                        1 if replayed else 0,
+                        "done",
+                        None,
+                        started,
+                        duration_s,
+                        tokens_in,
+                        tokens_out,
+                        saved_s,
+                        model,
+                        input_preview,
+                        output_preview,
+                        self.namespace,
+                    ),
+                )
+            )
+
+    def _pull(self) -> Batch | None:
+        """Calls recorded since the last commit, and the rows of the runs they belong to
+        (``running`` while the run is current, ``done`` once it ended)."""
+        with self._lock:
+            calls = list(self._pending)
+            self._pending.clear()
+            current = self._state
+            if current is not None and time.monotonic() - self._last > self.idle_s:
+                self._state = current = None  # idle: the run ends with this pull
+            by_run: dict[str, list[CallWrite]] = {}
+            for call in calls:
+                by_run.setdefault(call.run_id, []).append(call)
+            runs: list[RunWrite] = []
+            for run_id, state in list(self._open.items()):
+                rows = by_run.get(run_id)
+                if rows:
+                    if state.root_call_id is None:
+                        state.root_call_id = rows[0].call_id
+                    state.count_rows(rows)
+                if state is not current:
+                    runs.append(state.row("done"))
+                    del self._open[run_id]
+                elif rows:
+                    runs.append(state.row("running"))
+        if not calls and not runs:
+            return None
+        return ((), (), (), calls, (), runs)
