@@ -129,6 +129,7 @@ class Recorder:
         """An empty backlog, new locks, no writer (also after fork, in the child)."""
         self._lock = threading.Lock()  # guards the backlog
         self._io = threading.Lock()  # one commit at a time
+        self._committed = threading.Condition()  # notified after every commit attempt
         self._wake = threading.Event()
         self._writer: tuple[int, threading.Thread] | None = None
         self._nodes: list[NodeWrite] = []
@@ -275,8 +276,23 @@ class Recorder:
 
     def _backpressure(self) -> None:
         """The backlog is full, or its oldest row has waited past ``max_lag`` (the writer
-        thread is starved or its store slow): this thread commits it before adding more, so
-        neither memory nor what a crash can lose grows without bound."""
+        thread is starved or its store slow): this thread waits until it is committed before
+        adding more, so neither memory nor what a crash can lose grows without bound.
+
+        The writer thread does the commit (woken now; the waiting thread gives it the GIL): its
+        connection is the one tuned for batches, while a lookup connection that committed
+        batches would fill its large page cache with them. Without a live writer thread, or
+        when it makes no progress within a few seconds, this thread commits itself."""
+        writer = self._writer
+        if writer is not None and writer[0] == _PID[0] and writer[1] is not threading.current_thread():
+            commits = self.commits
+            self._wake.set()
+            with self._committed:
+                self._committed.wait_for(
+                    lambda: self.commits != commits or self.failures or self.closed, timeout=5.0
+                )
+            if self.commits != commits:
+                return
         with self._io:
             if self._size and (self._size >= self.max_backlog or self._lagging()):
                 self._commit()  # raises StoreError when it cannot: the new rows are refused
@@ -362,10 +378,14 @@ class Recorder:
                 self._replays.update(replays)
                 self._size += size
                 self._since = min(since, self._since) if self._size > size else since
-            self.failures += 1
+            with self._committed:
+                self.failures += 1
+                self._committed.notify_all()
             raise
         self.failures = 0
-        self.commits += 1
+        with self._committed:
+            self.commits += 1
+            self._committed.notify_all()
         after = getattr(self.store, "after_batch", None)
         if after is not None:
             with contextlib.suppress(Exception):
@@ -455,6 +475,8 @@ class Recorder:
             with self._io:  # no commit or tuning of the writer's connection runs past here
                 self.closed = True
             self._wake.set()
+            with self._committed:
+                self._committed.notify_all()  # nobody waits for a commit that will not come
 
 
 # Fork safety: no recorder thread may be inside SQLite (a commit, opening its connection) at

@@ -50,9 +50,12 @@ _ON_FLOW_CONFLICT = " ON CONFLICT (dst_call_id, src_call_id) DO NOTHING"
 # Rows per statement: each executed statement hands the GIL back and forth once, and a thread
 # committing a batch while the application's thread keeps the interpreter busy waits for the
 # GIL at every one of them (up to the 5 ms switch interval): thousands of one-row statements
-# made a 2,000-call batch take a second under load. 500 rows x 20 columns stays below
-# SQLite's and PostgreSQL's parameter limits.
-_ROWS_PER_STATEMENT = 500
+# made a 2,000-call batch take a second under load. A batch is cut into statements of these
+# sizes only (largest first), so each connection prepares at most two statements per table:
+# a prepared statement of many rows is large, and one per distinct length grew the process by
+# tens of MB in SQLite's statement cache. 64 rows x 20 columns stays below the parameter
+# limits of SQLite and PostgreSQL.
+_STATEMENT_ROWS = (64, 1)
 
 # A run row is written when the run starts (status running) and again when it ends; the counts
 # are the recorder's, for the calls it recorded in this run.
@@ -137,13 +140,16 @@ class CallsMixin:
     def _many(
         self, c: Any, head: str, width: int, tail: str, rows: Sequence[Sequence[Any]]
     ) -> None:
-        """``head`` + up to ``_ROWS_PER_STATEMENT`` value tuples + ``tail`` per statement."""
+        """``head`` + value tuples + ``tail``: statements of the sizes in ``_STATEMENT_ROWS``."""
         group = "(" + ", ".join("?" * width) + ")"
-        step = _ROWS_PER_STATEMENT
-        for i in range(0, len(rows), step):
-            chunk = rows[i : i + step]
-            sql = head + ", ".join([group] * len(chunk)) + tail
-            self._ex(c, sql, list(_chain(chunk)))
+        i, n = 0, len(rows)
+        for size in _STATEMENT_ROWS:
+            if n - i < size:
+                continue
+            sql = head + ", ".join([group] * size) + tail
+            while n - i >= size:
+                self._ex(c, sql, list(_chain(rows[i : i + size])))
+                i += size
 
     # -- runs ---------------------------------------------------------------------
 

@@ -26,6 +26,7 @@ from urllib.parse import quote
 
 from ..errors import ReadOnlyStoreError, SchemaError, StoreError
 from ._sqlbase import _COLUMN_TYPES, _LOOKUP, NODE_COLUMNS, SQLStoreBase, _row_to_node
+from ._sqlcalls import _STATEMENT_ROWS
 from .base import NodeRecord
 from .schema import (
     APP_ID,
@@ -182,7 +183,8 @@ class SQLiteStore(RunStoreMixin, SQLStoreBase):
         self._all: list[sqlite3.Connection] = []
         self._all_lock = threading.Lock()
         self._closed = False
-        self._checkpointing = False
+        self._checkpointer: tuple[int, threading.Thread] | None = None
+        self._checkpoint_wake = threading.Event()
         self._file_id: tuple[int, int] | None = None
         self._initialise()
         self._file_id = self._current_file_id()
@@ -262,27 +264,40 @@ class SQLiteStore(RunStoreMixin, SQLStoreBase):
         if size < self.CHECKPOINT_WAL_BYTES:
             return
         with self._all_lock:
-            if self._checkpointing or self._closed:
+            if self._closed:
                 return
-            self._checkpointing = True
-        thread = threading.Thread(target=self._background_checkpoint, name="musubi-checkpoint",
-                                  daemon=True)
-        try:
-            thread.start()
-        except RuntimeError:  # interpreter shutting down
-            self._checkpointing = False
+            pid = os.getpid()
+            checkpointer = self._checkpointer
+            if checkpointer is None or checkpointer[0] != pid or not checkpointer[1].is_alive():
+                # One long-lived thread per store, not one per checkpoint: every new thread
+                # may get a malloc arena of its own, which the process never gives back.
+                thread = threading.Thread(
+                    target=self._checkpoint_loop, name="musubi-checkpoint", daemon=True
+                )
+                try:
+                    thread.start()
+                except RuntimeError:  # interpreter shutting down
+                    return
+                self._checkpointer = (pid, thread)
+        self._checkpoint_wake.set()
 
-    def _background_checkpoint(self) -> None:
-        try:
+    def _checkpoint_loop(self) -> None:
+        wake = self._checkpoint_wake
+        while not self._closed:
+            if not wake.wait(60.0):
+                continue
+            wake.clear()
+            if self._closed:
+                return
             with _BACKGROUND, contextlib.suppress(sqlite3.Error):
                 conn = sqlite3.connect(_file_uri(self.path, mode="rw"), uri=True, timeout=0)
                 try:
+                    # A checkpoint copies WAL frames into the file: no page cache to speak of.
+                    conn.execute("PRAGMA cache_size = -256")
                     # PASSIVE: copies what it can without waiting for anyone.
                     conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
                 finally:
                     conn.close()
-        finally:
-            self._checkpointing = False
 
     def _conn(self) -> sqlite3.Connection:
         local = self._local
@@ -481,19 +496,23 @@ class SQLiteStore(RunStoreMixin, SQLStoreBase):
     # -- dialect hooks ------------------------------------------------------------
 
     def _count_replays(self, c: Any, counts: Mapping[str, int], now: float) -> None:
-        # One statement per 500 nodes instead of one per node (see _sqlcalls._many: each
+        # Statements of many nodes instead of one per node (see _sqlcalls._many: each
         # statement is a GIL hand-off, slow while the application keeps the interpreter busy).
         # SQLite has one writer at a time, so the order rows are updated in does not matter.
         items = sorted(counts.items())
-        for i in range(0, len(items), 500):
-            chunk = items[i : i + 500]
-            values = ", ".join(["(?, ?)"] * len(chunk))
-            c.execute(
+        i, n = 0, len(items)
+        for size in _STATEMENT_ROWS:  # a few statement lengths only (see _sqlcalls)
+            if n - i < size:
+                continue
+            values = ", ".join(["(?, ?)"] * size)
+            sql = (
                 "UPDATE musubi_nodes SET replay_count = replay_count + v.column2, "
                 f"last_replayed_at = ? FROM (VALUES {values}) AS v "
-                "WHERE musubi_nodes.node_id = v.column1",
-                [now, *(x for pair in chunk for x in pair)],
+                "WHERE musubi_nodes.node_id = v.column1"
             )
+            while n - i >= size:
+                c.execute(sql, [now, *(x for pair in items[i : i + size] for x in pair)])
+                i += size
 
     def _changes(self, c: Any, cursor: Any) -> int:
         # sqlite3 leaves rowcount at -1 for a WITH ... UPDATE; changes() is exact.
@@ -623,6 +642,7 @@ class SQLiteStore(RunStoreMixin, SQLStoreBase):
         with self._all_lock:
             self._closed = True
             conns, self._all = self._all, []
+        self._checkpoint_wake.set()  # its thread sees the store closed and ends
         for conn in conns:
             with contextlib.suppress(sqlite3.Error):
                 conn.close()
