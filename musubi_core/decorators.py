@@ -73,6 +73,10 @@ def merge(*parents: Result[Any]) -> Iterator[None]:
 _UNBOUND: Any = object()
 _RECEIVER_NAMES = ("self", "cls")
 
+# What a call's identity is made of: its node key, its upstream (node id -> artifact id), the
+# Results it consumes, its identity arguments, and the engine the key was made for.
+_Identity = tuple[NodeKey, dict[str, str], list[Result[Any]], dict[str, Any], Engine]
+
 
 def _receiver(
     fn: Callable[..., Any], param_names: list[str], binds: str
@@ -191,14 +195,13 @@ class StepFunction(Generic[P, R]):
 
     def key(self, *args: Any, **kwargs: Any) -> tuple[NodeKey, dict[str, str]]:
         """The node identity a call with these arguments reaches."""
-        key, upstream_artifacts, _found, _arguments = self._identity(args, kwargs)
+        key, upstream_artifacts, _found, _arguments, _engine = self._identity(args, kwargs)
         return key, upstream_artifacts
 
-    def _identity(
-        self, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> tuple[NodeKey, dict[str, str], list[Result[Any]], dict[str, Any]]:
+    def _identity(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Identity:
         """The node key, its upstream (node id -> artifact id), the Results the arguments
-        hold (and merge() adds), and the identity arguments."""
+        hold (and merge() adds), the identity arguments, and the engine the key was made
+        for (its namespace is part of the node id)."""
         arguments = self._arguments(args, kwargs)
         receiver = self._receiver
         if receiver is not None:
@@ -232,8 +235,12 @@ class StepFunction(Generic[P, R]):
             ) from None
         upstream_artifacts = {r.node_id: r.artifact_id for r in found}
         ups = tuple(sorted(upstream_artifacts)) if upstream_artifacts else ()
-        key = NodeKey(make_node_id(self._op, in_hash, ups), self._op, self.name, in_hash, ups)
-        return key, upstream_artifacts, found, arguments
+        # The engine is resolved after hashing: a bad input raises before any store opens.
+        engine = self.engine
+        ns = engine.namespace
+        node_id = make_node_id(self._op, in_hash, ups, ns)
+        key = NodeKey(node_id, self._op, self.name, in_hash, ups, ns)
+        return key, upstream_artifacts, found, arguments, engine
 
     def _arguments(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
         """The arguments that make up identity: bound, defaults applied,
@@ -265,8 +272,8 @@ class StepFunction(Generic[P, R]):
         """Would this call replay? Returns the decision and its reason (and, as
         ``.node_id``, the node the call reaches) without running anything or counting a
         replay."""
-        key, _ = self.key(*args, **kwargs)
-        return self.engine.explain(key, self.semantics)
+        key, _upstream, _found, _arguments, engine = self._identity(args, kwargs)
+        return engine.explain(key, self.semantics)
 
     def _scope(
         self, engine: Engine, found: list[Result[Any]], arguments: dict[str, Any]
@@ -290,8 +297,7 @@ class StepFunction(Generic[P, R]):
         identity = self._identity(args, kwargs)
         if self.is_async:
             return self._acall(identity, args, kwargs)
-        key, upstream_artifacts, found, arguments = identity
-        engine = self.engine
+        key, upstream_artifacts, found, arguments, engine = identity
         with self._scope(engine, found, arguments) as scope:
             outcome = engine.execute(
                 key,
@@ -304,14 +310,10 @@ class StepFunction(Generic[P, R]):
             return _result(scope, outcome)
 
     async def _acall(
-        self,
-        identity: tuple[NodeKey, dict[str, str], list[Result[Any]], dict[str, Any]],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
+        self, identity: _Identity, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Result[Any]:
-        key, upstream_artifacts, found, arguments = identity
+        key, upstream_artifacts, found, arguments, engine = identity
         fn = typing.cast(Callable[..., Awaitable[Any]], self.fn)
-        engine = self.engine
         with self._scope(engine, found, arguments) as scope:
             outcome = await engine.aexecute(
                 key,

@@ -37,13 +37,14 @@ from typing import Any, TypeVar
 from .codec import Codec, JSONCodec
 from .context import current_run, running_node
 from .errors import (
+    ConfigError,
     CorruptNodeError,
     DecodeError,
     EffectInDoubtError,
     MusubiError,
     NodeNotFoundError,
 )
-from .identity import NodeKey, input_hash, make_node_id, make_op
+from .identity import NodeKey, check_namespace, input_hash, make_node_id, make_op
 from .policy import (
     RECORDED_ONLY_KINDS,
     Decision,
@@ -168,8 +169,10 @@ def artifact_id_for(encoding: str, payload: bytes) -> str:
 class Engine:
     """Replay-or-execute over a :class:`~musubi_core.store.Store`.
 
-    ``namespace`` is recorded on every node; adapters use it to keep several
-    caches apart in one file.
+    ``namespace`` keeps several caches apart in one store: outside ``"default"`` it is part
+    of every node id the engine makes, so the same call in two namespaces reaches two nodes,
+    and an engine serves only nodes of its own namespace. It is recorded on every node,
+    call and run; :meth:`clear` forgets exactly the namespace's entries.
     """
 
     def __init__(
@@ -181,7 +184,7 @@ class Engine:
     ) -> None:
         self.store = store
         self.codec: Codec = codec or JSONCodec()
-        self.namespace = namespace
+        self.namespace = check_namespace(namespace)
         # The store's one writer, shared with every other engine and adapter writing to it.
         self.recorder: Recorder = recorder_for(store)
         self._closed = False
@@ -215,14 +218,27 @@ class Engine:
         op = make_op(op_name, fingerprint)
         in_hash = input_hash(inputs)
         ups = tuple(sorted(set(upstream)))
-        return NodeKey(make_node_id(op, in_hash, ups), op, op_name, in_hash, ups)
+        ns = self.namespace
+        return NodeKey(make_node_id(op, in_hash, ups, ns), op, op_name, in_hash, ups, ns)
+
+    def _own(self, key: NodeKey) -> None:
+        """Refuse a key made in another namespace (it would read or take over a node of
+        that namespace)."""
+        if key.namespace != self.namespace:
+            raise ConfigError(
+                f"node key {key.node_id[:12]} ({key.op_name}) was made in namespace "
+                f"{key.namespace!r}, but this engine's namespace is {self.namespace!r}: make "
+                "keys with the engine that uses them",
+                target=key.namespace,
+            )
 
     # -- reading --------------------------------------------------------------
 
     def lookup(self, key: NodeKey, config: StepConfiguration = DEFAULT_CONFIG) -> Lookup:
         """Replay ``key`` if policy allows; counts the replay."""
+        self._own(key)
         try:
-            found = self._find(key.node_id)
+            found = self._find(key.node_id, self.namespace)
         except CorruptNodeError as err:
             # A garbled row (a hand edit, damage) is a miss: the call runs, and its record
             # rewrites the row.
@@ -264,14 +280,22 @@ class Engine:
         self._count_replay(node.node_id)
         return Lookup(True, decision, value, node)
 
-    def _find(self, node_id: str) -> tuple[NodeRecord, str | None, bytes | None] | None:
+    def _find(
+        self, node_id: str, namespace: str | None = None
+    ) -> tuple[NodeRecord, str | None, bytes | None] | None:
+        """The node ``node_id`` with its artifact; with ``namespace``, a node of another
+        namespace is not found (a row an older musubi wrote in a non-default namespace
+        holds what is now a default-namespace id: it is never served there)."""
         pending = self.recorder.pending_node(node_id)
         if pending is not None:
             node, artifact = pending
-            if artifact is not None:
+            if artifact is not None and namespace in (None, node.namespace):
                 return _record_from_write(node), artifact.encoding, artifact.payload
             self.recorder.flush()
-        return self.store.get_node_and_artifact(node_id)
+        found = self.store.get_node_and_artifact(node_id)
+        if found is not None and namespace is not None and found[0].namespace != namespace:
+            return None
+        return found
 
     def _parents_unchanged(self, node_id: str) -> bool:
         parents = self.store.data_parents(node_id)
@@ -285,16 +309,17 @@ class Engine:
     def explain(self, key: NodeKey, config: StepConfiguration = DEFAULT_CONFIG) -> Decision:
         """Why ``key`` would replay or execute now (``.node_id`` is the node it reaches).
         Reads only; counts nothing."""
+        self._own(key)
         return dataclasses.replace(self._explain(key, config), node_id=key.node_id)
 
     def _explain(self, key: NodeKey, config: StepConfiguration) -> Decision:
-        found = self._find(key.node_id)
+        found = self._find(key.node_id, self.namespace)
         if found is not None:
             node, _encoding, payload = found
             return self._decide(node, config, payload is not None)
         if config.force_reexecution:
             return decide(None, config, now=time.time())
-        similar = self.store.similar_nodes(key.op_name, key.input_hash)
+        similar = self.store.similar_nodes(key.op_name, key.input_hash, namespace=self.namespace)
         other_code = [n for n in similar if n.op != key.op]
         if similar and not other_code:
             source = self._content_source(key, config, similar)
@@ -312,7 +337,7 @@ class Engine:
                 ReplayReason.CODE_CHANGED,
                 f"recorded under {other_code[0].op}, now {key.op} (code, version or parameters changed)",
             )
-        if self.store.nodes_of_op(key.op_name, limit=1):
+        if self.store.nodes_of_op(key.op_name, limit=1, namespace=self.namespace):
             return Decision(False, ReplayReason.INPUT_CHANGED, "no earlier call with these inputs")
         return Decision(False, ReplayReason.NOT_FOUND, f"{key.op_name} was never recorded")
 
@@ -366,7 +391,9 @@ class Engine:
         if config.step_type is StepType.EXTERNAL_EFFECT:
             return None  # an effect is identified by its node: never served from another
         if similar is None:
-            similar = self.store.similar_nodes(key.op_name, key.input_hash)
+            similar = self.store.similar_nodes(
+                key.op_name, key.input_hash, namespace=self.namespace
+            )
         for node in similar:
             if node.op != key.op or node.node_id == key.node_id:
                 continue
@@ -461,6 +488,7 @@ class Engine:
         raises :class:`~musubi_core.errors.SerializationError` carrying the
         value, and the store is left untouched.
         """
+        self._own(key)
         encoding, payload = self.codec.encode(value)
         artifact_id = artifact_id_for(encoding, payload)
         if self._skips_writes():
@@ -511,6 +539,7 @@ class Engine:
         defer: bool = False,
     ) -> Recorded:
         """Record that ``key`` raised. Failed nodes are never replayed."""
+        self._own(key)
         if self._skips_writes():
             return Recorded(key.node_id, None, None)
         text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
@@ -590,6 +619,16 @@ class Engine:
         # deferred node or edge would escape the invalidation.
         flush_recorders(self.store.path)
         return self.store.invalidate(self.store.resolve(node_id))
+
+    def clear(self, *, kinds: Iterable[str] | None = None) -> int:
+        """Forget this namespace's entries: every node of the engine's namespace (of
+        ``kinds`` only, when given) is marked stale, so its next call executes again; no
+        node of another namespace changes. Nodes stay for lineage. Returns how many nodes
+        changed (one statement, however many nodes the store holds)."""
+        flush_recorders(self.store.path)
+        return self.store.invalidate_namespace(
+            self.namespace, kinds=None if kinds is None else tuple(kinds)
+        )
 
     def flush(self) -> None:
         """Commit everything recorded so far (calls, runs, deferred nodes, replay counts)."""

@@ -57,7 +57,7 @@ __all__ = [
 
 _PROBE = (
     "SELECT n.status, n.expires_at, n.artifact_id, n.tokens_in, n.tokens_out, n.duration_s, "
-    "a.encoding, a.payload, n.finished_at "
+    "a.encoding, a.payload, n.finished_at, n.namespace "
     "FROM musubi_nodes n LEFT JOIN musubi_artifacts a ON a.artifact_id = n.artifact_id "
     "WHERE n.node_id = ?"
 )
@@ -67,7 +67,7 @@ _NUMBER = (float, int, type(None))
 _TEXT = (str, type(None))
 _PROBE_TYPES: tuple[type | tuple[type, ...], ...] = (
     str, _NUMBER, _TEXT, (int, type(None)), (int, type(None)), _NUMBER, _TEXT,
-    (bytes, str, type(None)), _NUMBER,
+    (bytes, str, type(None)), _NUMBER, str,
 )
 
 _NOT_FOUND = Decision(False, ReplayReason.NOT_FOUND, "no stored node with this identity")
@@ -98,6 +98,8 @@ def probe_replay(
     store = engine.store
     if config.force_reexecution or not isinstance(store, SQLiteStore):
         return None
+    if key.namespace != engine.namespace:
+        return None  # Engine.lookup says why
     if engine.recorder.pending_node(key.node_id) is not None:
         return None  # a deferred write: lookup() serves it from the recorder
 
@@ -111,9 +113,14 @@ def probe_replay(
         if engine.recorder.pending_node(key.node_id) is not None:
             return None  # deferred while we read
         return _NOT_FOUND
-    status, expires_at, artifact_id, tokens_in, tokens_out, duration_s, encoding, payload, done_at = row
+    (
+        status, expires_at, artifact_id, tokens_in, tokens_out, duration_s, encoding, payload,
+        done_at, namespace,
+    ) = row
     if not all(map(isinstance, row, _PROBE_TYPES)):
         return None  # a garbled column: Engine.lookup makes it a miss and says which
+    if namespace != engine.namespace:
+        return None  # a row of another namespace (see Engine._find): Engine.lookup decides
     if (
         config.step_type is StepType.STOCHASTIC
         and config.ttl_seconds is not None

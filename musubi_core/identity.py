@@ -36,13 +36,15 @@ from ._tagged import (
     registered_encoders,
     with_fresh_stack,
 )
-from .errors import IdentityError
+from .errors import ConfigError, IdentityError
 from .result import Result
 
 __all__ = [
+    "DEFAULT_NAMESPACE",
     "HASH_SCHEME",
     "NodeKey",
     "canonical_bytes",
+    "check_namespace",
     "collect_results",
     "function_fingerprint",
     "input_hash",
@@ -50,9 +52,16 @@ __all__ = [
     "make_op",
     "receiver_identity",
     "register_encoder",
+    "resolve_namespace",
 ]
 
 HASH_SCHEME = "musubi/1"
+# The namespace of every node written before namespaces entered identity, and the one whose
+# node ids are exactly the ``musubi/1`` ids (existing stores keep replaying).
+DEFAULT_NAMESPACE = "default"
+# The first field of a node id's material in any other namespace: never equal to HASH_SCHEME
+# (whose material goes on with \x1f), so no id of one namespace can be an id of another.
+_NAMESPACED_SCHEME = HASH_SCHEME + "+namespace"
 
 
 # Inputs may nest as deep as stored values, below the containers musubi itself wraps them in
@@ -191,9 +200,49 @@ def make_op(op_name: str, fingerprint: Any = None) -> str:
     return f"{op_name}#{digest}"
 
 
-def make_node_id(op: str, in_hash: str, upstream: Iterable[str] = ()) -> str:
+def check_namespace(namespace: object) -> str:
+    """``namespace`` if it can name a namespace (a non-empty string), else a clear error."""
+    if not isinstance(namespace, str):
+        raise TypeError(f"a musubi namespace is a string, not {type(namespace).__name__}")
+    if not namespace:
+        raise ConfigError(
+            'a musubi namespace cannot be empty (the default one is "default")', target=namespace
+        )
+    return namespace
+
+
+def resolve_namespace(namespace: str | None, engine_namespace: str | None = None) -> str:
+    """The namespace an adapter object works in: ``namespace`` as given, else that of the
+    engine it was given (``engine_namespace``), else ``"default"``. A namespace that
+    contradicts the given engine's is a :class:`~musubi_core.errors.ConfigError`: the
+    engine's namespace is part of every node id it makes."""
+    if namespace is None:
+        return DEFAULT_NAMESPACE if engine_namespace is None else engine_namespace
+    check_namespace(namespace)
+    if engine_namespace is not None and engine_namespace != namespace:
+        raise ConfigError(
+            f"namespace={namespace!r}, but the engine given has namespace "
+            f"{engine_namespace!r}: pass only one of them, or an engine made with "
+            f"Engine(store, namespace={namespace!r})",
+            target=namespace,
+        )
+    return namespace
+
+
+def make_node_id(
+    op: str, in_hash: str, upstream: Iterable[str] = (), namespace: str = DEFAULT_NAMESPACE
+) -> str:
+    """A node's id. Outside the default namespace the namespace is part of it: the same
+    call in two namespaces reaches two nodes (the default namespace's ids are the
+    ``musubi/1`` ids they always were)."""
     parents = ",".join(sorted(set(upstream)))
-    material = "\x1f".join((HASH_SCHEME, op, in_hash, parents))
+    if namespace == DEFAULT_NAMESPACE:
+        material = "\x1f".join((HASH_SCHEME, op, in_hash, parents))
+    else:
+        # JSON escapes every control character: the namespace field holds no raw \x1f.
+        material = "\x1f".join(
+            (_NAMESPACED_SCHEME, json.dumps(namespace, ensure_ascii=True), op, in_hash, parents)
+        )
     return hashlib.sha256(material.encode("utf-8")).hexdigest()
 
 
@@ -206,6 +255,9 @@ class NodeKey:
     op_name: str
     input_hash: str
     upstream: tuple[str, ...]
+    # The namespace the id was made in: only an engine of this namespace looks it up or
+    # records it.
+    namespace: str = DEFAULT_NAMESPACE
 
 
 def collect_results(value: Any, found: list[Result[Any]] | None = None) -> list[Result[Any]]:

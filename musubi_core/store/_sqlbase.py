@@ -50,6 +50,9 @@ ON CONFLICT (node_id) DO UPDATE SET
     status = excluded.status,
     artifact_id = COALESCE(excluded.artifact_id, musubi_nodes.artifact_id),
     step_type = excluded.step_type,
+    -- Ids are made per namespace; a row of another namespace at this id was written by an
+    -- older musubi (when namespaces did not enter ids) and belongs to its writer now.
+    namespace = excluded.namespace,
     started_at = excluded.started_at,
     finished_at = excluded.finished_at,
     expires_at = excluded.expires_at,
@@ -338,7 +341,7 @@ class SQLStoreBase(CallsMixin):
                 c, f"SELECT {NODE_COLUMNS} FROM musubi_nodes n WHERE node_id = ?", (node.node_id,)
             ).fetchone()
             current = None if row is None else _row_to_node(row, self.path)
-            if current is not None:
+            if current is not None and current.namespace == node.namespace:
                 if current.status == "done" and not force:
                     return ClaimOutcome("done", current)
                 if (
@@ -374,6 +377,27 @@ class SQLStoreBase(CallsMixin):
 
         return self._write("invalidate", apply)
 
+    def invalidate_namespace(
+        self, namespace: str, *, kinds: Sequence[str] | None = None
+    ) -> int:
+        # One statement, whatever the size of the store. Not an EXTERNAL_EFFECT: its record is
+        # what stops it from being issued twice.
+        sql = (
+            "UPDATE musubi_nodes SET status = 'stale', stale_cause = 'invalidated' "
+            "WHERE namespace = ? AND status = 'done' AND step_type != 'external_effect'"
+        )
+        params: list[str] = [namespace]
+        if kinds is not None:
+            if not kinds:
+                return 0
+            sql += f" AND kind IN ({', '.join('?' * len(kinds))})"
+            params.extend(kinds)
+
+        def apply(c: Any) -> int:
+            return self._changes(c, self._ex(c, sql, params))
+
+        return self._write("invalidate_namespace", apply)
+
     def mark_fresh(self, node_id: str) -> bool:
         # The parents are re-checked inside the write transaction: if one was
         # invalidated again since the caller looked, nothing changes.
@@ -395,26 +419,34 @@ class SQLStoreBase(CallsMixin):
         )
         return [ParentState(*row) for row in rows]
 
-    def similar_nodes(self, op_name: str, input_hash: str, limit: int = 5) -> list[NodeRecord]:
+    def similar_nodes(
+        self, op_name: str, input_hash: str, limit: int = 5, *, namespace: str | None = None
+    ) -> list[NodeRecord]:
+        where, params = _filters(
+            ("op_name = ?", op_name), ("input_hash = ?", input_hash), ("namespace = ?", namespace)
+        )
         rows = self._read(
             "similar_nodes",
             lambda c: self._ex(
                 c,
-                f"SELECT {NODE_COLUMNS} FROM musubi_nodes n WHERE op_name = ? AND input_hash = ? "
+                f"SELECT {NODE_COLUMNS} FROM musubi_nodes n {where} "
                 "ORDER BY created_at DESC LIMIT ?",
-                (op_name, input_hash, limit),
+                (*params, limit),
             ).fetchall(),
         )
         return [_row_to_node(r, self.path) for r in rows]
 
-    def nodes_of_op(self, op_name: str, limit: int = 5) -> list[NodeRecord]:
+    def nodes_of_op(
+        self, op_name: str, limit: int = 5, *, namespace: str | None = None
+    ) -> list[NodeRecord]:
+        where, params = _filters(("op_name = ?", op_name), ("namespace = ?", namespace))
         rows = self._read(
             "nodes_of_op",
             lambda c: self._ex(
                 c,
-                f"SELECT {NODE_COLUMNS} FROM musubi_nodes n WHERE op_name = ? "
+                f"SELECT {NODE_COLUMNS} FROM musubi_nodes n {where} "
                 "ORDER BY op_name, input_hash LIMIT ?",
-                (op_name, limit),
+                (*params, limit),
             ).fetchall(),
         )
         return [_row_to_node(r, self.path) for r in rows]

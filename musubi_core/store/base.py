@@ -336,6 +336,12 @@ class Store(Protocol):
         nodes changed state."""
         ...
 
+    def invalidate_namespace(self, namespace: str, *, kinds: Sequence[str] | None = None) -> int:
+        """Mark every done node of ``namespace`` (of ``kinds`` only, when given) stale, in one
+        statement; no node of another namespace changes, and no EXTERNAL_EFFECT node (its
+        record is what stops it from being issued twice). Returns how many changed."""
+        ...
+
     def mark_fresh(self, node_id: str) -> bool:
         """Early cutoff: make a node that is stale only because of an upstream
         done again, if (checked atomically) every data parent is done with the
@@ -344,9 +350,18 @@ class Store(Protocol):
 
     def data_parents(self, node_id: str) -> list[ParentState]: ...
 
-    def similar_nodes(self, op_name: str, input_hash: str, limit: int = 5) -> list[NodeRecord]: ...
+    def similar_nodes(
+        self, op_name: str, input_hash: str, limit: int = 5, *, namespace: str | None = None
+    ) -> list[NodeRecord]:
+        """Nodes of ``op_name`` with this input hash (of ``namespace`` only, when given),
+        newest first."""
+        ...
 
-    def nodes_of_op(self, op_name: str, limit: int = 5) -> list[NodeRecord]: ...
+    def nodes_of_op(
+        self, op_name: str, limit: int = 5, *, namespace: str | None = None
+    ) -> list[NodeRecord]:
+        """Nodes of ``op_name`` (of ``namespace`` only, when given)."""
+        ...
 
     def resolve(self, ref: str) -> str:
         """Full node id for a unique prefix (raises NodeNotFoundError)."""

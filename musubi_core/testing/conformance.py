@@ -658,6 +658,68 @@ def test_store_similar_nodes_and_nodes_of_op(store: Store) -> None:
     assert store.nodes_of_op("op.none") == []
 
 
+def test_store_similar_nodes_and_nodes_of_op_keep_to_a_namespace(store: Store) -> None:
+    shared_input = hexid("ns-shared-input")
+    same: dict[str, Any] = {"op": "op.ns#v1", "op_name": "op.ns", "input_hash": shared_input}
+    alpha = done_node(store, "ns-alpha", namespace="alpha", **same)
+    beta = done_node(store, "ns-beta", namespace="beta", **same)
+    assert {n.node_id for n in store.similar_nodes("op.ns", shared_input)} == {alpha, beta}
+    assert [n.node_id for n in store.similar_nodes("op.ns", shared_input, namespace="beta")] == [
+        beta
+    ]
+    assert store.similar_nodes("op.ns", shared_input, namespace="gamma") == []
+    assert [n.node_id for n in store.nodes_of_op("op.ns", 10, namespace="alpha")] == [alpha]
+    assert len(store.nodes_of_op("op.ns", limit=10)) == 2
+
+
+def test_store_invalidate_namespace_changes_exactly_that_namespace(store: Store) -> None:
+    ids = {
+        (ns, kind): done_node(store, ("ns-clear", ns, kind), namespace=ns, kind=kind)
+        for ns in ("alpha", "beta", "default")
+        for kind in ("llm", "chat_model", "step")
+    }
+    effect = done_node(
+        store, "ns-clear-effect", namespace="alpha", step_type="external_effect"
+    )
+    failed = hexid("ns-clear-failed")
+    store.write([node(failed, status="failed", error="x", namespace="alpha", kind="llm")])
+    # A data child in another namespace is not the cleared namespace's entry.
+    child = done_node(store, "ns-clear-child", namespace="beta")
+    store.write(edges=[EdgeWrite(ids["alpha", "llm"], child, "data")])
+
+    assert store.invalidate_namespace("alpha", kinds=("llm", "chat_model")) == 2
+    for (ns, kind), nid in ids.items():
+        expected = "stale" if ns == "alpha" and kind != "step" else "done"
+        assert status_of(store, nid) == expected, (ns, kind)
+    rec = store.get_node(ids["alpha", "llm"])
+    assert rec is not None and rec.stale_cause == "invalidated"
+    assert status_of(store, child) == "done"
+    assert status_of(store, failed) == "failed"
+    # Every kind of the namespace; never an external effect (its record stops a repeat).
+    assert store.invalidate_namespace("alpha") == 1
+    assert status_of(store, ids["alpha", "step"]) == "stale"
+    assert status_of(store, effect) == "done"
+    assert store.invalidate_namespace("alpha") == 0
+    assert store.invalidate_namespace("beta", kinds=()) == 0
+    assert status_of(store, ids["beta", "llm"]) == "done"
+    assert store.invalidate_namespace("nobody") == 0
+
+
+def test_store_write_gives_a_node_to_the_namespace_that_writes_it(store: Store) -> None:
+    # A row an older musubi wrote in another namespace at what is now this namespace's id:
+    # the writer's namespace takes it over, and a claim treats it as absent.
+    nid = done_node(store, "ns-takeover", namespace="alpha")
+    art = artifact(b"mine", nid)
+    store.write([node(nid, artifact_id=art.artifact_id)], [art])
+    rec = store.get_node(nid)
+    assert rec is not None and rec.namespace == "default" and rec.artifact_id == art.artifact_id
+    effect = done_node(store, "ns-takeover-effect", namespace="alpha")
+    claimed = store.claim(_intent(effect, "me"), owner_alive=lambda n: True)
+    assert claimed.state == "claimed"
+    rec = store.get_node(effect)
+    assert rec is not None and rec.status == "pending" and rec.namespace == "default"
+
+
 def test_store_resolve_prefixes(store: Store) -> None:
     ids = [done_node(store, ("resolve", i)) for i in range(40)]
     target = ids[0]

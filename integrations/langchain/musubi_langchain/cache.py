@@ -25,7 +25,7 @@ from langchain_core.outputs import Generation
 
 from musubi_core.engine import Engine
 from musubi_core.fastpath import EncodedHit, HitMemo
-from musubi_core.identity import NodeKey
+from musubi_core.identity import NodeKey, resolve_namespace
 from musubi_core.policy import StepConfiguration, StepType
 from musubi_core.record import current_frame, joinable, new_call_id
 from musubi_core.record.ambient import AmbientRun
@@ -61,7 +61,9 @@ class MusubiCache(BaseCache):
     Args:
         path: SQLite file (default: ``$MUSUBI_DB`` or ``.musubi/musubi.db``).
         store: an existing core store instead of ``path``.
-        namespace: keeps projects/experiments apart inside one file.
+        namespace: keeps projects/experiments apart inside one file: a separate cache (its
+            own nodes; :meth:`clear` forgets only its entries). Default: ``engine``'s, else
+            ``"default"``.
         ttl_seconds: replay a completion only this long after it was made (None: forever).
         engine: an existing :class:`musubi_core.engine.Engine` (shares its write buffer).
         replay_streams: let ``.stream()``/``.astream()`` be served from this cache
@@ -81,14 +83,14 @@ class MusubiCache(BaseCache):
         path: str | os.PathLike[str] | None = None,
         *,
         store: Any | None = None,
-        namespace: str = "default",
+        namespace: str | None = None,
         ttl_seconds: float | None = None,
         engine: Engine | None = None,
         replay_streams: bool = False,
     ) -> None:
         self._path = path
         self._store = store
-        self._namespace = namespace
+        self._namespace = resolve_namespace(namespace, engine.namespace if engine else None)
         self._engine: Engine | None = engine
         self._engine_lock = threading.Lock()
         self.config = StepConfiguration(step_type=StepType.STOCHASTIC, ttl_seconds=ttl_seconds)
@@ -380,17 +382,12 @@ class MusubiCache(BaseCache):
         """Mark every LLM/chat-model node of this namespace stale (history stays for lineage).
 
         LangChain calls this to drop cached completions; musubi keeps the nodes (they are part
-        of recorded lineage) and makes them miss.
+        of recorded lineage) and makes them miss. Other namespaces keep every entry.
         """
         self._guard.call(lambda: self._clear(), None)
 
     def _clear(self) -> None:
-        engine = self.engine
-        engine.flush()
-        for kind in ("chat_model", "llm"):
-            for node in engine.store.list_nodes(kind=kind, limit=10_000_000):
-                if node.namespace == self._namespace and node.status != "stale":
-                    engine.store.invalidate(node.node_id)
+        self.engine.clear(kinds=("chat_model", "llm"))
 
     # Native async: the default runs the sync method in a thread pool, which costs a thread hop
     # per call and loses the context variable the handler uses to correlate runs.

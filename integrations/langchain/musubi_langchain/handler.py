@@ -28,6 +28,7 @@ from langchain_core.messages import BaseMessage
 from langchain_core.outputs import LLMResult
 
 from musubi_core.engine import Engine, artifact_id_for
+from musubi_core.identity import resolve_namespace
 from musubi_core.record import RunState, current_frame, joinable, new_call_id, preview
 from musubi_core.record.recorder import Batch
 from musubi_core.store import ArtifactWrite
@@ -115,10 +116,11 @@ class MusubiCallbackHandler(BaseCallbackHandler):
         *,
         engine: Engine | None = None,
         store: Any | None = None,
-        namespace: str = "default",
+        namespace: str | None = None,
     ) -> None:
         super().__init__()
-        self._path, self._store, self._namespace = path, store, namespace
+        self._path, self._store = path, store
+        self._namespace = resolve_namespace(namespace, engine.namespace if engine else None)
         self._engine = engine
         self._ready: Engine | None = None  # the engine, once wired to our guard
         self._engine_lock = threading.Lock()

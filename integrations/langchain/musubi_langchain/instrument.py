@@ -31,6 +31,7 @@ from langchain_core.language_models import BaseLLM
 from langchain_core.tracers import context as tracer_context
 
 from musubi_core.engine import Engine
+from musubi_core.identity import resolve_namespace
 
 from ._engine import make_engine
 from ._patches import Patch
@@ -112,7 +113,7 @@ def instrument(
     *,
     store: Any | None = None,
     engine: Engine | None = None,
-    namespace: str = "default",
+    namespace: str | None = None,
     ttl_seconds: float | None = None,
     cache: bool = True,
     handler: bool = True,
@@ -123,11 +124,13 @@ def instrument(
     Args:
         path: SQLite file (default ``$MUSUBI_DB`` or ``.musubi/musubi.db``).
         store, engine: use an existing core store/engine instead of ``path``.
-        namespace, ttl_seconds: as for :class:`MusubiCache`.
+        namespace, ttl_seconds: as for :class:`MusubiCache` (the cache and the handler share
+            the namespace: a separate cache, and the runs and calls recorded in it).
         cache: set the global LLM cache (replay). ``handler``: record lineage.
         replay_streams: also serve ``.stream()``/``.astream()`` from the store on a hit.
     """
     global _current
+    namespace = resolve_namespace(namespace, engine.namespace if engine is not None else None)
     args = (
         os.fspath(path) if path is not None else None,
         id(store), id(engine), namespace, ttl_seconds, cache, handler, replay_streams,

@@ -267,7 +267,7 @@ def instrument(
     llm: BaseLLM | None = None,
     embed_model: BaseEmbedding | None = None,
     engine: Engine | None = None,
-    namespace: str = "default",
+    namespace: str | None = None,
     ttl_seconds: float | None = None,
     lineage: bool = True,
     use_settings: bool = True,
@@ -282,6 +282,8 @@ def instrument(
             The *instances* are patched (class swapped for a replaying subclass of their own
             class), so engines built before this call replay too and ``isinstance`` holds.
         engine: an explicit :class:`musubi_core.Engine` (overrides ``path``).
+        namespace: a separate cache inside the store: replays only what was recorded in the
+            same namespace (default: ``engine``'s, else ``"default"``).
         ttl_seconds: LLM responses older than this are not replayed (default: forever).
         lineage: add the span and event handlers to the root dispatcher.
         use_settings: also make the models on ``Settings`` replayable: those set now, and
@@ -312,11 +314,16 @@ def instrument(
         else:
             inst = _current
             other_path = path is not None and str(path) != inst.runtime.path
-            if other_path or (engine is not None and engine is not inst.runtime.engine()):
+            other_namespace = namespace is not None and namespace != inst.runtime.namespace
+            if (
+                other_path
+                or other_namespace
+                or (engine is not None and engine is not inst.runtime.engine())
+            ):
                 warn_once(
                     "instrument-again",
-                    "instrument() is already active; keeping its store (call uninstrument() "
-                    "first to switch stores)",
+                    "instrument() is already active; keeping its store and namespace (call "
+                    "uninstrument() first to switch)",
                 )
         for model in (llm, embed_model):
             _adopt(inst, model, strict=True)

@@ -17,10 +17,12 @@ import logging
 import sqlite3
 import threading
 import warnings
+import weakref
 from collections.abc import Callable
 from typing import TypeVar
 
 from musubi_core import Engine, MusubiError, SQLiteStore, get_engine
+from musubi_core.identity import resolve_namespace
 
 __all__ = ["Runtime", "guarded", "warn_once"]
 
@@ -57,21 +59,25 @@ def guarded(fn: Callable[[], T], default: T, *, topic: str = "store") -> T:
 
 
 class Runtime:
-    """Which engine the adapter uses: a fixed one (path or engine given) or the context one."""
+    """Which engine the adapter uses: a fixed one (path or engine given) or the context one
+    (viewed in the runtime's namespace)."""
 
     def __init__(
         self,
         path: str | None = None,
         *,
         engine: Engine | None = None,
-        namespace: str = "default",
+        namespace: str | None = None,
         ttl_seconds: float | None = None,
     ) -> None:
         self.path = str(path) if path is not None else None
         self.ttl_seconds = ttl_seconds
-        self.namespace = namespace
+        self.namespace = resolve_namespace(namespace, engine.namespace if engine else None)
         self._open_lock = threading.Lock()
         self._engine: Engine | None = engine
+        # path and engine not given: the context engine of another namespace, viewed in ours
+        # (the same store and recorder), by the engine it views.
+        self._views: weakref.WeakKeyDictionary[Engine, Engine] = weakref.WeakKeyDictionary()
         # path given: opened on first use, so a broken path degrades to misses + one warning
         # (inside guarded calls) instead of failing instrument() itself.
         self._own = engine is None and path is not None
@@ -80,7 +86,17 @@ class Runtime:
         if self._engine is not None:
             return self._engine
         if self.path is None:
-            return get_engine()  # use_engine() context, else the process default
+            context = get_engine()  # use_engine() context, else the process default
+            if context.namespace == self.namespace:
+                return context
+            view = self._views.get(context)
+            if view is None:
+                with self._open_lock:
+                    view = self._views.get(context)
+                    if view is None:
+                        view = Engine(context.store, codec=context.codec, namespace=self.namespace)
+                        self._views[context] = view
+            return view
         with self._open_lock:
             if self._engine is None:
                 self._engine = Engine(SQLiteStore(self.path), namespace=self.namespace)

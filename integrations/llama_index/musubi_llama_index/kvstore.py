@@ -39,6 +39,7 @@ from llama_index.core.storage.kvstore.types import (
 )
 
 from musubi_core import Engine, SQLiteStore, StepConfiguration, StepType
+from musubi_core.identity import DEFAULT_NAMESPACE, check_namespace
 from musubi_core.record import RunState
 from musubi_llama_index import _calls
 from musubi_llama_index._content import brief
@@ -89,7 +90,9 @@ class MusubiKVStore(BaseKVStore):
         path: the musubi SQLite file (shared with ``instrument(path)`` if you like).
         scope: keeps caches apart inside one file, e.g. one scope per embedding model (the
             built-in ``embeddings_cache`` keys by raw text only, without the model).
-        namespace: musubi namespace recorded on the nodes.
+        namespace: a separate store inside the file: its collections hold only what was put
+            in the same namespace (``get``, ``get_all`` and ``delete`` never see or touch
+            another namespace's entries).
 
     Values must be JSON-like dicts (what LlamaIndex stores). Store failures degrade to misses
     (``get`` returns ``None``) and skipped writes, with one warning.
@@ -104,7 +107,7 @@ class MusubiKVStore(BaseKVStore):
     ) -> None:
         self.path = str(path)
         self.scope = scope
-        self.namespace = namespace
+        self.namespace = check_namespace(namespace)
         self._engine_obj: Engine | None = None
         self._lock = threading.Lock()
         self._init_session()
@@ -135,7 +138,8 @@ class MusubiKVStore(BaseKVStore):
 
     def __repr__(self) -> str:
         # No memory address: IngestionPipeline hashes str(to_dict()) of transformations.
-        return f"MusubiKVStore(path={self.path!r}, scope={self.scope!r})"
+        namespace = "" if self.namespace == DEFAULT_NAMESPACE else f", namespace={self.namespace!r}"
+        return f"MusubiKVStore(path={self.path!r}, scope={self.scope!r}{namespace})"
 
     def _op(self, collection: str) -> str:
         return f"llama_index.kv:{self.scope}/{collection}"
@@ -278,7 +282,10 @@ class MusubiKVStore(BaseKVStore):
             eng.flush()
             out: dict[str, dict[str, Any]] = {}
             self._call(eng, "get_all", collection, None, None, None, False, None)
-            for node in eng.store.nodes_of_op(self._op(collection), limit=_MAX_LIST):
+            nodes = eng.store.nodes_of_op(
+                self._op(collection), limit=_MAX_LIST, namespace=eng.namespace
+            )
+            for node in nodes:
                 if node.status != "done" or node.artifact_id is None:
                     continue
                 art = eng.store.get_artifact(node.artifact_id)
