@@ -67,8 +67,17 @@ def _anchor_caches(env: Env, name: str) -> dict[str, Any]:
     return caches
 
 
+def _unverified_cache(env: Env, name: str) -> Any:
+    """A MusubiCache that does not check the content id of what it serves (only to measure
+    what that check costs)."""
+    cache = _musubi_cache(env, name)
+    cache.engine._verify_artifacts = False
+    return cache
+
+
 def invoke_hit(env: Env) -> Comparison:
     caches = _anchor_caches(env, "lc-hit")
+    caches["MusubiCache, unverified"] = _unverified_cache(env, "lc-hit-unverified")
     prompt = "What is the capital of Japan? Answer in one word."
     variants = []
     for label, cache in caches.items():
@@ -83,7 +92,10 @@ def invoke_hit(env: Env) -> Comparison:
             assert model.calls == 1, f"{label}: a 'hit' reached the model ({model.calls} calls)"
 
         variants.append(Variant(label, lambda model=model: model.invoke(prompt), check=check))
-    ratios = [Ratio("MusubiCache / InMemoryCache", "MusubiCache", "InMemoryCache", 1.15)]
+    ratios = [
+        Ratio("MusubiCache / InMemoryCache", "MusubiCache", "InMemoryCache", 1.15),
+        Ratio("MusubiCache / unverified", "MusubiCache", "MusubiCache, unverified"),
+    ]
     if "SQLiteCache" in caches:
         ratios.append(
             Ratio("MusubiCache / SQLiteCache", "MusubiCache", "SQLiteCache", 0.5, strict=True)

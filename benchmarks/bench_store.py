@@ -3,6 +3,7 @@ diskcache; lookup latency as the store grows; invalidation of many descendants."
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import os
@@ -17,9 +18,11 @@ from _harness import Comparison, Ratio, Variant
 
 from musubi_core import Engine, SQLiteStore
 from musubi_core.codec import JSONCodec
+from musubi_core.fastpath import EncodedHit, probe_replay
 from musubi_core.store.schema import SCHEMA_VERSION
 
 VALUE = {"text": "Tokyo is the capital of Japan.", "tokens": [12, 8], "model": "bench-model"}
+BIG_VALUE = {"text": "Tokyo is the capital of Japan. " * 528, "model": "bench-model"}  # ~16 KB
 
 
 def _floor_db(path: pathlib.Path) -> sqlite3.Connection:
@@ -75,10 +78,6 @@ def lookup_hit(env: Env) -> Comparison:
         found = store.get_node_and_artifact(node_id)
         assert found is not None and found[0].status == "done" and found[2] == payload
 
-    def check_engine(n: int) -> None:
-        got = engine.lookup(key)
-        assert got.replay and got.value == VALUE, "engine.lookup did not replay"
-
     variants = [
         Variant(
             "sqlite3 PK SELECT",
@@ -92,13 +91,46 @@ def lookup_hit(env: Env) -> Comparison:
             check=check_store,
             note="`SQLiteStore.get_node_and_artifact`: node row + artifact payload",
         ),
-        Variant(
-            "musubi engine.lookup",
-            lambda: engine.lookup(key),
-            check=check_engine,
-            note="+ replay policy, JSON decode, replay counter",
-        ),
     ]
+    ratios = [
+        Ratio("store lookup / sqlite3 PK SELECT", "musubi store lookup", "sqlite3 PK SELECT", 3.0),
+        Ratio("engine.lookup / sqlite3 PK SELECT", "musubi engine.lookup", "sqlite3 PK SELECT"),
+    ]
+    # The content-id check every replay makes (sha256 of the payload, ~1 µs per KB): each
+    # reader beside the same reader on an engine of the same store with the check turned off;
+    # a 16 KB output (a long completion) too, where the check weighs most.
+    unverified = Engine(store)
+    unverified._verify_artifacts = False
+    big_key = engine.key("bench.lookup", {"prompt": "a long completion"})
+    engine.record(big_key, BIG_VALUE)
+
+    def replays(eng: Engine, k: Any, value: Any) -> None:
+        got = eng.lookup(k)
+        assert got.replay and got.value == value, "engine.lookup did not replay"
+
+    def probes(eng: Engine, k: Any, value: Any) -> None:
+        hit = probe_replay(eng, k)
+        assert isinstance(hit, EncodedHit) and eng.codec.decode(hit.encoding, hit.payload) == value
+
+    readers = [
+        ("engine.lookup", Engine.lookup, key, VALUE, replays,
+         "+ replay policy, content-id check, JSON decode, replay counter"),
+        ("engine.lookup 16 KB", Engine.lookup, big_key, BIG_VALUE, replays, "a 16 KB output"),
+        ("probe_replay", probe_replay, key, VALUE, probes,
+         "the adapters' fast probe (no decode): a cache's first hit of an entry"),
+    ]
+    for name, read, k, value, check, note in readers:
+        plain = "the same, without the content-id check"
+        for eng, suffix, what in ((engine, "", note), (unverified, ", unverified", plain)):
+            variants.append(
+                Variant(
+                    f"musubi {name}{suffix}",
+                    functools.partial(read, eng, k),
+                    check=lambda n, eng=eng, k=k, value=value, check=check: check(eng, k, value),
+                    note=what,
+                )
+            )
+        ratios.append(Ratio(f"{name} / unverified", f"musubi {name}", f"musubi {name}, unverified"))
     dc = _diskcache(env, "dc-lookup")
     if dc is not None:
         dc.set(node_id, VALUE)
@@ -107,11 +139,6 @@ def lookup_hit(env: Env) -> Comparison:
             assert dc.get(node_id) == VALUE
 
         variants.append(Variant("diskcache get", lambda: dc.get(node_id), check=check_dc))
-    ratios = [
-        Ratio("store lookup / sqlite3 PK SELECT", "musubi store lookup", "sqlite3 PK SELECT", 3.0),
-        Ratio("engine.lookup / sqlite3 PK SELECT", "musubi engine.lookup", "sqlite3 PK SELECT"),
-    ]
-    if dc is not None:
         ratios.append(
             Ratio("engine.lookup / diskcache get", "musubi engine.lookup", "diskcache get")
         )

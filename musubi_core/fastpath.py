@@ -38,7 +38,7 @@ import time
 from typing import NamedTuple
 
 from ._plain import NOT_PLAIN, is_plain_json, plain_input_hash, plain_payload, plain_tree
-from .engine import DEFAULT_CONFIG, Engine
+from .engine import DEFAULT_CONFIG, Engine, artifact_id_for
 from .identity import NodeKey
 from .policy import Decision, ReplayReason, StepConfiguration, StepType
 from .store import SQLiteStore
@@ -87,13 +87,20 @@ class EncodedHit(NamedTuple):
 
 
 def probe_replay(
-    engine: Engine, key: NodeKey, config: StepConfiguration = DEFAULT_CONFIG
+    engine: Engine,
+    key: NodeKey,
+    config: StepConfiguration = DEFAULT_CONFIG,
+    *,
+    verify: bool = True,
 ) -> EncodedHit | Decision | None:
     """Would ``key`` replay under the plain rule? Reads only; counts nothing.
 
-    Returns an :class:`EncodedHit` (done, artifact present, not expired), the ``not_found``
-    :class:`Decision` when no node exists, or ``None`` when only ``Engine.lookup`` can tell.
-    Store errors propagate as from ``Engine.lookup``.
+    Returns an :class:`EncodedHit` (done, artifact present and matching its content id, not
+    expired), the ``not_found`` :class:`Decision` when no node exists, or ``None`` when only
+    ``Engine.lookup`` can tell (a payload that does not hash to the node's artifact id is such a
+    case: ``Engine.lookup`` makes it a miss with a warning). Store errors propagate as from
+    ``Engine.lookup``. ``verify=False`` leaves the content-id check to the caller (who must
+    make it before serving the payload).
     """
     store = engine.store
     if config.force_reexecution or not isinstance(store, SQLiteStore):
@@ -135,11 +142,15 @@ def probe_replay(
         return None
     if isinstance(expires_at, int | float) and time.time() >= expires_at:
         return None
+    if not isinstance(payload, bytes):
+        payload = payload.encode("utf-8")
+    if verify and engine._verify_artifacts and artifact_id_for(encoding, payload) != artifact_id:
+        return None  # tampered or damaged bytes: Engine.lookup makes it a miss and warns
     return EncodedHit(
         key.node_id,
         artifact_id,
         encoding,
-        payload if isinstance(payload, bytes) else payload.encode("utf-8"),
+        payload,
         tokens_in if isinstance(tokens_in, int) else None,
         tokens_out if isinstance(tokens_out, int) else None,
         float(duration_s) if isinstance(duration_s, int | float) else None,
@@ -158,7 +169,13 @@ class HitMemo:
 
     A hit is remembered together with a *change token* of the store file; while the token is
     unchanged the stored node cannot have changed, so the remembered hit stands (its TTL is
-    still checked against the clock). Any commit to the file, by any connection in this or
+    still checked against the clock). Every hit it answers has a payload that hashes to its
+    artifact id: a remembered hit holds the bytes that were checked when they were read, so
+    serving it again needs no hashing (a file changed behind the token's back could make it
+    stale, never make it serve bytes that were not checked). The payloads checked are kept too
+    (by artifact id, within a byte budget) beyond the token: bytes read again after a commit
+    that are equal to them hash to the same id, so comparing them (~0.05 µs per KB) stands for
+    hashing them (~1 µs per KB). Any commit to the file, by any connection in this or
     another process (a CLI ``invalidate``, a ``gc``, another thread's write, our own replay
     counters), changes the token and forgets everything remembered.
 
@@ -184,9 +201,15 @@ class HitMemo:
     >>> engine.close()
     """
 
-    def __init__(self, engine: Engine, *, max_entries: int = 4096) -> None:
+    def __init__(
+        self, engine: Engine, *, max_entries: int = 4096, max_checked_bytes: int = 32 << 20
+    ) -> None:
         self.engine = engine
         self._max = max_entries
+        # artifact id -> (encoding, payload) that hashed to it; shared by the threads.
+        self._checked: dict[str, tuple[str, bytes]] = {}
+        self._checked_bytes = 0
+        self._max_checked_bytes = max_checked_bytes
         self._local = threading.local()
         self._shm_lock = threading.Lock()
         self._shm: tuple[int, int] | None = None  # (pid, fd) of the open -shm file
@@ -251,12 +274,31 @@ class HitMemo:
             if hit.expires_at is None or time.time() < hit.expires_at:
                 return hit
             del memo[key.node_id]
-        found = probe_replay(engine, key, config)
+        found = probe_replay(engine, key, config, verify=False)
         if isinstance(found, EncodedHit):
+            if engine._verify_artifacts and not self._intact(found):
+                return None  # Engine.lookup makes it a miss and warns
             if len(memo) >= self._max:
                 memo.clear()
             memo[key.node_id] = found
         return found
+
+    def _intact(self, hit: EncodedHit) -> bool:
+        """Does ``hit``'s payload hash to its artifact id? Bytes equal to a payload that
+        did are not hashed again."""
+        checked = self._checked.get(hit.artifact_id)
+        if checked is not None and checked[1] == hit.payload and checked[0] == hit.encoding:
+            return True
+        if artifact_id_for(hit.encoding, hit.payload) != hit.artifact_id:
+            return False
+        size = len(hit.payload)
+        if len(self._checked) >= self._max or self._checked_bytes + size > self._max_checked_bytes:
+            self._checked = {}
+            self._checked_bytes = 0
+        if size <= self._max_checked_bytes:
+            self._checked[hit.artifact_id] = (hit.encoding, hit.payload)
+            self._checked_bytes += size
+        return True
 
     def close(self) -> None:
         """Close the ``-shm`` file descriptor (also done when the memo is collected)."""

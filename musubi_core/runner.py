@@ -67,7 +67,7 @@ from typing import Any, TypeVar
 from ._duration import Duration, to_seconds
 from ._lock import RunLock, lock_path
 from .context import current_node, running_node, running_run
-from .engine import Engine, artifact_id_for, use_engine
+from .engine import Engine, artifact_id_for, content_matches, use_engine
 from .errors import (
     DecodeError,
     DivergenceError,
@@ -373,6 +373,15 @@ class _Invocation:
                 raise DecodeError(
                     f"step {name!r} of run {self.run_id!r} committed but its stored result is "
                     f"missing; re-run it with run(..., rerun_from={name!r})",
+                    artifact_id=recorded.artifact_id,
+                )
+            if self.engine._verify_artifacts and not content_matches(
+                recorded.artifact_id, recorded.encoding, recorded.payload
+            ):
+                raise DecodeError(
+                    f"step {name!r} of run {self.run_id!r}: its stored result does not match its "
+                    f"content id {str(recorded.artifact_id)[:12]} (the store file was changed "
+                    f"after the step committed); re-run it with run(..., rerun_from={name!r})",
                     artifact_id=recorded.artifact_id,
                 )
             try:

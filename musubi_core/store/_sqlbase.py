@@ -26,6 +26,7 @@ from .base import (
     NodeWrite,
     ParentState,
     RunWrite,
+    as_blob,
 )
 
 __all__ = ["SQLStoreBase"]
@@ -283,7 +284,7 @@ class SQLStoreBase(CallsMixin):
         if row is None:
             return None
         payload = row[26]
-        return _row_to_node(row, self.path), row[25], None if payload is None else bytes(payload)
+        return _row_to_node(row, self.path), row[25], None if payload is None else as_blob(payload)
 
     def get_artifact(self, artifact_id: str) -> tuple[str, bytes] | None:
         row = self._read(
@@ -294,7 +295,7 @@ class SQLStoreBase(CallsMixin):
                 (artifact_id,),
             ).fetchone(),
         )
-        return None if row is None else (row[0], bytes(row[1]))
+        return None if row is None else (row[0], as_blob(row[1]))
 
     def artifact_producer(self, artifact_id: str) -> str | None:
         row = self._read(

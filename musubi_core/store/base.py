@@ -37,6 +37,13 @@ NODE_STATUSES = ("pending", "done", "failed", "stale")
 EDGE_KINDS = ("data", "contains")
 
 
+def as_blob(value: Any) -> bytes:
+    """A stored payload as bytes: musubi writes BLOBs, but an editor (the ``sqlite3`` shell)
+    may have stored TEXT, which reads back as ``str``; its UTF-8 bytes then stand for it (and
+    fail the content-id check unless they are the original ones)."""
+    return value.encode("utf-8") if isinstance(value, str) else bytes(value)
+
+
 class NodeRecord(NamedTuple):
     """One stored lineage node (immutable).
 

@@ -32,6 +32,7 @@ from .base import (
     NodeWrite,
     RunStepRecord,
     RunStepWrite,
+    as_blob,
 )
 
 __all__ = ["RunStoreMixin"]
@@ -134,7 +135,7 @@ def _step_record(row: Sequence[Any]) -> RunStepRecord:
         fingerprint=row[5], artifact_id=row[6], node_id=row[7], error=row[8],
         started_at=row[9], finished_at=row[10], wake_at=row[11], attempts=row[12],
         encoding=row[13] if len(row) > 13 else None,
-        payload=None if payload is None else bytes(payload),
+        payload=None if payload is None else as_blob(payload),
     )
 
 

@@ -34,6 +34,7 @@ from musubi_core import (
     step,
 )
 from musubi_core import codec as codec_module
+from tests.support.tamper import readdress
 
 CONSTRUCTED: list[str] = []
 
@@ -249,13 +250,9 @@ def test_corrupt_payloads_raise_decode_error() -> None:
 
 def _tamper(db_path: Path, artifact_id: str, *, payload: bytes | None = None,
             encoding: str | None = None) -> None:
-    with sqlite3.connect(db_path) as raw:
-        if payload is not None:
-            raw.execute("UPDATE musubi_artifacts SET payload = ? WHERE artifact_id = ?",
-                        (payload, artifact_id))
-        if encoding is not None:
-            raw.execute("UPDATE musubi_artifacts SET encoding = ? WHERE artifact_id = ?",
-                        (encoding, artifact_id))
+    # Stored under its own content id (an edit made to pass the content-id check that every
+    # replay makes): only the decoder stands between the edited artifact and the caller.
+    readdress(db_path, artifact_id, payload=payload, encoding=encoding)
 
 
 @pytest.mark.parametrize(

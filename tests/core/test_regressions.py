@@ -48,6 +48,7 @@ from musubi_core import (
 )
 from musubi_core.identity import IdentityError, canonical_bytes, input_hash
 from musubi_core.store import NodeWrite
+from tests.support.tamper import readdress
 
 ROOT = Path(__file__).resolve().parents[2]
 STOCHASTIC = StepType.STOCHASTIC
@@ -451,12 +452,9 @@ def test_tampered_artifacts_are_recomputed_not_crashes(engine: Engine) -> None:
         b"[" * 200_000 + b"]" * 200_000,
     ]
     for n, raw in enumerate(payloads, start=2):
-        _sql(
-            engine.store.path,
-            "UPDATE musubi_artifacts SET payload = ? WHERE artifact_id = ?",
-            raw,
-            first.artifact_id,
-        )
+        # Stored under its own content id, so it passes the content-id check: the decoder
+        # must refuse it.
+        readdress(engine.store.path, first.artifact_id, payload=raw)
         with pytest.warns(RuntimeWarning, match="could not be decoded"):
             out = price(1)
         assert out.replayed is False and out.value == {"p": 1}

@@ -22,6 +22,7 @@ from pydantic import BaseModel
 
 from musubi_langchain import MusubiCache, MusubiLangChainWarning, instrument
 from tests.support.openai_server import ChatReply, OpenAIServer, ToolCall
+from tests.support.tamper import readdress
 
 
 def _chain(model: ChatOpenAI) -> Any:
@@ -88,15 +89,14 @@ def test_tampered_entry_is_a_miss_with_one_warning(db: str) -> None:
     con = sqlite3.connect(db)
     rows = con.execute("SELECT artifact_id, encoding, payload FROM musubi_artifacts").fetchall()
     assert rows
+    con.close()
     for artifact_id, _enc, payload in rows:
         text = payload.decode() if isinstance(payload, bytes) else payload
-        # Point the stored message at a class outside the allow-list.
+        # Point the stored message at a class outside the allow-list, under the edited
+        # bytes' own content id (so it passes the content-id check: the allow-list refuses it).
         evil = text.replace('"ai"', '"langchain_community.llms.Evil"')
         assert evil != text
-        con.execute("UPDATE musubi_artifacts SET payload = ? WHERE artifact_id = ?",
-                    (evil.encode() if isinstance(payload, bytes) else evil, artifact_id))
-    con.commit()
-    con.close()
+        readdress(db, artifact_id, payload=evil.encode())
     fresh = MusubiCache(db)
     # Same model parameters (FakeListChatModel keys on its responses), fresh iterator position.
     model2 = FakeListChatModel(responses=["real", "again", "third"], cache=fresh)

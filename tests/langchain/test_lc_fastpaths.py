@@ -41,6 +41,7 @@ from musubi_langchain import MusubiCache, MusubiCallbackHandler, MusubiLangChain
 from musubi_langchain._codec import Template, decode_generations, encode_generations
 from musubi_langchain._engine import PlainAwareCodec, Precoded, storable
 from musubi_langchain._keys import _fast_dumpd, canonical_message_objects, canonical_messages
+from tests.support.tamper import readdress
 
 
 def _random_plain(rng: random.Random, depth: int = 0) -> Any:
@@ -205,11 +206,12 @@ def test_tampered_after_memoised_hit_is_a_miss(tmp_path: Any) -> None:
     assert model.invoke("q").content == "real"
     assert model.invoke("q").content == "real"  # hit: decoded entry memoised
     con = sqlite3.connect(db)
-    for artifact_id, payload in con.execute("SELECT artifact_id, payload FROM musubi_artifacts").fetchall():
-        evil = bytes(payload).replace(b'"ai"', b'"langchain_community.llms.Evil"')
-        con.execute("UPDATE musubi_artifacts SET payload = ? WHERE artifact_id = ?", (evil, artifact_id))
-    con.commit()
+    rows = con.execute("SELECT artifact_id, payload FROM musubi_artifacts").fetchall()
     con.close()
+    for artifact_id, payload in rows:
+        # Under the edited bytes' own content id: the allow-list, not the id check, refuses it.
+        evil = bytes(payload).replace(b'"ai"', b'"langchain_community.llms.Evil"')
+        readdress(db, artifact_id, payload=evil)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert model.invoke("q").content == "again"  # not served from the memo

@@ -26,7 +26,7 @@ from langchain_core.outputs import Generation
 from musubi_core.engine import Engine
 from musubi_core.fastpath import EncodedHit, HitMemo
 from musubi_core.identity import NodeKey, resolve_namespace
-from musubi_core.policy import StepConfiguration, StepType
+from musubi_core.policy import ReplayReason, StepConfiguration, StepType
 from musubi_core.record import current_frame, joinable, new_call_id
 from musubi_core.record.ambient import AmbientRun
 
@@ -104,7 +104,8 @@ class MusubiCache(BaseCache):
         self._keys: dict[tuple[str, str], NodeKey] = {}
         # artifact id -> (encoding, payload, validated generations). A hit whose stored bytes
         # are exactly these copies the template instead of decoding and validating again;
-        # the template itself is never handed out.
+        # the template itself is never handed out. Only hits of the HitMemo enter it, whose
+        # payloads hash to their artifact ids (it checks), so bytes equal to these do too.
         self._decoded: dict[str, tuple[str, bytes, Template]] = {}
         self._hits: HitMemo | None = None
         self._ambient: AmbientRun | None = None  # the run of lookups made outside any trace
@@ -408,7 +409,12 @@ class MusubiCache(BaseCache):
         """Would :meth:`lookup` hit? Reads only (counts no replay)."""
 
         def peek() -> bool:
-            decision = self.engine.explain(self.node_key(prompt, llm_string), self.config)
+            key = self.node_key(prompt, llm_string)
+            decision = self.engine.explain(key, self.config)
+            if decision.reason is ReplayReason.ARTIFACT_CORRUPT:
+                # Edited in the file: the stream runs live. The lookup (a miss, nothing
+                # counted) says why, in the one warning a non-streamed call would give.
+                self.engine.lookup(key, self.config)
             return bool(decision.replay)
 
         return self._guard.call(peek, False)

@@ -289,8 +289,8 @@ class MusubiKVStore(BaseKVStore):
                 if node.status != "done" or node.artifact_id is None:
                     continue
                 art = eng.store.get_artifact(node.artifact_id)
-                if art is None:
-                    continue
+                if art is None or not eng.intact(node, art[0], art[1]):
+                    continue  # gone, or changed outside musubi (a warning, as from get)
                 stored = eng.codec.decode(art[0], art[1])
                 val = self._unwrap(stored, None)
                 if val is not None:
