@@ -5,7 +5,9 @@ Exit codes: 0 ok, 1 error, 2 usage or schema problem, 75 run locked.
     musubi [--db PATH|URL] stats | runs [--kind K] [--since 1h] [--status S]
            | steps RUN | nodes [--kind] [--op] [--status] [--since] [--run RUN]
            | show REF | lineage REF [--up|--down] [--depth N] [--format text|dot|mermaid|json]
-           | explain REF | invalidate NODE | gc [--older-than 30d] | check
+           | explain REF | invalidate NODE | check
+           | gc [--older-than 30d] [--records-older-than 90d] [--max-size 500MB] [--dry-run]
+             [--vacuum]
            | backup DEST [--force] | demo | run module:function
 
 REF is a node id or a call id, or a unique prefix of one. Every read command takes ``--json``.
@@ -28,10 +30,11 @@ from . import __version__, _check, _render, cli_lineage, cli_runs
 from ._cli import EXIT_ERROR, EXIT_LOCKED, EXIT_OK, EXIT_USAGE, Handler, default_db, emit
 from ._cli import open_engine as _open
 from ._duration import age_seconds
+from ._size import format_size, parse_size
 from .errors import ConfigError, LockedError, MusubiError, SchemaError, StoreError
 from .store import SQLiteStore, is_postgres_target, resolve_target
 
-__all__ = ["build_parser", "main", "parse_age"]
+__all__ = ["build_parser", "main", "parse_age", "parse_max_size"]
 
 
 def parse_age(text: str) -> float:
@@ -42,31 +45,55 @@ def parse_age(text: str) -> float:
         raise argparse.ArgumentTypeError(str(err)) from err
 
 
+def _percent(rate: float | None) -> str:
+    return "-" if rate is None else f"{100.0 * rate:.1f}%"
+
+
+def parse_max_size(text: str) -> int:
+    """``"500MB"`` -> bytes; units B, KB, MB, GB (decimal)."""
+    try:
+        return parse_size(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
+
+
 def cmd_stats(args: argparse.Namespace) -> int:
     with _open(args) as engine:
         stats = engine.store.stats()
-        run_counts = getattr(engine.store, "run_counts", None)
-        by_run_kind: dict[str, dict[str, Any]] = run_counts() if run_counts else {}
-    stats["runs_by_kind"] = by_run_kind
-    stats["calls"] = sum(k["calls"] for k in by_run_kind.values())
-    stats["call_replays"] = sum(k["replays"] for k in by_run_kind.values())
-    saved = ("tokens_saved", "seconds_saved")
+    by_run_kind: dict[str, dict[str, Any]] = stats["runs_by_kind"]
     rows = [
-        (kind, k["nodes"], k["executions"], k["replays"], k[saved[0]], f"{k[saved[1]]:.2f}")
-        for kind, k in [*stats["by_kind"].items(), ("total", stats)]
+        (kind, k["nodes"], k["executions"], k["replays"],
+         _percent(k["replay_rate"]) if k["replayable"] else "recorded only",
+         k["tokens_saved"], f"{k['seconds_saved']:.2f}")
+        for kind, k in stats["by_kind"].items()
     ]
-    calls = stats["executions"] + stats["replays"]
-    rate = f"{100.0 * stats['replays'] / calls:.1f}%" if calls else "-"
+    rows.append(("total", stats["nodes"], stats["executions"], stats["replays"],
+                 _percent(stats["replay_rate"]), stats["tokens_saved"],
+                 f"{stats['seconds_saved']:.2f}"))
     lines = [
         f"store: {stats['path']}",
         _render.table(
-            ("kind", "nodes", "executed", "replayed", "tokens saved", "seconds saved"), rows
+            ("kind", "nodes", "executed", "replayed", "replay rate", "tokens saved",
+             "seconds saved"),
+            rows,
         ),
         "",
-        f"replay rate: {rate}   artifacts: {stats['artifacts']} "
-        f"({stats['artifact_bytes']} bytes)   runs: {stats['runs']}   "
+        f"replay rate: {_percent(stats['replay_rate'])} of the calls that could replay "
+        "(kinds recorded only, such as chains, spans, retrievers, tools and durable runs' own "
+        "nodes, run every time and are not counted)",
+        f"artifacts: {stats['artifacts']} ({format_size(stats['artifact_bytes'])})   "
+        f"runs: {stats['runs']}   "
         f"statuses: {', '.join(f'{k}={v}' for k, v in sorted(stats['statuses'].items())) or '-'}",
     ]
+    size = stats.get("size")
+    if size:
+        line = (f"size: {format_size(size['used_bytes'])} in use, "
+                f"{format_size(size['free_bytes'])} free inside the file")
+        if size["file_bytes"] is not None:
+            line += f", {format_size(size['file_bytes'])} on disk (with the -wal)"
+        if size["size_limit"] is not None:
+            line += f"; limit {format_size(size['size_limit'])}"
+        lines.append(line)
     if by_run_kind:
         lines += ["", _render.table(
             ("run kind", "runs", "calls", "replayed calls", "tokens saved", "seconds saved"),
@@ -92,13 +119,59 @@ def cmd_invalidate(args: argparse.Namespace) -> int:
 
 def cmd_gc(args: argparse.Namespace) -> int:
     with _open(args) as engine:
-        removed = engine.store.gc(older_than=args.older_than, now=time.time())
-    emit(
-        args,
-        removed,
-        f"removed {removed['nodes']} node(s) and {removed['artifacts']} unreferenced artifact(s)",
-    )
-    return EXIT_OK
+        report = engine.store.gc(
+            older_than=args.older_than,
+            records_older_than=args.records_older_than,
+            max_bytes=args.max_size,
+            dry_run=args.dry_run,
+            ids=args.dry_run and args.json,
+            vacuum=args.vacuum,
+            now=time.time(),
+        )
+        size = engine.store.stats().get("size") if not args.json else None
+    verb = "would remove" if args.dry_run else "removed"
+    evicted = f" ({report['evicted']} evicted to fit --max-size)" if report["evicted"] else ""
+    lines = [
+        f"{verb} {report['nodes']} node(s){evicted}, {report['artifacts']} artifact(s), "
+        f"{report['runs']} run(s), {report['calls']} call(s) and {report['flows']} flow(s)"
+        + (" (dry run: nothing was removed)" if args.dry_run else "")
+    ]
+    before, after = report["bytes_before"], report["bytes_after"]
+    if before is not None and after is not None:
+        line = f"in use: {format_size(before)} -> {format_size(after)}"
+        if report["file_bytes_before"] is not None:
+            line += f"; on disk: {format_size(report['file_bytes_before'])}"
+            if report["file_bytes_after"] is not None:
+                line += f" -> {format_size(report['file_bytes_after'])}"
+        lines.append(line)
+    if report.get("vacuumed"):
+        lines.append("vacuumed: the file was rewritten without its free space")
+    elif size and not size["incremental_vacuum"] and size["free_bytes"] and not args.dry_run:
+        lines.append(
+            f"{format_size(size['free_bytes'])} are free inside the file (SQLite reuses them); "
+            "`musubi gc --vacuum` hands them back to the file system"
+        )
+    code = EXIT_OK
+    if report["over_limit"]:
+        kept = report.get("kept", {})
+        held = ", ".join(
+            f"{kept[key]} {what}"
+            for key, what in (
+                ("unfinished_durable_runs", "unfinished durable run(s) with their steps"),
+                ("running_runs", "run(s) still running"),
+                ("external_effects", "external effect record(s)"),
+                ("pending_nodes", "pending node(s)"),
+            )
+            if kept.get(key)
+        )
+        lines.append(
+            f"still over --max-size {format_size(args.max_size)}: nothing more can be evicted "
+            f"(left: {held + ' and ' if held else ''}the tables' own pages); finish or re-run "
+            "unfinished durable runs, or choose a larger size"
+        )
+        code = EXIT_ERROR
+    emit(args, report, "\n".join(lines))
+    return code
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -193,12 +266,45 @@ def build_parser() -> argparse.ArgumentParser:
     add("invalidate", cmd_invalidate, "mark a node and its data descendants stale").add_argument(
         "node", help="node id or unique prefix"
     )
-    add("gc", cmd_gc, "drop old stale/unused nodes and unreferenced artifacts").add_argument(
+    gc = add(
+        "gc",
+        cmd_gc,
+        "remove old or least recently used entries, old runs and unreferenced artifacts",
+    )
+    gc.add_argument(
         "--older-than",
         type=parse_age,
         default=None,
         metavar="AGE",
-        help="e.g. 30d, 12h, 45min, 90s, 500ms (default: artifacts only)",
+        help="remove entries unused for AGE and runs that ended AGE ago, e.g. 30d, 12h, "
+        "45min, 90s, 500ms (default: unreferenced artifacts only)",
+    )
+    gc.add_argument(
+        "--records-older-than",
+        type=parse_age,
+        default=None,
+        metavar="AGE",
+        help="keep the record of runs and calls for AGE instead (e.g. --older-than 7d "
+        "--records-older-than 90d)",
+    )
+    gc.add_argument(
+        "--max-size",
+        type=parse_max_size,
+        default=None,
+        metavar="SIZE",
+        help="evict the least recently used entries until the store takes at most SIZE, "
+        "e.g. 500MB, 2GB (decimal: 1 MB = 1,000,000 bytes; SQLite stores)",
+    )
+    gc.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="remove nothing; say what would be removed (with --json, the ids)",
+    )
+    gc.add_argument(
+        "--vacuum",
+        action="store_true",
+        help="then rewrite the file without its free space (SQLite VACUUM: needs free disk "
+        "space the size of the store, and blocks writers while it runs)",
     )
     add("check", cmd_check, "integrity check of the store file")
     backup = add(

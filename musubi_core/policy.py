@@ -31,12 +31,27 @@ __all__ = [
     "StepType",
     "decide",
     "expiry",
+    "is_replayable_kind",
 ]
 
 
-# Node kinds that version 1 recorded as nodes but that never replay (their record is the call
-# now); explain() says so instead of a verdict.
-RECORDED_ONLY_KINDS = frozenset({"chain", "span", "retriever", "tool", "workflow_step", "run"})
+# Kinds that never replay: chains, spans, retrievers, tools (unless declared as a step), LlamaIndex
+# query engines and workflows, and a durable run's own node. Their record is the call (version 1
+# recorded some of them as nodes too); explain() says so instead of a verdict, and `musubi stats`
+# leaves them out of the replay rate. Every other kind is replayable (see is_replayable_kind).
+RECORDED_ONLY_KINDS = frozenset(
+    {"chain", "span", "retriever", "tool", "workflow_step", "run", "query", "workflow"}
+)
+
+
+def is_replayable_kind(kind: str) -> bool:
+    """Can a node or call of ``kind`` be served from the store (an LLM, chat model, embedding,
+    ``@step``, durable step, KV entry, ...)? The one definition the replay rate uses.
+
+    >>> is_replayable_kind("chat_model"), is_replayable_kind("chain")
+    (True, False)
+    """
+    return kind not in RECORDED_ONLY_KINDS
 
 
 class StepType(str, enum.Enum):

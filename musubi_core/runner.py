@@ -76,6 +76,7 @@ from .errors import (
     SerializationError,
     StepFailedError,
 )
+from .fastpath import count_replay
 from .identity import NodeKey, _ast_tree, function_fingerprint
 from .policy import StepType
 from .record import RunState, current_frame, in_call, new_call_id
@@ -329,6 +330,10 @@ class _Invocation:
                 flows=[FlowWrite(call_id, c, a) for c, a, _n in consumes],
             )
             self._hand(found, call_id, recorded.artifact_id, recorded.node_id)
+            if recorded.node_id is not None:
+                # Counted on the step's node as any replay is: `musubi stats` and the
+                # eviction order (least recently used) see resumed runs' steps being used.
+                count_replay(self.engine, recorded.node_id)
         return replayed, found
 
     def _consumed_by(self, fn: Callable[..., Any]) -> tuple[tuple[str, str | None, str | None], ...]:

@@ -14,6 +14,8 @@ from operator import itemgetter
 from typing import Any, TypeVar
 
 from ..errors import CorruptNodeError, NodeNotFoundError
+from ..policy import is_replayable_kind
+from ._gc import GcMixin
 from ._sqlcalls import CallsMixin, _filters
 from .base import (
     ArtifactWrite,
@@ -193,7 +195,7 @@ def _edge_key(edge: EdgeWrite) -> tuple[str, str, str]:
     return (edge[0], edge[2], edge[1])
 
 
-class SQLStoreBase(CallsMixin):
+class SQLStoreBase(GcMixin, CallsMixin):
     """The :class:`~musubi_core.store.base.Store` methods over a DB-API
     connection. Subclasses provide the connection plumbing below."""
 
@@ -569,6 +571,15 @@ class SQLStoreBase(CallsMixin):
         return [_row_to_node(r, self.path) for r in rows]
 
     def stats(self) -> dict[str, Any]:
+        """What the store holds and what replay saved. ``by_kind`` has one entry per node
+        kind: its nodes, how often they were executed and replayed, the replay rate, and the
+        tokens and seconds the replays saved. The totals (``executions``, ``replays``,
+        ``replay_rate``, savings) count replayable kinds only (see
+        :func:`~musubi_core.policy.is_replayable_kind`): a chain or a durable run's own node
+        executes every time by design, so counting it would make every replay rate look low.
+        ``runs_by_kind`` has the runs and their calls per run kind (:meth:`run_counts`);
+        ``size`` what the store takes where the backend can say (SQLite)."""
+
         def gather(c: Any) -> dict[str, Any]:
             by_kind = self._ex(
                 c,
@@ -586,63 +597,47 @@ class SQLStoreBase(CallsMixin):
                 c, "SELECT COUNT(*), CAST(COALESCE(SUM(size), 0) AS BIGINT) FROM musubi_artifacts"
             ).fetchone()
             runs = self._ex(c, "SELECT COUNT(*) FROM musubi_runs").fetchone()[0]
-            kinds = {
-                row[0]: {
-                    "nodes": row[1],
-                    "executions": row[2] or 0,
-                    "replays": row[3] or 0,
-                    "tokens_saved": row[4] or 0,
-                    "seconds_saved": round(row[5] or 0.0, 3),
+            kinds: dict[str, dict[str, Any]] = {}
+            for kind, nodes, executions, replays, tokens, seconds in by_kind:
+                executions, replays = int(executions or 0), int(replays or 0)
+                replayable = is_replayable_kind(kind)
+                kinds[kind] = {
+                    "nodes": int(nodes),
+                    "replayable": replayable,
+                    "executions": executions,
+                    "replays": replays,
+                    "replay_rate": _rate(replays, executions) if replayable else None,
+                    "tokens_saved": int(tokens or 0),
+                    "seconds_saved": round(float(seconds or 0.0), 3),
                 }
-                for row in by_kind
-            }
+            counted = [k for k in kinds.values() if k["replayable"]]
+            executions = sum(k["executions"] for k in counted)
+            replays = sum(k["replays"] for k in counted)
+            by_run_kind = self._run_counts(c)
             return {
                 "path": self.path,
                 "nodes": sum(k["nodes"] for k in kinds.values()),
-                "executions": sum(k["executions"] for k in kinds.values()),
-                "replays": sum(k["replays"] for k in kinds.values()),
-                "tokens_saved": sum(k["tokens_saved"] for k in kinds.values()),
-                "seconds_saved": round(sum(k["seconds_saved"] for k in kinds.values()), 3),
+                "executions": executions,
+                "replays": replays,
+                "replay_rate": _rate(replays, executions),
+                "tokens_saved": sum(k["tokens_saved"] for k in counted),
+                "seconds_saved": round(sum(k["seconds_saved"] for k in counted), 3),
                 "statuses": statuses,
                 "artifacts": artifacts[0],
                 "artifact_bytes": artifacts[1],
                 "runs": runs,
                 "by_kind": kinds,
+                "runs_by_kind": by_run_kind,
+                "calls": sum(k["calls"] for k in by_run_kind.values()),
+                "call_replays": sum(k["replays"] for k in by_run_kind.values()),
+                "size": self._size_info(c),
             }
 
         return self._read("stats", gather)
 
-    def gc(self, *, older_than: float | None, now: float) -> dict[str, int]:
-        def apply(c: Any) -> dict[str, int]:
-            removed_nodes = 0
-            if older_than is not None:
-                cutoff = now - older_than
-                # Old stale/failed nodes and old nodes nobody replayed recently.
-                cur = self._ex(
-                    c,
-                    "DELETE FROM musubi_nodes WHERE status IN ('stale', 'failed') AND created_at < ? "
-                    "OR (status = 'done' AND COALESCE(last_replayed_at, finished_at, created_at) < ? "
-                    # An external effect's record is what stops it from being
-                    # issued twice: age never makes it garbage.
-                    "    AND run_id IS NULL AND step_type != 'external_effect')",
-                    (cutoff, cutoff),
-                )
-                removed_nodes = self._changes(c, cur)
-                self._ex(
-                    c,
-                    "DELETE FROM musubi_edges WHERE parent NOT IN (SELECT node_id FROM musubi_nodes) "
-                    "AND child NOT IN (SELECT node_id FROM musubi_nodes)",
-                )
-            cur = self._ex(
-                c,
-                "DELETE FROM musubi_artifacts WHERE artifact_id NOT IN "
-                "(SELECT artifact_id FROM musubi_nodes WHERE artifact_id IS NOT NULL "
-                " UNION SELECT artifact_id FROM musubi_run_steps WHERE artifact_id IS NOT NULL)",
-            )
-            removed_artifacts = self._changes(c, cur)
-            return {"nodes": removed_nodes, "artifacts": removed_artifacts}
-
-        return self._write("gc", apply)
+    def _size_info(self, c: Any) -> dict[str, Any] | None:
+        """What the store takes (SQLite: bytes in use, free inside the file, on disk)."""
+        return None
 
     def check(self) -> list[str]:
         def inspect(c: Any) -> list[str]:
@@ -721,3 +716,9 @@ class SQLStoreBase(CallsMixin):
                 if stored is not None and stored != outputs[node_id]:
                     changed.append(node_id)
         return changed
+
+
+def _rate(replays: int, executions: int) -> float | None:
+    """Replays per call that reached a stored entry (None when there was none)."""
+    calls = replays + executions
+    return round(replays / calls, 4) if calls else None

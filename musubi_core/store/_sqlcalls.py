@@ -352,15 +352,15 @@ class CallsMixin:
     def run_counts(self) -> dict[str, dict[str, Any]]:
         """Per run kind: how many runs, their calls and replayed calls, and what replay saved
         (from the counts kept on each run row: no scan of the calls)."""
-        rows = self._read(
-            "run counts",
-            lambda c: self._ex(
-                c,
-                "SELECT kind, COUNT(*), CAST(SUM(calls) AS BIGINT), CAST(SUM(replays) AS BIGINT), "
-                "CAST(SUM(tokens_saved) AS BIGINT), SUM(seconds_saved) "
-                "FROM musubi_runs GROUP BY kind ORDER BY kind",
-            ).fetchall(),
-        )
+        return self._read("run counts", self._run_counts)
+
+    def _run_counts(self, c: Any) -> dict[str, dict[str, Any]]:
+        rows = self._ex(
+            c,
+            "SELECT kind, COUNT(*), CAST(SUM(calls) AS BIGINT), CAST(SUM(replays) AS BIGINT), "
+            "CAST(SUM(tokens_saved) AS BIGINT), SUM(seconds_saved) "
+            "FROM musubi_runs GROUP BY kind ORDER BY kind",
+        ).fetchall()
         return {
             row[0]: {
                 "runs": int(row[1]),

@@ -433,7 +433,25 @@ class Store(Protocol):
         limit: int = 2000,
     ) -> tuple[list[CallRecord], list[FlowRecord], bool]: ...
 
-    def gc(self, *, older_than: float | None, now: float) -> dict[str, int]: ...
+    def gc(
+        self,
+        *,
+        older_than: float | None = None,
+        now: float | None = None,
+        records_older_than: float | None = None,
+        max_bytes: int | None = None,
+        dry_run: bool = False,
+        ids: bool = False,
+        vacuum: bool = False,
+    ) -> dict[str, Any]:
+        """Remove old memo entries (``older_than`` seconds unused), old records of runs and
+        calls (``records_older_than``, default ``older_than``), least recently used entries
+        until the store takes at most ``max_bytes`` (where the backend can measure itself),
+        and artifacts nothing refers to; never a pending node, an external effect's record or
+        an unfinished durable run. ``dry_run`` removes nothing and reports what would go.
+        Returns counts per table (with ``ids`` also the removed ids) and the sizes before and
+        after."""
+        ...
 
     def check(self) -> list[str]:
         """Problems found (empty when healthy)."""

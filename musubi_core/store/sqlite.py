@@ -19,12 +19,14 @@ import tempfile
 import threading
 import time
 import uuid
+import warnings
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
 from urllib.parse import quote
 
-from ..errors import ReadOnlyStoreError, SchemaError, StoreError
+from .._size import format_size, parse_size
+from ..errors import ConfigError, MusubiError, ReadOnlyStoreError, SchemaError, StoreError
 from ._sqlbase import _COLUMN_TYPES, _LOOKUP, NODE_COLUMNS, SQLStoreBase, _row_to_node
 from ._sqlcalls import _STATEMENT_ROWS
 from .base import NodeRecord
@@ -145,7 +147,23 @@ class SQLiteStore(RunStoreMixin, SQLStoreBase):
     :class:`~musubi_core.errors.ReadOnlyStoreError`, and an
     :class:`~musubi_core.engine.Engine` on it replays but skips its writes
     (with one warning).
+
+    ``size_limit`` (bytes, or a string such as ``"500MB"``; decimal units) bounds what the
+    store takes: after commits (every :attr:`SIZE_CHECK_EVERY` at most, sooner as the store
+    nears its limit; never on a lookup) the store measures itself and, once over the limit,
+    evicts the least recently used replayable entries down to :attr:`SIZE_LOW_WATER` of it
+    (see :meth:`gc`: never a checkpoint of an unfinished durable run, an external effect's
+    record or a pending node), then hands the freed pages back to the file system.
     """
+
+    # The size limit is checked after at most this many commits ...
+    SIZE_CHECK_EVERY = 64
+    # ... and, once exceeded, entries are evicted until the store takes this share of it, so
+    # that the next commits do not evict again at once.
+    SIZE_LOW_WATER = 0.9
+    # A store that could not be brought under its limit (what is left cannot be evicted) is
+    # tried again only after it grew by this factor.
+    SIZE_REGROW = 1.05
 
     def __init__(
         self,
@@ -153,8 +171,21 @@ class SQLiteStore(RunStoreMixin, SQLStoreBase):
         *,
         timeout: float = 60.0,
         read_only: bool | None = None,
+        size_limit: int | str | None = None,
     ) -> None:
         raw = os.fspath(path)
+        try:
+            self.size_limit = None if size_limit is None else parse_size(size_limit)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"size_limit: {err}", target=raw) from None
+        self._size_lock = threading.Lock()
+        self._size_pid = os.getpid()
+        self._commits = 0
+        self._next_check = 1  # the first commit measures the store
+        self._checked_at = (0, 0)  # (commits, bytes in use) at the last check
+        self._growth = 0.0  # bytes per commit, as last measured
+        self._unevictable = 0  # bytes left after an eviction that could not meet the limit
+        self._warned_size = False
         self._uri = False
         if raw == ":memory:":
             # A private in-memory store shared by this store's threads (a
@@ -340,6 +371,11 @@ class SQLiteStore(RunStoreMixin, SQLStoreBase):
                     if not tables
                     else "bring the store up to this version's schema",
                 )
+            if not tables:
+                # A new file hands the pages gc frees back to the file system (PRAGMA
+                # incremental_vacuum, see _after_gc). SQLite takes this only before the first
+                # table exists; an older file is converted by `musubi gc --vacuum`.
+                conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
             conn.execute("BEGIN IMMEDIATE")
             try:
                 # Re-check inside the write lock: another process may have
@@ -491,7 +527,11 @@ class SQLiteStore(RunStoreMixin, SQLStoreBase):
             finally:
                 if durable:
                     conn.execute("PRAGMA synchronous = NORMAL")
-            return result
+        if self.size_limit is not None:
+            self._commits += 1
+            if self._commits >= self._next_check:
+                self._enforce_quietly()
+        return result
 
     # -- dialect hooks ------------------------------------------------------------
 
@@ -558,6 +598,145 @@ class SQLiteStore(RunStoreMixin, SQLStoreBase):
     def query(self, fn: Callable[[sqlite3.Connection], T], action: str = "query") -> T:
         """Run read-only ``fn`` on this thread's connection."""
         return self._read(action, fn)
+
+    # -- size ---------------------------------------------------------------------
+
+    def _used_bytes(self, c: Any) -> int | None:
+        # As SQLite counts it, inside the current transaction: the pages in use (free pages
+        # inside the file are reused before the file grows).
+        pages = c.execute("PRAGMA page_count").fetchone()[0]
+        free = c.execute("PRAGMA freelist_count").fetchone()[0]
+        return int((pages - free) * c.execute("PRAGMA page_size").fetchone()[0])
+
+    def _file_bytes(self) -> int | None:
+        if self._uri:
+            return None
+        total = 0
+        for suffix in ("", "-wal"):
+            with contextlib.suppress(OSError):
+                total += os.path.getsize(self.path + suffix)
+        return total
+
+    def _size_info(self, c: Any) -> dict[str, Any] | None:
+        page = int(c.execute("PRAGMA page_size").fetchone()[0])
+        pages = int(c.execute("PRAGMA page_count").fetchone()[0])
+        free = int(c.execute("PRAGMA freelist_count").fetchone()[0])
+        return {
+            "used_bytes": (pages - free) * page,
+            "free_bytes": free * page,
+            "file_bytes": self._file_bytes(),
+            "incremental_vacuum": int(c.execute("PRAGMA auto_vacuum").fetchone()[0]) == 2,
+            "size_limit": self.size_limit,
+        }
+
+    def _can_vacuum(self) -> bool:
+        return True
+
+    def _after_gc(self, *, removed: bool, vacuum: bool) -> None:
+        """Hand the pages gc freed back to the file system. A file created with
+        ``auto_vacuum = INCREMENTAL`` (every store this version creates) does it in place
+        (``PRAGMA incremental_vacuum``: it moves the last pages into the free ones and cuts
+        the file); an older file shrinks only with ``vacuum`` (``VACUUM``, which also converts
+        it). Then a checkpoint copies the result into the main file and empties the -wal."""
+        if vacuum:
+            self.vacuum()
+            return
+        if not removed:
+            return
+        with self._errors("incremental vacuum"):
+            conn = self._conn()
+            if int(conn.execute("PRAGMA auto_vacuum").fetchone()[0]) == 2:
+                # executescript steps the pragma to completion (execute() frees one page).
+                conn.executescript("PRAGMA incremental_vacuum")
+        self.checkpoint()
+
+    def vacuum(self) -> dict[str, Any]:
+        """Rewrite the file without its free pages (SQLite's ``VACUUM``), converting an older
+        file to ``auto_vacuum = INCREMENTAL`` so that later gcs shrink it in place. It takes
+        the write lock for as long as it runs (writers of other processes wait, readers do
+        not) and needs free disk space about the size of the store, for the copy it builds.
+        Returns the file's size before and after."""
+        if self.read_only:
+            raise ReadOnlyStoreError(self.path, action="vacuum")
+        self._check_file()
+        before = self._file_bytes()
+        with self._errors("vacuum"):
+            conn = self._conn()
+            # The copy VACUUM builds goes to a temporary file, not memory (temp_store = MEMORY
+            # suits the small temporary tables of lookups, not a copy of the whole store).
+            conn.execute("PRAGMA temp_store = DEFAULT")
+            try:
+                conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+                conn.execute("VACUUM")
+            finally:
+                conn.execute("PRAGMA temp_store = MEMORY")
+        self.checkpoint()
+        return {"file_bytes_before": before, "file_bytes_after": self._file_bytes()}
+
+    def enforce_size_limit(self) -> dict[str, Any] | None:
+        """Measure the store now and, when it takes more than :attr:`size_limit`, evict down
+        to :attr:`SIZE_LOW_WATER` of it. Returns the gc report, or None when nothing was done
+        (no limit, under it, read-only, or another thread is enforcing it). Called by the
+        store itself after commits and when it closes."""
+        if self.size_limit is None or self.read_only or self._closed:
+            return None
+        if self._size_pid != os.getpid():
+            # A forked child: the parent's lock may have been held by a thread it has not.
+            self._size_lock, self._size_pid = threading.Lock(), os.getpid()
+        if not self._size_lock.acquire(blocking=False):
+            return None  # another thread is at it (or this one, from inside its gc)
+        try:
+            return self._enforce(self.size_limit)
+        finally:
+            self._size_lock.release()
+
+    def _enforce(self, limit: int) -> dict[str, Any] | None:
+        used = self._read_used_bytes() or 0
+        commits, last_used = self._checked_at
+        if self._commits > commits and used > last_used:
+            # How fast the store grows per commit (kept across an eviction).
+            self._growth = (used - last_used) / (self._commits - commits)
+        report = None
+        if used > limit and used > self._unevictable * self.SIZE_REGROW:
+            report = self._gc(
+                older_than=None, now=None, records_older_than=None, max_bytes=limit,
+                target=int(limit * self.SIZE_LOW_WATER), dry_run=False, ids=False, vacuum=False,
+            )
+            used = int(report["bytes_after"] or 0)
+            self._unevictable = used if report["over_limit"] else 0
+            if report["over_limit"] and not self._warned_size:
+                self._warned_size = True
+                warnings.warn(
+                    f"musubi: {self.path} takes {format_size(used)}, over its size_limit of "
+                    f"{format_size(limit)}, and nothing more can be evicted: what is left are "
+                    "unfinished durable runs, external effects' records and pending entries. "
+                    "Finish (or re-run) those durable runs, or raise size_limit",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+        # The next check: sooner as the store nears its limit, judged by how fast it has been
+        # growing; never later than SIZE_CHECK_EVERY commits.
+        per_commit = max(self._growth, 1.0)
+        room = limit - used
+        every = self.SIZE_CHECK_EVERY
+        wait = every if room <= 0 else max(1, min(every, int(room / per_commit / 2)))
+        self._checked_at = (self._commits, used)
+        self._next_check = self._commits + wait
+        return report
+
+    def _enforce_quietly(self) -> None:
+        """Enforce the size limit after a commit: a failure there must not look like a failure
+        of the write that just committed, so it is a warning."""
+        try:
+            self.enforce_size_limit()
+        except (MusubiError, sqlite3.Error) as exc:
+            self._next_check = self._commits + self.SIZE_CHECK_EVERY
+            warnings.warn(
+                f"musubi: enforcing the size limit of {self.path} failed ({exc}); it is tried "
+                "again later",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     # -- copies -------------------------------------------------------------------
 
@@ -634,6 +813,10 @@ class SQLiteStore(RunStoreMixin, SQLStoreBase):
         try:
             # What the store's recorder still holds is committed first.
             self._run_close_hooks()
+            if self.size_limit is not None and self._commits > self._checked_at[0]:
+                # What was written since the last check is measured too: a closed store is
+                # within its limit.
+                self._enforce_quietly()
         finally:
             self._close_connections()
 

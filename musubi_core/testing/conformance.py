@@ -826,33 +826,6 @@ def test_store_stats(store: Store) -> None:
     assert stats["by_kind"]["step"]["nodes"] == 2
 
 
-def test_store_gc(store: Store) -> None:
-    keep_pending = hexid("gc-pending")
-    old_done = done_node(store, "gc-done", b"done-output")
-    in_run = done_node(store, "gc-run", b"run-output", run_id="run-7")
-    stale = done_node(store, "gc-stale", b"stale-output")
-    store.invalidate(stale)
-    store.write([node(keep_pending, status="pending")], [], [])
-    orphan = artifact(b"nobody uses me", hexid("gone"))
-    store.write((), [orphan], ())
-    # Without an age only unreferenced artifacts go.
-    assert store.gc(older_than=None, now=time.time()) == {"nodes": 0, "artifacts": 1}
-    assert store.get_artifact(orphan.artifact_id) is None
-    assert store.stats()["nodes"] == 4
-    # Nothing is old enough yet.
-    assert store.gc(older_than=3600, now=time.time())["nodes"] == 0
-    # An hour later: done and stale nodes go with their artifacts; pending
-    # nodes and nodes of durable runs stay.
-    result = store.gc(older_than=60, now=time.time() + 3600)
-    assert result == {"nodes": 2, "artifacts": 2}
-    assert store.get_node(old_done) is None and store.get_node(stale) is None
-    assert status_of(store, keep_pending) == "pending"
-    assert status_of(store, in_run) == "done"
-    run_node = store.get_node(in_run)
-    assert run_node is not None and run_node.artifact_id is not None
-    assert store.get_artifact(run_node.artifact_id) is not None
-
-
 def test_store_check(store: Store) -> None:
     done_node(store, "healthy")
     assert store.check() == []
@@ -888,6 +861,9 @@ def test_store_factory_gives_independent_stores(store_factory: StoreFactory) -> 
 
 # The record of what happened (calls, flows, runs) and the recorder: part two of the suite.
 from .conformance_calls import *  # noqa: E402, F403
+
+# What gc removes and keeps, and what stats counts: part three.
+from .conformance_gc import *  # noqa: E402, F403
 
 __all__ = [
     "store",

@@ -113,18 +113,27 @@ def test_a_directory_as_the_store_says_it_is_a_directory(tmp_path: Path, command
 
 def test_gc_takes_ages_with_units(tmp_path: Path) -> None:
     original = make_store(tmp_path / "gc.db")
-    # One node from 1970, the others from the far future: any age removes exactly one.
+    # One node from 1970, the others and the record of runs from the far future: any age
+    # removes exactly one node and one run (with its call and the output only it kept).
     conn = sqlite3.connect(original)
     with conn:
         conn.execute("UPDATE musubi_nodes SET created_at = 4e9, finished_at = 4e9")
         conn.execute("UPDATE musubi_nodes SET created_at = 0, finished_at = 0 WHERE node_id = "
                      "(SELECT MIN(node_id) FROM musubi_nodes)")
+        conn.execute("UPDATE musubi_runs SET created_at = 4e9, started_at = 4e9, "
+                     "finished_at = 4e9")
+        conn.execute("UPDATE musubi_calls SET started_at = 4e9")
+        conn.execute("UPDATE musubi_runs SET created_at = 0, started_at = 0, finished_at = 0 "
+                     "WHERE run_id = (SELECT run_id FROM musubi_calls WHERE node_id = "
+                     "(SELECT MIN(node_id) FROM musubi_nodes))")
     conn.close()  # the last connection out checkpoints the WAL: the file alone is complete
     for age in ("30d", "12h", "45min", "90s", "500ms", "2w"):
         db = shutil.copy(original, tmp_path / f"{age}.db")
         proc = musubi("--db", str(db), "gc", "--older-than", age, "--json", cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr
-        assert json.loads(proc.stdout) == {"nodes": 1, "artifacts": 1}, age
+        report = json.loads(proc.stdout)
+        assert (report["nodes"], report["artifacts"], report["runs"], report["calls"]) == (
+            1, 1, 1, 1), age
 
 
 def test_gc_refuses_an_ambiguous_age(tmp_path: Path) -> None:

@@ -88,3 +88,35 @@ def test_cli_reads_a_postgres_store(pg_dsn: str) -> None:
         timeout=120,
     )
     assert json.loads(show.stdout)["value"] == "stored"
+
+
+def test_cli_gc_on_a_postgres_store(pg_dsn: str) -> None:
+    """``musubi gc`` works on PostgreSQL (dry run included); ``--max-size`` and ``--vacuum``,
+    which measure and compact a SQLite file, are refused with what to use instead."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with Engine(PostgresStore(pg_dsn)) as engine:
+        engine.record(engine.key("cli.pg.gc", {"n": 1}), "stored")
+        nodes = engine.store.stats()["nodes"]
+    root = Path(__file__).resolve().parents[2]
+
+    def musubi(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "musubi_core.cli", "--db", pg_dsn, *args],
+            capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(root)),
+            timeout=120,
+        )
+
+    dry = musubi("gc", "--older-than", "1s", "--dry-run", "--json")
+    assert dry.returncode == 0, dry.stderr
+    assert json.loads(dry.stdout)["dry_run"] is True
+    with PostgresStore(pg_dsn) as store:
+        assert store.stats()["nodes"] == nodes
+    for args, says in ((("--max-size", "1MB"), "--older-than"), (("--vacuum",), "VACUUM")):
+        refused = musubi("gc", *args)
+        assert refused.returncode == 2 and says in refused.stderr, refused.stderr
+        assert "Traceback" not in refused.stderr
