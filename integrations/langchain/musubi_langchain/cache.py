@@ -184,43 +184,30 @@ class MusubiCache(BaseCache):
         run per burst of calls, see ``musubi_core.record.ambient``)."""
         kind, _, name = key.op_name.partition(":")
         kind = kind if kind in ("chat_model", "llm") else "llm"
+        fields: dict[str, Any] = {
+            "node_id": key.node_id,
+            "artifact_id": artifact_id,
+            "replayed": replayed,
+            "duration_s": duration_s,
+            "tokens_in": tokens_in,
+            "tokens_out": tokens_out,
+            "saved_s": saved_s,
+        }
         frame = current_frame()
         recorder = self.engine.recorder
-        if frame is None or joinable(frame, recorder) is None:
-            ambient = self._ambient
-            if ambient is None:
-                with self._engine_lock:
-                    ambient = self._ambient
-                    if ambient is None:
-                        ambient = self._ambient = AmbientRun(
-                            recorder, "langchain", "LLM calls outside a trace",
-                            namespace=self._namespace,
-                        )
-            ambient.record(
-                kind,
-                name,
-                node_id=key.node_id,
-                artifact_id=artifact_id,
-                replayed=replayed,
-                duration_s=duration_s,
-                tokens_in=tokens_in,
-                tokens_out=tokens_out,
-                saved_s=saved_s,
-            )
+        if frame is not None and joinable(frame, recorder) is not None:
+            frame.run.record(new_call_id(), frame.call_id, kind, name, **fields)
             return
-        frame.run.record(
-            new_call_id(),
-            frame.call_id,
-            kind,
-            name,
-            node_id=key.node_id,
-            artifact_id=artifact_id,
-            replayed=replayed,
-            duration_s=duration_s,
-            tokens_in=tokens_in,
-            tokens_out=tokens_out,
-            saved_s=saved_s,
-        )
+        ambient = self._ambient
+        if ambient is None:
+            with self._engine_lock:
+                ambient = self._ambient
+                if ambient is None:
+                    ambient = self._ambient = AmbientRun(
+                        recorder, "langchain", "LLM calls outside a trace",
+                        namespace=self._namespace,
+                    )
+        ambient.record(kind, name, **fields)
 
     def _generations(self, hit: EncodedHit) -> list[Generation]:
         """Fresh generations for a hit: from the decoded template when the stored bytes are
