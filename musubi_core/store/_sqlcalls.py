@@ -250,16 +250,18 @@ class CallsMixin:
 
     def node_calls(self, node_id: str, *, limit: int = 20) -> list[CallRecord]:
         """The calls that reached a node (executions and replays), most recent first."""
+        # By the indexed 12-digit prefix alone (a planner given `AND node_id = ?` as well may
+        # scan the table instead); ids sharing a prefix are vanishingly rare and filtered here.
         rows = self._read(
             "node calls",
             lambda c: self._ex(
                 c,
-                f"SELECT {CALL_COLUMNS} FROM musubi_calls WHERE node_id = ? "
+                f"SELECT {CALL_COLUMNS} FROM musubi_calls WHERE substr(node_id, 1, 12) = ? "
                 "ORDER BY started_at DESC LIMIT ?",
-                (node_id, limit),
+                (node_id[:12], limit + 64),
             ).fetchall(),
         )
-        return [CallRecord._make(r) for r in rows]
+        return [CallRecord._make(r) for r in rows if r[6] == node_id][:limit]
 
     def call_flows(self, call_id: str) -> list[FlowRecord]:
         """Flows into and out of a call."""
