@@ -122,6 +122,9 @@ class Recorder:
         self._warned_read_only = False
         self.commits = 0  # successful commits (for tests and `stats`)
         self.failures = 0  # failed commits since the last success
+        # Where rows are pulled from before each commit (see add_source); kept across fork:
+        # the owners (a callback handler) live on in the child.
+        self._sources: list[Callable[[], Callable[[], Batch | None] | None]] = []
         self._reset()
         _LIVE.add(self)
 
@@ -143,7 +146,6 @@ class Recorder:
         self._pending: dict[str, tuple[NodeWrite, ArtifactWrite | None]] = {}
         self._size = 0
         self._since = time.monotonic()  # when the oldest waiting row arrived
-        self._sources: list[Callable[[], Callable[[], Batch | None] | None]] = []
 
     # -- accepting rows -------------------------------------------------------------
 
