@@ -185,3 +185,21 @@ def test_a_forked_child_starts_empty_and_the_parent_commits_its_own_rows(tmp_pat
     rec.flush()
     assert _count(db, "SELECT COUNT(*) FROM musubi_calls") == 13
     store.close()
+
+
+def test_no_row_waits_past_max_lag_while_commits_succeed(tmp_path: Path) -> None:
+    """A writer thread that never wakes on its own (a starved one): the next row submitted after
+    ``max_lag`` has the backlog committed before it is accepted."""
+    db = str(tmp_path / "m.db")
+    store = SQLiteStore(db)
+    rec = recorder_for(store)
+    rec.interval = 3600.0
+    rec.batch_rows = 10**9
+    rec.max_lag = 0.2
+    _record_calls(rec, 5, "early")
+    assert _count(db, "SELECT COUNT(*) FROM musubi_calls") == 0  # nobody committed yet
+    time.sleep(0.3)
+    _record_calls(rec, 1, "late")
+    assert _count(db, "SELECT COUNT(*) FROM musubi_calls") >= 5  # the old rows went first
+    store.close()
+    assert _count(db, "SELECT COUNT(*) FROM musubi_calls") == 6
