@@ -2,13 +2,14 @@
 
 Exit codes: 0 ok, 1 error, 2 usage or schema problem, 75 run locked.
 
-    musubi [--db PATH|URL] stats | runs [--kind K] [--since 1h] [--status S]
+    musubi [--db PATH|URL] stats [--cost] [--prices FILE] | runs [--kind K] [--since 1h] [--status S]
            | steps RUN | nodes [--kind] [--op] [--status] [--since] [--run RUN]
            | show REF | lineage REF [--up|--down] [--depth N] [--format text|dot|mermaid|json]
            | explain REF | invalidate NODE | check
            | gc [--older-than 30d] [--records-older-than 90d] [--max-size 500MB] [--dry-run]
              [--vacuum]
            | backup DEST [--force] | demo | run module:function
+           | view [--run RUN] [--out FILE.html] [--serve [--port N]] [--prices FILE]
 
 REF is a node id or a call id, or a unique prefix of one. Every read command takes ``--json``.
 The commands live by concern: runs and calls in :mod:`musubi_core.cli_runs`, nodes and lineage
@@ -26,13 +27,16 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from . import __version__, _check, _render, cli_lineage, cli_runs
+from . import __version__, _check, _render, cli_lineage, cli_runs, cli_view
 from ._cli import EXIT_ERROR, EXIT_LOCKED, EXIT_OK, EXIT_USAGE, Handler, default_db, emit
 from ._cli import open_engine as _open
 from ._duration import age_seconds
 from ._size import format_size, parse_size
+from .cli_view import add_prices_argument
 from .errors import ConfigError, LockedError, MusubiError, SchemaError, StoreError
+from .prices import load_prices
 from .store import SQLiteStore, is_postgres_target, resolve_target
+from .usage import cost_lines, summarize
 
 __all__ = ["build_parser", "main", "parse_age", "parse_max_size"]
 
@@ -58,8 +62,11 @@ def parse_max_size(text: str) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
+    prices = load_prices(args.prices) if args.cost else None  # a bad table fails first
     with _open(args) as engine:
         stats = engine.store.stats()
+        if prices is not None:
+            stats["cost"] = summarize(engine.store.call_usage(), prices)
     by_run_kind: dict[str, dict[str, Any]] = stats["runs_by_kind"]
     rows = [
         (kind, k["nodes"], k["executions"], k["replays"],
@@ -100,6 +107,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
             [(kind, k["runs"], k["calls"], k["replays"], k["tokens_saved"],
               f"{k['seconds_saved']:.2f}") for kind, k in by_run_kind.items()],
         )]
+    if "cost" in stats:
+        lines += ["", *cost_lines(stats["cost"], _render.table)]
     emit(args, stats, "\n".join(lines))
     return EXIT_OK
 
@@ -260,9 +269,14 @@ def build_parser() -> argparse.ArgumentParser:
         command.set_defaults(handler=handler)
         return command
 
-    add("stats", cmd_stats, "replays, executions and what replay saved (calls, tokens, seconds)")
+    stats = add("stats", cmd_stats,
+                "replays, executions and what replay saved (calls, tokens, seconds)")
+    stats.add_argument("--cost", action="store_true",
+                       help="also what was spent and what replay saved, in money, per model")
+    add_prices_argument(stats)
     cli_runs.add_commands(add)
     cli_lineage.add_commands(add)
+    cli_view.add_commands(add)
     add("invalidate", cmd_invalidate, "mark a node and its data descendants stale").add_argument(
         "node", help="node id or unique prefix"
     )

@@ -22,6 +22,7 @@ from .base import (
     RunStore,
     RunWrite,
     Store,
+    UsageRow,
 )
 from .postgres import PostgresStore, _redact
 from .schema import SCHEMA_VERSION
@@ -115,6 +116,7 @@ __all__ = [
     "RunWrite",
     "SQLiteStore",
     "Store",
+    "UsageRow",
     "is_postgres_target",
     "open_store",
     "resolve_target",

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 from ..errors import CorruptNodeError, NodeNotFoundError
 from ..policy import is_replayable_kind
 from ._gc import GcMixin
-from ._sqlcalls import CallsMixin, _filters
+from ._sqlcalls import DATA_DESCENDANTS, CallsMixin, _filters
 from .base import (
     ArtifactWrite,
     CallWrite,
@@ -100,12 +100,7 @@ ON CONFLICT (parent, kind, child) DO UPDATE SET
 # One pass over the data-descendants. UNION (not UNION ALL) makes SQLite keep
 # (and PostgreSQL) a visited set, so each node is expanded once: 50 stacked diamonds stay
 # linear instead of 2**50 paths.
-_INVALIDATE = """
-WITH RECURSIVE down(id) AS (
-    SELECT :root
-    UNION
-    SELECT e.child FROM musubi_edges e JOIN down d ON e.parent = d.id WHERE e.kind = 'data'
-)
+_INVALIDATE = DATA_DESCENDANTS + """
 UPDATE musubi_nodes
 SET status = 'stale',
     stale_cause = CASE WHEN node_id = :root THEN 'invalidated' ELSE 'upstream' END

@@ -14,9 +14,18 @@ from operator import itemgetter
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..errors import NodeNotFoundError
-from .base import CallRecord, CallWrite, FlowRecord, FlowWrite, RunRecord, RunWrite
+from .base import (
+    CallRecord,
+    CallWrite,
+    FlowRecord,
+    FlowWrite,
+    NodeRecord,
+    RunRecord,
+    RunWrite,
+    UsageRow,
+)
 
-__all__ = ["CALL_COLUMNS", "CallsMixin", "RUN_COLUMNS"]
+__all__ = ["CALL_COLUMNS", "DATA_DESCENDANTS", "CallsMixin", "RUN_COLUMNS"]
 
 T = TypeVar("T")
 
@@ -90,6 +99,22 @@ RUN_COLUMNS = (
     "r.tokens_saved, r.seconds_saved"
 )
 
+# A node and its data-descendants: what ``invalidate`` marks stale, and what its read-only
+# preview (``invalidation_set``) lists; one query for both. UNION (not UNION ALL) makes SQLite
+# (and PostgreSQL) keep a visited set, so each node is expanded once: 50 stacked diamonds stay
+# linear instead of 2**50 paths.
+DATA_DESCENDANTS = """
+WITH RECURSIVE down(id) AS (
+    SELECT :root
+    UNION
+    SELECT e.child FROM musubi_edges e JOIN down d ON e.parent = d.id WHERE e.kind = 'data'
+)
+"""
+
+# The calls that count for usage and savings: those that reached a node (what can replay) or
+# used tokens.
+_USAGE_CALLS = "(node_id IS NOT NULL OR tokens_in IS NOT NULL OR tokens_out IS NOT NULL)"
+
 _HEX = frozenset("0123456789abcdef")
 _first = itemgetter(0)
 _chain = itertools.chain.from_iterable
@@ -99,6 +124,10 @@ class CallsMixin:
     """Store methods for calls, flows and runs over the SQL base's plumbing."""
 
     path: str
+
+    # The largest integer not above a positive number, in this backend's SQL (SQLite's CAST
+    # truncates; PostgreSQL's rounds, so its store says FLOOR).
+    _FLOOR = "CAST({} AS INTEGER)"
 
     if TYPE_CHECKING:  # provided by SQLStoreBase
 
@@ -350,6 +379,87 @@ class CallsMixin:
             if any(row[0] not in seen for row in rows):
                 return True
         return False
+
+    def run_flows(self, run_id: str) -> list[FlowRecord]:
+        """The flows into the calls of a run (by the run's index, then the flows' key)."""
+        rows = self._read(
+            "run flows",
+            lambda c: self._ex(
+                c,
+                "SELECT f.dst_call_id, f.src_call_id, f.artifact_id FROM musubi_calls c "
+                "JOIN musubi_flows f ON f.dst_call_id = c.call_id WHERE c.run_id = ? "
+                "ORDER BY c.seq",
+                (run_id,),
+            ).fetchall(),
+        )
+        return [FlowRecord._make(r) for r in rows]
+
+    def invalidation_set(self, node_id: str) -> list[NodeRecord]:
+        """Read only: the nodes ``invalidate(node_id)`` would mark stale, by the same query."""
+        from ._sqlbase import NODE_COLUMNS, _row_to_node  # (it imports this module)
+
+        rows = self._read(
+            "invalidation set",
+            lambda c: self._ex(
+                c,
+                DATA_DESCENDANTS + f"SELECT {NODE_COLUMNS} FROM musubi_nodes n "
+                "WHERE n.node_id IN (SELECT id FROM down)",
+                {"root": node_id},
+            ).fetchall(),
+        )
+        return [_row_to_node(r, self.path) for r in rows]
+
+    def call_usage(
+        self,
+        *,
+        since: float | None = None,
+        run_ids: Sequence[str] | None = None,
+        bucket_s: float | None = None,
+    ) -> list[UsageRow]:
+        """Per model, kind and replayed (and run, and time bucket, when asked): the calls that
+        reached a node or used tokens, their tokens, time and the time replay saved."""
+        width = None if bucket_s is None else float(bucket_s)
+        # The width is a float written into the statement (not bound), so that the SELECT's
+        # bucket and the GROUP BY's are one expression to PostgreSQL.
+        bucket = "NULL" if width is None else self._FLOOR.format(f"started_at / {width!r}")
+        keys = ["model", "kind", "replayed"]
+        if width is not None:
+            keys.insert(0, bucket)
+        if run_ids is not None:
+            keys.insert(0, "run_id")
+        select = (
+            f"SELECT {'run_id' if run_ids is not None else 'NULL'}, {bucket}, model, kind, "
+            "replayed, COUNT(*), CAST(COALESCE(SUM(tokens_in), 0) AS BIGINT), "
+            "CAST(COALESCE(SUM(tokens_out), 0) AS BIGINT), COALESCE(SUM(duration_s), 0), "
+            f"COALESCE(SUM(saved_s), 0) FROM musubi_calls WHERE {_USAGE_CALLS}"
+        )
+        chunks: list[list[str]] = [[]]
+        if run_ids is not None:
+            ids = list(dict.fromkeys(run_ids))
+            chunks = [ids[i : i + 500] for i in range(0, len(ids), 500)]
+
+        def statement(chunk: list[str]) -> tuple[str, list[Any]]:
+            sql, args = select, list[Any]()
+            if since is not None:
+                sql += " AND started_at >= ?"
+                args.append(since)
+            if run_ids is not None:
+                sql += f" AND run_id IN ({', '.join('?' * len(chunk))})"
+                args.extend(chunk)
+            return sql + " GROUP BY " + ", ".join(keys), args
+
+        def gather(c: Any) -> list[UsageRow]:
+            out: list[UsageRow] = []
+            for chunk in chunks:
+                for row in self._ex(c, *statement(chunk)).fetchall():
+                    out.append(UsageRow(
+                        row[0], None if row[1] is None else float(row[1]) * (width or 0.0),
+                        row[2], row[3], int(row[4]), int(row[5]), int(row[6]), int(row[7]),
+                        float(row[8]), float(row[9]),
+                    ))
+            return out
+
+        return self._read("call usage", gather) if chunks else []
 
     def run_counts(self) -> dict[str, dict[str, Any]]:
         """Per run kind: how many runs, their calls and replayed calls, and what replay saved

@@ -31,6 +31,7 @@ __all__ = [
     "RunStore",
     "RunWrite",
     "Store",
+    "UsageRow",
 ]
 
 NODE_STATUSES = ("pending", "done", "failed", "stale")
@@ -171,6 +172,23 @@ class FlowWrite(NamedTuple):
 
 
 FlowRecord = FlowWrite
+
+
+class UsageRow(NamedTuple):
+    """What a group of calls used and what replay saved (:meth:`Store.call_usage`): the calls
+    of one model and kind, executed (``replayed`` 0) or replayed (1), in one run or time
+    bucket when asked for."""
+
+    run_id: str | None
+    bucket_start: float | None  # the start of the time bucket (epoch seconds)
+    model: str | None
+    kind: str
+    replayed: int
+    calls: int
+    tokens_in: int
+    tokens_out: int
+    duration_s: float  # how long the calls took
+    saved_s: float  # replays: how long the executions they stand in for took
 
 
 class RunWrite(NamedTuple):
@@ -432,6 +450,27 @@ class Store(Protocol):
         depth: int = 50,
         limit: int = 2000,
     ) -> tuple[list[CallRecord], list[FlowRecord], bool]: ...
+
+    def run_flows(self, run_id: str) -> list[FlowRecord]:
+        """The flows into the calls of a run."""
+        ...
+
+    def invalidation_set(self, node_id: str) -> list[NodeRecord]:
+        """Read only: the nodes :meth:`invalidate` would mark stale (the node and its data
+        descendants, by the same recursive query), whatever their status now."""
+        ...
+
+    def call_usage(
+        self,
+        *,
+        since: float | None = None,
+        run_ids: Sequence[str] | None = None,
+        bucket_s: float | None = None,
+    ) -> list[UsageRow]:
+        """Tokens, time and replays of the calls that reached a node or used tokens, grouped
+        by model, kind and replayed; also by run (``run_ids``: only those runs) and by time
+        bucket (``bucket_s`` seconds, from the epoch) when asked."""
+        ...
 
     def gc(
         self,

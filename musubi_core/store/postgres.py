@@ -80,6 +80,9 @@ class PostgresStore(SQLStoreBase):
     CLI) is the DSN with its password hidden.
     """
 
+    # CAST(x AS BIGINT) rounds here (SQLite's truncates): time buckets floor instead.
+    _FLOOR = "FLOOR({})"
+
     def __init__(self, dsn: str, *, schema: str = "musubi", timeout: float = 60.0) -> None:
         try:
             import psycopg

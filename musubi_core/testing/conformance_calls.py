@@ -13,7 +13,7 @@ import pytest
 
 from ..errors import NodeNotFoundError
 from ..record import RunState, recorder_for
-from ..store.base import CallWrite, FlowWrite, RunWrite, Store
+from ..store.base import CallWrite, EdgeWrite, FlowWrite, RunWrite, Store
 
 __all__ = [
     "call",
@@ -22,6 +22,9 @@ __all__ = [
     "test_calls_run_row_is_an_upsert_and_lists_filter",
     "test_calls_write_then_read_in_run_order",
     "test_calls_lineage_follows_flows_and_reports_cuts",
+    "test_calls_run_flows_are_the_flows_into_a_runs_calls",
+    "test_calls_usage_groups_by_model_kind_run_and_bucket",
+    "test_store_invalidation_set_is_exactly_what_invalidate_marks",
 ]
 
 RUN = "run-conformance"
@@ -167,3 +170,76 @@ def test_calls_recorder_commits_in_one_transaction_with_nodes(store: Store) -> N
     assert only.node_id == node_id and only.replayed == 1
     stored = store.get_node(node_id)
     assert stored is not None and stored.replay_count == 1
+
+
+def test_calls_run_flows_are_the_flows_into_a_runs_calls(store: Store) -> None:
+    rows = [call("a0", 0), call("a1", 1), call("a2", 2), call("b0", 0, run_id="other")]
+    flows = [FlowWrite("a1", "a0", None), FlowWrite("a2", "a1", "f" * 64), FlowWrite("b0", "a2")]
+    store.write(calls=rows, flows=flows)
+    assert store.run_flows(RUN) == flows[:2]  # in the order of the calls they feed
+    assert store.run_flows("other") == [flows[2]]  # a flow from another run's call counts
+    assert store.run_flows("nothing") == []
+
+
+def test_calls_usage_groups_by_model_kind_run_and_bucket(store: Store) -> None:
+    day = 86_400.0
+    model = {"kind": "chat_model", "model": "m-1", "node_id": "a" * 64}
+    store.write(calls=[
+        call("u0", 0, started_at=day * 10 + 5, tokens_in=10, tokens_out=2, duration_s=1.5, **model),
+        call("u1", 1, started_at=day * 10 + 9, tokens_in=10, tokens_out=2, replayed=1,
+             saved_s=1.5, duration_s=0.001, **model),
+        call("u2", 0, run_id="r2", started_at=day * 11 + 1, tokens_in=4, tokens_out=1,
+             replayed=1, saved_s=0.5, duration_s=0.002, **model),
+        call("u3", 2, started_at=day * 10 + 7, kind="step", node_id="b" * 64, replayed=1,
+             saved_s=2.0, duration_s=0.003),
+        call("u4", 3, started_at=day * 10 + 8),  # a chain: no node, no tokens: not counted
+    ])
+
+    def key(row: Any) -> tuple[Any, ...]:
+        return (row.run_id, row.bucket_start, row.model, row.kind, row.replayed)
+
+    every = {key(r): r for r in store.call_usage()}
+    assert set(every) == {
+        (None, None, "m-1", "chat_model", 0), (None, None, "m-1", "chat_model", 1),
+        (None, None, None, "step", 1),
+    }
+    replayed = every[(None, None, "m-1", "chat_model", 1)]
+    assert (replayed.calls, replayed.tokens_in, replayed.tokens_out) == (2, 14, 3)
+    assert replayed.saved_s == pytest.approx(2.0)
+    assert every[(None, None, "m-1", "chat_model", 0)].duration_s == pytest.approx(1.5)
+    by_day = {key(r): r.calls for r in store.call_usage(bucket_s=day)}
+    assert by_day == {
+        (None, day * 10, "m-1", "chat_model", 0): 1, (None, day * 10, "m-1", "chat_model", 1): 1,
+        (None, day * 11, "m-1", "chat_model", 1): 1, (None, day * 10, None, "step", 1): 1,
+    }
+    by_run = {key(r): r.tokens_in for r in store.call_usage(run_ids=["r2", "nothing"])}
+    assert by_run == {("r2", None, "m-1", "chat_model", 1): 4}
+    assert {key(r) for r in store.call_usage(since=day * 11)} == {
+        (None, None, "m-1", "chat_model", 1)
+    }
+    assert store.call_usage(run_ids=[]) == []
+
+
+def test_store_invalidation_set_is_exactly_what_invalidate_marks(store: Store) -> None:
+    """The read-only preview lists exactly the nodes invalidate() then marks, and writes
+    nothing: a diamond (each node once), a cycle, contains edges not followed."""
+    from .conformance import build_graph, status_of
+
+    ids = build_graph(
+        store,
+        [("a", "b"), ("a", "c"), ("b", "d"), ("c", "d"), ("d", "e"), ("e", "b"), ("y", "x")],
+        ["a", "b", "c", "d", "e", "x", "y"],
+    )
+    store.write((), (), [EdgeWrite(ids["b"], ids["x"], "contains")])
+    before = {n: status_of(store, i) for n, i in ids.items()}
+    preview = store.invalidation_set(ids["b"])
+    assert len(preview) == len({r.node_id for r in preview})
+    assert {r.node_id for r in preview} == {ids["b"], ids["d"], ids["e"]}
+    assert {n: status_of(store, i) for n, i in ids.items()} == before  # nothing written
+    store.invalidate(ids["b"])
+    marked = {i for i in ids.values() if status_of(store, i) == "stale"}
+    assert marked == {r.node_id for r in preview}
+    assert {r.node_id for r in store.invalidation_set(ids["a"])} == {
+        ids[n] for n in "abcde"
+    }
+    assert store.invalidation_set("0" * 64) == []
