@@ -79,6 +79,36 @@ def documents_of(value: Any) -> list[dict[str, Any]] | None:
     return docs
 
 
+def answer_of(value: Any) -> str | None:
+    """The text a model answered, in a kept model call: LangChain's generations (message
+    content, or text) or LlamaIndex's response (message blocks or content)."""
+    if not isinstance(value, dict):
+        return None
+    generations = value.get("generations")
+    if isinstance(generations, list) and generations and isinstance(generations[0], dict):
+        first = generations[0]
+        message = first.get("message")
+        content = message.get("content") if isinstance(message, dict) else first.get("text")
+        if isinstance(content, str):
+            return content
+        if isinstance(content, list):
+            return json.dumps(content, default=str)
+    final = value.get("final")
+    if isinstance(final, dict):
+        message = final.get("message")
+        if isinstance(message, dict):
+            blocks = message.get("blocks")
+            if isinstance(blocks, list):
+                texts = [b.get("text") for b in blocks if isinstance(b, dict)]
+                if texts and all(isinstance(t, str) for t in texts):
+                    return "".join(texts)
+            if isinstance(message.get("content"), str):
+                return str(message["content"])
+        if isinstance(final.get("text"), str):
+            return str(final["text"])
+    return None
+
+
 class ViewData:
     """The page's answers, from one store (opened read-only by the caller)."""
 
@@ -180,6 +210,9 @@ class ViewData:
             plain = getattr(value, "__dict__", value)
         text = value if isinstance(value, str) else _render.value_text(value, VALUE_CHARS)
         kept: dict[str, Any] = {"text": _clip(text, VALUE_CHARS)}
+        said = answer_of(plain)
+        if said is not None:
+            kept["answer"] = _clip(said, VALUE_CHARS)
         docs = documents_of(plain)
         if docs is not None:
             kept["documents"] = docs

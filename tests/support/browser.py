@@ -24,7 +24,9 @@ from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
-CHROMIUM = ("/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome")
+# Debian's /usr/bin/chromium is a wrapper script that exports Google API keys (sign-in and
+# sync then call home); the browser itself is started without it.
+CHROMIUM = ("/usr/lib/chromium/chromium", "/usr/bin/chromium", "/usr/bin/chromium-browser")
 CHROMEDRIVER = ("/usr/bin/chromedriver", "/usr/lib/chromium/chromedriver")
 
 
@@ -122,7 +124,11 @@ def chromium(width: int = 1600, height: int = 1000) -> Iterator[Browser]:
         "--disable-background-networking", "--disable-component-update", "--disable-sync",
         "--disable-default-apps", "--disable-extensions", "--metrics-recording-only",
         "--disable-domain-reliability", "--disable-client-side-phishing-detection",
-        "--disable-features=OptimizationHints,MediaRouter,Translate,AutofillServerCommunication",
+        "--disable-features=OptimizationHints,MediaRouter,Translate,AutofillServerCommunication,"
+        "NetworkTimeServiceQuerying,DialMediaRouteProvider,InterestFeedContentSuggestions,"
+        "PreconnectToSearch,NetworkPrediction,ChromeWhatsNewUI,PrivacySandboxSettings4",
+        "--dns-prefetch-disable", "--disable-sync-preferences",
+        "--no-pings", "--disable-search-engine-choice-screen", "--no-service-autorun",
         f"--user-data-dir={profile}", f"--window-size={width},{height}",
         # Everything not on the loopback address goes to the tripwire, never out.
         f"--proxy-server=http://{tripwire.address}",

@@ -64,6 +64,7 @@
         runs.length ? runsTable(runs) : h("p", { class: "muted" }, "No runs match."),
       ]);
       main.setAttribute("data-render-ms", Math.round(performance.now() - started));
+      main.setAttribute("data-ready-at", Math.round(performance.now()));
       main.setAttribute("data-ready", "runs");
     }, function (err) {
       M.clear(main).appendChild(M.error("runs", err));
@@ -135,6 +136,7 @@
       state.current = { runId: runId, model: model, graph: graph, panel: panel };
       graph.render();
       main.setAttribute("data-render-ms", Math.round(performance.now() - started));
+      main.setAttribute("data-ready-at", Math.round(performance.now()));
       main.setAttribute("data-ready", "run");
       if (callId) select(callId, false);
     }, function (err) {
@@ -183,6 +185,7 @@
       });
       cur.model.whatif = { nodes: nodes };
       cur.graph.render(true);
+      host.scrollIntoView({ block: "start" });
     }, function (err) {
       var host = document.getElementById("whatif-result");
       if (host) M.clear(host).appendChild(M.error("what-if", err));

@@ -30,6 +30,12 @@
           d.metadata ? h("span", { class: "muted" }, " " + d.metadata) : null);
       }));
     }
+    var raw = h("details", { class: "raw" }, h("summary", null, "the stored value"),
+      h("pre", { class: "preview" }, v.text));
+    if (v.answer !== undefined) {
+      return h("div", { "data-testid": testid },
+        h("pre", { class: "preview answer", "data-testid": "kept-answer" }, v.answer), raw);
+    }
     return h("pre", { class: "preview", "data-testid": testid }, v.text);
   }
 

@@ -124,7 +124,7 @@
 
   function layout(view) {
     var g = new dagre.graphlib.Graph();
-    g.setGraph({ rankdir: "LR", nodesep: 16, ranksep: 46, edgesep: 8, marginx: 24, marginy: 24 });
+    g.setGraph({ rankdir: "TB", nodesep: 14, ranksep: 34, edgesep: 8, marginx: 24, marginy: 24 });
     g.setDefaultEdgeLabel(function () { return {}; });
     view.boxes.forEach(function (b) { g.setNode(b.id, { width: BOX_W, height: BOX_H }); });
     view.contains.forEach(function (e) { g.setEdge(e[0], e[1], { kind: "contains" }); });
@@ -177,7 +177,7 @@
   Graph.prototype.render = function (keepView) {
     var self = this, model = this.model, started = performance.now();
     var view = (this.view = model.visible());
-    var g = layout(view);
+    var g = (this.g = layout(view));
     var info = g.graph();
     var svg = M.s("svg", { class: "graph", "data-testid": "graph",
                            "data-boxes": view.boxes.length });
@@ -273,18 +273,28 @@
     this.root = root;
     this.size = { w: info.width || 400, h: info.height || 200 };
     if (!keepView || !this.vb) this.fit(); else this.apply();
+    if (model.selected && g.hasNode(model.selected)) this.center(g.node(model.selected));
     this.bindPanZoom(svg);
     this.host.setAttribute("data-render-ms", Math.round(performance.now() - started));
   };
 
   Graph.prototype.expand = function (b) {
+    var focus;
     if (b.cluster) {
       var shown = (this.model.clusters[b.cluster] || 0) + CLUSTER_PAGE;
       this.model.clusters[b.cluster] = Math.min(shown, b.all.length);
+      focus = b.members[0].id;
     } else {
       this.model.expanded[b.call.id] = true;
+      focus = b.call.id;
     }
     this.render(true);
+    // Bring what opened into view, its parent at the top.
+    var n = this.g.hasNode(focus) ? this.g.node(focus) : null;
+    if (n) {
+      this.vb = { x: n.x - this.vb.w / 2, y: n.y - BOX_H, w: this.vb.w, h: this.vb.h };
+      this.apply();
+    }
   };
 
   Graph.prototype.fit = function () {
@@ -295,7 +305,19 @@
     var least = this.view.boxes.length <= 60 ? 0.42 : 0.6;
     var fits = Math.min(rw / w, rh / h), scale = Math.min(1.1, Math.max(fits, least));
     var vw = rw / scale, vh = rh / scale;
-    this.vb = { x: vw >= w ? (w - vw) / 2 : 0, y: vh >= h ? (h - vh) / 2 : 0, w: vw, h: vh };
+    // A graph wider than the view opens on its first root, at the top.
+    var root = this.view.boxes.length ? this.g.node(this.view.boxes[0].id) : null;
+    var x = vw >= w ? (w - vw) / 2 : Math.max(0, Math.min(w - vw, (root ? root.x : 0) - vw / 2));
+    this.vb = { x: x, y: vh >= h ? (h - vh) / 2 : 0, w: vw, h: vh };
+    this.apply();
+  };
+
+  /* Pan so that a box (a dagre node) is in view, when it is not. */
+  Graph.prototype.center = function (n) {
+    var v = this.vb;
+    if (n.x - BOX_W / 2 >= v.x && n.x + BOX_W / 2 <= v.x + v.w &&
+        n.y - BOX_H / 2 >= v.y && n.y + BOX_H / 2 <= v.y + v.h) return;
+    this.vb = { x: n.x - v.w / 2, y: n.y - v.h / 2, w: v.w, h: v.h };
     this.apply();
   };
 
