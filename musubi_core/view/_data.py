@@ -101,7 +101,7 @@ def answer_of(value: Any) -> str | None:
             if isinstance(blocks, list):
                 texts = [b.get("text") for b in blocks if isinstance(b, dict)]
                 if texts and all(isinstance(t, str) for t in texts):
-                    return "".join(texts)
+                    return "".join(str(t) for t in texts)
             if isinstance(message.get("content"), str):
                 return str(message["content"])
         if isinstance(final.get("text"), str):
