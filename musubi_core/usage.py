@@ -45,7 +45,7 @@ def _side(row: UsageRow) -> str:
 
 
 def _rounded(part: dict[str, Any]) -> dict[str, Any]:
-    return {**part, "seconds": round(part["seconds"], 3), "money": round(part["money"], 6)}
+    return {**part, "seconds": round(part["seconds"], 3), "money": round(part["money"], 9)}
 
 
 def summarize(rows: Iterable[UsageRow], prices: Prices) -> dict[str, Any]:

@@ -147,6 +147,12 @@ def test_wheel_and_sdist_carry_the_name_version_and_license(built: Built) -> Non
         entry_points = wheel.read(f"{info}/entry_points.txt").decode()
         for package in ("musubi_core", "musubi_langchain", "musubi_llama_index"):
             assert f"{package}/__init__.py" in names and f"{package}/py.typed" in names
+        # `musubi view`'s page: every script, style and license it ships, and the prices.
+        static = ROOT / "musubi_core" / "view" / "static"
+        for shipped in sorted(static.iterdir()):
+            assert f"musubi_core/view/static/{shipped.name}" in names, shipped.name
+        assert "musubi_core/view/static/dagre.LICENSE" in names
+        assert "musubi_core/prices.toml" in names
     assert metadata["Name"] == DIST and metadata["Version"] == version
     assert metadata["License-Expression"] == "MIT"
     assert set(metadata.get_all("Provides-Extra") or []) >= {"langchain", "llama-index",

@@ -182,8 +182,8 @@ class ViewData:
             "duration_s": cli_runs._took(run), "calls": run.calls, "replays": run.replays,
             "tokens": run.tokens_in + run.tokens_out, "tokens_saved": run.tokens_saved,
             "seconds_saved": round(run.seconds_saved, 3),
-            "money_saved": round(money.get("saved", 0.0), 6),
-            "money_spent": round(money.get("spent", 0.0), 6),
+            "money_saved": round(money.get("saved", 0.0), 9),
+            "money_spent": round(money.get("spent", 0.0), 9),
             "unpriced": money.get("unpriced", False),
             "error": _render.clip(run.error, 300) or None,
         }
@@ -326,6 +326,6 @@ class ViewData:
             ],
             "tokens": sum(n.tokens for n in nodes),
             "seconds": round(sum(n.duration_s or 0.0 for n in nodes), 6),
-            "money": None if money is None else round(money, 6),
+            "money": None if money is None else round(money, 9),
             "command": f"musubi invalidate {node_id}",
         }
