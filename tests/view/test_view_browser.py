@@ -154,6 +154,9 @@ def test_llm_call_shows_its_prompt_and_the_documents_retrieved_upstream(
     history = [r.get_attribute("data-call-id") for r in css(browser, '[data-testid="history-row"]')]
     assert answer["call_id"] in history and len(history) == 2  # executed, then replayed
     browser.screenshot(shots / "view-call.png")
+    browser.driver.execute_script(
+        "document.querySelector('[data-testid=upstream]').scrollIntoView({block: 'start'})")
+    browser.screenshot(shots / "view-call-upstream.png")
 
 
 def test_llama_index_llm_call_shows_the_retrieved_nodes(
