@@ -697,14 +697,21 @@ class Engine:
         flush_recorders(self.store.path)
         return self.store.invalidate(self.store.resolve(node_id))
 
-    def clear(self, *, kinds: Iterable[str] | None = None) -> int:
+    def clear(
+        self, *, kinds: Iterable[str] | None = None, ops: Iterable[str] | None = None
+    ) -> int:
         """Forget this namespace's entries: every node of the engine's namespace (of
-        ``kinds`` only, when given) is marked stale, so its next call executes again; no
-        node of another namespace changes. Nodes stay for lineage. Returns how many nodes
-        changed (one statement, however many nodes the store holds)."""
+        ``kinds`` only, and of the operation names ``ops`` only, when given) is marked stale,
+        so its next call executes again; no node of another namespace changes. Nodes stay for
+        lineage. Returns how many nodes changed (one statement, however many nodes the store
+        holds)."""
         flush_recorders(self.store.path)
+        if ops is None:  # the call every store implements
+            return self.store.invalidate_namespace(
+                self.namespace, kinds=None if kinds is None else tuple(kinds)
+            )
         return self.store.invalidate_namespace(
-            self.namespace, kinds=None if kinds is None else tuple(kinds)
+            self.namespace, kinds=None if kinds is None else tuple(kinds), ops=tuple(ops)
         )
 
     def flush(self) -> None:
