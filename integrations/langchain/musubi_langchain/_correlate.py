@@ -89,3 +89,26 @@ def take(run_id: UUID) -> CacheReport | None:
         return None
     with _lock:
         return _reports.pop(run_id, None)
+
+
+# A LangGraph task whose cache entry missed: its checkpoint namespace (unique per task) -> the
+# node its execution fills. The handler links the task's run to that node when it starts.
+_nodes: dict[str, str] = {}
+
+
+def expect_node(checkpoint_ns: str, node_id: str) -> None:
+    with _lock:
+        if len(_nodes) >= _MAX_REPORTS:
+            _nodes.pop(next(iter(_nodes)))
+        _nodes[checkpoint_ns] = node_id
+
+
+def node_for(metadata: object) -> str | None:
+    """The node the run with this metadata fills (once), if the node cache announced one."""
+    if not _nodes or type(metadata) is not dict:
+        return None
+    checkpoint_ns = metadata.get("langgraph_checkpoint_ns")
+    if not isinstance(checkpoint_ns, str):
+        return None
+    with _lock:
+        return _nodes.pop(checkpoint_ns, None)
