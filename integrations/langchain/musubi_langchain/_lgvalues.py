@@ -21,6 +21,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -52,7 +53,13 @@ class Unstorable(ValueError):
 
 
 class _Blocked(ValueError):
-    pass
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        _why.reason = reason
+
+
+# The reason the strict hook refused an extension, per thread (see NodeValues._unpack).
+_why = threading.local()
 
 
 def _class_key(cls: type) -> tuple[str, str]:
@@ -104,7 +111,15 @@ class NodeValues:
 
     def _unpack(self, data: bytes) -> Any:
         allowed = self._allowed()
-        return ormsgpack.unpackb(data, ext_hook=_strict_hook(allowed), option=_OPTION)
+        _why.reason = None
+        try:
+            return ormsgpack.unpackb(data, ext_hook=_strict_hook(allowed), option=_OPTION)
+        except Exception as exc:
+            # ormsgpack reports a failing hook as "ext_hook failed": name the hook's reason.
+            reason = _why.reason
+            if reason is not None:
+                raise _Blocked(reason) from None
+            raise ValueError(f"not a value musubi stored: {exc}") from None
 
 
 def _pairs(writes: Any) -> Any:

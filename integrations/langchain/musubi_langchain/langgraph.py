@@ -249,8 +249,13 @@ class MusubiNodeCache(BaseCache[Any]):
             if got.replay:
                 try:
                     found[full] = self._values.load(got.value)
-                except Exception as exc:
-                    self._guard.warn(exc)
+                except Exception as exc:  # a packed value naming a class it may not build
+                    self._say_once(
+                        "unreadable",
+                        f"a stored output of node {_node_name(ns)!r} cannot be read safely "
+                        f"({exc}); it is recomputed (further such entries are recomputed "
+                        "without a warning)",
+                    )
                 else:
                     self._record_hit(ns, node_key, got.node, found[full], task)
                     continue
