@@ -20,6 +20,7 @@ Example:
 from __future__ import annotations
 
 import threading
+from collections import deque
 from contextvars import ContextVar
 from dataclasses import dataclass
 from uuid import UUID
@@ -50,6 +51,13 @@ def push(run_id: UUID) -> None:
     _pending.set((*_pending.get(), run_id))
 
 
+# Runs that ended. A run announced in one context and looked up in a task it spawned (a v3
+# async stream's producer task) stays in the announcing context's FIFO after it ends there:
+# claim() skips it. Bounded: the oldest ids are forgotten first.
+_closed: set[UUID] = set()
+_closed_order: deque[UUID] = deque()
+
+
 def pending() -> bool:
     """Is any run waiting for its cache lookup in this context? (cheap pre-check for claim)"""
     return bool(_pending.get())
@@ -60,12 +68,28 @@ def claim() -> UUID | None:
     pending = _pending.get()
     if not pending:
         return None
+    if _closed:
+        while pending and pending[0] in _closed:
+            pending = pending[1:]
+        if not pending:
+            _pending.set(())
+            return None
     _pending.set(pending[1:])
     return pending[0]
 
 
+def close(run_id: UUID) -> None:
+    """A model run ended: never claim it again (see ``_closed``). Lock-free: set and deque
+    operations are atomic, and forgetting an old id early only costs that skip."""
+    _closed.add(run_id)
+    _closed_order.append(run_id)
+    if len(_closed_order) > _MAX_REPORTS:
+        _closed.discard(_closed_order.popleft())
+
+
 def discard(run_id: UUID) -> None:
     """Forget a pending run that never reached a cache (no cache configured, or an error)."""
+    close(run_id)
     pending = _pending.get()
     if not pending:
         return
@@ -82,6 +106,12 @@ def report(run_id: UUID, value: CacheReport) -> None:
         if len(_reports) >= _MAX_REPORTS:
             _reports.pop(next(iter(_reports)))
         _reports[run_id] = value
+
+
+def replaying(run_id: UUID) -> bool:
+    """Did the cache serve this (still running) run? Its stream events are then a replay."""
+    found = _reports.get(run_id) if _reports else None
+    return found is not None and found.replayed
 
 
 def take(run_id: UUID) -> CacheReport | None:

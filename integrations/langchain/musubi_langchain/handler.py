@@ -46,6 +46,8 @@ _MODEL_KINDS = frozenset({"chat_model", "llm"})
 _KEEP_OUTPUT = frozenset({"tool", "retriever"})
 _MODEL_PARAMS = ("model", "model_name", "model_id")
 _GRAPH_NODE_KIND = "graph_node"
+# Pieces of a live stream's text kept for a failed call's preview (a preview is short).
+_MAX_STREAMED_PARTS = 256
 
 
 
@@ -303,11 +305,14 @@ class MusubiCallbackHandler(BaseCallbackHandler):
         if run is None:
             return
         try:
+            streamed = None
             if run.kind in _MODEL_KINDS:
                 _correlate.discard(run_id)
                 _correlate.take(run_id)
+                if run.streamed:
+                    streamed = preview("".join(run.streamed))
             # A failed run produced nothing downstream can depend on: it is not indexed.
-            self._record(run, "failed", error=_error_text(error))
+            self._record(run, "failed", error=_error_text(error), output_preview=streamed)
         finally:
             if run.parent is None:
                 run.trace.close()
@@ -454,6 +459,28 @@ class MusubiCallbackHandler(BaseCallbackHandler):
         """Record the model's call (a replay of the cache's node when it served it)."""
         try:
             self._model_end(run_id, response)
+        except Exception as exc:
+            self._guard.warn(exc)
+
+    def on_stream_event(self, event: Any, *, run_id: UUID, **kwargs: Any) -> None:
+        """A v3 protocol event of a live model stream (``stream_events(version="v3")``, or a
+        model streaming inside a graph streamed that way): its text so far is kept, so a
+        stream that fails shows what it delivered. Events LangChain (or musubi) replays for
+        a cache hit are not live output: the call is recorded as the replay it is."""
+        try:
+            if type(event) is not dict or event.get("event") != "content-block-delta":
+                return
+            run = self._traces.get(run_id)
+            if run is None or run.kind != "chat_model" or _correlate.replaying(run_id):
+                return
+            delta = event.get("delta")
+            text = delta.get("text") if type(delta) is dict else None
+            if type(text) is str and text:
+                streamed = run.streamed
+                if streamed is None:
+                    run.streamed = [text]
+                elif len(streamed) < _MAX_STREAMED_PARTS:
+                    streamed.append(text)
         except Exception as exc:
             self._guard.warn(exc)
 
