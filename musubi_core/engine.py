@@ -757,7 +757,7 @@ class Engine:
             return self._replay_by_content(call, found) or self._run(call, fn)
         with _effect_owner() as owner:
             deadline = time.monotonic() + EFFECT_WAIT_SECONDS
-            while isinstance(replay := self._before(key, config, owner), _Waiting):
+            while isinstance(replay := self._before(key, config, owner, kind), _Waiting):
                 self._check_deadline(key, deadline)
                 time.sleep(0.05)
             return replay if isinstance(replay, Outcome) else self._run(call, fn)
@@ -784,7 +784,7 @@ class Engine:
         # so a concurrent task of this process waits instead of seeing doubt.
         with _effect_owner() as owner:
             deadline = time.monotonic() + EFFECT_WAIT_SECONDS
-            while isinstance(replay := self._before(key, config, owner), _Waiting):
+            while isinstance(replay := self._before(key, config, owner, kind), _Waiting):
                 self._check_deadline(key, deadline)
                 await asyncio.sleep(0.05)
             return replay if isinstance(replay, Outcome) else await self._arun(call, fn)
@@ -836,7 +836,7 @@ class Engine:
             )
 
     def _before(
-        self, key: NodeKey, config: StepConfiguration, owner: str
+        self, key: NodeKey, config: StepConfiguration, owner: str, kind: str = "step"
     ) -> Outcome | _Waiting | None:
         """Replay, or (for an EXTERNAL_EFFECT) claim the node, or report that
         another live call is executing it (``_WAIT``). ``None``: execute."""
@@ -849,7 +849,7 @@ class Engine:
         # the call, so a crash leaves evidence instead of a silent repeat.
         self._unbuffer(key.node_id)
         claim = self.store.claim(
-            self._intent(key, config, owner=owner),
+            self._intent(key, config, owner=owner, kind=kind),
             owner_alive=_owner_alive_or_doubt(config),
             force=config.force_reexecution,
         )
@@ -919,6 +919,7 @@ class Engine:
         owner: str | None,
         error: str | None = None,
         executed: int = 0,
+        kind: str = "step",
     ) -> NodeWrite:
         """The pending row of an EXTERNAL_EFFECT: claimed by ``owner`` before
         the call, or left ownerless (in doubt) when its outcome was lost."""
@@ -926,7 +927,7 @@ class Engine:
             node_id=key.node_id,
             op=key.op,
             op_name=key.op_name,
-            kind="step",
+            kind=kind,
             step_type=config.step_type.value,
             input_hash=key.input_hash,
             status="pending",

@@ -263,7 +263,7 @@ class MusubiNodeCache(BaseCache[Any]):
                 if len(self._misses) > 4096:  # nodes that failed never set(): bounded
                     self._misses.clear()
                 self._misses[(tuple(ns), key)] = time.monotonic()
-            if task is not None:
+            if task is not None and _handler_of(task) is not None:
                 _link_miss(task, node_key.node_id)
         return found
 
@@ -274,21 +274,20 @@ class MusubiNodeCache(BaseCache[Any]):
         name = _node_name(ns)
         artifact_id = getattr(node, "artifact_id", None)
         saved_s = getattr(node, "duration_s", None)
-        if task is not None:
-            manager = (task.config or {}).get("callbacks")
-            for handler in getattr(manager, "handlers", None) or ():
-                if isinstance(handler, MusubiCallbackHandler):
-                    handler.record_cached(
-                        getattr(manager, "parent_run_id", None),
-                        GRAPH_NODE_KIND,
-                        task.name or name,
-                        task.input,
-                        value,
-                        node_id=key.node_id,
-                        artifact_id=artifact_id,
-                        saved_s=saved_s,
-                    )
-                    return
+        found = _handler_of(task) if task is not None else None
+        if found is not None:
+            handler, parent_run_id = found
+            handler.record_cached(
+                parent_run_id,
+                GRAPH_NODE_KIND,
+                task.name or name,
+                task.input,
+                value,
+                node_id=key.node_id,
+                artifact_id=artifact_id,
+                saved_s=saved_s,
+            )
+            return
         fields: dict[str, Any] = {
             "node_id": key.node_id,
             "artifact_id": artifact_id,
@@ -418,6 +417,16 @@ def _tasks_by_key(loop: Any) -> dict[tuple[Namespace, str], Any]:
             if cache_key is not None:
                 out[(tuple(cache_key.ns), cache_key.key)] = task
     return out
+
+
+def _handler_of(task: Any) -> tuple[MusubiCallbackHandler, Any] | None:
+    """The musubi handler recording the task's graph run, and the graph run's id."""
+    with contextlib.suppress(Exception):
+        manager = (task.config or {}).get("callbacks")
+        for handler in getattr(manager, "handlers", None) or ():
+            if isinstance(handler, MusubiCallbackHandler):
+                return handler, getattr(manager, "parent_run_id", None)
+    return None
 
 
 def _link_miss(task: Any, node_id: str) -> None:
