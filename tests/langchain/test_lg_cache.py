@@ -4,6 +4,7 @@ the graph's run, and a stored value edited in the file is a miss that never reac
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import pickle
@@ -137,11 +138,21 @@ def _reset() -> Any:
     uninstrument()
 
 
-def test_hits_are_replayed_calls_of_the_graph_run_and_misses_fill_their_node(db: str) -> None:
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_hits_are_replayed_calls_of_the_graph_run_and_misses_fill_their_node(
+    db: str, mode: str
+) -> None:
     inst = instrument(db)
     app = _graph(MusubiNodeCache(engine=inst.engine))
     question = {"text": "the musubi knot ties threads together"}
-    first, second = app.invoke(question), app.invoke(question)
+    if mode == "sync":
+        first, second = app.invoke(question), app.invoke(question)
+    else:
+
+        async def twice() -> tuple[Any, Any]:
+            return await app.ainvoke(question), await app.ainvoke(question)
+
+        first, second = asyncio.run(twice())
     assert first == second and CALLS == ["summarize", "answer"]
     uninstrument()
 

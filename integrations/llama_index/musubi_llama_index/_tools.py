@@ -63,6 +63,8 @@ class _State:
         self.lock = threading.Lock()
         # tool -> its original (_fn, _async_fn), for uninstall
         self.wrapped: dict[int, tuple[FunctionTool, Any, Any]] = {}
+        # a tool's function -> the fingerprint of its code (read once)
+        self.fingerprints: dict[Any, str] = {}
 
 
 _STATE = _State()
@@ -95,7 +97,10 @@ def _key(tool: FunctionTool, args: tuple[Any, ...], kwargs: dict[str, Any]) -> N
     inputs = {"args": list(args), "kwargs": {k: v for k, v in kwargs.items() if k != ctx}}
     name = _name(tool)
     try:
-        fingerprint = function_fingerprint(tool.real_fn)
+        fn = tool.real_fn
+        fingerprint = _STATE.fingerprints.get(fn)
+        if fingerprint is None:
+            fingerprint = _STATE.fingerprints[fn] = function_fingerprint(fn)
         return runtime.engine().key(f"tool:{name}", inputs, fingerprint={"code": fingerprint})
     except Exception as exc:  # an argument without a stable identity, a broken store
         warn_once(f"tool-key:{name}", f"tool {name!r} runs every time: {exc}")
