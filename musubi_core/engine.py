@@ -697,14 +697,21 @@ class Engine:
         flush_recorders(self.store.path)
         return self.store.invalidate(self.store.resolve(node_id))
 
-    def clear(self, *, kinds: Iterable[str] | None = None) -> int:
+    def clear(
+        self, *, kinds: Iterable[str] | None = None, ops: Iterable[str] | None = None
+    ) -> int:
         """Forget this namespace's entries: every node of the engine's namespace (of
-        ``kinds`` only, when given) is marked stale, so its next call executes again; no
-        node of another namespace changes. Nodes stay for lineage. Returns how many nodes
-        changed (one statement, however many nodes the store holds)."""
+        ``kinds`` only, and of the operation names ``ops`` only, when given) is marked stale,
+        so its next call executes again; no node of another namespace changes. Nodes stay for
+        lineage. Returns how many nodes changed (one statement, however many nodes the store
+        holds)."""
         flush_recorders(self.store.path)
+        if ops is None:  # the call every store implements
+            return self.store.invalidate_namespace(
+                self.namespace, kinds=None if kinds is None else tuple(kinds)
+            )
         return self.store.invalidate_namespace(
-            self.namespace, kinds=None if kinds is None else tuple(kinds)
+            self.namespace, kinds=None if kinds is None else tuple(kinds), ops=tuple(ops)
         )
 
     def flush(self) -> None:
@@ -750,7 +757,7 @@ class Engine:
             return self._replay_by_content(call, found) or self._run(call, fn)
         with _effect_owner() as owner:
             deadline = time.monotonic() + EFFECT_WAIT_SECONDS
-            while isinstance(replay := self._before(key, config, owner), _Waiting):
+            while isinstance(replay := self._before(key, config, owner, kind), _Waiting):
                 self._check_deadline(key, deadline)
                 time.sleep(0.05)
             return replay if isinstance(replay, Outcome) else self._run(call, fn)
@@ -777,7 +784,7 @@ class Engine:
         # so a concurrent task of this process waits instead of seeing doubt.
         with _effect_owner() as owner:
             deadline = time.monotonic() + EFFECT_WAIT_SECONDS
-            while isinstance(replay := self._before(key, config, owner), _Waiting):
+            while isinstance(replay := self._before(key, config, owner, kind), _Waiting):
                 self._check_deadline(key, deadline)
                 await asyncio.sleep(0.05)
             return replay if isinstance(replay, Outcome) else await self._arun(call, fn)
@@ -829,7 +836,7 @@ class Engine:
             )
 
     def _before(
-        self, key: NodeKey, config: StepConfiguration, owner: str
+        self, key: NodeKey, config: StepConfiguration, owner: str, kind: str = "step"
     ) -> Outcome | _Waiting | None:
         """Replay, or (for an EXTERNAL_EFFECT) claim the node, or report that
         another live call is executing it (``_WAIT``). ``None``: execute."""
@@ -842,7 +849,7 @@ class Engine:
         # the call, so a crash leaves evidence instead of a silent repeat.
         self._unbuffer(key.node_id)
         claim = self.store.claim(
-            self._intent(key, config, owner=owner),
+            self._intent(key, config, owner=owner, kind=kind),
             owner_alive=_owner_alive_or_doubt(config),
             force=config.force_reexecution,
         )
@@ -912,6 +919,7 @@ class Engine:
         owner: str | None,
         error: str | None = None,
         executed: int = 0,
+        kind: str = "step",
     ) -> NodeWrite:
         """The pending row of an EXTERNAL_EFFECT: claimed by ``owner`` before
         the call, or left ownerless (in doubt) when its outcome was lost."""
@@ -919,7 +927,7 @@ class Engine:
             node_id=key.node_id,
             op=key.op,
             op_name=key.op_name,
-            kind="step",
+            kind=kind,
             step_type=config.step_type.value,
             input_hash=key.input_hash,
             status="pending",

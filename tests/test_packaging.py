@@ -4,8 +4,8 @@ importable), extra by extra, then the README's install command and every README
 snippet, each on its own in a fresh interpreter.
 
 One virtualenv serves every stage, in order: the wheel alone (the adapters' import
-errors must name the right install line), then ``[langchain]``, ``[postgres]`` and
-``[llama-index]`` one at a time (each must be what its adapter needs), then the
+errors must name the right install line), then ``[langchain]``, ``[langgraph]``,
+``[postgres]`` and ``[llama-index]`` one at a time (each must be what its adapter needs), then the
 README's own command with ``[all]``. This file takes about a minute (about 40 s of CPU,
 mostly pip), so the tests that build are marked ``packaging``: ``pytest -m "not packaging"``
 skips them while iterating; the full suite and CI run them.
@@ -43,6 +43,7 @@ README_SNIPPETS = snippets(ROOT / "README.md")
 # What each extra must make importable, and the error message that names it.
 STAGES = (
     ("langchain", "import musubi_langchain"),
+    ("langgraph", "from musubi_langchain.langgraph import MusubiNodeCache"),
     ("postgres", "import psycopg"),
     ("llama-index", "import musubi_llama_index"),
 )

@@ -31,7 +31,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ..store import CallWrite, FlowWrite, RunWrite
@@ -45,7 +45,9 @@ __all__ = [
     "Frame",
     "RunState",
     "current_frame",
+    "enter_call",
     "in_call",
+    "leave_call",
     "new_call_id",
     "new_run_id",
     "trace",
@@ -130,6 +132,7 @@ class RunState:
         *,
         run_id: str | None = None,
         namespace: str = "default",
+        first_seq: int = 0,
     ) -> None:
         self.recorder = recorder
         self.kind = kind
@@ -138,7 +141,9 @@ class RunState:
         self.namespace = namespace
         self.started_at = time.time()
         self.t0 = time.perf_counter()
-        self._seq = itertools.count()
+        # A run recorded by several processes (one joined another's run): each numbers its
+        # calls from where the run was handed over.
+        self._seq = itertools.count(first_seq)
         self.root_call_id: str | None = None
         self.calls = self.replays = 0
         self.tokens_in = self.tokens_out = self.tokens_saved = 0
@@ -306,6 +311,18 @@ def joinable(frame: Frame | None, recorder: Recorder) -> Frame | None:
     if mine is recorder or mine.store.path == recorder.store.path:
         return frame
     return None
+
+
+def enter_call(run: RunState, call_id: str | None) -> Token[Frame | None]:
+    """Make ``call_id`` of ``run`` the current call from now on in this context, without a
+    block (a handler restoring a run handed over from another process); :func:`leave_call`
+    with the token undoes it."""
+    return _FRAME.set(Frame(run, call_id))
+
+
+def leave_call(token: Token[Frame | None]) -> None:
+    """Undo :func:`enter_call` (in the context that entered)."""
+    _FRAME.reset(token)
 
 
 @contextlib.contextmanager

@@ -376,7 +376,11 @@ class SQLStoreBase(GcMixin, CallsMixin):
         return self._write("invalidate", apply)
 
     def invalidate_namespace(
-        self, namespace: str, *, kinds: Sequence[str] | None = None
+        self,
+        namespace: str,
+        *,
+        kinds: Sequence[str] | None = None,
+        ops: Sequence[str] | None = None,
     ) -> int:
         # One statement, whatever the size of the store. Not an EXTERNAL_EFFECT: its record is
         # what stops it from being issued twice.
@@ -390,6 +394,11 @@ class SQLStoreBase(GcMixin, CallsMixin):
                 return 0
             sql += f" AND kind IN ({', '.join('?' * len(kinds))})"
             params.extend(kinds)
+        if ops is not None:
+            if not ops:
+                return 0
+            sql += f" AND op_name IN ({', '.join('?' * len(ops))})"
+            params.extend(ops)
 
         def apply(c: Any) -> int:
             return self._changes(c, self._ex(c, sql, params))

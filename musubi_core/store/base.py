@@ -361,10 +361,17 @@ class Store(Protocol):
         nodes changed state."""
         ...
 
-    def invalidate_namespace(self, namespace: str, *, kinds: Sequence[str] | None = None) -> int:
-        """Mark every done node of ``namespace`` (of ``kinds`` only, when given) stale, in one
-        statement; no node of another namespace changes, and no EXTERNAL_EFFECT node (its
-        record is what stops it from being issued twice). Returns how many changed."""
+    def invalidate_namespace(
+        self,
+        namespace: str,
+        *,
+        kinds: Sequence[str] | None = None,
+        ops: Sequence[str] | None = None,
+    ) -> int:
+        """Mark every done node of ``namespace`` (of ``kinds`` only, and of the operation names
+        ``ops`` only, when given) stale, in one statement; no node of another namespace changes,
+        and no EXTERNAL_EFFECT node (its record is what stops it from being issued twice).
+        Returns how many changed."""
         ...
 
     def mark_fresh(self, node_id: str) -> bool:

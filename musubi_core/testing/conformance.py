@@ -705,6 +705,23 @@ def test_store_invalidate_namespace_changes_exactly_that_namespace(store: Store)
     assert store.invalidate_namespace("nobody") == 0
 
 
+def test_store_invalidate_namespace_of_some_operations(store: Store) -> None:
+    ids = {
+        (ns, op): done_node(
+            store, ("ns-clear-op", ns, op), namespace=ns, kind="graph_node", op_name=op
+        )
+        for ns in ("alpha", "beta")
+        for op in ("lg:a", "lg:b", "lg:c")
+    }
+    assert store.invalidate_namespace("alpha", kinds=("graph_node",), ops=("lg:a", "lg:c")) == 2
+    for (ns, op), nid in ids.items():
+        expected = "stale" if ns == "alpha" and op != "lg:b" else "done"
+        assert status_of(store, nid) == expected, (ns, op)
+    assert store.invalidate_namespace("alpha", ops=()) == 0
+    assert store.invalidate_namespace("beta", ops=("lg:b",)) == 1
+    assert status_of(store, ids["beta", "lg:b"]) == "stale"
+
+
 def test_store_write_gives_a_node_to_the_namespace_that_writes_it(store: Store) -> None:
     # A row an older musubi wrote in another namespace at what is now this namespace's id:
     # the writer's namespace takes it over, and a claim treats it as absent.

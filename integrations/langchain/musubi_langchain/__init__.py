@@ -16,12 +16,14 @@ from .cache import MusubiCache
 from .handler import MusubiCallbackHandler
 from .instrument import Instrumentation, instrument, uninstrument
 from .streaming import install_stream_replay, uninstall_stream_replay
+from .tools import declare_tool
 
 __all__ = [
     "Instrumentation",
     "MusubiCache",
     "MusubiCallbackHandler",
     "MusubiLangChainWarning",
+    "declare_tool",
     "install_stream_replay",
     "instrument",
     "uninstall_stream_replay",

@@ -106,10 +106,43 @@ def decode_message(data: Any) -> BaseMessage:
     cls = _MESSAGE_TYPES.get(kind) if isinstance(kind, str) else None
     if cls is None:
         raise EntryDecodeError(f"message type {kind!r} is not allow-listed")
+    fields = dict(data)
+    if cls is AIMessage:
+        fields["usage_metadata"] = complete_usage(fields.get("usage_metadata"))
     try:
-        return cls.model_validate(dict(data))
+        return cls.model_validate(fields)
     except Exception as exc:  # pydantic ValidationError and friends
         raise EntryDecodeError(f"invalid {kind} message: {exc}") from exc
+
+
+_TOKEN_KEYS = ("input_tokens", "output_tokens", "total_tokens")
+
+
+def complete_usage(usage: Any) -> Any:
+    """A replayed AI message's ``usage_metadata`` with every token count present (0 when the
+    provider reported none).
+
+    LangChain marks a cache hit by adding ``total_cost: 0`` to the message's usage; on a
+    message that had none, that leaves ``{"total_cost": 0}``, which is not valid usage: in
+    langchain-core 1.8.3, replaying such a hit as v3 stream events (``stream_events(
+    version="v3")`` of a graph) fails validation when the events are assembled back into a
+    message. With the counts present the replayed events assemble.
+
+    >>> complete_usage(None)
+    {'input_tokens': 0, 'output_tokens': 0, 'total_tokens': 0}
+    >>> complete_usage({"input_tokens": 3, "output_tokens": 2, "total_tokens": 5})["total_tokens"]
+    5
+    """
+    if isinstance(usage, Mapping) and all(isinstance(usage.get(k), int) for k in _TOKEN_KEYS):
+        return usage
+    done: dict[str, Any] = dict(usage) if isinstance(usage, Mapping) else {}
+    given_in, given_out = done.get("input_tokens"), done.get("output_tokens")
+    tokens_in = given_in if isinstance(given_in, int) else 0
+    tokens_out = given_out if isinstance(given_out, int) else 0
+    done["input_tokens"], done["output_tokens"] = tokens_in, tokens_out
+    if not isinstance(done.get("total_tokens"), int):
+        done["total_tokens"] = tokens_in + tokens_out
+    return done
 
 
 def encode_generations(generations: Sequence[Generation]) -> dict[str, Any]:

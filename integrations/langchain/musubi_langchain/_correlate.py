@@ -20,6 +20,7 @@ Example:
 from __future__ import annotations
 
 import threading
+from collections import deque
 from contextvars import ContextVar
 from dataclasses import dataclass
 from uuid import UUID
@@ -50,6 +51,13 @@ def push(run_id: UUID) -> None:
     _pending.set((*_pending.get(), run_id))
 
 
+# Runs that ended. A run announced in one context and looked up in a task it spawned (a v3
+# async stream's producer task) stays in the announcing context's FIFO after it ends there:
+# claim() skips it. Bounded: the oldest ids are forgotten first.
+_closed: set[UUID] = set()
+_closed_order: deque[UUID] = deque()
+
+
 def pending() -> bool:
     """Is any run waiting for its cache lookup in this context? (cheap pre-check for claim)"""
     return bool(_pending.get())
@@ -60,12 +68,28 @@ def claim() -> UUID | None:
     pending = _pending.get()
     if not pending:
         return None
+    if _closed:
+        while pending and pending[0] in _closed:
+            pending = pending[1:]
+        if not pending:
+            _pending.set(())
+            return None
     _pending.set(pending[1:])
     return pending[0]
 
 
+def close(run_id: UUID) -> None:
+    """A model run ended: never claim it again (see ``_closed``). Lock-free: set and deque
+    operations are atomic, and forgetting an old id early only costs that skip."""
+    _closed.add(run_id)
+    _closed_order.append(run_id)
+    if len(_closed_order) > _MAX_REPORTS:
+        _closed.discard(_closed_order.popleft())
+
+
 def discard(run_id: UUID) -> None:
     """Forget a pending run that never reached a cache (no cache configured, or an error)."""
+    close(run_id)
     pending = _pending.get()
     if not pending:
         return
@@ -84,8 +108,37 @@ def report(run_id: UUID, value: CacheReport) -> None:
         _reports[run_id] = value
 
 
+def replaying(run_id: UUID) -> bool:
+    """Did the cache serve this (still running) run? Its stream events are then a replay."""
+    found = _reports.get(run_id) if _reports else None
+    return found is not None and found.replayed
+
+
 def take(run_id: UUID) -> CacheReport | None:
     if not _reports:  # a report for this run was made (by the cache, inline) before its end
         return None
     with _lock:
         return _reports.pop(run_id, None)
+
+
+# A LangGraph task whose cache entry missed: its checkpoint namespace (unique per task) -> the
+# node its execution fills. The handler links the task's run to that node when it starts.
+_nodes: dict[str, str] = {}
+
+
+def expect_node(checkpoint_ns: str, node_id: str) -> None:
+    with _lock:
+        if len(_nodes) >= _MAX_REPORTS:
+            _nodes.pop(next(iter(_nodes)))
+        _nodes[checkpoint_ns] = node_id
+
+
+def node_for(metadata: object) -> str | None:
+    """The node the run with this metadata fills (once), if the node cache announced one."""
+    if not _nodes or type(metadata) is not dict:
+        return None
+    checkpoint_ns = metadata.get("langgraph_checkpoint_ns")
+    if not isinstance(checkpoint_ns, str):
+        return None
+    with _lock:
+        return _nodes.pop(checkpoint_ns, None)

@@ -148,6 +148,7 @@ class Run:
         "run_id",
         "seq",
         "started_at",
+        "streamed",
         "trace",
         "upstream",
     )
@@ -173,6 +174,8 @@ class Run:
         self.node_ups = _NO_NODES
         self.input_preview: str | None = None
         self.model: str | None = None
+        # Text a live model stream delivered so far (v3 events): what a failed call shows.
+        self.streamed: list[str] | None = None
 
     def is_ancestor_of(self, other: Run) -> bool:
         cur = other.parent

@@ -20,13 +20,14 @@ import threading
 import time
 from collections.abc import Sequence
 from typing import Any
-from uuid import UUID
+from uuid import UUID, uuid4
 
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.documents import Document
 from langchain_core.messages import BaseMessage
 from langchain_core.outputs import LLMResult
 
+from musubi_core.declared import DECLARED_KIND
 from musubi_core.engine import Engine, artifact_id_for
 from musubi_core.identity import resolve_namespace
 from musubi_core.record import RunState, current_frame, joinable, new_call_id, preview
@@ -44,6 +45,9 @@ _MODEL_KINDS = frozenset({"chat_model", "llm"})
 # lineage shows exactly what flowed. Chains keep previews only; model outputs are the cache's.
 _KEEP_OUTPUT = frozenset({"tool", "retriever"})
 _MODEL_PARAMS = ("model", "model_name", "model_id")
+_GRAPH_NODE_KIND = "graph_node"
+# Pieces of a live stream's text kept for a failed call's preview (a preview is short).
+_MAX_STREAMED_PARTS = 256
 
 
 
@@ -273,10 +277,23 @@ class MusubiCallbackHandler(BaseCallbackHandler):
             return
         try:
             artifact = None
-            if run.kind in _KEEP_OUTPUT:
+            report = _correlate.take(run_id) if run.kind == "tool" else None
+            if report is not None:
+                # A declared tool: its call reaches the node it executed or replayed.
+                run.kind, run.node_id, run.artifact_id = (
+                    DECLARED_KIND, report.node_id, report.artifact_id,
+                )
+            elif run.kind in _KEEP_OUTPUT:
                 artifact = self._artifact(run, to_plain(output))
             text, atoms = run.trace.observe(output)
-            self._record(run, "done", artifact=artifact, output_preview=text)
+            self._record(
+                run,
+                "done",
+                artifact=artifact,
+                output_preview=text,
+                replayed=report is not None and report.replayed,
+                saved_s=report.saved_s if report is not None else None,
+            )
             if run.parent is not None:
                 Traces.index(run, atoms)
         finally:
@@ -288,11 +305,14 @@ class MusubiCallbackHandler(BaseCallbackHandler):
         if run is None:
             return
         try:
+            streamed = None
             if run.kind in _MODEL_KINDS:
                 _correlate.discard(run_id)
                 _correlate.take(run_id)
+                if run.streamed:
+                    streamed = preview("".join(run.streamed))
             # A failed run produced nothing downstream can depend on: it is not indexed.
-            self._record(run, "failed", error=_error_text(error))
+            self._record(run, "failed", error=_error_text(error), output_preview=streamed)
         finally:
             if run.parent is None:
                 run.trace.close()
@@ -327,6 +347,34 @@ class MusubiCallbackHandler(BaseCallbackHandler):
             if run.parent is None:
                 run.trace.close()
 
+    def record_cached(
+        self,
+        parent_run_id: UUID | None,
+        kind: str,
+        name: str,
+        inputs: Any,
+        output: Any,
+        *,
+        node_id: str,
+        artifact_id: str | None,
+        saved_s: float | None,
+    ) -> None:
+        """Record a step LangChain skipped because a cache served it (a LangGraph node-cache
+        hit) as a replayed call under ``parent_run_id``'s call (its own run when that run is
+        unknown). Never raises."""
+        try:
+            run = self._begin(uuid4(), parent_run_id, kind, name, inputs)
+            self._traces.pop(run.run_id)
+            run.node_id, run.artifact_id = node_id, artifact_id
+            text, atoms = run.trace.observe(output)
+            self._record(run, "done", replayed=True, saved_s=saved_s, output_preview=text)
+            if run.parent is not None:
+                Traces.index(run, atoms)
+            else:
+                run.trace.close()
+        except Exception as exc:
+            self._guard.warn(exc)
+
     # ------------------------------------------------------------------ chains
     # Each callback does its own try/except (no wrapper call): the handler runs on every step.
     def on_chain_start(
@@ -344,7 +392,10 @@ class MusubiCallbackHandler(BaseCallbackHandler):
             name = kwargs.get("name")
             if not name or type(name) is not str:
                 name = _name(serialized, kwargs, "chain")
-            self._begin(run_id, parent_run_id, "chain", name, inputs)
+            run = self._begin(run_id, parent_run_id, "chain", name, inputs)
+            node_id = _correlate.node_for(kwargs.get("metadata"))
+            if node_id is not None:  # a LangGraph node whose cache entry missed: it fills it
+                run.kind, run.node_id = _GRAPH_NODE_KIND, node_id
         except Exception as exc:  # never raise into LangChain
             self._guard.warn(exc)
 
@@ -408,6 +459,28 @@ class MusubiCallbackHandler(BaseCallbackHandler):
         """Record the model's call (a replay of the cache's node when it served it)."""
         try:
             self._model_end(run_id, response)
+        except Exception as exc:
+            self._guard.warn(exc)
+
+    def on_stream_event(self, event: Any, *, run_id: UUID, **kwargs: Any) -> None:
+        """A v3 protocol event of a live model stream (``stream_events(version="v3")``, or a
+        model streaming inside a graph streamed that way): its text so far is kept, so a
+        stream that fails shows what it delivered. Events LangChain (or musubi) replays for
+        a cache hit are not live output: the call is recorded as the replay it is."""
+        try:
+            if type(event) is not dict or event.get("event") != "content-block-delta":
+                return
+            run = self._traces.get(run_id)
+            if run is None or run.kind != "chat_model" or _correlate.replaying(run_id):
+                return
+            delta = event.get("delta")
+            text = delta.get("text") if type(delta) is dict else None
+            if type(text) is str and text:
+                streamed = run.streamed
+                if streamed is None:
+                    run.streamed = [text]
+                elif len(streamed) < _MAX_STREAMED_PARTS:
+                    streamed.append(text)
         except Exception as exc:
             self._guard.warn(exc)
 

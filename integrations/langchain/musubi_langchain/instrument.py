@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+from collections.abc import Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, cast
@@ -38,6 +39,7 @@ from ._patches import Patch
 from .cache import MusubiCache, llm_call_kwargs
 from .handler import MusubiCallbackHandler
 from .streaming import install_stream_replay, uninstall_stream_replay
+from .tools import Replay, install_tool_replay, uninstall_tool_replay
 
 # generate()'s own keyword parameters; everything else is a per-call provider kwarg.
 _GENERATE_PARAMS = frozenset({"stop", "callbacks", "tags", "metadata", "run_name", "run_id"})
@@ -118,6 +120,7 @@ def instrument(
     cache: bool = True,
     handler: bool = True,
     replay_streams: bool = False,
+    tools: Mapping[str, Replay] | None = None,
 ) -> Instrumentation:
     """Install musubi globally for LangChain (see module docstring).
 
@@ -128,12 +131,17 @@ def instrument(
             the namespace: a separate cache, and the runs and calls recorded in it).
         cache: set the global LLM cache (replay). ``handler``: record lineage.
         replay_streams: also serve ``.stream()``/``.astream()`` from the store on a hit.
+        tools: tool name -> ``"deterministic"`` (replays for the same arguments) or
+            ``"external_effect"`` (never issued twice); undeclared tools run every time (see
+            :mod:`musubi_langchain.tools`; :func:`~musubi_langchain.declare_tool` declares on
+            the tool itself).
     """
     global _current
     namespace = resolve_namespace(namespace, engine.namespace if engine is not None else None)
     args = (
         os.fspath(path) if path is not None else None,
         id(store), id(engine), namespace, ttl_seconds, cache, handler, replay_streams,
+        dict(tools or {}),
     )
     with _lock:
         if _current is not None:
@@ -173,6 +181,7 @@ def instrument(
                 tracer_context._configure_hooks.append(_HOOK)
         if replay_streams:
             install_stream_replay()
+        install_tool_replay(eng, tools)
         _current = Instrumentation(eng, new_cache, new_handler, previous, args)
         return _current
 
@@ -192,6 +201,7 @@ def uninstrument() -> None:
         for p in _LLM_PATCHES:
             p.uninstall()
         uninstall_stream_replay()
+        uninstall_tool_replay()
         # Restore the previous cache only if ours is still the global one: a cache the user set
         # after instrument() is theirs to keep.
         if inst.cache is not None and get_llm_cache() is inst.cache:

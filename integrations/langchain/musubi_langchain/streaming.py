@@ -171,21 +171,29 @@ def _make_astream(original: Any) -> Any:
     return astream
 
 
-_PATCHES = (
-    Patch(BaseChatModel, "stream", _make_stream),
-    Patch(BaseChatModel, "astream", _make_astream),
-)
+def _patches() -> tuple[Patch, ...]:
+    from .streaming_v3 import V3_PATCHES  # v3 streams (stream_events(version="v3")) too
+
+    return (
+        Patch(BaseChatModel, "stream", _make_stream),
+        Patch(BaseChatModel, "astream", _make_astream),
+        *V3_PATCHES,
+    )
+
+
+_PATCHES = _patches()
 
 
 def install_stream_replay() -> None:
-    """Patch ``BaseChatModel.stream``/``astream`` (idempotent). Inert for calls whose cache is
-    not a ``MusubiCache(replay_streams=True)``."""
+    """Patch ``BaseChatModel.stream``/``astream`` and the v3 stream (``stream_events(version=
+    "v3")``, see :mod:`musubi_langchain.streaming_v3`) (idempotent). Inert for calls whose
+    cache is not a ``MusubiCache(replay_streams=True)``."""
     for p in _PATCHES:
         p.install()
 
 
 def uninstall_stream_replay() -> None:
-    """Restore LangChain's own ``stream``/``astream``."""
+    """Restore LangChain's own ``stream``/``astream`` and v3 stream."""
     for p in _PATCHES:
         p.uninstall()
 

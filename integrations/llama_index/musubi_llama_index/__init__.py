@@ -5,7 +5,8 @@
 >>> uninstrument()                                              # doctest: +SKIP
 
 Public API: :func:`instrument`, :func:`uninstrument`, :class:`MusubiKVStore`,
-:func:`wrap` / :class:`ContextThreadPoolExecutor` (context across thread pools).
+:func:`declare_tool` (tool replay, opt-in per tool), :func:`wrap` /
+:class:`ContextThreadPoolExecutor` (context across thread pools).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from musubi_llama_index._instrument import (
     is_instrumented,
     uninstrument,
 )
+from musubi_llama_index._tools import declare_tool
 from musubi_llama_index.context import ContextThreadPoolExecutor, wrap
 from musubi_llama_index.kvstore import MusubiKVStore
 
@@ -30,6 +32,7 @@ __all__ = [
     "ContextThreadPoolExecutor",
     "Instrumentation",
     "MusubiKVStore",
+    "declare_tool",
     "instrument",
     "is_instrumented",
     "uninstrument",

@@ -194,6 +194,8 @@ class Call:
         "op",
         "parent",
         "parent_call_id",
+        "replayed",
+        "saved_s",
         "seq",
         "sid",
         "started_at",
@@ -236,6 +238,9 @@ class Call:
         self.tokens_in: int | None = None
         self.tokens_out: int | None = None
         self.stream = False
+        # A declared tool's span that replayed its node (the seconds it saved).
+        self.replayed = False
+        self.saved_s: float | None = None
 
     def descends_from(self, other: Call) -> bool:
         cur = self.parent

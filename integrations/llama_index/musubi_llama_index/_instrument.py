@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import inspect
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,7 +34,7 @@ from llama_index_instrumentation.span.base import BaseSpan
 from llama_index_instrumentation.span_handlers.base import BaseSpanHandler
 
 from musubi_core import Engine
-from musubi_llama_index import _lineage, _replay
+from musubi_llama_index import _lineage, _propagation, _replay, _tools
 from musubi_llama_index._lineage import LineageRecorder, MusubiEventHandler, MusubiSpanHandler
 from musubi_llama_index._runtime import Runtime, warn_once
 
@@ -271,6 +272,7 @@ def instrument(
     ttl_seconds: float | None = None,
     lineage: bool = True,
     use_settings: bool = True,
+    tools: Mapping[str, _tools.Replay] | None = None,
 ) -> Instrumentation:
     """Make LlamaIndex LLM and embedding calls replayable and record spans as lineage.
 
@@ -288,6 +290,9 @@ def instrument(
         lineage: add the span and event handlers to the root dispatcher.
         use_settings: also make the models on ``Settings`` replayable: those set now, and
             those set (or resolved as LlamaIndex's default) later, until ``uninstrument()``.
+        tools: ``FunctionTool`` name -> ``"deterministic"`` (replays for the same arguments)
+            or ``"external_effect"`` (never issued twice); undeclared tools run every time
+            (:func:`~musubi_llama_index.declare_tool` declares on the tool itself).
 
     Idempotent: calling again installs nothing twice; models given later are patched with
     the runtime of the first call.
@@ -310,9 +315,12 @@ def instrument(
                 dispatcher.add_span_handler(span_handler)
                 dispatcher.add_event_handler(event_handler)
                 _lineage.set_recorder(recorder)
+            _tools.install(runtime, tools)
             _current = inst
         else:
             inst = _current
+            if tools:
+                _tools.install(inst.runtime, {**_tools.declared_names(), **tools})
             other_path = path is not None and str(path) != inst.runtime.path
             other_namespace = namespace is not None and namespace != inst.runtime.namespace
             if (
@@ -365,6 +373,8 @@ def uninstrument() -> None:
             ]
             inst.watch = None
         _unhook_settings(inst)
+        _tools.uninstall()
+        _propagation.forget()
         _lineage.set_recorder(None)
         for obj in inst.patched:
             _replay.unpatch(obj)

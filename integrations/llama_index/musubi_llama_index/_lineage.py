@@ -47,7 +47,7 @@ from workflows import Workflow
 
 from musubi_core.engine import artifact_id_for
 from musubi_core.store import ArtifactWrite
-from musubi_llama_index import _calls
+from musubi_llama_index import _calls, _propagation
 from musubi_llama_index._calls import MODEL_CALL, UNRECORDED, Call, Tracker, finish
 from musubi_llama_index._content import atoms, brief, retrieved, usage_of
 from musubi_llama_index._models import model_name
@@ -202,7 +202,7 @@ class LineageRecorder(Tracker):
         artifact = None
         if call.kind == "retriever" and (parent is None or parent.inst != call.inst):
             artifact = self._retrieved(call, result)
-        finish(call, "done", shown, artifact=artifact)
+        finish(call, "done", shown, artifact=artifact, replayed=call.replayed, saved_s=call.saved_s)
         if parent is not None:
             if texts:
                 trace.produced(texts, call)
@@ -308,6 +308,27 @@ class MusubiSpanHandler(BaseSpanHandler[BaseSpan]):
             rec.exit(id_, None, err if err is not None else RuntimeError("span dropped"))
         except Exception as exc:
             warn_once("span", f"span bookkeeping failed on drop: {exc!r}")
+
+    def capture_propagation_context(self) -> dict[str, Any]:
+        """Where work handed to another process belongs (see :mod:`._propagation`)."""
+        rec = _REC
+        if rec is None:
+            return {}
+        try:
+            return _propagation.capture(rec)
+        except Exception as exc:
+            warn_once("propagation", f"capturing the run for another process failed: {exc!r}")
+            return {}
+
+    def restore_propagation_context(self, context: dict[str, Any]) -> None:
+        """Join the run another process captured: calls made after this are calls of it."""
+        rec = _REC
+        if rec is None:
+            return
+        try:
+            _propagation.restore(rec, context)
+        except Exception as exc:
+            warn_once("propagation", f"joining the run of another process failed: {exc!r}")
 
     def new_span(
         self,
