@@ -32,6 +32,7 @@ from langchain_core.tracers import context as tracer_context
 
 from musubi_core.engine import Engine
 from musubi_core.identity import resolve_namespace
+from musubi_core.modes import Mode, resolve_mode
 
 from ._engine import make_engine
 from ._patches import Patch
@@ -118,6 +119,7 @@ def instrument(
     cache: bool = True,
     handler: bool = True,
     replay_streams: bool = False,
+    mode: Mode | str | None = None,
 ) -> Instrumentation:
     """Install musubi globally for LangChain (see module docstring).
 
@@ -128,20 +130,32 @@ def instrument(
             the namespace: a separate cache, and the runs and calls recorded in it).
         cache: set the global LLM cache (replay). ``handler``: record lineage.
         replay_streams: also serve ``.stream()``/``.astream()`` from the store on a hit.
+        mode: ``"record"``, ``"replay"``, ``"refresh"`` or ``"off"`` (default: ``engine``'s,
+            else ``$MUSUBI_MODE``, else record); see :class:`MusubiCache`. In replay mode
+            streams are served from the store (``replay_streams`` is implied) and a call with
+            no recording raises :class:`~musubi_core.errors.ReplayMissError` out of the model
+            call; ``"off"`` installs nothing.
     """
     global _current
     namespace = resolve_namespace(namespace, engine.namespace if engine is not None else None)
+    resolved = resolve_mode(mode, engine.mode if engine is not None else None)
+    replay_streams = replay_streams or resolved is Mode.REPLAY
     args = (
         os.fspath(path) if path is not None else None,
         id(store), id(engine), namespace, ttl_seconds, cache, handler, replay_streams,
+        resolved,
     )
     with _lock:
         if _current is not None:
             if _current.args == args:
                 return _current
             uninstrument()
+        if resolved is Mode.OFF:
+            # musubi steps aside: nothing is installed, LangChain runs as it would without it.
+            _current = Instrumentation(None, None, None, get_llm_cache(), args)
+            return _current
         try:
-            eng: Engine | None = engine or make_engine(path, store, namespace)
+            eng: Engine | None = engine or make_engine(path, store, namespace, resolved)
         except Exception:
             # A store that cannot be opened (a missing folder, a damaged file, a read-only
             # one SQLite cannot read safely) must not break the host: the cache and the
@@ -150,7 +164,8 @@ def instrument(
             eng = None
         new_cache = (
             MusubiCache(path, store=store, engine=eng, namespace=namespace,
-                        ttl_seconds=ttl_seconds, replay_streams=replay_streams)
+                        ttl_seconds=ttl_seconds, replay_streams=replay_streams,
+                        mode=resolved)
             if cache
             else None
         )

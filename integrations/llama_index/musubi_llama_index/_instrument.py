@@ -33,6 +33,7 @@ from llama_index_instrumentation.span.base import BaseSpan
 from llama_index_instrumentation.span_handlers.base import BaseSpanHandler
 
 from musubi_core import Engine
+from musubi_core.modes import Mode, resolve_mode
 from musubi_llama_index import _lineage, _replay
 from musubi_llama_index._lineage import LineageRecorder, MusubiEventHandler, MusubiSpanHandler
 from musubi_llama_index._runtime import Runtime, warn_once
@@ -271,6 +272,7 @@ def instrument(
     ttl_seconds: float | None = None,
     lineage: bool = True,
     use_settings: bool = True,
+    mode: Mode | str | None = None,
 ) -> Instrumentation:
     """Make LlamaIndex LLM and embedding calls replayable and record spans as lineage.
 
@@ -288,6 +290,11 @@ def instrument(
         lineage: add the span and event handlers to the root dispatcher.
         use_settings: also make the models on ``Settings`` replayable: those set now, and
             those set (or resolved as LlamaIndex's default) later, until ``uninstrument()``.
+        mode: ``"record"`` (default: ``engine``'s, else ``$MUSUBI_MODE``, else record),
+            ``"replay"`` (an LLM or embedding call with no recording raises
+            :class:`~musubi_core.errors.ReplayMissError` from the model call: nothing is sent
+            to the provider), ``"refresh"`` (replay what matches, record what does not) or
+            ``"off"`` (nothing is installed).
 
     Idempotent: calling again installs nothing twice; models given later are patched with
     the runtime of the first call.
@@ -297,9 +304,19 @@ def instrument(
         instrument("musubi.db", llm=my_llm, embed_model=my_embeddings)
     """
     global _current
+    resolved = resolve_mode(mode, engine.mode if engine is not None else None)
     with _lock:
+        if resolved is Mode.OFF:
+            # musubi steps aside: LlamaIndex runs as it would without it (an active
+            # instrumentation is removed, so that "off" means off).
+            uninstrument()
+            return Instrumentation(
+                Runtime(path, engine=engine, namespace=namespace, mode=resolved), None, None, None
+            )
         if _current is None:
-            runtime = Runtime(path, engine=engine, namespace=namespace, ttl_seconds=ttl_seconds)
+            runtime = Runtime(
+                path, engine=engine, namespace=namespace, ttl_seconds=ttl_seconds, mode=resolved
+            )
             recorder = LineageRecorder(runtime) if lineage else None
             span_handler = MusubiSpanHandler.create(recorder) if recorder else None
             event_handler = MusubiEventHandler.create(recorder) if recorder else None
@@ -315,15 +332,17 @@ def instrument(
             inst = _current
             other_path = path is not None and str(path) != inst.runtime.path
             other_namespace = namespace is not None and namespace != inst.runtime.namespace
+            other_mode = mode is not None and resolved is not inst.runtime.mode
             if (
                 other_path
                 or other_namespace
+                or other_mode
                 or (engine is not None and engine is not inst.runtime.engine())
             ):
                 warn_once(
                     "instrument-again",
-                    "instrument() is already active; keeping its store and namespace (call "
-                    "uninstrument() first to switch)",
+                    "instrument() is already active; keeping its store and namespace, and its "
+                    "mode (call uninstrument() first to switch)",
                 )
         for model in (llm, embed_model):
             _adopt(inst, model, strict=True)
