@@ -9,9 +9,10 @@
 
 ``replay`` is the test mode: a suite recorded once runs offline, deterministically, and a call
 the recording does not cover fails loudly, naming what changed. ``refresh`` brings a recording
-up to date after a change: only the calls that changed are paid for again (the pytest plugin
-then also drops the recordings each test no longer reaches). A recording kept for tests never
-expires in those two modes: a STOCHASTIC step's ``ttl_seconds`` applies in ``record`` mode.
+up to date after a change: only the calls that changed are paid for again, everything that
+still matches replays. A recording kept for tests never expires in those two modes: a
+STOCHASTIC step's ``ttl_seconds`` applies in ``record`` mode only. To record everything again,
+start from an empty store.
 
 The mode comes from, in order: the ``mode=`` argument (``Engine(mode=...)``,
 ``MusubiCache(mode=...)``, both adapters' ``instrument(mode=...)``), the engine an adapter is
