@@ -120,8 +120,9 @@ def _line(store: Store, node: NodeRecord) -> dict[str, Any] | None:
     if encoding is None or payload is None or node.artifact_id is None:
         return None
     upstream = sorted(
-        ({"node": p.parent, "artifact": p.consumed_artifact_id} for p in store.data_parents(node.node_id)),
-        key=lambda e: (e["node"], e["artifact"] or ""),
+        ({"artifact": p.consumed_artifact_id, "node": p.parent}
+         for p in store.data_parents(node.node_id)),
+        key=lambda e: (e["node"] or "", e["artifact"] or ""),
     )
     line: dict[str, Any] = {
         "musubi_export": FORMAT,
@@ -142,7 +143,9 @@ def _line(store: Store, node: NodeRecord) -> dict[str, Any] | None:
         "meta": _meta(node),
         "artifact": _artifact(encoding, bytes(payload), node.artifact_id),
     }
-    return {k: v for k, v in line.items() if v is not None}
+    # Keys in sorted order, written as they are (not sort_keys: an artifact's value must keep
+    # its own key order, or its bytes, and so its content id, would change).
+    return {k: line[k] for k in sorted(line) if line[k] is not None}
 
 
 def export_lines(
@@ -164,7 +167,7 @@ def export_lines(
     for node in nodes:
         line = _line(store, node)
         if line is not None:
-            yield json.dumps(line, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+            yield COMPACT_JSON(line)
 
 
 def _field(record: dict[str, Any], name: str, kind: type | tuple[type, ...], number: int) -> Any:
