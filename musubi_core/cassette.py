@@ -172,7 +172,7 @@ def export_lines(
 
 def _field(record: dict[str, Any], name: str, kind: type | tuple[type, ...], number: int) -> Any:
     value = record.get(name)
-    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
         raise ImportLineError(f"field {name!r} is missing or not a {getattr(kind, '__name__', kind)}",
                            line=number)
     return value
