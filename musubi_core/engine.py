@@ -825,7 +825,10 @@ class Engine:
         served = self._replay_by_content(call, found)
         if served is not None:
             return served
-        raise self.replay_miss(call.key, found.decision, kind=call.kind, material=call.material)
+        decision = found.decision
+        if decision.reason is ReplayReason.NOT_FOUND:  # why: new input, code or upstream
+            decision = self._explain(call.key, config)
+        raise self.replay_miss(call.key, decision, kind=call.kind, material=call.material)
 
     def replay_miss(
         self,

@@ -250,6 +250,8 @@ def _excerpts(old: str, new: str) -> tuple[str, str]:
 
 
 def _line(path: str, old: Any, new: Any) -> str:
+    if isinstance(old, dict) and isinstance(new, dict) and "$result" in old and "$result" in new:
+        return f"{path}: upstream changed ({_show(old)} -> {_show(new)})"
     old_text, new_text = _text_of(old), _text_of(new)
     if old_text is not None and new_text is not None:
         if old_text == new_text:  # both cut: the change is in the part not kept

@@ -9,8 +9,8 @@ everything back at the end. The app under test contains no musubi code.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
+import importlib
 import importlib.util
 import os
 import re
@@ -19,6 +19,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from musubi_core.cassette import export_lines, import_lines
@@ -85,6 +86,24 @@ class Counts:
             name = "executed"
         setattr(self, name, getattr(self, name) + 1)
         kind[name] += 1
+
+
+def _adapter(framework: str, module: str) -> ModuleType | None:
+    """The musubi adapter ``module`` when ``framework`` is installed (imported on demand: a
+    session that uses neither framework never imports one)."""
+    if importlib.util.find_spec(framework) is None:
+        return None
+    try:
+        return importlib.import_module(module)
+    except ImportError:  # the framework is there, but not what the adapter needs
+        return None
+
+
+def _adapters() -> tuple[ModuleType | None, ModuleType | None]:
+    return (
+        _adapter("langchain_core", "musubi_langchain"),
+        _adapter("llama_index", "musubi_llama_index"),
+    )
 
 
 def _slug(nodeid: str) -> str:
@@ -157,29 +176,19 @@ class Session:
         if len(self.engines) == 1:
             self._previous_default = previous
         self._setenv("MUSUBI_DB", path)
-        if importlib.util.find_spec("langchain_core") is not None:
-            import musubi_langchain
-
-            musubi_langchain.instrument(engine=engine, mode=self.mode, replay_streams=True)
-        if importlib.util.find_spec("llama_index") is not None:
-            with contextlib.suppress(ModuleNotFoundError):
-                import musubi_llama_index
-
-                musubi_llama_index.instrument(engine=engine, mode=self.mode)
+        langchain, llama_index = _adapters()
+        if langchain is not None:
+            langchain.instrument(engine=engine, mode=self.mode, replay_streams=True)
+        if llama_index is not None:
+            llama_index.instrument(engine=engine, mode=self.mode)
         return engine
 
     def _uninstall(self) -> None:
         if self.engine is None:
             return
-        if importlib.util.find_spec("langchain_core") is not None:
-            import musubi_langchain
-
-            musubi_langchain.uninstrument()
-        if importlib.util.find_spec("llama_index") is not None:
-            with contextlib.suppress(ModuleNotFoundError):
-                import musubi_llama_index
-
-                musubi_llama_index.uninstrument()
+        for adapter in _adapters():
+            if adapter is not None:
+                adapter.uninstrument()
         self.engine.flush()
 
     def finish(self) -> Counts:
