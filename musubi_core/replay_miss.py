@@ -27,11 +27,13 @@ whose material is closest to the call's and lists the differences, one line each
 from __future__ import annotations
 
 import collections
+import contextlib
 import datetime as dt
 import difflib
 import hashlib
 import json
 from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 from ._plain import NOT_PLAIN, plain_tree
@@ -51,6 +53,7 @@ __all__ = [
     "differences",
     "material",
     "miss_error",
+    "prefer_nodes",
     "recent_misses",
     "stored_material",
 ]
@@ -81,6 +84,33 @@ _SECRET_NAMES = frozenset({"token", "key", "auth", "pwd"})
 
 # The misses raised in this process, newest last (the pytest plugin counts them).
 _MISSES: collections.deque[ReplayMissError] = collections.deque(maxlen=1000)
+
+# Recordings to compare a miss with first (the pytest plugin: what the same test reached the
+# last time it ran), as a function called only when a miss happens.
+_PREFERRED: ContextVar[Callable[[], set[str]] | None] = ContextVar(
+    "musubi_preferred_nodes", default=None
+)
+
+
+@contextlib.contextmanager
+def prefer_nodes(nodes: Callable[[], set[str]]) -> Iterator[None]:
+    """Inside the block, a miss compares the call with the recordings ``nodes()`` names before
+    any other of its operation (the same call site, recorded earlier)."""
+    token = _PREFERRED.set(nodes)
+    try:
+        yield
+    finally:
+        _PREFERRED.reset(token)
+
+
+def _preferred() -> set[str]:
+    nodes = _PREFERRED.get()
+    if nodes is None:
+        return set()
+    try:
+        return nodes()
+    except Exception:  # a hint, never a failure
+        return set()
 
 
 def recent_misses() -> list[ReplayMissError]:
@@ -340,7 +370,8 @@ def _nearest(
         for n in engine.store.nodes_of_op(key.op_name, CANDIDATES, namespace=engine.namespace)
         if n.node_id != key.node_id and n.status == "done"
     ]
-    best: tuple[tuple[int, float, float], NodeRecord, list[str]] | None = None
+    preferred = _preferred() if candidates else set()
+    best: tuple[tuple[int, int, float, float], NodeRecord, list[str]] | None = None
     for node in candidates:
         recorded = stored_material(node)
         lines, cost = _differ(recorded, current)
@@ -351,7 +382,8 @@ def _nearest(
             lines.append(_upstream_line(engine, node, key))
             cost += 2.0
         known = recorded is not None and current is not None
-        score = (0 if known else 1, cost, -(node.finished_at or node.created_at))
+        mine = 0 if node.node_id in preferred else 1
+        score = (0 if known else 1, mine, cost, -(node.finished_at or node.created_at))
         if best is None or score < best[0]:
             best = (score, node, lines)
     return None if best is None else (best[1], best[2])

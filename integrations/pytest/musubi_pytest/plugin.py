@@ -30,6 +30,7 @@ The ``musubi`` fixture gives a test its mode, engine and store, and the calls it
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Generator
 from dataclasses import dataclass
@@ -38,9 +39,11 @@ from typing import Any
 
 import pytest
 
+from musubi_core.engine import Engine
 from musubi_core.errors import ReplayMissError
 from musubi_core.modes import Mode
 from musubi_core.record import trace
+from musubi_core.replay_miss import prefer_nodes
 from musubi_core.store import CallRecord
 
 from ._session import Counts, Session
@@ -181,8 +184,10 @@ class MusubiPlugin:
             return (yield)
         with trace(item.nodeid, kind="test", engine=engine) as run:
             self.run_id = run.run_id
+            earlier = functools.partial(_reached_before, engine, item.nodeid, run.run_id)
             try:
-                return (yield)
+                with prefer_nodes(earlier):
+                    return (yield)
             finally:
                 self.run_id = None
 
@@ -229,6 +234,20 @@ class MusubiPlugin:
             terminalreporter.write_line(
                 "record what changed with --musubi-mode=refresh (the provider reachable)"
             )
+
+
+def _reached_before(engine: Engine, test: str, current: str) -> set[str]:
+    """The nodes this test's calls reached the last time it ran (a miss compares the call with
+    them first: the same call, before the change)."""
+    engine.flush()
+    runs = [
+        r for r in engine.store.list_runs(kind="test", limit=10_000)
+        if r.name == test and r.run_id != current
+    ]
+    if not runs:
+        return set()
+    latest = max(runs, key=lambda r: r.started_at or r.created_at)
+    return {c.node_id for c in engine.store.run_calls(latest.run_id) if c.node_id}
 
 
 def _replay_miss(error: BaseException | None) -> ReplayMissError | None:
