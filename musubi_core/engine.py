@@ -43,7 +43,6 @@ from .errors import (
     EffectInDoubtError,
     MusubiError,
     NodeNotFoundError,
-    ReplayMissError,
 )
 from .identity import NodeKey, check_namespace, input_hash, make_node_id, make_op
 from .modes import Mode, resolve_mode
@@ -828,21 +827,9 @@ class Engine:
         decision = found.decision
         if decision.reason is ReplayReason.NOT_FOUND:  # why: new input, code or upstream
             decision = self._explain(call.key, config)
-        raise self.replay_miss(call.key, decision, kind=call.kind, material=call.material)
-
-    def replay_miss(
-        self,
-        key: NodeKey,
-        decision: Decision,
-        *,
-        kind: str,
-        model: str | None = None,
-        material: Callable[[], Mapping[str, Any] | None] | None = None,
-    ) -> ReplayMissError:
-        """The :class:`~musubi_core.errors.ReplayMissError` of a call of ``key`` that did not
-        replay in replay mode: the nearest recording of its operation, and what differs."""
-        return miss_error(
-            self, key, decision, kind=kind, model=model,
+        material = call.material
+        raise miss_error(
+            self, call.key, decision, kind=call.kind,
             material_of=(lambda: dict(material() or {})) if material is not None else None,
         )
 

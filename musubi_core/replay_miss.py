@@ -271,6 +271,15 @@ def _excerpts(old: str, new: str) -> tuple[str, str]:
     end_a, end_b = min(len(old), a1 + _EXCERPT), min(len(new), b1 + _EXCERPT)
 
     def cut(text: str, start: int, end: int) -> str:
+        # Whole words at both ends (within a few characters).
+        for _ in range(16):
+            if start <= 0 or text[start - 1].isspace():
+                break
+            start -= 1
+        for _ in range(16):
+            if end >= len(text) or text[end].isspace():
+                break
+            end += 1
         body = text[start:end]
         if len(body) > 4 * _EXCERPT + 80:
             body = body[: 2 * _EXCERPT + 40] + "..." + body[-(2 * _EXCERPT + 40) :]

@@ -174,3 +174,19 @@ def test_per_test_stores_cannot_be_one_jsonl_file(suite: Path) -> None:
                         "--musubi-per-test")
     assert proc.returncode == 4
     assert "musubi: --musubi-per-test keeps one SQLite file per test" in proc.stderr
+
+
+def test_a_model_musubi_does_not_see_is_reported(suite: Path) -> None:
+    (suite / "tests" / "test_uncached.py").write_text(textwrap.dedent('''
+        from langchain_core.language_models import FakeListChatModel
+
+        def test_uncached():
+            model = FakeListChatModel(responses=["live"], cache=False)
+            assert model.invoke("hi").content == "live"
+    '''))
+    report = suite / "report.json"
+    proc, _ = pytest_in(suite, "--musubi-mode=replay", f"--musubi-store={suite / 'x.db'}",
+                        "tests/test_uncached.py", f"--musubi-report={report}")
+    assert proc.returncode == 0, proc.stdout
+    assert "warning: 1 model call(s) went past musubi (chat_model 1)" in proc.stdout
+    assert _report(report)["unrecorded"] == 1

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from musubi_core.errors import ReplayMissError
 from musubi_core.identity import NodeKey
 from musubi_core.replay_miss import material, store_failure_error
+from musubi_core.replay_miss import miss_error as core_miss_error
 
 from ._keys import KeyParts
 
@@ -57,12 +58,13 @@ def miss_error(
         decision = cache.decision(key)
     except Exception as exc:
         return store_failure(cache, prompt, llm_string, exc)
-    return cache.engine.replay_miss(
+    return core_miss_error(
+        cache.engine,
         key,
         decision,
         kind=_kind(key.op_name),
         model=_model(parts),
-        material=lambda: call_material(parts),
+        material_of=lambda: call_material(parts),
     )
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from musubi_core import ReplayMissError, StepConfiguration, StepType
 from musubi_core.modes import Mode
-from musubi_core.replay_miss import material, store_failure_error
+from musubi_core.replay_miss import material, miss_error, store_failure_error
 from musubi_llama_index import _models as _m
 from musubi_llama_index._identity import model_fingerprint
 from musubi_llama_index._runtime import Runtime, guarded, warn_once
@@ -59,12 +59,13 @@ class _Embedder:
             return store_failure_error(
                 kind="embedding", op_name=OP_EMBED, node_id=None, store=self.rt.path, error=exc
             )
-        return engine.replay_miss(
+        return miss_error(
+            engine,
             key,
             decision,
             kind="embedding",
             model=self.model,
-            material=lambda: material({"mode": mode, "text": text}, self.fp),
+            material_of=lambda: material({"mode": mode, "text": text}, self.fp),
         )
 
     def begin(self, text: str) -> Any:

@@ -35,7 +35,7 @@ from llama_index.core.base.llms.types import ChatMessage, ChatResponse, Completi
 
 from musubi_core import ReplayMissError, StepConfiguration, StepType
 from musubi_core.modes import Mode
-from musubi_core.replay_miss import material, store_failure_error
+from musubi_core.replay_miss import material, miss_error, store_failure_error
 from musubi_llama_index import _embed
 from musubi_llama_index import _models as _m
 from musubi_llama_index._content import brief, prompt_text, usage_of
@@ -102,12 +102,13 @@ class _Call:
             return store_failure_error(
                 kind="llm", op_name=self.op, node_id=None, store=self.rt.path, error=exc
             )
-        return engine.replay_miss(
+        return miss_error(
+            engine,
             key,
             decision,
             kind="llm",
             model=model,
-            material=lambda: material(self.inputs, self.fingerprint),
+            material_of=lambda: material(self.inputs, self.fingerprint),
         )
 
     def replayed(self, hit: Any) -> None:
