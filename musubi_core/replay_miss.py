@@ -5,9 +5,9 @@ Every replayable call records, beside its output, the *material* its identity wa
 call parameters, a step's arguments) and, for model calls, the model parameters (the
 fingerprint). It is kept in the node's ``meta`` as ``{"inputs": ..., "fingerprint": ...}``:
 
-* never secrets: the adapters leave credentials out of identity, and a value under a key that
+* never secrets: the adapters leave credentials out of identity, a value under a key that
   names one (``api_key``, ``password``, ``authorization``, ``secret``, ...) is replaced by
-  ``{"$redacted": true}``;
+  ``{"$redacted": true}``, and the ``user:password@`` of a URL by ``<redacted>@``;
 * bounded: a string longer than :data:`MAX_TEXT` characters keeps its head and tail and its
   SHA-256, a list its first :data:`MAX_ITEMS` items.
 
@@ -32,6 +32,7 @@ import datetime as dt
 import difflib
 import hashlib
 import json
+import re
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
@@ -146,8 +147,14 @@ def _tree(value: Any) -> Any:
     return encode(value, canonical=True, hook=_result_hook, max_depth=INPUT_MAX_DEPTH)
 
 
+# ``scheme://user:password@host``: the credentials part of a URL (a proxy, a base URL).
+_URL_CREDENTIALS = re.compile(r"(?<=://)[^/@\s]+@")
+
+
 def _bounded(value: Any, depth: int = 0) -> Any:
     if isinstance(value, str):
+        if "://" in value and "@" in value:
+            value = _URL_CREDENTIALS.sub("<redacted>@", value)
         if len(value) <= MAX_TEXT:
             return value
         digest = hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()

@@ -224,10 +224,12 @@ def test_recordings_keep_their_material_without_secrets() -> None:
     kept = material(
         {"prompt": "x" * 10_000, "api_key": "sk-live-123", "max_tokens": 5,
          "headers": {"Authorization": "Bearer t0k3n"}, "db_password": "hunter2"},
-        {"model": "m", "openai_api_key": "sk-live-456"},
+        {"model": "m", "openai_api_key": "sk-live-456",
+         "openai_api_base": "https://bob:s3cr3t@proxy.example/v1"},
     )
     text = json.dumps(kept)
-    for secret in ("sk-live-123", "sk-live-456", "t0k3n", "hunter2"):
+    assert kept["fingerprint"]["openai_api_base"] == "https://<redacted>@proxy.example/v1"
+    for secret in ("sk-live-123", "sk-live-456", "t0k3n", "hunter2", "s3cr3t"):
         assert secret not in text
     assert kept["inputs"]["max_tokens"] == 5
     assert kept["inputs"]["prompt"]["$len"] == 10_000 and len(text) < 8_000
