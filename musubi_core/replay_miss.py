@@ -318,15 +318,34 @@ def _under(path: str, paths: dict[str, Any]) -> bool:
 
 
 def _cost(old: Any, new: Any) -> float:
-    """How different two leaves are: 1, plus up to 1 more for how much of a text changed."""
+    """How different two leaves are: 1, plus up to 1 more for how much of a text changed
+    (the part outside their common head and tail: linear, so hundreds of recordings of long
+    prompts are compared in milliseconds)."""
     old_text, new_text = _text_of(old), _text_of(new)
     if old_text is None or new_text is None:
         return 2.0
-    ratio = difflib.SequenceMatcher(None, old_text[:2000], new_text[:2000], autojunk=False)
-    return 2.0 - ratio.ratio()
+    longest = max(len(old_text), len(new_text)) or 1
+    head = _common_head(old_text, new_text)
+    tail = _common_head(old_text[head:][::-1], new_text[head:][::-1])
+    return 2.0 - (head + tail) / longest
 
 
-def _compare(old: Any, new: Any, prefix: str = "") -> tuple[list[str], float]:
+def _common_head(a: str, b: str) -> int:
+    """How many leading characters two strings share (a binary search of C comparisons)."""
+    low, high = 0, min(len(a), len(b))
+    while low < high:
+        middle = (low + high + 1) // 2
+        if a[:middle] == b[:middle]:
+            low = middle
+        else:
+            high = middle - 1
+    return low
+
+
+def _compare(
+    old: Any, new: Any, prefix: str = "", *, describe: bool = True
+) -> tuple[list[str], float]:
+    """The lines (with ``describe``) and the cost of what differs between two trees."""
     before, after = _leaves(old), _leaves(new)
     lines: list[str] = []
     cost = 0.0
@@ -341,7 +360,10 @@ def _compare(old: Any, new: Any, prefix: str = "") -> tuple[list[str], float]:
             lines.append(f"{name(path)}: added {_show(value)}")
             cost += 2.0
         elif before[path] != value:
-            lines.append(_line(name(path), before[path], value))
+            if describe:
+                lines.append(_line(name(path), before[path], value))
+            else:
+                lines.append(name(path))
             cost += _cost(before[path], value)
     for path, value in before.items():
         if path not in after:
@@ -352,12 +374,16 @@ def _compare(old: Any, new: Any, prefix: str = "") -> tuple[list[str], float]:
     return lines, cost
 
 
-def _differ(old: dict[str, Any] | None, new: dict[str, Any] | None) -> tuple[list[str], float]:
+def _differ(
+    old: dict[str, Any] | None, new: dict[str, Any] | None, *, describe: bool = True
+) -> tuple[list[str], float]:
     if old is None or new is None:
         return [], 0.0
-    lines, cost = _compare(old.get("inputs"), new.get("inputs"))
+    lines, cost = _compare(old.get("inputs"), new.get("inputs"), describe=describe)
     if "fingerprint" in old or "fingerprint" in new:
-        more, extra = _compare(old.get("fingerprint"), new.get("fingerprint"), "model ")
+        more, extra = _compare(
+            old.get("fingerprint"), new.get("fingerprint"), "model ", describe=describe
+        )
         lines += more
         cost += extra
     return lines, cost
@@ -380,29 +406,40 @@ def _when(node: NodeRecord) -> str:
 def _nearest(
     engine: Engine, key: NodeKey, current: dict[str, Any] | None
 ) -> tuple[NodeRecord, list[str]] | None:
-    """The recorded node of ``key``'s operation closest to the call, and what differs."""
-    candidates = [
-        n
-        for n in engine.store.nodes_of_op(key.op_name, CANDIDATES, namespace=engine.namespace)
-        if n.node_id != key.node_id and n.status == "done"
-    ]
-    preferred = _preferred() if candidates else set()
-    best: tuple[tuple[int, int, float, float], NodeRecord, list[str]] | None = None
+    """The recorded node of ``key``'s operation closest to the call, and what differs: the
+    newest :data:`CANDIDATES` recordings of the operation, and those the same call site
+    reached before (:func:`prefer_nodes`), scored cheaply; the best one described."""
+    store = engine.store
+    found = store.list_nodes(
+        limit=CANDIDATES, op=key.op_name, status="done", namespace=engine.namespace
+    )
+    preferred = _preferred()
+    known_ids = {n.node_id for n in found}
+    for node_id in preferred - known_ids:
+        node = store.get_node(node_id)
+        if node is not None and node.status == "done" and node.namespace == engine.namespace:
+            found.append(node)
+    candidates = [n for n in found if n.op_name == key.op_name and n.node_id != key.node_id]
+    best: tuple[tuple[int, int, float, float], NodeRecord, dict[str, Any] | None] | None = None
     for node in candidates:
         recorded = stored_material(node)
-        lines, cost = _differ(recorded, current)
-        if node.op != key.op and not any(line.startswith("model ") for line in lines):
-            lines.append(_code_line(node, key))
-            cost += 2.0
-        if node.input_hash == key.input_hash and node.op == key.op:
-            lines.append(_upstream_line(engine, node, key))
-            cost += 2.0
+        cost = _differ(recorded, current, describe=False)[1]
+        cost += 2.0 if node.op != key.op else 0.0
+        cost += 2.0 if node.input_hash == key.input_hash and node.op == key.op else 0.0
         known = recorded is not None and current is not None
         mine = 0 if node.node_id in preferred else 1
         score = (0 if known else 1, mine, cost, -(node.finished_at or node.created_at))
         if best is None or score < best[0]:
-            best = (score, node, lines)
-    return None if best is None else (best[1], best[2])
+            best = (score, node, recorded)
+    if best is None:
+        return None
+    node, recorded = best[1], best[2]
+    lines = _differ(recorded, current)[0]
+    if node.op != key.op and not any(line.startswith("model ") for line in lines):
+        lines.append(_code_line(node, key))
+    if node.input_hash == key.input_hash and node.op == key.op:
+        lines.append(_upstream_line(engine, node, key))
+    return node, lines
 
 
 def _code_line(node: NodeRecord, key: NodeKey) -> str:
