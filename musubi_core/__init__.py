@@ -33,12 +33,14 @@ from .errors import (
     MusubiError,
     NodeNotFoundError,
     ReadOnlyStoreError,
+    ReplayMissError,
     SchemaError,
     SerializationError,
     StepFailedError,
     StoreError,
 )
 from .identity import NodeKey, input_hash
+from .modes import Mode
 from .policy import Decision, ReplayReason, StepConfiguration, StepType
 from .record import trace
 from .result import Result
@@ -63,12 +65,14 @@ __all__ = [
     "JSONCodec",
     "LockedError",
     "Lookup",
+    "Mode",
     "MusubiError",
     "NodeKey",
     "NodeNotFoundError",
     "Outcome",
     "PostgresStore",
     "ReadOnlyStoreError",
+    "ReplayMissError",
     "ReplayReason",
     "Result",
     "SQLiteStore",

@@ -10,6 +10,7 @@ Exit codes: 0 ok, 1 error, 2 usage or schema problem, 75 run locked.
              [--vacuum]
            | backup DEST [--force] | demo | run module:function
            | view [--run RUN] [--out FILE.html] [--serve [--port N]] [--prices FILE]
+           | export [--run RUN] [--since 1d] [--namespace N] [-o FILE] | import FILE
 
 REF is a node id or a call id, or a unique prefix of one. Every read command takes ``--json``.
 The commands live by concern: runs and calls in :mod:`musubi_core.cli_runs`, nodes and lineage
@@ -27,7 +28,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from . import __version__, _check, _render, cli_lineage, cli_runs, cli_view
+from . import __version__, _check, _render, cli_export, cli_lineage, cli_runs, cli_view
 from ._cli import EXIT_ERROR, EXIT_LOCKED, EXIT_OK, EXIT_USAGE, Handler, default_db, emit
 from ._cli import open_engine as _open
 from ._duration import age_seconds
@@ -277,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_runs.add_commands(add)
     cli_lineage.add_commands(add)
     cli_view.add_commands(add)
+    cli_export.add_commands(add)
     add("invalidate", cmd_invalidate, "mark a node and its data descendants stale").add_argument(
         "node", help="node id or unique prefix"
     )

@@ -36,8 +36,10 @@ from .identity import (
     make_op,
     receiver_identity,
 )
+from .modes import Mode
 from .policy import Decision, StepConfiguration, StepType
 from .record.scope import CallScope
+from .replay_miss import material
 from .result import Result
 
 __all__ = ["StepFunction", "merge", "step"]
@@ -298,6 +300,8 @@ class StepFunction(Generic[P, R]):
         if self.is_async:
             return self._acall(identity, args, kwargs)
         key, upstream_artifacts, found, arguments, engine = identity
+        if engine.mode is Mode.OFF:  # musubi steps aside: no lookup, no record
+            return _unrecorded(engine.execute(key, lambda: self.fn(*args, **kwargs)))
         with self._scope(engine, found, arguments) as scope:
             outcome = engine.execute(
                 key,
@@ -306,6 +310,7 @@ class StepFunction(Generic[P, R]):
                 kind="step",
                 label=self.label,
                 upstream_artifacts=upstream_artifacts,
+                material=_material_of(arguments),
             )
             return _result(scope, outcome)
 
@@ -314,6 +319,8 @@ class StepFunction(Generic[P, R]):
     ) -> Result[Any]:
         key, upstream_artifacts, found, arguments, engine = identity
         fn = typing.cast(Callable[..., Awaitable[Any]], self.fn)
+        if engine.mode is Mode.OFF:
+            return _unrecorded(await engine.aexecute(key, lambda: fn(*args, **kwargs)))
         with self._scope(engine, found, arguments) as scope:
             outcome = await engine.aexecute(
                 key,
@@ -322,11 +329,29 @@ class StepFunction(Generic[P, R]):
                 kind="step",
                 label=self.label,
                 upstream_artifacts=upstream_artifacts,
+                material=_material_of(arguments),
             )
             return _result(scope, outcome)
 
     def __repr__(self) -> str:
         return f"<musubi step {self.name} ({self.semantics.step_type.value})>"
+
+
+def _material_of(arguments: dict[str, Any]) -> Callable[[], dict[str, Any]]:
+    """The identity material of a call (kept with its recording; see ``replay_miss``)."""
+    merged = _MERGED.get()
+
+    def make() -> dict[str, Any]:
+        if merged:
+            return material({"args": arguments, "merged": sorted({r.artifact_id for r in merged})})
+        return material(arguments)
+
+    return make
+
+
+def _unrecorded(outcome: Outcome) -> Result[Any]:
+    """Off mode's Result: the value as executed, no call recorded."""
+    return Result(outcome.value, outcome.node_id, outcome.node_id, outcome.artifact_id, False)
 
 
 def _result(scope: CallScope, outcome: Outcome) -> Result[Any]:

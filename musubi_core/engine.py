@@ -45,6 +45,7 @@ from .errors import (
     NodeNotFoundError,
 )
 from .identity import NodeKey, check_namespace, input_hash, make_node_id, make_op
+from .modes import Mode, resolve_mode
 from .policy import (
     RECORDED_ONLY_KINDS,
     Decision,
@@ -55,6 +56,7 @@ from .policy import (
     expiry,
 )
 from .record import Recorder, flush_recorders, recorder_for
+from .replay_miss import miss_error
 from .store import ArtifactWrite, EdgeWrite, NodeRecord, NodeWrite, Store, open_store
 
 __all__ = ["Engine", "Lookup", "Outcome", "Recorded", "get_engine", "use_engine"]
@@ -181,6 +183,9 @@ def content_matches(artifact_id: str | None, encoding: str, payload: bytes | str
     return artifact_id_for(encoding, payload) == artifact_id
 
 
+# Before every expiry: what ``Engine._now`` answers in replay and refresh mode.
+_FROZEN_NOW = 0.0
+
 _TAMPERED = (
     "the stored output does not match its content id (the store was changed outside musubi)"
 )
@@ -193,6 +198,11 @@ class Engine:
     of every node id the engine makes, so the same call in two namespaces reaches two nodes,
     and an engine serves only nodes of its own namespace. It is recorded on every node,
     call and run; :meth:`clear` forgets exactly the namespace's entries.
+
+    ``mode`` (default: ``$MUSUBI_MODE``, else ``"record"``; see :mod:`musubi_core.modes`):
+    ``"replay"`` serves recordings only (a miss raises
+    :class:`~musubi_core.errors.ReplayMissError` and nothing runs), ``"refresh"`` replays what
+    matches and executes what does not, ``"off"`` executes every step and stores nothing.
     """
 
     def __init__(
@@ -201,10 +211,12 @@ class Engine:
         *,
         codec: Codec | None = None,
         namespace: str = "default",
+        mode: Mode | str | None = None,
     ) -> None:
         self.store = store
         self.codec: Codec = codec or JSONCodec()
         self.namespace = check_namespace(namespace)
+        self.mode: Mode = resolve_mode(mode)
         # The store's one writer, shared with every other engine and adapter writing to it.
         self.recorder: Recorder = recorder_for(store)
         self._closed = False
@@ -218,6 +230,11 @@ class Engine:
     # The category of the warnings about the store (a read-only file, a garbled node) that
     # degrade a call instead of failing it; adapters use their own.
     warning_category: type[Warning] = RuntimeWarning
+
+    def _now(self) -> float:
+        """The clock replay decisions use: in replay and refresh mode a recording's TTL does
+        not expire it (a suite recorded once replays forever), so time stands still."""
+        return _FROZEN_NOW if self.mode.frozen_clock else time.time()
 
     def _skips_writes(self) -> bool:
         """True when the store is read-only (``store.read_only``): the engine still replays
@@ -271,7 +288,7 @@ class Engine:
             warnings.warn(f"musubi: {err}; recomputing it", self.warning_category, stacklevel=3)
             return Lookup(False, Decision(False, ReplayReason.NODE_CORRUPT, str(err)), None, None)
         if found is None:
-            decision = decide(None, config, now=time.time())
+            decision = decide(None, config, now=self._now())
             return Lookup(False, decision, None, None)
         node, encoding, payload = found
         upstream_fresh = False
@@ -280,7 +297,7 @@ class Engine:
         decision = decide(
             node,
             config,
-            now=time.time(),
+            now=self._now(),
             artifact_present=payload is not None,
             upstream_fresh=upstream_fresh,
         )
@@ -371,7 +388,7 @@ class Engine:
             node, encoding, payload = found
             return self._decide_found(node, config, encoding, payload)
         if config.force_reexecution:
-            return decide(None, config, now=time.time())
+            return decide(None, config, now=self._now())
         similar = self.store.similar_nodes(key.op_name, key.input_hash, namespace=self.namespace)
         other_code = [n for n in similar if n.op != key.op]
         if similar and not other_code:
@@ -417,7 +434,7 @@ class Engine:
             and self._parents_unchanged(node.node_id)
         )
         return decide(
-            node, config, now=time.time(), artifact_present=artifact_present, upstream_fresh=fresh
+            node, config, now=self._now(), artifact_present=artifact_present, upstream_fresh=fresh
         )
 
     def explain_node(self, ref: str) -> tuple[NodeRecord, Decision]:
@@ -746,9 +763,16 @@ class Engine:
         parent: str | None = None,
         label: str | None = None,
         upstream_artifacts: Mapping[str, str] | None = None,
+        material: Callable[[], Mapping[str, Any] | None] | None = None,
     ) -> Outcome:
-        """Replay ``key`` or run ``fn`` and record its output."""
-        call = _Call(key, config, kind, parent, label, upstream_artifacts)
+        """Replay ``key`` or run ``fn`` and record its output. ``material`` returns what the
+        call's identity was made from (:func:`musubi_core.replay_miss.material`): kept with
+        the recording, it lets a later replay miss say what changed."""
+        call = _Call(key, config, kind, parent, label, upstream_artifacts, material)
+        if self.mode is not Mode.RECORD and self.mode is not Mode.REFRESH:
+            if self.mode is Mode.OFF:
+                return self._unrecorded(key, fn())
+            return self._replay_only(call)
         if config.step_type is not StepType.EXTERNAL_EFFECT:
             # Plain steps: no intent row, no owner; one lookup, then run.
             found = self.lookup(key, config)
@@ -772,9 +796,14 @@ class Engine:
         parent: str | None = None,
         label: str | None = None,
         upstream_artifacts: Mapping[str, str] | None = None,
+        material: Callable[[], Mapping[str, Any] | None] | None = None,
     ) -> Outcome:
         """Async :meth:`execute`."""
-        call = _Call(key, config, kind, parent, label, upstream_artifacts)
+        call = _Call(key, config, kind, parent, label, upstream_artifacts, material)
+        if self.mode is not Mode.RECORD and self.mode is not Mode.REFRESH:
+            if self.mode is Mode.OFF:
+                return self._unrecorded(key, await fn())
+            return self._replay_only(call)
         if config.step_type is not StepType.EXTERNAL_EFFECT:
             found = self.lookup(key, config)
             if found.replay:
@@ -788,6 +817,37 @@ class Engine:
                 self._check_deadline(key, deadline)
                 await asyncio.sleep(0.05)
             return replay if isinstance(replay, Outcome) else await self._arun(call, fn)
+
+    def _replay_only(self, call: _Call) -> Outcome:
+        """Replay mode: the recording, or a :class:`ReplayMissError` (nothing runs, no intent
+        row is written; ``force_reexecution`` cannot make a step run)."""
+        config = call.config
+        if config.force_reexecution:
+            config = config.model_copy(update={"force_reexecution": False})
+            call = dataclasses.replace(call, config=config)
+        found = self.lookup(call.key, config)
+        if found.replay:
+            return _outcome_from(found)
+        served = self._replay_by_content(call, found)
+        if served is not None:
+            return served
+        decision = found.decision
+        if decision.reason is ReplayReason.NOT_FOUND:  # why: new input, code or upstream
+            decision = self._explain(call.key, config)
+        material = call.material
+        raise miss_error(
+            self, call.key, decision, kind=call.kind,
+            material_of=(lambda: dict(material() or {})) if material is not None else None,
+        )
+
+    def _unrecorded(self, key: NodeKey, value: Any) -> Outcome:
+        """Off mode: the value as executed; nothing read or written. Its artifact id is its
+        content id when it can be encoded (a downstream step's identity uses it)."""
+        try:
+            artifact_id = artifact_id_for(*self.codec.encode(value))
+        except MusubiError:
+            artifact_id = ""
+        return Outcome(value, key.node_id, artifact_id, key.node_id, False)
 
     def _run(self, call: _Call, fn: Callable[[], Any]) -> Outcome:
         """Execute ``fn`` as the node of ``call`` and record its output (or failure)."""
@@ -822,6 +882,7 @@ class Engine:
             call.parent,
             call.label,
             call.upstream_artifacts,
+            call.material,
         )
 
     def _check_deadline(self, key: NodeKey, deadline: float) -> None:
@@ -874,6 +935,7 @@ class Engine:
         parent: str | None,
         label: str | None,
         upstream_artifacts: Mapping[str, str] | None,
+        material: Callable[[], Mapping[str, Any] | None] | None = None,
     ) -> Outcome:
         try:
             recorded = self.record(
@@ -886,6 +948,7 @@ class Engine:
                 parent=parent,
                 label=label,
                 upstream_artifacts=upstream_artifacts,
+                meta=_material_meta(material),
             )
         except BaseException as err:
             # The effect happened; if its outcome cannot be recorded (codec or
@@ -974,6 +1037,19 @@ class _Call:
     parent: str | None
     label: str | None
     upstream_artifacts: Mapping[str, str] | None
+    material: Callable[[], Mapping[str, Any] | None] | None = None
+
+
+def _material_meta(
+    material: Callable[[], Mapping[str, Any] | None] | None,
+) -> Mapping[str, Any] | None:
+    """A node's ``meta`` keeping its identity material (never fails the recording)."""
+    if material is None:
+        return None
+    try:
+        return material()
+    except Exception:
+        return None
 
 
 class _Waiting:
@@ -1072,6 +1148,16 @@ def get_engine() -> Engine:
         if _DEFAULT is None or _DEFAULT._closed:
             _DEFAULT = Engine(open_store(os.environ.get("MUSUBI_DB") or DEFAULT_PATH))
         return _DEFAULT
+
+
+def swap_default_engine(engine: Engine | None) -> Engine | None:
+    """Make ``engine`` the process-wide default (what :func:`get_engine` returns outside
+    :func:`use_engine`, in every thread); returns the previous default. ``None`` goes back to
+    opening one on ``$MUSUBI_DB`` when next asked. The pytest plugin uses it for a session."""
+    global _DEFAULT
+    with _DEFAULT_LOCK:
+        previous, _DEFAULT = _DEFAULT, engine
+    return previous
 
 
 @contextlib.contextmanager

@@ -28,6 +28,7 @@ __all__ = [
     "MusubiError",
     "NodeNotFoundError",
     "ReadOnlyStoreError",
+    "ReplayMissError",
     "SchemaError",
     "SerializationError",
     "StepFailedError",
@@ -291,3 +292,39 @@ class DivergenceError(MusubiError):
         self.expected = expected
         self.recorded = recorded
         self.run_id = run_id
+
+
+class ReplayMissError(MusubiError):
+    """Replay mode (``MUSUBI_MODE=replay``, ``--musubi-mode=replay``, ``mode="replay"``) reached
+    a call that has no recording it may replay: nothing was sent to the provider and the step
+    did not run. The message names the call and the nearest recorded node of the same
+    operation, with what differs (``differences``: one readable line each, e.g.
+    ``messages[0].content: "...old..." -> "...new..."``).
+
+    Fields: ``kind`` (``chat_model``, ``llm``, ``embedding``, ``step``, ...), ``op_name``,
+    ``model`` (when known), ``node_id`` (the node the call reached), ``reason`` (why it did not
+    replay, a :class:`~musubi_core.policy.ReplayReason` value), ``nearest_node_id`` and
+    ``differences``, ``store`` (the store's path)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        kind: str,
+        op_name: str,
+        node_id: str,
+        reason: str,
+        model: str | None = None,
+        nearest_node_id: str | None = None,
+        differences: list[str] | None = None,
+        store: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.op_name = op_name
+        self.node_id = node_id
+        self.reason = reason
+        self.model = model
+        self.nearest_node_id = nearest_node_id
+        self.differences = list(differences or [])
+        self.store = store

@@ -146,7 +146,7 @@ def test_wheel_and_sdist_carry_the_name_version_and_license(built: Built) -> Non
         assert wheel.read(f"{info}/licenses/LICENSE").decode() == license_text
         metadata = email.message_from_bytes(wheel.read(f"{info}/METADATA"))
         entry_points = wheel.read(f"{info}/entry_points.txt").decode()
-        for package in ("musubi_core", "musubi_langchain", "musubi_llama_index"):
+        for package in ("musubi_core", "musubi_langchain", "musubi_llama_index", "musubi_pytest"):
             assert f"{package}/__init__.py" in names and f"{package}/py.typed" in names
         # `musubi view`'s page: every script, style and license it ships, and the prices.
         static = ROOT / "musubi_core" / "view" / "static"
@@ -159,6 +159,8 @@ def test_wheel_and_sdist_carry_the_name_version_and_license(built: Built) -> Non
     assert set(metadata.get_all("Provides-Extra") or []) >= {"langchain", "llama-index",
                                                               "postgres", "all"}
     assert "musubi = musubi_core.cli:main" in entry_points
+    # The pytest plugin, inert unless pytest runs with --musubi-mode.
+    assert "[pytest11]\nmusubi = musubi_pytest.plugin" in entry_points
     with tarfile.open(built.sdist) as sdist:
         members = {m.name.split("/", 1)[1] for m in sdist.getmembers() if "/" in m.name}
     assert {"LICENSE", "CHANGELOG.md", "README.md", "pyproject.toml"} <= members

@@ -149,7 +149,17 @@ class OpenAIServer:
     ``delay_s`` adds latency to every request (benchmarks, examples).
     """
 
-    def __init__(self, *, embedding_dim: int = 8, delay_s: float = 0.0, model: str = "gpt-4o-mini"):
+    def __init__(
+        self,
+        *,
+        embedding_dim: int = 8,
+        delay_s: float = 0.0,
+        model: str = "gpt-4o-mini",
+        port: int = 0,
+    ):
+        # ``port``: 0 picks a free one; a fixed port lets a test stop the server and start
+        # another where its clients expect it.
+        self.requested_port = port
         self.embedding_dim = embedding_dim
         self.delay_s = delay_s
         self.model = model
@@ -165,7 +175,7 @@ class OpenAIServer:
         if self._httpd is not None:
             return self
         handler = _make_handler(self)
-        httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        httpd = ThreadingHTTPServer(("127.0.0.1", self.requested_port), handler)
         httpd.daemon_threads = True
         self._httpd = httpd
         self._thread = threading.Thread(

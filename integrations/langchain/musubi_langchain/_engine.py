@@ -26,6 +26,7 @@ from musubi_core.codec import JSON_ENCODING, JSONCodec
 from musubi_core.engine import Engine, get_engine
 from musubi_core.errors import MusubiError
 from musubi_core.fastpath import NOT_PLAIN, plain_tree
+from musubi_core.modes import Mode
 from musubi_core.store import SQLiteStore
 
 T = TypeVar("T")
@@ -107,19 +108,26 @@ def storable(engine: Engine, plain: Any) -> Any:
     return plain
 
 
-def make_engine(path: str | os.PathLike[str] | None, store: Any | None, namespace: str) -> Engine:
+def make_engine(
+    path: str | os.PathLike[str] | None,
+    store: Any | None,
+    namespace: str,
+    mode: Mode | None = None,
+) -> Engine:
     """The engine for ``path``/``store``; neither given means the process default engine
-    (``$MUSUBI_DB`` or ``.musubi/musubi.db``) viewed under ``namespace``. Whatever the engine,
-    its writes go through the store's one recorder (committed in the background)."""
+    (``$MUSUBI_DB`` or ``.musubi/musubi.db``) viewed under ``namespace`` (and ``mode``, when
+    given). Whatever the engine, its writes go through the store's one recorder (committed in
+    the background)."""
     if store is None and path is None:
         default = get_engine()
-        if default.namespace == namespace:
+        if default.namespace == namespace and mode in (None, default.mode):
             return default
         store = default.store
     engine = Engine(
         store if store is not None else SQLiteStore(path),  # type: ignore[arg-type]
         codec=PlainAwareCodec(),
         namespace=namespace,
+        mode=mode,
     )
     # A read-only store or a garbled node: the engine's warning is LangChain's (the cache and
     # the handler then see no error, so they add none).

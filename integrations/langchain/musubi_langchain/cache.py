@@ -24,9 +24,11 @@ from langchain_core.caches import RETURN_VAL_TYPE, BaseCache
 from langchain_core.outputs import Generation
 
 from musubi_core.engine import Engine
+from musubi_core.errors import ReplayMissError
 from musubi_core.fastpath import EncodedHit, HitMemo
 from musubi_core.identity import NodeKey, resolve_namespace
-from musubi_core.policy import ReplayReason, StepConfiguration, StepType
+from musubi_core.modes import Mode, resolve_mode
+from musubi_core.policy import Decision, ReplayReason, StepConfiguration, StepType
 from musubi_core.record import current_frame, joinable, new_call_id
 from musubi_core.record.ambient import AmbientRun
 
@@ -40,6 +42,7 @@ from ._codec import (
 )
 from ._engine import Guard, make_engine
 from ._keys import KeyParts, chat_key_parts, llm_key_parts
+from ._replaymode import call_material, miss_error, store_failure
 
 # Per-call kwargs of the BaseLLM call in progress (set by the patch instrument() installs):
 # LangChain leaves them out of an LLM's llm_string (langchain#40403).
@@ -68,6 +71,11 @@ class MusubiCache(BaseCache):
         engine: an existing :class:`musubi_core.engine.Engine` (shares its write buffer).
         replay_streams: let ``.stream()``/``.astream()`` be served from this cache
             (requires :func:`musubi_langchain.instrument` or :func:`install_stream_replay`).
+        mode: ``"record"`` (default: ``$MUSUBI_MODE``, else record), ``"replay"`` (a miss
+            raises :class:`~musubi_core.errors.ReplayMissError` and nothing reaches the
+            provider; streams are served from the cache without ``replay_streams``),
+            ``"refresh"`` (replay what matches, record what does not) or ``"off"`` (an inert
+            cache: every call goes to the provider and nothing is stored).
 
     Keys are canonical (volatile message fields, provider tool-call ids and the hit marker are
     dropped; structured-output classes key by JSON schema), hits return a fresh ``list`` of freshly
@@ -87,13 +95,17 @@ class MusubiCache(BaseCache):
         ttl_seconds: float | None = None,
         engine: Engine | None = None,
         replay_streams: bool = False,
+        mode: Mode | str | None = None,
     ) -> None:
         self._path = path
         self._store = store
         self._namespace = resolve_namespace(namespace, engine.namespace if engine else None)
+        self.mode: Mode = resolve_mode(mode, engine.mode if engine else None)
         self._engine: Engine | None = engine
         self._engine_lock = threading.Lock()
         self.config = StepConfiguration(step_type=StepType.STOCHASTIC, ttl_seconds=ttl_seconds)
+        # Replay mode serves streams with no opt-in: the provider is not there.
+        replay_streams = replay_streams or self.mode is Mode.REPLAY
         self.replay_streams = replay_streams
         self._guard = Guard("MusubiCache")
         # (prompt, llm_string) -> (key, monotonic time of the miss, the handler's run id);
@@ -121,7 +133,7 @@ class MusubiCache(BaseCache):
         if self._engine is None:
             with self._engine_lock:
                 if self._engine is None:
-                    engine = make_engine(self._path, self._store, self._namespace)
+                    engine = make_engine(self._path, self._store, self._namespace, self.mode)
                     if engine.recorder.on_error is None:
                         engine.recorder.on_error = self._guard.warn
                     self._engine = engine
@@ -271,6 +283,8 @@ class MusubiCache(BaseCache):
             generations = None
         if generations is not None:
             return generations
+        if self.mode is Mode.REPLAY:
+            raise self.miss_error(prompt, llm_string, key)
         if run_id is not None:
             _correlate.report(run_id, _correlate.CacheReport(node_id=key.node_id, replayed=False))
         self._remember(prompt, llm_string, key, run_id)
@@ -334,6 +348,7 @@ class MusubiCache(BaseCache):
             tokens_in=tokens_in,
             tokens_out=tokens_out,
             label=key.op_name.split(":", 1)[-1],
+            meta=call_material(self.key_parts(prompt, llm_string)),
         )
         if run_id is not None:
             # The handler records this run's call when it ends: tell it what was stored.
@@ -355,16 +370,39 @@ class MusubiCache(BaseCache):
 
     # ------------------------------------------------------------------ BaseCache
     def lookup(self, prompt: str, llm_string: str) -> RETURN_VAL_TYPE | None:
-        """A fresh list of generations stored for this key, or None (miss / store failure)."""
+        """A fresh list of generations stored for this key, or None (miss / store failure).
+
+        In replay mode a miss (or a store that cannot be read) raises
+        :class:`~musubi_core.errors.ReplayMissError` instead: it is the one error the cache
+        lets reach LangChain, so that nothing is sent to the provider."""
+        if self.mode is Mode.OFF:
+            return None
         try:
             return self._lookup(prompt, llm_string)
+        except ReplayMissError:
+            raise
         except Exception as exc:  # never break the host: a miss plus one warning
+            if self.mode is Mode.REPLAY:
+                raise store_failure(self, prompt, llm_string, exc) from exc
             self._guard.warn(exc)
             return None
 
     def update(self, prompt: str, llm_string: str, return_val: RETURN_VAL_TYPE) -> None:
         """Record the generations as the node's artifact (a failure only warns once)."""
+        if self.mode is Mode.OFF:
+            return
         self._guard.call(lambda: self._update(prompt, llm_string, return_val), None)
+
+    def miss_error(
+        self, prompt: str, llm_string: str, key: NodeKey | None = None
+    ) -> ReplayMissError:
+        """The :class:`~musubi_core.errors.ReplayMissError` for a call that has no recording:
+        the nearest recorded call of the same model, and what differs."""
+        return miss_error(self, prompt, llm_string, key)
+
+    def decision(self, key: NodeKey) -> Decision:
+        """Why ``key`` does not replay now (reads only)."""
+        return self.engine.explain(key, self.config)
 
     def clear(self, **kwargs: Any) -> None:
         """Mark every LLM/chat-model node of this namespace stale (history stays for lineage).
@@ -393,7 +431,19 @@ class MusubiCache(BaseCache):
 
     # ------------------------------------------------------------------ stream replay hooks
     def would_replay(self, prompt: str, llm_string: str) -> bool:
-        """Would :meth:`lookup` hit? Reads only (counts no replay)."""
+        """Would :meth:`lookup` hit? Reads only (counts no replay). In replay mode a stream
+        that would not is a :class:`~musubi_core.errors.ReplayMissError`."""
+        if self.mode is Mode.OFF:
+            return False
+        if self.mode is Mode.REPLAY:
+            try:
+                key = self.node_key(prompt, llm_string)
+                replays = self.engine.explain(key, self.config).replay
+            except Exception as exc:
+                raise store_failure(self, prompt, llm_string, exc) from exc
+            if not replays:
+                raise self.miss_error(prompt, llm_string, key)
+            return True
 
         def peek() -> bool:
             key = self.node_key(prompt, llm_string)

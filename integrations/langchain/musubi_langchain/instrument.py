@@ -33,6 +33,7 @@ from langchain_core.tracers import context as tracer_context
 
 from musubi_core.engine import Engine
 from musubi_core.identity import resolve_namespace
+from musubi_core.modes import Mode, resolve_mode
 
 from ._engine import make_engine
 from ._patches import Patch
@@ -121,6 +122,7 @@ def instrument(
     handler: bool = True,
     replay_streams: bool = False,
     tools: Mapping[str, Replay] | None = None,
+    mode: Mode | str | None = None,
 ) -> Instrumentation:
     """Install musubi globally for LangChain (see module docstring).
 
@@ -135,21 +137,33 @@ def instrument(
             ``"external_effect"`` (never issued twice); undeclared tools run every time (see
             :mod:`musubi_langchain.tools`; :func:`~musubi_langchain.declare_tool` declares on
             the tool itself).
+        mode: ``"record"``, ``"replay"``, ``"refresh"`` or ``"off"`` (default: ``engine``'s,
+            else ``$MUSUBI_MODE``, else record); see :class:`MusubiCache`. In replay mode
+            streams are served from the store (``replay_streams`` is implied) and a call with
+            no recording raises :class:`~musubi_core.errors.ReplayMissError` out of the model
+            call; ``"off"`` installs nothing.
     """
     global _current
     namespace = resolve_namespace(namespace, engine.namespace if engine is not None else None)
+    resolved = resolve_mode(mode, engine.mode if engine is not None else None)
+    replay_streams = replay_streams or resolved is Mode.REPLAY
     args = (
         os.fspath(path) if path is not None else None,
         id(store), id(engine), namespace, ttl_seconds, cache, handler, replay_streams,
         dict(tools or {}),
+        resolved,
     )
     with _lock:
         if _current is not None:
             if _current.args == args:
                 return _current
             uninstrument()
+        if resolved is Mode.OFF:
+            # musubi steps aside: nothing is installed, LangChain runs as it would without it.
+            _current = Instrumentation(None, None, None, get_llm_cache(), args)
+            return _current
         try:
-            eng: Engine | None = engine or make_engine(path, store, namespace)
+            eng: Engine | None = engine or make_engine(path, store, namespace, resolved)
         except Exception:
             # A store that cannot be opened (a missing folder, a damaged file, a read-only
             # one SQLite cannot read safely) must not break the host: the cache and the
@@ -158,7 +172,8 @@ def instrument(
             eng = None
         new_cache = (
             MusubiCache(path, store=store, engine=eng, namespace=namespace,
-                        ttl_seconds=ttl_seconds, replay_streams=replay_streams)
+                        ttl_seconds=ttl_seconds, replay_streams=replay_streams,
+                        mode=resolved)
             if cache
             else None
         )

@@ -11,7 +11,9 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from musubi_core import StepConfiguration, StepType
+from musubi_core import ReplayMissError, StepConfiguration, StepType
+from musubi_core.modes import Mode
+from musubi_core.replay_miss import material, miss_error, store_failure_error
 from musubi_llama_index import _models as _m
 from musubi_llama_index._identity import model_fingerprint
 from musubi_llama_index._runtime import Runtime, guarded, warn_once
@@ -46,6 +48,26 @@ class _Embedder:
             topic="key",
         )
 
+    def miss(self, key: Any, mode: str, text: str) -> ReplayMissError:
+        """Replay mode: the error of a text with no recorded embedding (nothing was sent)."""
+        try:
+            if key is None:
+                raise ValueError("the text has no identity")
+            engine = self.rt.engine()
+            decision = engine.explain(key, _CONFIG)
+        except Exception as exc:
+            return store_failure_error(
+                kind="embedding", op_name=OP_EMBED, node_id=None, store=self.rt.path, error=exc
+            )
+        return miss_error(
+            engine,
+            key,
+            decision,
+            kind="embedding",
+            model=self.model,
+            material_of=lambda: material({"mode": mode, "text": text}, self.fp),
+        )
+
     def begin(self, text: str) -> Any:
         return _m.begin(self.rt, "embedding", self.label, self.model, text)
 
@@ -73,7 +95,9 @@ class _Embedder:
         )
         return [float(v) for v in value]
 
-    def record(self, key: Any, vector: Sequence[float], duration: float, call: Any) -> None:
+    def record(
+        self, key: Any, vector: Sequence[float], duration: float, call: Any, mode: str, text: str
+    ) -> None:
         recorded = None
         if key is not None:
             recorded = guarded(
@@ -85,6 +109,7 @@ class _Embedder:
                     duration_s=duration,
                     label=self.label,
                     defer=True,  # ingestion embeds thousands of texts: batch the writes
+                    meta=material({"mode": mode, "text": text}, self.fp),
                 ),
                 None,
                 topic="record",
@@ -112,12 +137,16 @@ class _Batch:
 
     def __init__(self, obj: Any, texts: Sequence[str], mode: str) -> None:
         self.emb = emb = _embedder(obj)
+        self.mode = mode
         self.texts = list(texts)
         self.keys = [emb.key(mode, t) for t in self.texts]
         self.found: list[Any] = [
             emb.served(k, t) for k, t in zip(self.keys, self.texts, strict=False)
         ]
         self.missing = [i for i, v in enumerate(self.found) if v is None]
+        if self.missing and emb.rt.mode is Mode.REPLAY:
+            first = self.missing[0]
+            raise emb.miss(self.keys[first], mode, self.texts[first])
         self.calls: list[Any] = []
         self.t0 = 0.0
 
@@ -140,7 +169,7 @@ class _Batch:
         found = self.found
         for i, vec, call in zip(self.missing, vectors, self.calls, strict=False):
             found[i] = list(vec)
-            self.emb.record(self.keys[i], vec, per, call)
+            self.emb.record(self.keys[i], vec, per, call, self.mode, self.texts[i])
 
 
 def _override(cls: type, name: str, mode: str, *, one: bool, is_async: bool) -> Callable[..., Any]:

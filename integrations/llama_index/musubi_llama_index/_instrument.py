@@ -34,6 +34,7 @@ from llama_index_instrumentation.span.base import BaseSpan
 from llama_index_instrumentation.span_handlers.base import BaseSpanHandler
 
 from musubi_core import Engine
+from musubi_core.modes import Mode, resolve_mode
 from musubi_llama_index import _lineage, _propagation, _replay, _tools
 from musubi_llama_index._lineage import LineageRecorder, MusubiEventHandler, MusubiSpanHandler
 from musubi_llama_index._runtime import Runtime, warn_once
@@ -273,6 +274,7 @@ def instrument(
     lineage: bool = True,
     use_settings: bool = True,
     tools: Mapping[str, _tools.Replay] | None = None,
+    mode: Mode | str | None = None,
 ) -> Instrumentation:
     """Make LlamaIndex LLM and embedding calls replayable and record spans as lineage.
 
@@ -293,6 +295,11 @@ def instrument(
         tools: ``FunctionTool`` name -> ``"deterministic"`` (replays for the same arguments)
             or ``"external_effect"`` (never issued twice); undeclared tools run every time
             (:func:`~musubi_llama_index.declare_tool` declares on the tool itself).
+        mode: ``"record"`` (default: ``engine``'s, else ``$MUSUBI_MODE``, else record),
+            ``"replay"`` (an LLM or embedding call with no recording raises
+            :class:`~musubi_core.errors.ReplayMissError` from the model call: nothing is sent
+            to the provider), ``"refresh"`` (replay what matches, record what does not) or
+            ``"off"`` (nothing is installed).
 
     Idempotent: calling again installs nothing twice; models given later are patched with
     the runtime of the first call.
@@ -302,9 +309,19 @@ def instrument(
         instrument("musubi.db", llm=my_llm, embed_model=my_embeddings)
     """
     global _current
+    resolved = resolve_mode(mode, engine.mode if engine is not None else None)
     with _lock:
+        if resolved is Mode.OFF:
+            # musubi steps aside: LlamaIndex runs as it would without it (an active
+            # instrumentation is removed, so that "off" means off).
+            uninstrument()
+            return Instrumentation(
+                Runtime(path, engine=engine, namespace=namespace, mode=resolved), None, None, None
+            )
         if _current is None:
-            runtime = Runtime(path, engine=engine, namespace=namespace, ttl_seconds=ttl_seconds)
+            runtime = Runtime(
+                path, engine=engine, namespace=namespace, ttl_seconds=ttl_seconds, mode=resolved
+            )
             recorder = LineageRecorder(runtime) if lineage else None
             span_handler = MusubiSpanHandler.create(recorder) if recorder else None
             event_handler = MusubiEventHandler.create(recorder) if recorder else None
@@ -323,15 +340,17 @@ def instrument(
                 _tools.install(inst.runtime, {**_tools.declared_names(), **tools})
             other_path = path is not None and str(path) != inst.runtime.path
             other_namespace = namespace is not None and namespace != inst.runtime.namespace
+            other_mode = mode is not None and resolved is not inst.runtime.mode
             if (
                 other_path
                 or other_namespace
+                or other_mode
                 or (engine is not None and engine is not inst.runtime.engine())
             ):
                 warn_once(
                     "instrument-again",
-                    "instrument() is already active; keeping its store and namespace (call "
-                    "uninstrument() first to switch)",
+                    "instrument() is already active; keeping its store and namespace, and its "
+                    "mode (call uninstrument() first to switch)",
                 )
         for model in (llm, embed_model):
             _adopt(inst, model, strict=True)

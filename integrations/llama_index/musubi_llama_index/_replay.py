@@ -33,7 +33,9 @@ from typing import Any
 
 from llama_index.core.base.llms.types import ChatMessage, ChatResponse, CompletionResponse
 
-from musubi_core import StepConfiguration, StepType
+from musubi_core import ReplayMissError, StepConfiguration, StepType
+from musubi_core.modes import Mode
+from musubi_core.replay_miss import material, miss_error, store_failure_error
 from musubi_llama_index import _embed
 from musubi_llama_index import _models as _m
 from musubi_llama_index._content import brief, prompt_text, usage_of
@@ -65,7 +67,7 @@ class _Call:
         self.config = StepConfiguration(step_type=StepType.STOCHASTIC, ttl_seconds=rt.ttl_seconds)
         self.inputs = llm_call_inputs(kind, payload, kwargs)
         original = type(obj).__dict__.get("__musubi_original__", type(obj))
-        fp = model_fingerprint(obj, original_cls=original)
+        fp = self.fingerprint = model_fingerprint(obj, original_cls=original)
         self.key = guarded(
             lambda: rt.engine().key(self.op, self.inputs, fingerprint=fp), None, topic="key"
         )
@@ -86,6 +88,28 @@ class _Call:
         if hit is None or not hit.replay:
             return None
         return hit
+
+    def miss(self) -> ReplayMissError:
+        """Replay mode: the error of this call, which has no recording (nothing was sent)."""
+        key = self.key
+        model = _m.model_name(self.obj)
+        try:
+            if key is None:
+                raise ValueError("the call has no identity")
+            engine = self.rt.engine()
+            decision = engine.explain(key, self.config)
+        except Exception as exc:
+            return store_failure_error(
+                kind="llm", op_name=self.op, node_id=None, store=self.rt.path, error=exc
+            )
+        return miss_error(
+            engine,
+            key,
+            decision,
+            kind="llm",
+            model=model,
+            material_of=lambda: material(self.inputs, self.fingerprint),
+        )
 
     def replayed(self, hit: Any) -> None:
         """Record the call as a replay of its node (served from ``hit``)."""
@@ -147,6 +171,7 @@ class _Call:
                     tokens_in=tin,
                     tokens_out=tout,
                     label=self.label,
+                    meta=material(self.inputs, self.fingerprint),
                 ),
                 None,
                 topic="record",
@@ -237,7 +262,15 @@ def _make_llm_methods(cls: type) -> dict[str, Any]:
 
     def _served(call: _Call, kind: str, stream: bool) -> Any | None:
         """The stored response (a list of chunks for a stream) of a replay, its call
-        recorded; None when the call executes."""
+        recorded; None when the call executes (in replay mode a ReplayMissError instead)."""
+        served = _stored(call, kind, stream)
+        if served is None and call.rt.mode is Mode.REPLAY:
+            error = call.miss()
+            call.failed(error)
+            raise error
+        return served
+
+    def _stored(call: _Call, kind: str, stream: bool) -> Any | None:
         hit = call.lookup()
         if hit is None:
             return None

@@ -23,6 +23,7 @@ from typing import TypeVar
 
 from musubi_core import Engine, MusubiError, SQLiteStore, get_engine
 from musubi_core.identity import resolve_namespace
+from musubi_core.modes import Mode, resolve_mode
 
 __all__ = ["Runtime", "guarded", "warn_once"]
 
@@ -69,10 +70,13 @@ class Runtime:
         engine: Engine | None = None,
         namespace: str | None = None,
         ttl_seconds: float | None = None,
+        mode: Mode | str | None = None,
     ) -> None:
         self.path = str(path) if path is not None else None
         self.ttl_seconds = ttl_seconds
         self.namespace = resolve_namespace(namespace, engine.namespace if engine else None)
+        # replay: a call with no recording raises ReplayMissError (see _replay / _embed).
+        self.mode: Mode = resolve_mode(mode, engine.mode if engine else None)
         self._open_lock = threading.Lock()
         self._engine: Engine | None = engine
         # path and engine not given: the context engine of another namespace, viewed in ours
@@ -87,19 +91,26 @@ class Runtime:
             return self._engine
         if self.path is None:
             context = get_engine()  # use_engine() context, else the process default
-            if context.namespace == self.namespace:
+            if context.namespace == self.namespace and context.mode is self.mode:
                 return context
             view = self._views.get(context)
             if view is None:
                 with self._open_lock:
                     view = self._views.get(context)
                     if view is None:
-                        view = Engine(context.store, codec=context.codec, namespace=self.namespace)
+                        view = Engine(
+                            context.store,
+                            codec=context.codec,
+                            namespace=self.namespace,
+                            mode=self.mode,
+                        )
                         self._views[context] = view
             return view
         with self._open_lock:
             if self._engine is None:
-                self._engine = Engine(SQLiteStore(self.path), namespace=self.namespace)
+                self._engine = Engine(
+                    SQLiteStore(self.path), namespace=self.namespace, mode=self.mode
+                )
             return self._engine
 
     def close(self) -> None:
