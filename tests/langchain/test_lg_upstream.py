@@ -1,10 +1,10 @@
 """LangGraph's own node-cache tests, run against ``MusubiNodeCache``.
 
-The tests are not copied into this repository: they are read at run time from a clone of
-langchain-ai/langgraph, ``$MUSUBI_LANGGRAPH_REPO`` (a work tree or a bare git directory), else
-the snapshot the project's tooling fetches (``/work/.mirror/langchain-ai+langgraph/repo``).
-Each test function named below is taken from its file with ``ast`` (verbatim, decorators
-dropped), compiled in a namespace holding that file's imports (those that resolve here), and
+The tests are read from ``tests/data/langgraph_upstream/`` (extracted verbatim from
+langchain-ai/langgraph, with the commit named in each file, by
+``python -m tests.support.vendor_langgraph_tests REPO``), or from a clone of the repository at
+``$MUSUBI_LANGGRAPH_REPO`` (a work tree or a bare git directory) when it is set. Each test
+function named below is taken from its file with ``ast`` (verbatim, decorators dropped), compiled in a namespace holding that file's imports (those that resolve here), and
 called the way its fixtures would call it, with a fresh ``MusubiNodeCache`` as ``cache``:
 
 * ``libs/langgraph/tests/test_pregel.py`` and ``test_pregel_async.py``: every test that takes
@@ -40,7 +40,7 @@ from langgraph.checkpoint.memory import InMemorySaver
 from musubi_langchain import MusubiLangChainWarning
 from musubi_langchain.langgraph import MusubiNodeCache
 
-_DEFAULT_REPO = "/work/.mirror/langchain-ai+langgraph/repo"
+VENDORED = Path(__file__).resolve().parents[1] / "data" / "langgraph_upstream"
 PREGEL = "libs/langgraph/tests/test_pregel.py"
 PREGEL_ASYNC = "libs/langgraph/tests/test_pregel_async.py"
 REDIS = "libs/checkpoint/tests/test_redis_cache.py"
@@ -69,18 +69,11 @@ BACKEND_TESTS = [
 ]
 
 
-def _repo() -> Path | None:
-    path = Path(os.environ.get("MUSUBI_LANGGRAPH_REPO", _DEFAULT_REPO))
-    return path if path.exists() else None
-
-
 def _source(rel: str) -> str:
-    repo = _repo()
-    if repo is None:
-        pytest.skip(
-            "no clone of langchain-ai/langgraph: set MUSUBI_LANGGRAPH_REPO to one "
-            "(git clone https://github.com/langchain-ai/langgraph)"
-        )
+    clone = os.environ.get("MUSUBI_LANGGRAPH_REPO")
+    if not clone:
+        return (VENDORED / f"{Path(rel).name}.txt").read_text(encoding="utf-8")
+    repo = Path(clone)
     if (repo / rel).is_file():
         return (repo / rel).read_text(encoding="utf-8")
     shown = subprocess.run(
