@@ -309,8 +309,11 @@ class HitMemo:
                 os.close(shm[1])
 
     def __del__(self) -> None:
-        with contextlib.suppress(Exception):
+        # No module globals here: at interpreter exit they may already be None.
+        try:  # noqa: SIM105 - contextlib may be gone at exit
             self.close()
+        except Exception:
+            pass
 
 
 # -- plain JSON data ---------------------------------------------------------------
