@@ -308,7 +308,7 @@ def lookup_scale(env: Env) -> Comparison:
                 f"musubi {big} / {small}",
                 f"musubi lookup, {big} nodes",
                 f"musubi lookup, {small} nodes",
-                1.5,
+                1.3,  # issue 12 (was 1.5)
             ),
             Ratio(
                 f"sqlite3 {big} / {small} (physical)",

@@ -45,6 +45,7 @@ MODULES = [
     "bench_step",
     "bench_durable",
     "bench_llama_index",
+    "bench_cold",
     "bench_concurrency",
 ]
 

@@ -255,10 +255,14 @@ class Engine:
         *,
         fingerprint: Any = None,
         upstream: Iterable[str] = (),
+        op: str | None = None,
     ) -> NodeKey:
         """Compute a node's identity (raises ``TypeError`` naming the path of
-        an input that has no stable encoding)."""
-        op = make_op(op_name, fingerprint)
+        an input that has no stable encoding). ``op`` is ``make_op(op_name, fingerprint)``
+        when the caller memoises it (hashing a model's parameters on every call would
+        dominate a cold cache hit); ``fingerprint`` is then not read."""
+        if op is None:
+            op = make_op(op_name, fingerprint)
         in_hash = input_hash(inputs)
         ups = tuple(sorted(set(upstream)))
         ns = self.namespace

@@ -145,7 +145,9 @@ def test_when_the_provider_answers_with_new_random_tool_call_ids(both: Both) -> 
     assert len(ids_after) == 2 and ids_before < ids_after  # the old episode stays, unused
 
     # musubi: only the planning turn; the answering turn replays under the aliased id.
-    assert len(musubi_sent) == 1 and musubi_sent[0].startswith("You plan"), musubi_sent
+    assert len(musubi_sent) == 1, musubi_sent
+    (planned,) = musubi_sent  # not indexed: test_packaging reads "name[0]" as an install line
+    assert planned.startswith("You plan"), musubi_sent
     offline = run_suite(both.musubi_app, both.port, "--musubi-mode=replay",
                         f"--musubi-store={both.store}", key=None)
     assert offline.passed, offline.output

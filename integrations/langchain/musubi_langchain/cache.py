@@ -26,7 +26,7 @@ from langchain_core.outputs import Generation
 from musubi_core.engine import Engine
 from musubi_core.errors import ReplayMissError
 from musubi_core.fastpath import EncodedHit, HitMemo
-from musubi_core.identity import NodeKey, resolve_namespace
+from musubi_core.identity import NodeKey, make_op, resolve_namespace
 from musubi_core.modes import Mode, resolve_mode
 from musubi_core.policy import Decision, ReplayReason, StepConfiguration, StepType
 from musubi_core.record import current_frame, joinable, new_call_id
@@ -114,11 +114,13 @@ class MusubiCache(BaseCache):
         self._inflight: dict[tuple[str, str], tuple[NodeKey, float, UUID | None]] = {}
         self._inflight_lock = threading.Lock()
         self._keys: dict[tuple[str, str], NodeKey] = {}
-        # artifact id -> (encoding, payload, validated generations). A hit whose stored bytes
-        # are exactly these copies the template instead of decoding and validating again;
+        self._ops: dict[tuple[str, str], str] = {}  # (op name, llm_string) -> make_op(...)
+        # artifact id -> (encoding, payload, validated generations or None before the second
+        # hit). A hit whose stored bytes are exactly these copies the template instead of
+        # decoding and validating again;
         # the template itself is never handed out. Only hits of the HitMemo enter it, whose
         # payloads hash to their artifact ids (it checks), so bytes equal to these do too.
-        self._decoded: dict[str, tuple[str, bytes, Template]] = {}
+        self._decoded: dict[str, tuple[str, bytes, Template | None]] = {}
         self._hits: HitMemo | None = None
         self._ambient: AmbientRun | None = None  # the run of lookups made outside any trace
         if replay_streams:
@@ -164,7 +166,15 @@ class MusubiCache(BaseCache):
             if cached is not None:
                 return cached
         parts = self.key_parts(prompt, llm_string)
-        key = self.engine.key(parts.op_name, parts.inputs, fingerprint=parts.fingerprint)
+        # The operation (its name plus a digest of the model's parameters) depends on the
+        # llm_string alone: hashed once per model, not once per prompt.
+        op = self._ops.get((parts.op_name, llm_string))
+        if op is None:
+            op = make_op(parts.op_name, parts.fingerprint)
+            if len(self._ops) >= _MAX_KEYS:
+                self._ops.clear()
+            self._ops[(parts.op_name, llm_string)] = op
+        key = self.engine.key(parts.op_name, parts.inputs, op=op)
         if memo:
             if len(self._keys) >= _MAX_KEYS:
                 self._keys.clear()
@@ -222,17 +232,21 @@ class MusubiCache(BaseCache):
         ambient.record(kind, name, **fields)
 
     def _generations(self, hit: EncodedHit) -> list[Generation]:
-        """Fresh generations for a hit: from the decoded template when the stored bytes are
-        the ones it was decoded from, else decoded (allow-listed, validated) and memoised."""
+        """Fresh generations for a hit. The first hit of an entry decodes it (allow-listed,
+        validated) and hands out what it decoded: nothing else holds those objects, and a
+        cold hit (the next run reads each entry once) pays for no copy plan. The entry's
+        bytes are remembered; a second hit of the same bytes decodes them once more into a
+        private template that later hits copy instead of decoding."""
         memo = self._decoded.get(hit.artifact_id)
-        if memo is None or memo[1] != hit.payload or memo[0] != hit.encoding:
-            decoded = decode_generations(self.engine.codec.decode(hit.encoding, hit.payload))
-            template = Template(decoded)
+        same = memo is not None and memo[1] == hit.payload and memo[0] == hit.encoding
+        decoded = decode_generations(self.engine.codec.decode(hit.encoding, hit.payload))
+        if not same:
             if len(self._decoded) >= _MAX_DECODED:
                 self._decoded.clear()
-            self._decoded[hit.artifact_id] = (hit.encoding, hit.payload, template)
-        else:
-            template = memo[2]
+            self._decoded[hit.artifact_id] = (hit.encoding, hit.payload, None)
+            return decoded
+        template = Template(decoded)
+        self._decoded[hit.artifact_id] = (hit.encoding, hit.payload, template)
         return template.fresh()
 
     def _lookup(self, prompt: str, llm_string: str) -> list[Generation] | None:
@@ -246,7 +260,12 @@ class MusubiCache(BaseCache):
         if isinstance(probed, EncodedHit):
             try:
                 memo = self._decoded.get(probed.artifact_id)
-                if memo is not None and memo[1] == probed.payload and memo[0] == probed.encoding:
+                if (
+                    memo is not None
+                    and memo[2] is not None
+                    and memo[1] == probed.payload
+                    and memo[0] == probed.encoding
+                ):
                     generations: list[Generation] | None = memo[2].fresh()
                 else:
                     generations = self._generations(probed)
