@@ -60,11 +60,13 @@ _ON_FLOW_CONFLICT = " ON CONFLICT (dst_call_id, src_call_id) DO NOTHING"
 # committing a batch while the application's thread keeps the interpreter busy waits for the
 # GIL at every one of them (up to the 5 ms switch interval): thousands of one-row statements
 # made a 2,000-call batch take a second under load. A batch is cut into statements of these
-# sizes only (largest first), so each connection prepares at most two statements per table:
+# sizes only (largest first), so each connection prepares at most three statements per table:
 # a prepared statement of many rows is large, and one per distinct length grew the process by
-# tens of MB in SQLite's statement cache. 64 rows x 20 columns stays below the parameter
-# limits of SQLite and PostgreSQL.
-_STATEMENT_ROWS = (64, 1)
+# tens of MB in SQLite's statement cache. The middle size keeps a batch's tail to at most 14
+# statements per table (63 one-row statements made a commit under load take over a second,
+# widening what a SIGKILL can lose). 64 rows x 20 columns stays below the parameter limits of
+# SQLite and PostgreSQL.
+_STATEMENT_ROWS = (64, 8, 1)
 
 # A run row is written when the run starts (status running) and again when it ends; the counts
 # are the recorder's, for the calls it recorded in this run.
