@@ -120,3 +120,24 @@ def test_cli_gc_on_a_postgres_store(pg_dsn: str) -> None:
         refused = musubi("gc", *args)
         assert refused.returncode == 2 and says in refused.stderr, refused.stderr
         assert "Traceback" not in refused.stderr
+
+
+def test_musubi_cache_on_a_postgres_store_object(pg_dsn: str) -> None:
+    """``MusubiCache(store=PostgresStore(dsn))``: a second worker's cache (its own store
+    object) replays what the first stored; the model runs once."""
+    from langchain_core.language_models.fake_chat_models import FakeListChatModel
+
+    from musubi_langchain import MusubiCache
+
+    schema = f"c{uuid.uuid4().hex[:8]}"
+    first = MusubiCache(store=PostgresStore(pg_dsn, schema=schema))
+    model = FakeListChatModel(responses=["stored", "paid twice"], cache=first)
+    assert model.invoke("q").content == "stored"
+    first.engine.flush()
+    second = MusubiCache(store=PostgresStore(pg_dsn, schema=schema))
+    again = FakeListChatModel(responses=["stored", "paid twice"], cache=second)
+    assert again.invoke("q").content == "stored"
+    assert again.invoke("q").content == "stored"
+    second.engine.flush()
+    stats = second.engine.store.stats()
+    assert stats["executions"] == 1 and stats["replays"] == 2
