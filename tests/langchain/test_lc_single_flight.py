@@ -72,3 +72,26 @@ def test_sixteen_workers_send_each_distinct_prompt_once(
     assert [r["warnings"] for r in reports] == [[]] * WORKERS
     expected = expected_answers(openai_server, distinct)
     assert all(r["answers"] == expected for r in reports)
+
+
+def test_a_failed_call_releases_its_flight(db: str, chat: ChatOpenAI, openai_server: OpenAIServer) -> None:
+    """Under instrument() the handler sees a provider error: the flight the cache took for
+    that call is released at once (no other worker waits for an answer that will not come)."""
+    import pytest
+
+    import musubi_langchain
+    from musubi_core.flight import flights_for
+    from tests.support.openai_server import ChatReply
+
+    inst = musubi_langchain.instrument(db, single_flight=True)
+    openai_server.enqueue_chat(ChatReply(status=400, error="scripted failure"))
+    with pytest.raises(Exception, match="scripted failure"):
+        chat.invoke("fails once")
+    cache = inst.cache
+    assert cache is not None and cache._flying == {}
+    key = cache.node_key(*next(iter(cache._inflight)))  # the (prompt, llm_string) that failed
+    flights = flights_for(cache.engine.store)
+    assert flights.try_claim(key.node_id)  # free: nobody holds it
+    flights.release(key.node_id)
+    assert "answer-" in str(chat.invoke("fails once").content)  # the retry runs and is stored
+    assert openai_server.count("chat") == 2

@@ -145,7 +145,7 @@ class MusubiCache(BaseCache):
         self.single_flight_timeout = single_flight_timeout
         # (prompt, llm_string) -> node id of a flight this cache holds until update() stores
         # the provider's answer (see musubi_core.flight).
-        self._flying: dict[tuple[str, str], str] = {}
+        self._flying: dict[tuple[str, str], tuple[str, UUID | None]] = {}
         if replay_streams:
             from .streaming import install_stream_replay  # cycle: streaming imports this module
 
@@ -332,7 +332,14 @@ class MusubiCache(BaseCache):
             return found
         if held:
             with self._inflight_lock:
-                self._flying[(flight.prompt, flight.llm_string)] = flight.key.node_id
+                self._flying[(flight.prompt, flight.llm_string)] = (
+                    flight.key.node_id, flight.run_id
+                )
+            if flight.run_id is not None:
+                # Under instrument(), the handler sees the call fail: the flight is released
+                # then (without the handler, only a later update() or the waiters' timeout).
+                prompt, llm_string = flight.prompt, flight.llm_string
+                _correlate.on_failure(flight.run_id, lambda: self._land(prompt, llm_string))
         self._missed(flight.prompt, flight.llm_string, flight.key, flight.run_id)
         return None
 
@@ -364,8 +371,11 @@ class MusubiCache(BaseCache):
     def _land(self, prompt: str, llm_string: str) -> None:
         """Release the flight held for this call, if any (its answer is stored, or failed)."""
         with self._inflight_lock:
-            node_id = self._flying.pop((prompt, llm_string), None)
-        if node_id is not None:
+            flying = self._flying.pop((prompt, llm_string), None)
+        if flying is not None:
+            node_id, run_id = flying
+            if run_id is not None:
+                _correlate.on_failure(run_id, None)
             self._guard.call(lambda: flights_for(self.engine.store).release(node_id), None)
 
     def _slow_lookup(self, key: NodeKey, run_id: UUID | None) -> list[Generation] | None:
