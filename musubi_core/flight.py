@@ -116,6 +116,19 @@ class FileFlightLocks:
                     os.close(fd)
 
 
+class _ThisProcessOnly:
+    """No cross-process lock: :class:`SingleFlight`'s own table serialises threads."""
+
+    def try_lock(self, node_id: str) -> bool:
+        return True
+
+    def unlock(self, node_id: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 class SingleFlight:
     """Flights of one store object (see the module docstring)."""
 
@@ -214,9 +227,14 @@ def flights_for(store: Any) -> SingleFlight:
     with _CREATE:
         flights: SingleFlight | None = store.__dict__.get("_single_flight")
         if flights is None:
-            flights = SingleFlight(store.flight_locks())
+            # A store of another kind (a custom Store) gets flights among this process's
+            # threads only.
+            make = getattr(store, "flight_locks", None)
+            flights = SingleFlight(make() if make is not None else _ThisProcessOnly())
             store.__dict__["_single_flight"] = flights
-            store.add_close_hook(flights.close)
+            hook = getattr(store, "add_close_hook", None)
+            if hook is not None:
+                hook(flights.close)
     return flights
 
 
