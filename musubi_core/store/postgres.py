@@ -127,6 +127,15 @@ class PostgresStore(RunStoreMixin, SQLStoreBase):
         # retried after a lost connection (diagnostics).
         self.retries = 0
         self.reconnects = 0
+        # A wrong address or password says so at once (later, a server that went away is
+        # waited for, up to reconnect_timeout).
+        why = self._probe()
+        if why is not None:
+            raise StoreError(
+                f"cannot connect to {self.path}: {why}; check the URL (host, port, user, "
+                "password, database) and that the server is running",
+                path=self.path,
+            )
         self._initialise()
 
     # -- connections ----------------------------------------------------------------
