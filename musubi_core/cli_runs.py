@@ -47,7 +47,7 @@ from .errors import (
     StepFailedError,
 )
 from .runner import DEFAULT_RUN_ID, run, validate_name, validate_run_id
-from .store import CallRecord, RunRecord, RunStepRecord, SQLiteStore
+from .store import CallRecord, RunRecord, RunStepRecord, is_postgres_target, open_store
 
 __all__ = ["add_commands", "cmd_run", "cmd_runs", "cmd_steps"]
 
@@ -330,9 +330,12 @@ def _check_usage(db: str, run_id: str, rerun_from: str | None) -> None:
         return
     validate_name(rerun_from)
     known: list[str] = []
-    if os.path.exists(db):
-        with SQLiteStore(db) as store:
-            known = [s.name for s in store.run_steps(run_id)]
+    if is_postgres_target(db) or os.path.exists(db):
+        store = open_store(db)
+        try:
+            known = [s.name for s in store.run_steps(run_id)]  # type: ignore[attr-defined]
+        finally:
+            store.close()
     if rerun_from not in known:
         raise ValueError(
             f"--rerun-from {rerun_from!r}: run {run_id!r} has no such step "

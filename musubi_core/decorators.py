@@ -410,6 +410,7 @@ def step(
     engine: Engine | None = None,
     ignore: tuple[str, ...] = (),
     strict_upstream: bool | None = None,
+    single_flight: bool | None = None,
 ) -> Callable[[Callable[P, R]], StepFunction[P, R]]: ...
 
 
@@ -425,6 +426,7 @@ def step(
     engine: Engine | None = None,
     ignore: tuple[str, ...] = (),
     strict_upstream: bool | None = None,
+    single_flight: bool | None = None,
 ) -> StepFunction[P, R] | Callable[[Callable[P, R]], StepFunction[P, R]]:
     """Make a function a lineage node: same inputs, same code, same upstream
     results -> the stored output is returned instead of running it again.
@@ -440,6 +442,9 @@ def step(
     ``TypeError`` at the call unless ``ignore=("self",)`` opts out.
     ``strict_upstream=True`` turns off replay by content across upstream nodes:
     a call reaching the same inputs through other upstream nodes then executes.
+    ``single_flight=True``: when several workers (threads, processes, machines
+    sharing the store) miss the same call at once, one executes it and the
+    others wait for its stored result (:mod:`musubi_core.flight`).
     """
     config = semantics or StepConfiguration()
     overrides: dict[str, Any] = {}
@@ -451,6 +456,8 @@ def step(
         overrides["version"] = version
     if strict_upstream is not None:
         overrides["strict_upstream"] = strict_upstream
+    if single_flight is not None:
+        overrides["single_flight"] = single_flight
     if overrides:
         config = StepConfiguration(**{**config.model_dump(), **overrides})
 

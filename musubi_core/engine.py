@@ -44,6 +44,8 @@ from .errors import (
     MusubiError,
     NodeNotFoundError,
 )
+from .flight import DEFAULT_TIMEOUT as FLIGHT_TIMEOUT
+from .flight import SingleFlight, flights_for
 from .identity import NodeKey, check_namespace, input_hash, make_node_id, make_op
 from .modes import Mode, resolve_mode
 from .policy import (
@@ -230,6 +232,8 @@ class Engine:
     # The category of the warnings about the store (a read-only file, a garbled node) that
     # degrade a call instead of failing it; adapters use their own.
     warning_category: type[Warning] = RuntimeWarning
+    # How long a single-flight waiter waits for another worker's execution (musubi_core.flight).
+    single_flight_timeout: float = FLIGHT_TIMEOUT
 
     def _now(self) -> float:
         """The clock replay decisions use: in replay and refresh mode a recording's TTL does
@@ -782,7 +786,22 @@ class Engine:
             found = self.lookup(key, config)
             if found.replay:
                 return _outcome_from(found)
-            return self._replay_by_content(call, found) or self._run(call, fn)
+            served = self._replay_by_content(call, found)
+            if served is not None:
+                return served
+            if not config.single_flight:
+                return self._run(call, fn)
+            waited, held = self.flights().wait_or_claim(
+                key.node_id, lambda: self._stored(key, config), category=self.warning_category,
+                timeout=self.single_flight_timeout,
+            )
+            if waited is not None:
+                return waited
+            try:
+                return self._run(call, fn)
+            finally:
+                if held:
+                    self.flights().release(key.node_id)
         with _effect_owner() as owner:
             deadline = time.monotonic() + EFFECT_WAIT_SECONDS
             while isinstance(replay := self._before(key, config, owner, kind), _Waiting):
@@ -812,7 +831,22 @@ class Engine:
             found = self.lookup(key, config)
             if found.replay:
                 return _outcome_from(found)
-            return self._replay_by_content(call, found) or await self._arun(call, fn)
+            served = self._replay_by_content(call, found)
+            if served is not None:
+                return served
+            if not config.single_flight:
+                return await self._arun(call, fn)
+            waited, held = await self.flights().await_or_claim(
+                key.node_id, lambda: self._stored(key, config), category=self.warning_category,
+                timeout=self.single_flight_timeout,
+            )
+            if waited is not None:
+                return waited
+            try:
+                return await self._arun(call, fn)
+            finally:
+                if held:
+                    self.flights().release(key.node_id)
         # The owner stays registered until the effect's outcome is recorded,
         # so a concurrent task of this process waits instead of seeing doubt.
         with _effect_owner() as owner:
@@ -821,6 +855,15 @@ class Engine:
                 self._check_deadline(key, deadline)
                 await asyncio.sleep(0.05)
             return replay if isinstance(replay, Outcome) else await self._arun(call, fn)
+
+    def flights(self) -> SingleFlight:
+        """The single-flight table of this engine's store (:mod:`musubi_core.flight`)."""
+        return flights_for(self.store)
+
+    def _stored(self, key: NodeKey, config: StepConfiguration) -> Outcome | None:
+        """The replay of ``key`` if another worker has stored it by now, else None."""
+        found = self.lookup(key, config)
+        return _outcome_from(found) if found.replay else None
 
     def _replay_only(self, call: _Call) -> Outcome:
         """Replay mode: the recording, or a :class:`ReplayMissError` (nothing runs, no intent

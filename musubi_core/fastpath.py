@@ -41,7 +41,7 @@ from ._plain import NOT_PLAIN, is_plain_json, plain_input_hash, plain_payload, p
 from .engine import DEFAULT_CONFIG, Engine, artifact_id_for
 from .identity import NodeKey
 from .policy import Decision, ReplayReason, StepConfiguration, StepType
-from .store import SQLiteStore
+from .store import PostgresStore, SQLiteStore
 
 __all__ = [
     "NOT_PLAIN",
@@ -103,19 +103,27 @@ def probe_replay(
     make it before serving the payload).
     """
     store = engine.store
-    if config.force_reexecution or not isinstance(store, SQLiteStore):
+    if config.force_reexecution or not isinstance(store, SQLiteStore | PostgresStore):
         return None
     if key.namespace != engine.namespace:
         return None  # Engine.lookup says why
     if engine.recorder.pending_node(key.node_id) is not None:
         return None  # a deferred write: lookup() serves it from the recorder
 
-    try:
-        # This thread's connection, without the error-wrapping context of ``store.query``.
-        row = store._conn().execute(_PROBE, (key.node_id,)).fetchone()
-    except sqlite3.Error:
-        # Again through ``query``, which raises the StoreError (with its hint) lookup() would.
-        row = store.query(lambda conn: conn.execute(_PROBE, (key.node_id,)).fetchone(), "lookup")
+    if isinstance(store, PostgresStore):
+        # One statement on a pooled autocommit connection: one round trip.
+        pg = store
+        row = pg.query(lambda conn: pg._ex(conn, _PROBE, (key.node_id,)).fetchone(), "lookup")
+    else:
+        try:
+            # This thread's connection, without the error-wrapping context of ``store.query``.
+            row = store._conn().execute(_PROBE, (key.node_id,)).fetchone()
+        except sqlite3.Error:
+            # Again through ``query``, which raises the StoreError (with its hint) lookup()
+            # would.
+            row = store.query(
+                lambda conn: conn.execute(_PROBE, (key.node_id,)).fetchone(), "lookup"
+            )
     if row is None:
         if engine.recorder.pending_node(key.node_id) is not None:
             return None  # deferred while we read
@@ -248,6 +256,13 @@ class HitMemo:
         """As :func:`probe_replay`."""
         engine = self.engine
         store = engine.store
+        if isinstance(store, PostgresStore) and not config.force_reexecution:
+            # No change token to remember hits by: every probe asks the server (one round
+            # trip); bytes equal to ones already checked are not hashed again.
+            found = probe_replay(engine, key, config, verify=False)
+            if isinstance(found, EncodedHit) and engine._verify_artifacts and not self._intact(found):
+                return None  # Engine.lookup makes it a miss and warns
+            return found
         if config.force_reexecution or not isinstance(store, SQLiteStore) or store._closed:
             return probe_replay(engine, key, config)
         if engine.recorder.pending_node(key.node_id) is not None:

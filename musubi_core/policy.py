@@ -72,6 +72,8 @@ class StepConfiguration(BaseModel):
     fingerprint: while it stays the same, edits to the function body do not
     invalidate stored results. ``strict_upstream`` turns off replay by content
     across upstream nodes (see :attr:`ReplayReason.CONTENT_HIT`).
+    ``single_flight`` makes concurrent workers that miss the same node wait for
+    one execution instead of each running it (see :mod:`musubi_core.flight`).
 
     >>> StepConfiguration(step_type=StepType.STOCHASTIC, ttl_seconds=3600).ttl_seconds
     3600.0
@@ -87,6 +89,9 @@ class StepConfiguration(BaseModel):
     # match a stored node's, through other upstream nodes, replays that node's output (see
     # ReplayReason.CONTENT_HIT). True keeps the strict rule: other upstream nodes, other node.
     strict_upstream: bool = False
+    # Several workers reaching this missing node at once: one executes, the others wait for
+    # its result (musubi_core.flight). Not part of identity.
+    single_flight: bool = False
 
     @model_validator(mode="after")
     def _ttl_only_for_stochastic(self) -> StepConfiguration:

@@ -86,10 +86,14 @@ from .store import (
     EdgeWrite,
     FlowWrite,
     NodeWrite,
+    PostgresStore,
     RunStepRecord,
     RunStepWrite,
     SQLiteStore,
+    is_postgres_target,
+    resolve_target,
 )
+from .store._pglock import PgSessionLock
 
 __all__ = ["DEFAULT_RUN_ID", "Context", "arun", "code_fingerprint", "run", "validate_name"]
 
@@ -272,13 +276,13 @@ class _Plan:
 class _Invocation:
     """State of one ``run()`` call: the lock, the store, what is recorded."""
 
-    def __init__(self, path: str, run_id: str, lock: RunLock, engine: Engine,
+    def __init__(self, path: str, run_id: str, lock: RunLock | PgSessionLock, engine: Engine,
                  recorded: list[RunStepRecord]) -> None:
         self.path = path
         self.run_id = run_id
         self.lock = lock
         self.engine = engine
-        self.store: SQLiteStore = engine.store  # type: ignore[assignment]
+        self.store: SQLiteStore | PostgresStore = engine.store  # type: ignore[assignment]
         self.recorded = {r.name: r for r in recorded}
         self.run_key = engine.key(f"run:{run_id}", {"run": run_id})
         self.seen: set[str] = set()
@@ -546,14 +550,29 @@ def _invocation(
     rid = validate_run_id(DEFAULT_RUN_ID if run_id is None else run_id)
     if rerun_from is not None:
         validate_name(rerun_from)
-    folder = os.path.dirname(os.path.abspath(db))
-    os.makedirs(folder, exist_ok=True)
-    lock = RunLock(lock_path(os.path.abspath(db), rid), db_path=db, run_id=rid)
-    lock.acquire()
+    target = resolve_target(db)
+    lock: RunLock | PgSessionLock
     engine: Engine | None = None
+    if is_postgres_target(target):
+        # One writer per run: a session-level advisory lock, freed when its holder's
+        # connection ends (a worker killed mid-step included).
+        pg = PostgresStore(target)
+        lock = pg.session_lock("run", rid, run_id=rid)
+        try:
+            lock.acquire()
+        except BaseException:
+            pg.close()
+            raise
+        engine = Engine(pg)
+    else:
+        folder = os.path.dirname(os.path.abspath(target))
+        os.makedirs(folder, exist_ok=True)
+        lock = RunLock(lock_path(os.path.abspath(target), rid), db_path=target, run_id=rid)
+        lock.acquire()
     try:
-        engine = Engine(SQLiteStore(db))
-        store: SQLiteStore = engine.store  # type: ignore[assignment]
+        if engine is None:
+            engine = Engine(SQLiteStore(target))
+        store: SQLiteStore | PostgresStore = engine.store  # type: ignore[assignment]
         if rerun_from is not None and not store.discard_steps_from(rid, rerun_from):
             known = [s.name for s in store.run_steps(rid)]
             raise ValueError(
@@ -565,7 +584,8 @@ def _invocation(
             rid, name=getattr(workflow, "__qualname__", None), node_id=run_key.node_id,
             parent_node=current_node(), host=_HOST, pid=os.getpid(), now=time.time(),
         )
-        yield _Invocation(db, rid, lock, engine, recorded)
+        yield _Invocation(store.path if is_postgres_target(target) else db, rid, lock, engine,
+                          recorded)
     finally:
         try:
             if engine is not None:

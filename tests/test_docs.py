@@ -22,7 +22,7 @@ DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 
 @pytest.mark.parametrize("doc", [d for d in DOCS if snippets(d)], ids=lambda p: p.name)
-def test_doc_snippets_run(doc: Path, tmp_path: Path) -> None:
+def test_doc_snippets_run(doc: Path, tmp_path: Path, request: pytest.FixtureRequest) -> None:
     blocks = snippets(doc)
     program = "\n\n".join(
         f"# --- snippet {i + 1} of {doc.name}\n{block}" for i, block in enumerate(blocks)
@@ -30,6 +30,11 @@ def test_doc_snippets_run(doc: Path, tmp_path: Path) -> None:
     script = tmp_path / "snippets.py"
     script.write_text(program, encoding="utf-8")
     env = dict(os.environ, MUSUBI_DB=str(tmp_path / "docs.db"), PYTHONPATH=str(ROOT))
+    if doc.name == "postgres.md":
+        # Its snippets talk to a real server: a fresh database of the session's test server.
+        from tests.support.postgres import fresh_database
+
+        env["MUSUBI_PG_URL"] = fresh_database(request.getfixturevalue("pg_dsn"))
     proc = subprocess.run(
         [sys.executable, str(script)],
         cwd=tmp_path,

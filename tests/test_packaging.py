@@ -76,6 +76,7 @@ def test_every_install_line_names_this_distribution_and_a_real_extra() -> None:
     """The name ``musubi`` on PyPI is an unrelated 2013 project, so installing it with an
     extra installs that: every requirement with extras, anywhere a user can read it,
     names this distribution, and an extra it has."""
+    # Extras start with a letter: an index such as ``musubi_sent[0]`` is not a requirement.
     requirement = re.compile(r"""(?<![\w.-])([A-Za-z][\w.-]*|\.)\[([a-z][a-z0-9,\- ]*)\]""")
     upgrade = re.compile(r"pip install -U ([\w.-]+)")
     seen = 0

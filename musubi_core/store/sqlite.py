@@ -27,6 +27,7 @@ from urllib.parse import quote
 
 from .._size import format_size, parse_size
 from ..errors import ConfigError, MusubiError, ReadOnlyStoreError, SchemaError, StoreError
+from ..flight import FileFlightLocks
 from ._sqlbase import _COLUMN_TYPES, _LOOKUP, NODE_COLUMNS, SQLStoreBase, _row_to_node
 from ._sqlcalls import _STATEMENT_ROWS
 from .base import NodeRecord
@@ -787,6 +788,11 @@ class SQLiteStore(RunStoreMixin, SQLStoreBase):
         return {"path": target, "bytes": os.path.getsize(target), "nodes": nodes}
 
     # -- lifecycle ----------------------------------------------------------------
+
+    def flight_locks(self) -> FileFlightLocks:
+        """The cross-process primitive of single flight (:mod:`musubi_core.flight`): record
+        locks on the sidecar file ``<store>.flights``."""
+        return FileFlightLocks(f"{self.path}.flights")
 
     def checkpoint(self) -> None:
         """Copy every commit from the ``-wal`` into the main file and empty the ``-wal``, so

@@ -1,8 +1,9 @@
-"""Durable-run storage for :class:`~musubi_core.store.sqlite.SQLiteStore`.
+"""Durable-run storage for :class:`~musubi_core.store.sqlite.SQLiteStore` and
+:class:`~musubi_core.store.postgres.PostgresStore`.
 
-Kept apart from the lineage store so each file stays readable; ``SQLiteStore``
-inherits :class:`RunStoreMixin` and so implements
-:class:`~musubi_core.store.base.RunStore`.
+Kept apart from the lineage store so each file stays readable; both stores
+inherit :class:`RunStoreMixin` (its statements run through the store's dialect
+hook ``_ex``) and so implement :class:`~musubi_core.store.base.RunStore`.
 
 Durability is chosen per write: a finished step is committed with
 ``synchronous=FULL`` (one fsync'd commit that carries the step row, its lineage
@@ -20,7 +21,6 @@ fsync.
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -140,17 +140,19 @@ def _step_record(row: Sequence[Any]) -> RunStepRecord:
 
 
 class RunStoreMixin:
-    """The :class:`~musubi_core.store.base.RunStore` methods of the SQLite store."""
+    """The :class:`~musubi_core.store.base.RunStore` methods of the SQL stores."""
 
-    if TYPE_CHECKING:  # provided by SQLiteStore
+    if TYPE_CHECKING:  # provided by SQLiteStore and PostgresStore
+
+        def _ex(self, c: Any, sql: str, params: Any = ...) -> Any: ...
 
         def commit_durable(
-            self, fn: Callable[[sqlite3.Connection], T], action: str = ...
+            self, fn: Callable[[Any], T], action: str = ...
         ) -> T: ...
 
-        def transaction(self, fn: Callable[[sqlite3.Connection], T], action: str = ...) -> T: ...
+        def transaction(self, fn: Callable[[Any], T], action: str = ...) -> T: ...
 
-        def query(self, fn: Callable[[sqlite3.Connection], T], action: str = ...) -> T: ...
+        def query(self, fn: Callable[[Any], T], action: str = ...) -> T: ...
 
         def _write_rows(
             self,
@@ -183,10 +185,11 @@ class RunStoreMixin:
     ) -> list[RunStepRecord]:
         edges = [EdgeWrite(parent_node, node_id, "contains")] if parent_node else []
 
-        def apply(c: sqlite3.Connection) -> list[RunStepRecord]:
-            c.execute(_BEGIN_RUN, (run_id, name, now, now, host, pid, node_id))
+        def apply(c: Any) -> list[RunStepRecord]:
+            self._ex(c, _BEGIN_RUN, (run_id, name, now, now, host, pid, node_id))
             self._write_rows(c, (), (), edges, now)
-            rows = c.execute(
+            rows = self._ex(
+                c,
                 f"SELECT {_STEP_COLUMNS}, a.encoding, a.payload FROM musubi_run_steps s "
                 "LEFT JOIN musubi_artifacts a ON a.artifact_id = s.artifact_id "
                 "WHERE s.run_id = ? ORDER BY s.seq",
@@ -199,20 +202,21 @@ class RunStoreMixin:
         return self.transaction(apply, "begin run")
 
     def discard_steps_from(self, run_id: str, name: str) -> list[str]:
-        def apply(c: sqlite3.Connection) -> list[str]:
-            row = c.execute(
-                "SELECT seq FROM musubi_run_steps WHERE run_id = ? AND name = ?", (run_id, name)
+        def apply(c: Any) -> list[str]:
+            row = self._ex(
+                c, "SELECT seq FROM musubi_run_steps WHERE run_id = ? AND name = ?", (run_id, name)
             ).fetchone()
             if row is None:
                 return []
             names = [
                 r[0]
-                for r in c.execute(
+                for r in self._ex(
+                    c,
                     "SELECT name FROM musubi_run_steps WHERE run_id = ? AND seq >= ? ORDER BY seq",
                     (run_id, row[0]),
                 ).fetchall()
             ]
-            c.execute("DELETE FROM musubi_run_steps WHERE run_id = ? AND seq >= ?", (run_id, row[0]))
+            self._ex(c, "DELETE FROM musubi_run_steps WHERE run_id = ? AND seq >= ?", (run_id, row[0]))
             return names
 
         # Durable: after "accept the change" returns, a power cut must not
@@ -224,7 +228,7 @@ class RunStoreMixin:
             step.run_id, step.name, step.seq, step.kind, step.fingerprint, step.node_id,
             step.started_at,
         )
-        self.transaction(lambda c: c.execute(_STEP_STARTED, params), "mark step started")
+        self.transaction(lambda c: self._ex(c, _STEP_STARTED, params), "mark step started")
 
     def checkpoint_step(
         self,
@@ -239,10 +243,10 @@ class RunStoreMixin:
         now = step.finished_at or node.finished_at or 0.0
         params = _step_params(step)
 
-        def apply(c: sqlite3.Connection) -> None:
+        def apply(c: Any) -> None:
             self._write_rows(c, [node], [artifact] if artifact else (), edges, now)
             self._write_records(c, calls, flows, (), now)
-            c.execute(_STEP_FINISHED, params)
+            self._ex(c, _STEP_FINISHED, params)
 
         self.commit_durable(apply, f"checkpoint step {step.name!r}")
 
@@ -257,18 +261,18 @@ class RunStoreMixin:
         now = step.finished_at or 0.0
         params = _step_params(step)
 
-        def apply(c: sqlite3.Connection) -> None:
+        def apply(c: Any) -> None:
             self._write_rows(c, [node], (), edges, now)
             self._write_records(c, calls, (), (), now)
-            c.execute(_STEP_FINISHED, params)
+            self._ex(c, _STEP_FINISHED, params)
 
         self.transaction(apply, f"record failure of step {step.name!r}")
 
     def next_call_seq(self, run_id: str) -> int:
         """Where the calls of a resumed run continue their order."""
         row = self.query(
-            lambda c: c.execute(
-                "SELECT MAX(seq) FROM musubi_calls WHERE run_id = ?", (run_id,)
+            lambda c: self._ex(
+                c, "SELECT MAX(seq) FROM musubi_calls WHERE run_id = ?", (run_id,)
             ).fetchone(),
             "next call seq",
         )
@@ -284,10 +288,10 @@ class RunStoreMixin:
         artifact: ArtifactWrite | None,
         now: float,
     ) -> None:
-        def apply(c: sqlite3.Connection) -> None:
+        def apply(c: Any) -> None:
             self._write_rows(c, [node], [artifact] if artifact else (), (), now)
             # The run's totals over every call it recorded, in every invocation.
-            c.execute(_FINISH_RUN, (status, error, now, now, run_id))
+            self._ex(c, _FINISH_RUN, (status, error, now, now, run_id))
 
         self.transaction(apply, "finish run")
 
@@ -300,5 +304,5 @@ class RunStoreMixin:
             )
         else:
             sql = f"SELECT {_STEP_COLUMNS} FROM musubi_run_steps s WHERE s.run_id = ? ORDER BY s.seq"
-        rows = self.query(lambda c: c.execute(sql, (run_id,)).fetchall(), "list run steps")
+        rows = self.query(lambda c: self._ex(c, sql, (run_id,)).fetchall(), "list run steps")
         return [_step_record(r) for r in rows]

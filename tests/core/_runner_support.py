@@ -81,7 +81,20 @@ def integrity(db: Path) -> str:
         conn.close()
 
 
-def committed(db: Path, run_id: str = "default") -> set[str]:
+def committed(db: Path | str, run_id: str = "default") -> set[str]:
+    """The steps of ``run_id`` whose checkpoint committed (SQLite file or PostgreSQL URL)."""
+    if str(db).startswith("postgresql://"):
+        import psycopg
+
+        with psycopg.connect(str(db)) as pg:
+            if pg.execute("SELECT to_regclass('musubi.musubi_run_steps')").fetchone() == (None,):
+                return set()
+            found = pg.execute(
+                "SELECT name FROM musubi.musubi_run_steps WHERE run_id = %s AND status = 'done'",
+                (run_id,),
+            ).fetchall()
+        return {r[0] for r in found}
+    db = Path(db)
     if not db.exists():
         return set()
     conn = sqlite3.connect(db, timeout=30)

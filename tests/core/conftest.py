@@ -18,20 +18,25 @@ from typing import Any
 import pytest
 
 import musubi_core.engine as engine_module
-from musubi_core import Engine, SQLiteStore, use_engine
+from musubi_core import Engine, use_engine
+from musubi_core.store import open_store
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
-def db_path(tmp_path: Path) -> Path:
+def db_path(tmp_path: Path, backend: str, request: pytest.FixtureRequest) -> Path:
+    """A fresh SQLite file; in a module with ``BOTH_BACKENDS = True`` also a fresh PostgreSQL
+    database (its URL, a ``str``: such modules open stores with ``open_store``)."""
+    if backend == "postgresql":
+        return request.getfixturevalue("store_target")  # type: ignore[no-any-return]
     return tmp_path / "musubi.db"
 
 
 @pytest.fixture
 def engine(db_path: Path) -> Iterator[Engine]:
-    """An engine on a fresh SQLite file, current for the whole test."""
-    eng = Engine(SQLiteStore(db_path))
+    """An engine on a fresh store, current for the whole test."""
+    eng = Engine(open_store(str(db_path)))
     with use_engine(eng):
         yield eng
     eng.close()

@@ -23,8 +23,10 @@ from tests.support.openai_server import OpenAIServer  # noqa: E402
 
 
 @pytest.fixture
-def db(tmp_path: Path) -> str:
-    return str(tmp_path / "musubi.db")
+def db(store_target: str) -> str:
+    """The store: a SQLite file, or (modules with ``BOTH_BACKENDS = True``) also a fresh
+    PostgreSQL database's URL."""
+    return store_target
 
 
 @pytest.fixture(autouse=True)

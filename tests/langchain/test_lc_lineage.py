@@ -30,6 +30,9 @@ from musubi_langchain import MusubiCache, MusubiCallbackHandler, instrument, uni
 from tests.support import lineage
 from tests.support.openai_server import OpenAIServer
 
+# Every test here runs on SQLite and on PostgreSQL (tests/conftest.py).
+BOTH_BACKENDS = True
+
 
 class Docs(BaseRetriever):
     """A tiny in-memory retriever: documents whose text shares a word with the query."""

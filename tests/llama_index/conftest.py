@@ -26,8 +26,10 @@ DOCS = [
 
 
 @pytest.fixture
-def db_path(tmp_path: Path) -> str:
-    return str(tmp_path / "musubi.db")
+def db_path(store_target: str) -> str:
+    """The store: a SQLite file, or (modules with ``BOTH_BACKENDS = True``) also a fresh
+    PostgreSQL database's URL."""
+    return store_target
 
 
 @pytest.fixture

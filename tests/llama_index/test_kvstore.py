@@ -13,6 +13,9 @@ from llama_index.core.node_parser import SentenceSplitter
 from musubi_llama_index import MusubiKVStore
 from tests.support.openai_server import OpenAIServer
 
+# Every test here runs on SQLite and on PostgreSQL (tests/conftest.py).
+BOTH_BACKENDS = True
+
 
 def test_put_get_delete_collections(db_path: str) -> None:
     kv = MusubiKVStore(db_path)
@@ -181,7 +184,8 @@ def test_ingestion_cache_calls_are_under_the_pipeline_span(
 
 
 def test_kv_calls_inside_a_step_join_its_run(db_path: str) -> None:
-    from musubi_core import Engine, SQLiteStore, step, use_engine
+    from musubi_core import Engine, step, use_engine
+    from musubi_core.store import open_store
     from tests.support import lineage as lin
 
     kv = MusubiKVStore(db_path)
@@ -194,7 +198,7 @@ def test_kv_calls_inside_a_step_join_its_run(db_path: str) -> None:
             kv.put(key, found)
         return found
 
-    with Engine(SQLiteStore(db_path)) as engine, use_engine(engine):
+    with Engine(open_store(db_path)) as engine, use_engine(engine):
         cached("alpha")
     kv.close()
     (run,) = lin.runs(db_path, "step")

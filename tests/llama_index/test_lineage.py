@@ -12,12 +12,16 @@ from typing import Any
 import pytest
 from llama_index.core import VectorStoreIndex
 
-from musubi_core import SQLiteStore
+from musubi_core.store import open_store
 from musubi_llama_index import instrument, uninstrument
 from tests.support import lineage as lin
 from tests.support.openai_server import OpenAIServer
 
 QUESTION = "What does musubi mean?"
+
+
+# Every test here runs on SQLite and on PostgreSQL (tests/conftest.py).
+BOTH_BACKENDS = True
 
 
 def _record_query(db_path: str, llm: Any, embed_model: Any, documents: list[Any]) -> Any:
@@ -91,7 +95,7 @@ def test_call_lineage_from_the_store_and_node_lineage_from_the_cli(
     _record_query(db_path, llm, embed_model, documents)
     _run, calls = _query_run(db_path)
     chat = calls["OpenAI.chat"]
-    with SQLiteStore(db_path) as store:
+    with open_store(db_path) as store:
         found, flows, cut = store.call_lineage(chat["call_id"])
     assert not cut
     ops = [c.op_name for c in found]
@@ -194,7 +198,7 @@ def test_edited_document_each_answer_shows_its_own_documents(
     assert chat1["node_id"] != chat2["node_id"] == chat3["node_id"]
     assert (chat1["replayed"], chat2["replayed"], chat3["replayed"]) == (0, 0, 1)
     # The store's own walk (what `musubi lineage CALL` prints) agrees.
-    with SQLiteStore(db_path) as store:
+    with open_store(db_path) as store:
         found, _flows, _cut = store.call_lineage(chat1["call_id"])
     assert {c.run_id for c in found} == {run1["run_id"]}
     retrieved = [c for c in found if c.kind == "retriever" and c.artifact_id]
@@ -239,7 +243,7 @@ def test_runs_over_the_same_context_never_link(
 
     # A constant embedding: every question retrieves the same context (the worst case).
     index = VectorStoreIndex.from_documents(documents, embed_model=MockEmbedding(embed_dim=8))
-    engine = Engine(SQLiteStore(db_path), namespace="t")
+    engine = Engine(open_store(db_path), namespace="t")
     # Models not patched: lineage only, every query runs (as in the span benchmark).
     instrument(engine=engine, lineage=True, use_settings=False)
 
@@ -278,7 +282,7 @@ def test_root_span_inside_a_step_or_trace_joins_that_run(
     from musubi_core import Engine, step, use_engine
     from musubi_core.record import trace
 
-    engine = Engine(SQLiteStore(db_path))
+    engine = Engine(open_store(db_path))
     instrument(engine=engine, llm=llm, embed_model=embed_model)
     index = VectorStoreIndex.from_documents(documents, embed_model=embed_model)
     qe = index.as_query_engine(llm=llm)

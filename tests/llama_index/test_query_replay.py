@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 from typing import Any
 
 from llama_index.core import VectorStoreIndex
@@ -11,9 +10,14 @@ from llama_index.core.llms.function_calling import FunctionCallingLLM
 from llama_index.llms.openai import OpenAI
 
 from musubi_llama_index import instrument
+from tests.support import lineage as lin
 from tests.support.openai_server import OpenAIServer
 
 QUESTION = "What does musubi mean?"
+
+
+# Every test here runs on SQLite and on PostgreSQL (tests/conftest.py).
+BOTH_BACKENDS = True
 
 
 def _build(documents: list[Any], embed_model: Any) -> VectorStoreIndex:
@@ -37,10 +41,12 @@ def test_sync_query_replays_with_zero_requests(
         n.node.get_content() for n in first.source_nodes
     ]
     inst.flush()
-    with sqlite3.connect(db_path) as c:
-        llm_rows = c.execute(
-            "SELECT exec_count, replay_count, tokens_in FROM musubi_nodes WHERE kind = 'llm'"
-        ).fetchall()
+    llm_rows = [
+        (r["exec_count"], r["replay_count"], r["tokens_in"])
+        for r in lin._rows(
+            db_path, "SELECT exec_count, replay_count, tokens_in FROM musubi_nodes WHERE kind = 'llm'"
+        )
+    ]
     assert len(llm_rows) == 1
     exec_count, replay_count, tokens_in = llm_rows[0]
     assert (exec_count, replay_count) == (1, 1)
@@ -233,12 +239,6 @@ def test_sampling_params_and_secrets_in_identity(
     from musubi_llama_index import uninstrument
 
     uninstrument()  # flushes and closes: everything is on disk now
-    raw = b""
-    for suffix in ("", "-wal"):
-        try:
-            with open(db_path + suffix, "rb") as fh:
-                raw += fh.read()
-        except FileNotFoundError:
-            pass
+    raw = lin.raw_bytes(db_path)
     assert b"same prompt" in raw  # the check below can see stored text
     assert b"key-one" not in raw and b"key-two" not in raw

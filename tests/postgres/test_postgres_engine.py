@@ -120,3 +120,63 @@ def test_cli_gc_on_a_postgres_store(pg_dsn: str) -> None:
         refused = musubi("gc", *args)
         assert refused.returncode == 2 and says in refused.stderr, refused.stderr
         assert "Traceback" not in refused.stderr
+
+
+def test_musubi_cache_on_a_postgres_store_object(pg_dsn: str) -> None:
+    """``MusubiCache(store=PostgresStore(dsn))``: a second worker's cache (its own store
+    object) replays what the first stored; the model runs once."""
+    from langchain_core.language_models.fake_chat_models import FakeListChatModel
+
+    from musubi_langchain import MusubiCache
+
+    schema = f"c{uuid.uuid4().hex[:8]}"
+    first = MusubiCache(store=PostgresStore(pg_dsn, schema=schema))
+    model = FakeListChatModel(responses=["stored", "paid twice"], cache=first)
+    assert model.invoke("q").content == "stored"
+    first.engine.flush()
+    second = MusubiCache(store=PostgresStore(pg_dsn, schema=schema))
+    again = FakeListChatModel(responses=["stored", "paid twice"], cache=second)
+    assert again.invoke("q").content == "stored"
+    assert again.invoke("q").content == "stored"
+    second.engine.flush()
+    stats = second.engine.store.stats()
+    assert stats["executions"] == 1 and stats["replays"] == 2
+
+
+def test_a_langchain_hit_is_one_round_trip(pg_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A MusubiCache hit on PostgreSQL sends one statement (no BEGIN / ROLLBACK around it:
+    reads run on autocommit connections), counted on the real connection of the calling
+    thread (the recorder's background commits are not the hit's)."""
+    import threading
+
+    import psycopg
+    from langchain_core.outputs import Generation
+
+    from musubi_langchain import MusubiCache
+
+    cache = MusubiCache(store=PostgresStore(pg_dsn, schema=f"h{uuid.uuid4().hex[:8]}"))
+    cache.update("p", "[('_type', 'x')]", [Generation(text="hi")])
+    assert cache.lookup("p", "[('_type', 'x')]") == [Generation(text="hi")]  # pool warmed
+    sent: list[str] = []
+    me = threading.get_ident()
+    original_execute = psycopg.Connection.execute
+    original_rollback = psycopg.Connection.rollback
+
+    def execute(self: psycopg.Connection, query: object, *args: object, **kw: object) -> object:
+        if threading.get_ident() == me:
+            sent.append(str(query))
+        return original_execute(self, query, *args, **kw)  # type: ignore[arg-type]
+
+    def rollback(self: psycopg.Connection) -> None:
+        if threading.get_ident() == me:
+            sent.append("ROLLBACK")
+        original_rollback(self)
+
+    monkeypatch.setattr(psycopg.Connection, "execute", execute)
+    monkeypatch.setattr(psycopg.Connection, "rollback", rollback)
+    for _ in range(3):
+        sent.clear()
+        assert cache.lookup("p", "[('_type', 'x')]") == [Generation(text="hi")]
+        assert len(sent) == 1 and sent[0].lstrip().startswith("SELECT"), sent
+    monkeypatch.undo()
+    cache.engine.close()

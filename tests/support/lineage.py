@@ -1,4 +1,5 @@
-"""What a user checks of recorded lineage, read straight from the store file with sqlite3.
+"""What a user checks of recorded lineage, read straight from the store (the SQLite file with
+sqlite3, or a PostgreSQL database with psycopg, schema ``musubi``).
 
 * every run's calls form a tree (each parent is a call of the same run; no cycles);
 * a call's upstream (the calls whose output flowed into it, transitively) stays in its run;
@@ -13,12 +14,45 @@ from typing import Any
 
 
 def _rows(db: str, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+    if db.startswith("postgresql://"):
+        import psycopg
+        from psycopg.rows import dict_row
+
+        with psycopg.connect(db, row_factory=dict_row) as pg:
+            pg.execute("SET search_path TO musubi")
+            return list(pg.execute(sql.replace("?", "%s"), params).fetchall())
     con = sqlite3.connect(db)
     con.row_factory = sqlite3.Row
     try:
         return [dict(r) for r in con.execute(sql, params).fetchall()]
     finally:
         con.close()
+
+
+def raw_bytes(db: str) -> bytes:
+    """Everything the store holds, as bytes: the SQLite file and its WAL, or every row of
+    every musubi table on PostgreSQL (what a leaked secret would be found in)."""
+    if db.startswith("postgresql://"):
+        import psycopg
+
+        out = []
+        with psycopg.connect(db) as pg:
+            for (table,) in pg.execute(
+                "SELECT table_name FROM information_schema.tables WHERE table_schema = 'musubi'"
+            ).fetchall():
+                for (row,) in pg.execute(f"SELECT t::text FROM musubi.{table} t").fetchall():
+                    out.append(row.encode())
+            for (payload,) in pg.execute("SELECT payload FROM musubi.musubi_artifacts").fetchall():
+                out.append(bytes(payload))
+        return b"\n".join(out)
+    raw = b""
+    for suffix in ("", "-wal"):
+        try:
+            with open(db + suffix, "rb") as fh:
+                raw += fh.read()
+        except FileNotFoundError:
+            pass
+    return raw
 
 
 def runs(db: str, kind: str | None = None) -> list[dict[str, Any]]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
+from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
 from uuid import UUID
@@ -45,6 +46,27 @@ class CacheReport:
     tokens_in: int | None = None
     tokens_out: int | None = None
     saved_s: float | None = None
+
+
+# run id -> what to do if the model call fails (a single flight the cache holds for it).
+_on_failure: dict[UUID, Callable[[], None]] = {}
+
+
+def on_failure(run_id: UUID, fn: Callable[[], None] | None) -> None:
+    """Run ``fn`` if the model run ``run_id`` fails (``None``: forget what was registered)."""
+    with _lock:
+        if fn is None:
+            _on_failure.pop(run_id, None)
+        elif len(_on_failure) < _MAX_REPORTS:
+            _on_failure[run_id] = fn
+
+
+def failed(run_id: UUID) -> None:
+    """The model run ``run_id`` failed (the handler saw its error)."""
+    with _lock:
+        fn = _on_failure.pop(run_id, None)
+    if fn is not None:
+        fn()
 
 
 def push(run_id: UUID) -> None:

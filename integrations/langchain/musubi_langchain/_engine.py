@@ -27,7 +27,7 @@ from musubi_core.engine import Engine, get_engine
 from musubi_core.errors import MusubiError
 from musubi_core.fastpath import NOT_PLAIN, plain_tree
 from musubi_core.modes import Mode
-from musubi_core.store import SQLiteStore
+from musubi_core.store import open_store
 
 T = TypeVar("T")
 
@@ -124,7 +124,7 @@ def make_engine(
             return default
         store = default.store
     engine = Engine(
-        store if store is not None else SQLiteStore(path),  # type: ignore[arg-type]
+        store if store is not None else open_store(os.fspath(path)),  # type: ignore[arg-type]
         codec=PlainAwareCodec(),
         namespace=namespace,
         mode=mode,

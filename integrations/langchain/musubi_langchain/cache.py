@@ -15,8 +15,9 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
@@ -26,6 +27,8 @@ from langchain_core.outputs import Generation
 from musubi_core.engine import Engine
 from musubi_core.errors import ReplayMissError
 from musubi_core.fastpath import EncodedHit, HitMemo
+from musubi_core.flight import DEFAULT_TIMEOUT as FLIGHT_TIMEOUT
+from musubi_core.flight import flights_for
 from musubi_core.identity import NodeKey, make_op, resolve_namespace
 from musubi_core.modes import Mode, resolve_mode
 from musubi_core.policy import Decision, ReplayReason, StepConfiguration, StepType
@@ -40,7 +43,7 @@ from ._codec import (
     encode_generations,
     usage_of,
 )
-from ._engine import Guard, make_engine
+from ._engine import Guard, MusubiLangChainWarning, make_engine
 from ._keys import KeyParts, chat_key_parts, llm_key_parts
 from ._replaymode import call_material, miss_error, store_failure
 
@@ -58,12 +61,23 @@ _MAX_KEYS = 2048
 _MAX_DECODED = 1024
 
 
+@dataclass(frozen=True, slots=True)
+class _Flight:
+    """A miss that, with single flight, waits for (or takes) the node's flight."""
+
+    prompt: str
+    llm_string: str
+    key: NodeKey
+    run_id: UUID | None
+
+
 class MusubiCache(BaseCache):
     """LangChain cache backed by a musubi store; every entry is a lineage node.
 
     Args:
-        path: SQLite file (default: ``$MUSUBI_DB`` or ``.musubi/musubi.db``).
-        store: an existing core store instead of ``path``.
+        path: SQLite file or PostgreSQL URL (default: ``$MUSUBI_DB`` or
+            ``.musubi/musubi.db``).
+        store: an existing core store (``SQLiteStore``, ``PostgresStore``) instead of ``path``.
         namespace: keeps projects/experiments apart inside one file: a separate cache (its
             own nodes; :meth:`clear` forgets only its entries). Default: ``engine``'s, else
             ``"default"``.
@@ -76,6 +90,10 @@ class MusubiCache(BaseCache):
             provider; streams are served from the cache without ``replay_streams``),
             ``"refresh"`` (replay what matches, record what does not) or ``"off"`` (an inert
             cache: every call goes to the provider and nothing is stored).
+        single_flight: when several workers (threads, processes, machines sharing the store)
+            miss the same call at once, one sends it to the provider and the others wait for
+            its stored answer (at most ``single_flight_timeout`` seconds; past it they call
+            the provider too, with one warning). A worker that dies mid-call releases it.
 
     Keys are canonical (volatile message fields, provider tool-call ids and the hit marker are
     dropped; structured-output classes key by JSON schema), hits return a fresh ``list`` of freshly
@@ -96,6 +114,8 @@ class MusubiCache(BaseCache):
         engine: Engine | None = None,
         replay_streams: bool = False,
         mode: Mode | str | None = None,
+        single_flight: bool = False,
+        single_flight_timeout: float = FLIGHT_TIMEOUT,
     ) -> None:
         self._path = path
         self._store = store
@@ -123,6 +143,11 @@ class MusubiCache(BaseCache):
         self._decoded: dict[str, tuple[str, bytes, Template | None]] = {}
         self._hits: HitMemo | None = None
         self._ambient: AmbientRun | None = None  # the run of lookups made outside any trace
+        self.single_flight = single_flight
+        self.single_flight_timeout = single_flight_timeout
+        # (prompt, llm_string) -> node id of a flight this cache holds until update() stores
+        # the provider's answer (see musubi_core.flight).
+        self._flying: dict[tuple[str, str], tuple[str, UUID | None]] = {}
         if replay_streams:
             from .streaming import install_stream_replay  # cycle: streaming imports this module
 
@@ -249,7 +274,7 @@ class MusubiCache(BaseCache):
         self._decoded[hit.artifact_id] = (hit.encoding, hit.payload, template)
         return template.fresh()
 
-    def _lookup(self, prompt: str, llm_string: str) -> list[Generation] | None:
+    def _lookup(self, prompt: str, llm_string: str) -> list[Generation] | _Flight | None:
         run_id = _correlate.claim() if _correlate.pending() else None
         key = self._keys.get((prompt, llm_string)) if llm_call_kwargs.get() is None else None
         if key is None:
@@ -304,10 +329,73 @@ class MusubiCache(BaseCache):
             return generations
         if self.mode is Mode.REPLAY:
             raise self.miss_error(prompt, llm_string, key)
+        if self.single_flight and (prompt, llm_string) not in self._flying:
+            return _Flight(prompt, llm_string, key, run_id)
+        self._missed(prompt, llm_string, key, run_id)
+        return None
+
+    def _missed(
+        self, prompt: str, llm_string: str, key: NodeKey, run_id: UUID | None
+    ) -> None:
         if run_id is not None:
             _correlate.report(run_id, _correlate.CacheReport(node_id=key.node_id, replayed=False))
         self._remember(prompt, llm_string, key, run_id)
+
+    def _landed(
+        self, flight: _Flight, state: tuple[list[Generation] | None, bool]
+    ) -> list[Generation] | None:
+        """After waiting: the answer another worker stored, or this cache's flight (held
+        until :meth:`update`), or (timed out) a plain miss."""
+        found, held = state
+        if found is not None:
+            return found
+        if held:
+            with self._inflight_lock:
+                self._flying[(flight.prompt, flight.llm_string)] = (
+                    flight.key.node_id, flight.run_id
+                )
+            if flight.run_id is not None:
+                # Under instrument(), the handler sees the call fail: the flight is released
+                # then (without the handler, only a later update() or the waiters' timeout).
+                prompt, llm_string = flight.prompt, flight.llm_string
+                _correlate.on_failure(flight.run_id, lambda: self._land(prompt, llm_string))
+        self._missed(flight.prompt, flight.llm_string, flight.key, flight.run_id)
         return None
+
+    def _ready(self, flight: _Flight) -> Callable[[], list[Generation] | None]:
+        return lambda: self._slow_lookup(flight.key, flight.run_id)
+
+    def _fly(self, flight: _Flight) -> list[Generation] | None:
+        try:
+            state = flights_for(self.engine.store).wait_or_claim(
+                flight.key.node_id, self._ready(flight), timeout=self.single_flight_timeout,
+                category=MusubiLangChainWarning,
+            )
+            return self._landed(flight, state)
+        except Exception as exc:  # never break the host: a miss plus one warning
+            self._guard.warn(exc)
+            return None
+
+    async def _afly(self, flight: _Flight) -> list[Generation] | None:
+        try:
+            state = await flights_for(self.engine.store).await_or_claim(
+                flight.key.node_id, self._ready(flight), timeout=self.single_flight_timeout,
+                category=MusubiLangChainWarning,
+            )
+            return self._landed(flight, state)
+        except Exception as exc:
+            self._guard.warn(exc)
+            return None
+
+    def _land(self, prompt: str, llm_string: str) -> None:
+        """Release the flight held for this call, if any (its answer is stored, or failed)."""
+        with self._inflight_lock:
+            flying = self._flying.pop((prompt, llm_string), None)
+        if flying is not None:
+            node_id, run_id = flying
+            if run_id is not None:
+                _correlate.on_failure(run_id, None)
+            self._guard.call(lambda: flights_for(self.engine.store).release(node_id), None)
 
     def _slow_lookup(self, key: NodeKey, run_id: UUID | None) -> list[Generation] | None:
         """The full engine lookup (stale-but-revivable nodes, buffered writes, corrupt bytes)."""
@@ -394,6 +482,10 @@ class MusubiCache(BaseCache):
         In replay mode a miss (or a store that cannot be read) raises
         :class:`~musubi_core.errors.ReplayMissError` instead: it is the one error the cache
         lets reach LangChain, so that nothing is sent to the provider."""
+        found = self._lookup_guarded(prompt, llm_string)
+        return self._fly(found) if isinstance(found, _Flight) else found
+
+    def _lookup_guarded(self, prompt: str, llm_string: str) -> list[Generation] | _Flight | None:
         if self.mode is Mode.OFF:
             return None
         try:
@@ -410,7 +502,10 @@ class MusubiCache(BaseCache):
         """Record the generations as the node's artifact (a failure only warns once)."""
         if self.mode is Mode.OFF:
             return
-        self._guard.call(lambda: self._update(prompt, llm_string, return_val), None)
+        try:
+            self._guard.call(lambda: self._update(prompt, llm_string, return_val), None)
+        finally:
+            self._land(prompt, llm_string)
 
     def miss_error(
         self, prompt: str, llm_string: str, key: NodeKey | None = None
@@ -437,8 +532,10 @@ class MusubiCache(BaseCache):
     # Native async: the default runs the sync method in a thread pool, which costs a thread hop
     # per call and loses the context variable the handler uses to correlate runs.
     async def alookup(self, prompt: str, llm_string: str) -> RETURN_VAL_TYPE | None:
-        """Async :meth:`lookup` (runs inline: a SQLite probe is faster than a thread hop)."""
-        return self.lookup(prompt, llm_string)
+        """Async :meth:`lookup` (runs inline: a SQLite probe is faster than a thread hop; a
+        single-flight wait awaits, so the event loop keeps running)."""
+        found = self._lookup_guarded(prompt, llm_string)
+        return await self._afly(found) if isinstance(found, _Flight) else found
 
     async def aupdate(self, prompt: str, llm_string: str, return_val: RETURN_VAL_TYPE) -> None:
         """Async :meth:`update`."""

@@ -309,6 +309,7 @@ class MusubiCallbackHandler(BaseCallbackHandler):
             if run.kind in _MODEL_KINDS:
                 _correlate.discard(run_id)
                 _correlate.take(run_id)
+                _correlate.failed(run_id)  # a single flight held for it is released
                 if run.streamed:
                     streamed = preview("".join(run.streamed))
             # A failed run produced nothing downstream can depend on: it is not indexed.

@@ -123,6 +123,7 @@ def instrument(
     replay_streams: bool = False,
     tools: Mapping[str, Replay] | None = None,
     mode: Mode | str | None = None,
+    single_flight: bool = False,
 ) -> Instrumentation:
     """Install musubi globally for LangChain (see module docstring).
 
@@ -142,6 +143,8 @@ def instrument(
             streams are served from the store (``replay_streams`` is implied) and a call with
             no recording raises :class:`~musubi_core.errors.ReplayMissError` out of the model
             call; ``"off"`` installs nothing.
+        single_flight: workers missing the same call at once make one provider request; the
+            others wait for its stored answer (see :class:`MusubiCache`).
     """
     global _current
     namespace = resolve_namespace(namespace, engine.namespace if engine is not None else None)
@@ -152,6 +155,7 @@ def instrument(
         id(store), id(engine), namespace, ttl_seconds, cache, handler, replay_streams,
         dict(tools or {}),
         resolved,
+        single_flight,
     )
     with _lock:
         if _current is not None:
@@ -173,7 +177,7 @@ def instrument(
         new_cache = (
             MusubiCache(path, store=store, engine=eng, namespace=namespace,
                         ttl_seconds=ttl_seconds, replay_streams=replay_streams,
-                        mode=resolved)
+                        mode=resolved, single_flight=single_flight)
             if cache
             else None
         )

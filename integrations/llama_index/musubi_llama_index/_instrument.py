@@ -275,11 +275,13 @@ def instrument(
     use_settings: bool = True,
     tools: Mapping[str, _tools.Replay] | None = None,
     mode: Mode | str | None = None,
+    single_flight: bool = False,
 ) -> Instrumentation:
     """Make LlamaIndex LLM and embedding calls replayable and record spans as lineage.
 
     Args:
-        path: SQLite file of the musubi store. ``None``: the engine in effect at call time
+        path: SQLite file or PostgreSQL URL of the musubi store. ``None``: the engine in
+            effect at call time
             (``use_engine(...)`` or ``$MUSUBI_DB`` / ``.musubi/musubi.db``).
         llm, embed_model: models to make replayable, in addition to ``Settings.llm`` /
             ``Settings.embed_model`` (``use_settings=True``).
@@ -300,6 +302,9 @@ def instrument(
             :class:`~musubi_core.errors.ReplayMissError` from the model call: nothing is sent
             to the provider), ``"refresh"`` (replay what matches, record what does not) or
             ``"off"`` (nothing is installed).
+        single_flight: workers (threads, processes, machines sharing the store) missing the
+            same LLM call at once send it once; the others wait for its stored response
+            (non-streamed calls; see :mod:`musubi_core.flight`).
 
     Idempotent: calling again installs nothing twice; models given later are patched with
     the runtime of the first call.
@@ -320,7 +325,8 @@ def instrument(
             )
         if _current is None:
             runtime = Runtime(
-                path, engine=engine, namespace=namespace, ttl_seconds=ttl_seconds, mode=resolved
+                path, engine=engine, namespace=namespace, ttl_seconds=ttl_seconds, mode=resolved,
+                single_flight=single_flight,
             )
             recorder = LineageRecorder(runtime) if lineage else None
             span_handler = MusubiSpanHandler.create(recorder) if recorder else None

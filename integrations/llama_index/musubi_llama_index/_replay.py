@@ -36,7 +36,7 @@ from llama_index.core.base.llms.types import ChatMessage, ChatResponse, Completi
 from musubi_core import ReplayMissError, StepConfiguration, StepType
 from musubi_core.modes import Mode
 from musubi_core.replay_miss import material, miss_error, store_failure_error
-from musubi_llama_index import _embed
+from musubi_llama_index import _embed, _flight
 from musubi_llama_index import _models as _m
 from musubi_llama_index._content import brief, prompt_text, usage_of
 from musubi_llama_index._identity import llm_call_inputs, model_fingerprint
@@ -297,13 +297,24 @@ def _make_llm_methods(cls: type) -> dict[str, Any]:
             served = _served(call, kind, stream)
             if served is not None:
                 return iter(served) if stream else served
+            held = False
+            if not stream:
+                served, held = _flight.fly(call.rt, call.key, lambda: _stored(call, kind, False))
+                if served is not None:
+                    return served
             try:
                 with call.guard():
                     out = original(self, *args, **kwargs)
             except BaseException as err:
                 call.failed(err)
+                _flight.land(call.rt, call.key, held)
                 raise
-            return _recording_gen(call, out) if stream else call.recorded(out)
+            if stream:
+                return _recording_gen(call, out)
+            try:
+                return call.recorded(out)
+            finally:
+                _flight.land(call.rt, call.key, held)
 
         method.__name__ = name
         return _m.mark(method)
@@ -318,13 +329,26 @@ def _make_llm_methods(cls: type) -> dict[str, Any]:
             served = _served(call, kind, stream)
             if served is not None:
                 return _async_iter(served) if stream else served
+            held = False
+            if not stream:
+                served, held = await _flight.afly(
+                    call.rt, call.key, lambda: _stored(call, kind, False)
+                )
+                if served is not None:
+                    return served
             try:
                 with call.guard():
                     out = await original(self, *args, **kwargs)
             except BaseException as err:
                 call.failed(err)
+                _flight.land(call.rt, call.key, held)
                 raise
-            return _recording_agen(call, out) if stream else call.recorded(out)
+            if stream:
+                return _recording_agen(call, out)
+            try:
+                return call.recorded(out)
+            finally:
+                _flight.land(call.rt, call.key, held)
 
         method.__name__ = name
         return _m.mark(method)

@@ -21,9 +21,11 @@ import weakref
 from collections.abc import Callable
 from typing import TypeVar
 
-from musubi_core import Engine, MusubiError, SQLiteStore, get_engine
+from musubi_core import Engine, MusubiError, get_engine
+from musubi_core.flight import DEFAULT_TIMEOUT as FLIGHT_TIMEOUT
 from musubi_core.identity import resolve_namespace
 from musubi_core.modes import Mode, resolve_mode
+from musubi_core.store import open_store
 
 __all__ = ["Runtime", "guarded", "warn_once"]
 
@@ -71,9 +73,15 @@ class Runtime:
         namespace: str | None = None,
         ttl_seconds: float | None = None,
         mode: Mode | str | None = None,
+        single_flight: bool = False,
+        single_flight_timeout: float = FLIGHT_TIMEOUT,
     ) -> None:
         self.path = str(path) if path is not None else None
         self.ttl_seconds = ttl_seconds
+        # Workers missing the same LLM call at once: one executes, the others wait for it
+        # (musubi_llama_index._flight).
+        self.single_flight = single_flight
+        self.single_flight_timeout = single_flight_timeout
         self.namespace = resolve_namespace(namespace, engine.namespace if engine else None)
         # replay: a call with no recording raises ReplayMissError (see _replay / _embed).
         self.mode: Mode = resolve_mode(mode, engine.mode if engine else None)
@@ -109,7 +117,7 @@ class Runtime:
         with self._open_lock:
             if self._engine is None:
                 self._engine = Engine(
-                    SQLiteStore(self.path), namespace=self.namespace, mode=self.mode
+                    open_store(self.path), namespace=self.namespace, mode=self.mode
                 )
             return self._engine
 

@@ -38,9 +38,10 @@ from llama_index.core.storage.kvstore.types import (
     BaseKVStore,
 )
 
-from musubi_core import Engine, SQLiteStore, StepConfiguration, StepType
+from musubi_core import Engine, StepConfiguration, StepType
 from musubi_core.identity import DEFAULT_NAMESPACE, check_namespace
 from musubi_core.record import RunState
+from musubi_core.store import open_store
 from musubi_llama_index import _calls
 from musubi_llama_index._content import brief
 from musubi_llama_index._runtime import guarded, warn_once
@@ -122,7 +123,7 @@ class MusubiKVStore(BaseKVStore):
         # Opened lazily: cheap to construct, and reopened after unpickling in a worker.
         with self._lock:
             if self._engine_obj is None:
-                self._engine_obj = Engine(SQLiteStore(self.path), namespace=self.namespace)
+                self._engine_obj = Engine(open_store(self.path), namespace=self.namespace)
             return self._engine_obj
 
     def __getstate__(self) -> dict[str, Any]:
