@@ -15,6 +15,9 @@ from test_lc_lineage import _rag
 from musubi_langchain import instrument, uninstrument
 from tests.support.openai_server import OpenAIServer
 
+# Runs on SQLite and on PostgreSQL (tests/conftest.py).
+BOTH_BACKENDS = True
+
 
 def musubi(db: str, *args: str) -> Any:
     done = subprocess.run(

@@ -19,6 +19,10 @@ from langchain_openai import ChatOpenAI
 from musubi_langchain import MusubiCache, MusubiLangChainWarning, instrument, uninstrument
 from tests.support.openai_server import OpenAIServer
 from tests.support.read_only import HOW, read_only_store
+from tests.support.storedb import sqlite_only
+
+# Runs on SQLite and on PostgreSQL (tests/conftest.py).
+BOTH_BACKENDS = True
 
 
 def _chain(model: ChatOpenAI) -> Any:
@@ -60,6 +64,7 @@ def read_only(tmp_path: Path) -> Iterator[Any]:
 def test_read_only_store_degrades_to_misses_with_one_warning(
     db: str, chat: ChatOpenAI, openai_server: OpenAIServer, read_only: Any
 ) -> None:
+    sqlite_only(db, "a read-only file")
     cache = MusubiCache(db)
     set_llm_cache(cache)
     chain = _chain(chat)
@@ -86,6 +91,7 @@ def test_read_only_store_degrades_to_misses_with_one_warning(
 
 
 def test_store_deleted_mid_run_degrades(db: str, chat: ChatOpenAI, openai_server: OpenAIServer) -> None:
+    sqlite_only(db, "a file deleted under the store")
     instrument(db)
     chain = _chain(chat)
     first = chain.invoke({"topic": "a"})
@@ -164,6 +170,7 @@ def test_instrument_on_an_unopenable_path_still_answers(
 def test_a_garbled_cache_entry_is_a_miss_with_one_warning(
     db: str, chat: ChatOpenAI, openai_server: OpenAIServer
 ) -> None:
+    sqlite_only(db, "a column holding a value of another type")
     import sqlite3
 
     cache = MusubiCache(db)

@@ -16,6 +16,9 @@ from musubi_langchain import instrument, uninstrument
 from tests.support import lineage
 from tests.support.openai_server import OpenAIServer
 
+# Runs on SQLite and on PostgreSQL (tests/conftest.py).
+BOTH_BACKENDS = True
+
 langgraph_prebuilt = pytest.importorskip("langgraph.prebuilt")
 from langgraph.checkpoint.memory import InMemorySaver  # noqa: E402
 

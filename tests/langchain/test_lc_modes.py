@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sqlite3
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,12 @@ from langchain_openai import ChatOpenAI
 import musubi_langchain
 from musubi_core import ConfigError, Engine, ReplayMissError, SQLiteStore
 from musubi_langchain import MusubiCache
+from tests.support.lineage import raw_bytes
 from tests.support.openai_server import ChatReply, OpenAIServer, ToolCall
+from tests.support.storedb import rows
+
+# Runs on SQLite and on PostgreSQL (tests/conftest.py).
+BOTH_BACKENDS = True
 
 TEMPLATE = "You are terse. Answer in one sentence using the context: {ctx}\nQuestion: {q}"
 INPUT = {"ctx": "musubi ties knots", "q": "what does it tie?"}
@@ -31,6 +35,7 @@ def _chain(chat: ChatOpenAI, template: str = TEMPLATE) -> object:
 def test_replay_serves_recordings_and_a_miss_names_the_changed_text(
     db: str, chat: ChatOpenAI, openai_server: OpenAIServer
 ) -> None:
+
     musubi_langchain.instrument(db)
     answer = _chain(chat).invoke(INPUT)  # type: ignore[attr-defined]
     musubi_langchain.uninstrument()
@@ -108,10 +113,8 @@ def test_tool_calls_replay_and_record_no_secret(
     assert again.tool_calls == first.tool_calls and again.tool_calls[0]["args"] == {"a": 1, "b": 2}
     assert openai_server.count() == 1
     musubi_langchain.uninstrument()
-    stored = Path(db).read_bytes() + Path(db + "-wal").read_bytes() if Path(db + "-wal").exists() \
-        else Path(db).read_bytes()
-    assert b"sk-secret-never-stored" not in stored
-    meta = sqlite3.connect(db).execute("SELECT meta FROM musubi_nodes").fetchone()[0]
+    assert b"sk-secret-never-stored" not in raw_bytes(db)
+    ((meta,),) = rows(db, "SELECT meta FROM musubi_nodes")
     assert json.loads(meta)["inputs"]["params"]["tools"][0]["function"]["name"] == "add"
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +25,10 @@ import musubi_langchain
 from musubi_core import ConfigError, Engine, SQLiteStore
 from musubi_langchain import MusubiCache
 from tests.support.namespace_child import RESPONSES
+from tests.support.storedb import execute, rows
+
+# Runs on SQLite and on PostgreSQL (tests/conftest.py).
+BOTH_BACKENDS = True
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMPT = "which answer?"
@@ -42,11 +45,7 @@ def _ask(cache: Any, start: int) -> tuple[str, int]:
 
 
 def _rows(db: str, sql: str) -> list[tuple[Any, ...]]:
-    conn = sqlite3.connect(db)
-    try:
-        return conn.execute(sql).fetchall()
-    finally:
-        conn.close()
+    return rows(db, sql)
 
 
 def test_two_namespaces_in_one_process_keep_separate_entries(db: str) -> None:
@@ -153,10 +152,7 @@ def test_an_old_entry_of_another_namespace_is_never_served_by_default(db: str) -
     old = MusubiCache(db)
     assert _ask(old, 0) == ("answer 0", 1)
     old.engine.close()
-    conn = sqlite3.connect(db)
-    with conn:
-        conn.execute("UPDATE musubi_nodes SET namespace = 'alpha'")
-    conn.close()
+    execute(db, "UPDATE musubi_nodes SET namespace = 'alpha'")
     default = MusubiCache(db)
     assert _ask(default, 1) == ("answer 1", 1)
     assert _ask(default, 2) == ("answer 1", 0)  # the recomputed entry is the default's now

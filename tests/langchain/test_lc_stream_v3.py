@@ -29,6 +29,9 @@ from musubi_langchain import instrument, uninstrument
 from tests.support import lineage
 from tests.support.openai_server import OpenAIServer
 
+# Runs on SQLite and on PostgreSQL (tests/conftest.py).
+BOTH_BACKENDS = True
+
 langgraph_graph = pytest.importorskip("langgraph.graph")
 StateGraph, START = langgraph_graph.StateGraph, langgraph_graph.START
 

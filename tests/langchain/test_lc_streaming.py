@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 from typing import Any
 
 from langchain_core.globals import set_llm_cache
@@ -16,6 +15,10 @@ from test_lc_cache import _agent_rule, get_weather
 
 from musubi_langchain import MusubiCache, MusubiCallbackHandler, instrument, uninstrument
 from tests.support.openai_server import OpenAIServer
+from tests.support.storedb import rows
+
+# Runs on SQLite and on PostgreSQL (tests/conftest.py).
+BOTH_BACKENDS = True
 
 
 def _chain(model: ChatOpenAI) -> Any:
@@ -27,9 +30,7 @@ def test_streams_are_recorded_as_calls_without_replay(db: str, chat: ChatOpenAI,
     text = "".join(_chain(chat).stream({"topic": "x"}, config={"callbacks": [handler]}))
     assert text.startswith("answer-")
     handler.flush()
-    con = sqlite3.connect(db)
-    models = con.execute("SELECT output_preview FROM musubi_calls WHERE kind = 'chat_model'").fetchall()
-    con.close()
+    models = rows(db, "SELECT output_preview FROM musubi_calls WHERE kind = 'chat_model'")
     assert models == [(text,)]  # the final message, assembled from the chunks
     assert openai_server.requests[0].stream
 

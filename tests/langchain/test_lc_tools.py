@@ -23,6 +23,9 @@ from musubi_langchain import declare_tool, instrument, uninstrument
 from tests.support import lineage
 from tests.support.openai_server import ChatReply, OpenAIServer, ToolCall
 
+# Runs on SQLite and on PostgreSQL (tests/conftest.py).
+BOTH_BACKENDS = True
+
 langgraph_prebuilt = pytest.importorskip("langgraph.prebuilt")
 
 EXECUTED: list[str] = []

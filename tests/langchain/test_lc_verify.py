@@ -9,7 +9,6 @@ connection edits the file between two hits), and a streamed call served from the
 
 from __future__ import annotations
 
-import sqlite3
 import warnings
 
 from langchain_core.globals import set_llm_cache
@@ -17,21 +16,19 @@ from langchain_openai import ChatOpenAI
 
 from musubi_langchain import MusubiCache, MusubiLangChainWarning
 from tests.support.openai_server import OpenAIServer
+from tests.support.storedb import rows
 from tests.support.tamper import edit_payload, payload_of
+
+# Runs on SQLite and on PostgreSQL (tests/conftest.py).
+BOTH_BACKENDS = True
 
 QUESTION = "Which city is the capital of Japan?"
 
 
 def _model_artifact(db: str) -> str:
-    con = sqlite3.connect(db)
-    try:
-        rows = con.execute(
-            "SELECT artifact_id FROM musubi_nodes WHERE kind = 'chat_model'"
-        ).fetchall()
-    finally:
-        con.close()
-    assert len(rows) == 1
-    return str(rows[0][0])
+    found = rows(db, "SELECT artifact_id FROM musubi_nodes WHERE kind = 'chat_model'")
+    assert len(found) == 1
+    return str(found[0][0])
 
 
 def _tamper_answer(db: str, answer: str) -> None:

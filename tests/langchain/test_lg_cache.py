@@ -31,6 +31,9 @@ from musubi_langchain._lgvalues import MSGPACK_MARK
 from musubi_langchain.langgraph import MusubiNodeCache
 from tests.support import lineage, tamper
 
+# Runs on SQLite and on PostgreSQL (tests/conftest.py).
+BOTH_BACKENDS = True
+
 GRAPH_APP = '''
 import json, os, sys
 from typing_extensions import TypedDict

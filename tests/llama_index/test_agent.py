@@ -11,6 +11,9 @@ from llama_index.core.tools import FunctionTool
 from musubi_llama_index import instrument
 from tests.support.openai_server import ChatReply, OpenAIServer, ToolCall
 
+# Runs on SQLite and on PostgreSQL (tests/conftest.py).
+BOTH_BACKENDS = True
+
 
 def test_function_agent_second_run_replays(
     openai_server: OpenAIServer, db_path: str, llm: Any

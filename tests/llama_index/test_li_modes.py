@@ -18,6 +18,9 @@ from musubi_core import ReplayMissError
 from musubi_llama_index import instrument, is_instrumented, uninstrument
 from tests.support.openai_server import ChatReply, OpenAIServer, ToolCall
 
+# Runs on SQLite and on PostgreSQL (tests/conftest.py).
+BOTH_BACKENDS = True
+
 
 def _query(documents: list[Any], llm: Any, embed_model: Any, question: str, *,
            streaming: bool = False) -> str:

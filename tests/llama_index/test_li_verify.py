@@ -9,7 +9,6 @@ so the next call replays the right value.
 from __future__ import annotations
 
 import json
-import sqlite3
 import warnings
 from typing import Any
 
@@ -17,20 +16,21 @@ from llama_index.core.llms import ChatMessage
 
 from musubi_llama_index import MusubiKVStore, instrument
 from tests.support.openai_server import OpenAIServer
+from tests.support.storedb import rows
 from tests.support.tamper import edit_payload, payload_of
+
+# Runs on SQLite and on PostgreSQL (tests/conftest.py).
+BOTH_BACKENDS = True
 
 
 def _artifact(db: str, op_name: str) -> str:
-    con = sqlite3.connect(db)
-    try:
-        rows = con.execute(
-            "SELECT artifact_id FROM musubi_nodes WHERE op_name LIKE ? AND status = 'done'",
-            (op_name + "%",),
-        ).fetchall()
-    finally:
-        con.close()
-    assert len(rows) == 1, rows
-    return str(rows[0][0])
+    found = rows(
+        db,
+        "SELECT artifact_id FROM musubi_nodes WHERE op_name LIKE ? AND status = 'done'",
+        (op_name + "%",),
+    )
+    assert len(found) == 1, found
+    return str(found[0][0])
 
 
 def _ours(caught: list[warnings.WarningMessage]) -> list[warnings.WarningMessage]:

@@ -4,22 +4,22 @@ are separate caches in one file: nothing recorded in one namespace replays in an
 from __future__ import annotations
 
 import pickle
-import sqlite3
 from typing import Any
 
 import pytest
 
-from musubi_core import ConfigError, Engine, SQLiteStore, use_engine
+from musubi_core import ConfigError, Engine, use_engine
+from musubi_core.store import open_store
 from musubi_llama_index import MusubiKVStore, instrument, uninstrument
 from musubi_llama_index.offline import SlowMockEmbedding, SlowMockLLM
+from tests.support.storedb import rows
+
+# Runs on SQLite and on PostgreSQL (tests/conftest.py).
+BOTH_BACKENDS = True
 
 
 def _node_namespaces(db: str) -> dict[str, int]:
-    conn = sqlite3.connect(db)
-    try:
-        return dict(conn.execute("SELECT namespace, COUNT(*) FROM musubi_nodes GROUP BY 1"))
-    finally:
-        conn.close()
+    return dict(rows(db, "SELECT namespace, COUNT(*) FROM musubi_nodes GROUP BY 1"))
 
 
 def _use(namespace: str | None, db: str | None = None, **kwargs: Any) -> tuple[Any, Any]:
@@ -42,7 +42,7 @@ def test_instrument_namespace_is_a_separate_cache(db_path: str) -> None:
 
 
 def test_instrument_without_a_path_uses_the_context_store_in_its_namespace(db_path: str) -> None:
-    with Engine(SQLiteStore(db_path)) as engine, use_engine(engine):
+    with Engine(open_store(db_path)) as engine, use_engine(engine):
         assert _use(None) == (1, 1)
         assert _use("beta") == (1, 1)  # the context engine's store, seen in namespace beta
         assert _use("beta") == (0, 0)
@@ -51,7 +51,7 @@ def test_instrument_without_a_path_uses_the_context_store_in_its_namespace(db_pa
 
 
 def test_instrument_takes_a_given_engine_namespace_and_refuses_another(db_path: str) -> None:
-    engine = Engine(SQLiteStore(db_path), namespace="beta")
+    engine = Engine(open_store(db_path), namespace="beta")
     with pytest.raises(ConfigError, match=r"namespace='alpha'.*namespace 'beta'"):
         instrument(engine=engine, namespace="alpha")
     assert _use("alpha", db_path) == (1, 1)

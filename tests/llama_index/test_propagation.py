@@ -18,6 +18,9 @@ from tests.support import lineage as lin
 from tests.support import propagation_worker
 from tests.support.openai_server import OpenAIServer
 
+# Runs on SQLite and on PostgreSQL (tests/conftest.py).
+BOTH_BACKENDS = True
+
 
 def test_an_embedding_in_a_worker_process_joins_the_parents_run(
     openai_server: OpenAIServer, db_path: str, embed_model: Any

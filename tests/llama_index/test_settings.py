@@ -22,6 +22,9 @@ from pydantic import BaseModel
 from musubi_llama_index import instrument, uninstrument
 from tests.support.openai_server import OpenAIServer
 
+# Runs on SQLite and on PostgreSQL (tests/conftest.py).
+BOTH_BACKENDS = True
+
 QUESTION = "What does musubi mean?"
 
 

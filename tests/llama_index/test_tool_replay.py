@@ -15,6 +15,9 @@ from musubi_llama_index import declare_tool, instrument, uninstrument
 from tests.support import lineage as lin
 from tests.support.openai_server import ChatReply, OpenAIServer, ToolCall
 
+# Runs on SQLite and on PostgreSQL (tests/conftest.py).
+BOTH_BACKENDS = True
+
 EXECUTED: list[str] = []
 
 

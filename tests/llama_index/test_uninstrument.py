@@ -14,6 +14,9 @@ from musubi_llama_index._instrument import UnpatchedModelWatch
 from musubi_llama_index._lineage import MusubiEventHandler, MusubiSpanHandler
 from tests.support.openai_server import OpenAIServer
 
+# Runs on SQLite and on PostgreSQL (tests/conftest.py).
+BOTH_BACKENDS = True
+
 
 def _snapshot(obj: Any) -> tuple[Any, ...]:
     return (type(obj), dict(obj.__dict__), obj.model_dump(), obj.to_json())

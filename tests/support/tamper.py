@@ -1,5 +1,6 @@
-"""Editing a store file the way another tool would (a second ``sqlite3`` connection, or the
-``sqlite3`` shell), for the tests of what musubi serves from a changed file.
+"""Editing a store the way another tool would (a second ``sqlite3`` connection or the
+``sqlite3`` shell; on PostgreSQL a second connection), for the tests of what musubi serves
+from a changed store.
 
 Two kinds of edit:
 
@@ -14,9 +15,10 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-import sqlite3
 import subprocess
 from pathlib import Path
+
+from tests.support.storedb import execute, rows
 
 
 def content_id(encoding: str, payload: bytes) -> str:
@@ -25,13 +27,9 @@ def content_id(encoding: str, payload: bytes) -> str:
 
 
 def _one(db: str | Path, sql: str, param: str) -> object:
-    con = sqlite3.connect(db)
-    try:
-        row = con.execute(sql, (param,)).fetchone()
-    finally:
-        con.close()
-    assert row is not None and row[0] is not None, f"nothing for {param}"
-    return row[0]
+    found = rows(db, sql, (param,))
+    assert found and found[0][0] is not None, f"nothing for {param}"
+    return found[0][0]
 
 
 def payload_of(db: str | Path, artifact_id: str) -> bytes:
@@ -58,16 +56,10 @@ def edit_payload(db: str | Path, artifact_id: str, payload: bytes, *, shell: boo
         proc = subprocess.run([exe, str(db), sql], capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0, proc.stderr
     else:
-        con = sqlite3.connect(db)
-        try:
-            cur = con.execute(
-                "UPDATE musubi_artifacts SET payload = ? WHERE artifact_id = ?",
-                (payload, artifact_id),
-            )
-            con.commit()
-        finally:
-            con.close()
-        assert cur.rowcount == 1, f"no artifact {artifact_id}"
+        changed = execute(
+            db, "UPDATE musubi_artifacts SET payload = ? WHERE artifact_id = ?", (payload, artifact_id)
+        )
+        assert changed == 1, f"no artifact {artifact_id}"
     assert payload_of(db, artifact_id) == payload
 
 
@@ -76,27 +68,24 @@ def readdress(
 ) -> str:
     """Replace ``artifact_id`` by ``payload``/``encoding`` stored under their own content id;
     repoint its nodes and durable steps. Returns the new id."""
-    con = sqlite3.connect(db)
-    try:
-        old_encoding, old_payload = con.execute(
-            "SELECT encoding, payload FROM musubi_artifacts WHERE artifact_id = ?", (artifact_id,)
-        ).fetchone()
-        enc = old_encoding if encoding is None else encoding
-        data = bytes(old_payload) if payload is None else payload
-        new_id = content_id(enc, data)
-        con.execute(
-            "UPDATE musubi_artifacts SET artifact_id = ?, encoding = ?, payload = ?, size = ? "
-            "WHERE artifact_id = ?",
-            (new_id, enc, data, len(data), artifact_id),
-        )
-        con.execute(
-            "UPDATE musubi_nodes SET artifact_id = ? WHERE artifact_id = ?", (new_id, artifact_id)
-        )
-        con.execute(
-            "UPDATE musubi_run_steps SET artifact_id = ? WHERE artifact_id = ?",
-            (new_id, artifact_id),
-        )
-        con.commit()
-    finally:
-        con.close()
+    ((old_encoding, old_payload),) = rows(
+        db, "SELECT encoding, payload FROM musubi_artifacts WHERE artifact_id = ?", (artifact_id,)
+    )
+    enc = old_encoding if encoding is None else encoding
+    data = bytes(old_payload) if payload is None else payload
+    new_id = content_id(enc, data)
+    # A new artifact row, then the references, then the old row: the same end state as an
+    # in-place rename, in an order any backend's foreign keys accept.
+    execute(
+        db,
+        "INSERT INTO musubi_artifacts (artifact_id, encoding, payload, size, producer_node_id, "
+        "created_at) SELECT ?, ?, ?, ?, producer_node_id, created_at FROM musubi_artifacts "
+        "WHERE artifact_id = ?",
+        (new_id, enc, data, len(data), artifact_id),
+    )
+    execute(db, "UPDATE musubi_nodes SET artifact_id = ? WHERE artifact_id = ?", (new_id, artifact_id))
+    execute(
+        db, "UPDATE musubi_run_steps SET artifact_id = ? WHERE artifact_id = ?", (new_id, artifact_id)
+    )
+    execute(db, "DELETE FROM musubi_artifacts WHERE artifact_id = ?", (artifact_id,))
     return new_id

@@ -1,0 +1,55 @@
+"""Reading and editing a store the way another tool would, on either backend: the SQLite file
+through a second ``sqlite3`` connection, or a PostgreSQL database (schema ``musubi``) through
+its own ``psycopg`` connection. Statements use ``?`` placeholders on both."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+
+def is_postgres(db: str | Path) -> bool:
+    return str(db).startswith(("postgresql://", "postgres://"))
+
+
+def rows(db: str | Path, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+    """The rows ``sql`` selects, as tuples."""
+    if is_postgres(db):
+        import psycopg
+
+        with psycopg.connect(str(db)) as pg:
+            pg.execute("SET search_path TO musubi")
+            return [tuple(r) for r in pg.execute(sql.replace("?", "%s"), params).fetchall()]
+    con = sqlite3.connect(db)
+    try:
+        return [tuple(r) for r in con.execute(sql, params).fetchall()]
+    finally:
+        con.close()
+
+
+def execute(db: str | Path, sql: str, params: Sequence[Any] = ()) -> int:
+    """Run one statement and commit it; returns the rows it changed."""
+    if is_postgres(db):
+        import psycopg
+
+        with psycopg.connect(str(db)) as pg:
+            pg.execute("SET search_path TO musubi")
+            return pg.execute(sql.replace("?", "%s"), params).rowcount
+    con = sqlite3.connect(db)
+    try:
+        cur = con.execute(sql, params)
+        con.commit()
+        return cur.rowcount
+    finally:
+        con.close()
+
+
+def sqlite_only(db: str | Path, why: str) -> None:
+    """Skip a test of something only a SQLite file has (PostgreSQL's analogue, a server that
+    goes away, is tests/postgres/test_postgres_resilience.py's)."""
+    if is_postgres(db):
+        import pytest
+
+        pytest.skip(f"SQLite only: {why}")
