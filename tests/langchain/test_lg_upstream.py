@@ -39,6 +39,25 @@ from langgraph.checkpoint.memory import InMemorySaver
 
 from musubi_langchain import MusubiLangChainWarning
 from musubi_langchain.langgraph import MusubiNodeCache
+from tests.support.postgres import fresh_database
+
+# Runs on SQLite and on PostgreSQL (tests/conftest.py).
+BOTH_BACKENDS = True
+
+
+@pytest.fixture
+def new_store(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> Callable[[], str]:
+    """Makes a new, empty store each call: a SQLite file, or a fresh PostgreSQL database."""
+    made: list[str] = []
+
+    def make() -> str:
+        if backend == "postgresql":
+            made.append(fresh_database(request.getfixturevalue("pg_dsn")))
+        else:
+            made.append(str(tmp_path / f"musubi-{len(made)}.db"))
+        return made[-1]
+
+    return make
 
 VENDORED = Path(__file__).resolve().parents[1] / "data" / "langgraph_upstream"
 PREGEL = "libs/langgraph/tests/test_pregel.py"
@@ -137,10 +156,10 @@ def _call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
     ids=[f"{Path(r).stem}::{n}{''.join(f'[{v}]' for v in p.values())}" for r, n, p in CACHE_TESTS],
 )
 def test_langgraph_cache_tests_pass_against_musubi(
-    rel: str, name: str, params: dict[str, Any], tmp_path: Path
+    rel: str, name: str, params: dict[str, Any], new_store: Callable[[], str]
 ) -> None:
     fn, _ = _function(rel, name)
-    cache = MusubiNodeCache(str(tmp_path / "musubi.db"))
+    cache = MusubiNodeCache(new_store())
     args: dict[str, Any] = {"cache": cache, **params}
     wanted = inspect.signature(fn).parameters
     for fixture in ("sync_checkpointer", "async_checkpointer"):
@@ -153,6 +172,7 @@ def test_langgraph_cache_tests_pass_against_musubi(
         _call(fn, **args)
     cache.flush()
     stored = cache.engine.store.list_nodes(kind="graph_node")
+    cache.engine.close()
     assert bool(stored) is (params.get("with_cache", True)), "the backend was not used"
 
 
@@ -170,16 +190,22 @@ class _StandInRedis:
 
 
 @pytest.mark.parametrize("name", BACKEND_TESTS)
-def test_langgraph_backend_contract_against_musubi(name: str, tmp_path: Path) -> None:
+def test_langgraph_backend_contract_against_musubi(
+    name: str, new_store: Callable[[], str]
+) -> None:
     fn, ns = _function(REDIS, name, cls="TestRedisCache")
     made = []
 
     def redis_cache(client: Any, prefix: str = "") -> MusubiNodeCache:
-        made.append(MusubiNodeCache(str(tmp_path / f"musubi-{len(made)}.db")))
+        made.append(MusubiNodeCache(new_store()))
         return made[-1]
 
     ns["RedisCache"] = redis_cache
     ns["redis"] = types.SimpleNamespace(Redis=_StandInRedis, ConnectionError=ConnectionError)
     case = types.SimpleNamespace(client=_StandInRedis(), cache=redis_cache(None))
-    _call(fn, case)
+    try:
+        _call(fn, case)
+    finally:
+        for cache in made:
+            cache.engine.close()
     assert made, "the backend was not used"
