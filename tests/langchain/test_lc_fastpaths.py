@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import sqlite3
 import time
 import warnings
 from typing import Any
@@ -22,7 +21,6 @@ from langchain_core.messages import (
 )
 from langchain_core.outputs import ChatGeneration, Generation
 
-from musubi_core import SQLiteStore
 from musubi_core.codec import JSONCodec
 from musubi_core.engine import Engine
 from musubi_core.fastpath import (
@@ -37,11 +35,16 @@ from musubi_core.fastpath import (
 )
 from musubi_core.identity import input_hash
 from musubi_core.policy import StepConfiguration, StepType
+from musubi_core.store import open_store
 from musubi_langchain import MusubiCache, MusubiCallbackHandler, MusubiLangChainWarning
 from musubi_langchain._codec import Template, decode_generations, encode_generations
 from musubi_langchain._engine import PlainAwareCodec, Precoded, storable
 from musubi_langchain._keys import _fast_dumpd, canonical_message_objects, canonical_messages
+from tests.support.storedb import execute, is_postgres, rows
 from tests.support.tamper import readdress
+
+# Runs on SQLite and on PostgreSQL (tests/conftest.py).
+BOTH_BACKENDS = True
 
 
 def _random_plain(rng: random.Random, depth: int = 0) -> Any:
@@ -80,8 +83,8 @@ def test_plain_json_hash_and_payload_match_the_core() -> None:
         assert plain_tree(not_plain) is NOT_PLAIN
 
 
-def test_precoded_values_store_the_codec_bytes(tmp_path: Any) -> None:
-    engine = Engine(SQLiteStore(str(tmp_path / "m.db")), codec=PlainAwareCodec())
+def test_precoded_values_store_the_codec_bytes(db: str) -> None:
+    engine = Engine(open_store(db), codec=PlainAwareCodec())
     value = {"q": ["a", 1, None]}
     stored = storable(engine, value)
     assert isinstance(stored, Precoded)
@@ -162,30 +165,30 @@ def test_template_copies_share_nothing_and_equal_a_fresh_decode() -> None:
 
 
 def _engine(path: str) -> Engine:
-    return Engine(SQLiteStore(path))
+    return Engine(open_store(path))
 
 
-def test_hit_memo_sees_writes_by_other_connections(tmp_path: Any) -> None:
-    db = str(tmp_path / "m.db")
+def test_hit_memo_sees_writes_by_other_connections(db: str) -> None:
     engine = _engine(db)
     key = engine.key("op", {"a": 1})
     engine.record(key, "v")
     memo = HitMemo(engine)
     first = memo.probe(key)
     assert isinstance(first, EncodedHit)
-    assert memo.probe(key) is first  # remembered
-    con = sqlite3.connect(db)  # another connection, as the CLI would be
-    con.execute("UPDATE musubi_nodes SET status = 'stale', stale_cause = 'invalidated'")
-    con.commit()
-    con.close()
+    again = memo.probe(key)
+    assert again == first
+    if not is_postgres(db):  # SQLite: remembered until the file changes; PostgreSQL asks
+        assert again is first
+    # Another connection, as the CLI would be.
+    execute(db, "UPDATE musubi_nodes SET status = 'stale', stale_cause = 'invalidated'")
     assert memo.probe(key) is None  # stale: Engine.lookup decides
     assert engine.lookup(key).replay is False
     memo.close()
     engine.close()
 
 
-def test_hit_memo_respects_ttl_and_force(tmp_path: Any) -> None:
-    engine = _engine(str(tmp_path / "m.db"))
+def test_hit_memo_respects_ttl_and_force(db: str) -> None:
+    engine = _engine(db)
     config = StepConfiguration(step_type=StepType.STOCHASTIC, ttl_seconds=0.2)
     key = engine.key("op", 1)
     engine.record(key, "v", config)
@@ -199,16 +202,12 @@ def test_hit_memo_respects_ttl_and_force(tmp_path: Any) -> None:
     engine.close()
 
 
-def test_tampered_after_memoised_hit_is_a_miss(tmp_path: Any) -> None:
-    db = str(tmp_path / "m.db")
+def test_tampered_after_memoised_hit_is_a_miss(db: str) -> None:
     cache = MusubiCache(db)
     model = FakeListChatModel(responses=["real", "again"], cache=cache)
     assert model.invoke("q").content == "real"
     assert model.invoke("q").content == "real"  # hit: decoded entry memoised
-    con = sqlite3.connect(db)
-    rows = con.execute("SELECT artifact_id, payload FROM musubi_artifacts").fetchall()
-    con.close()
-    for artifact_id, payload in rows:
+    for artifact_id, payload in rows(db, "SELECT artifact_id, payload FROM musubi_artifacts"):
         # Under the edited bytes' own content id: the allow-list, not the id check, refuses it.
         evil = bytes(payload).replace(b'"ai"', b'"langchain_community.llms.Evil"')
         readdress(db, artifact_id, payload=evil)
@@ -218,22 +217,20 @@ def test_tampered_after_memoised_hit_is_a_miss(tmp_path: Any) -> None:
     assert any(issubclass(w.category, MusubiLangChainWarning) for w in caught)
 
 
-def test_hits_are_counted_and_keys_memoised(tmp_path: Any) -> None:
-    db = str(tmp_path / "m.db")
+def test_hits_are_counted_and_keys_memoised(db: str) -> None:
     cache = MusubiCache(db)
     model = FakeListChatModel(responses=["one"], cache=cache)
     for _ in range(5):
         assert model.invoke("q").content == "one"
     cache.engine.flush()
-    (count,) = sqlite3.connect(db).execute("SELECT replay_count FROM musubi_nodes").fetchone()
+    ((count,),) = rows(db, "SELECT replay_count FROM musubi_nodes")
     assert count == 4
     prompt = dumps([HumanMessage("q")])
     key = cache.node_key(prompt, model._get_llm_string(stop=None))
     assert cache.node_key(prompt, model._get_llm_string(stop=None)) is key
 
 
-def test_explicit_flush_is_synchronous(tmp_path: Any) -> None:
-    db = str(tmp_path / "m.db")
+def test_explicit_flush_is_synchronous(db: str) -> None:
     handler = MusubiCallbackHandler(db)
     from langchain_core.prompts import ChatPromptTemplate
 
@@ -241,5 +238,5 @@ def test_explicit_flush_is_synchronous(tmp_path: Any) -> None:
     for i in range(3):
         chain.invoke({"x": str(i)}, config={"callbacks": [handler]})
     handler.flush()
-    (n,) = sqlite3.connect(db).execute("SELECT COUNT(*) FROM musubi_calls").fetchone()
+    ((n,),) = rows(db, "SELECT COUNT(*) FROM musubi_calls")
     assert n == 9  # 3 x (sequence, prompt, model)
