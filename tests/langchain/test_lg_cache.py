@@ -5,6 +5,7 @@ the graph's run, and a stored value edited in the file is a miss that never reac
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import pickle
@@ -134,11 +135,25 @@ def _graph(cache: MusubiNodeCache, ttl: int | None = None) -> Any:
     return graph.compile(cache=cache)
 
 
+_MADE: list[MusubiNodeCache] = []
+
+
+def _cache(*args: Any, **kwargs: Any) -> MusubiNodeCache:
+    """A MusubiNodeCache closed when the test ends (its store's rows committed while the
+    test's PostgreSQL server is still there)."""
+    _MADE.append(MusubiNodeCache(*args, **kwargs))
+    return _MADE[-1]
+
+
 @pytest.fixture(autouse=True)
 def _reset() -> Any:
     CALLS.clear()
+    VERDICTS.clear()  # each test (and each backend's run of it) counts its own
     yield
     uninstrument()
+    while _MADE:
+        with contextlib.suppress(Exception):
+            _MADE.pop().engine.close()
 
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
@@ -146,7 +161,7 @@ def test_hits_are_replayed_calls_of_the_graph_run_and_misses_fill_their_node(
     db: str, mode: str
 ) -> None:
     inst = instrument(db)
-    app = _graph(MusubiNodeCache(engine=inst.engine))
+    app = _graph(_cache(engine=inst.engine))
     question = {"text": "the musubi knot ties threads together"}
     if mode == "sync":
         first, second = app.invoke(question), app.invoke(question)
@@ -180,7 +195,7 @@ def test_hits_are_replayed_calls_of_the_graph_run_and_misses_fill_their_node(
 
 
 def test_ttl_comes_from_the_cache_policy(db: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    cache = MusubiNodeCache(db)
+    cache = _cache(db)
     app = _graph(cache, ttl=60)
     question = {"text": "a knot"}
     app.invoke(question)
@@ -197,7 +212,7 @@ def test_ttl_comes_from_the_cache_policy(db: str, monkeypatch: pytest.MonkeyPatc
 
 
 def test_clear_cache_of_some_nodes_recomputes_exactly_those(db: str) -> None:
-    cache = MusubiNodeCache(db)
+    cache = _cache(db)
     app = _graph(cache)
     question = {"text": "a knot"}
     app.invoke(question)
@@ -221,7 +236,7 @@ def _summary_artifact(cache: MusubiNodeCache) -> str:
 def test_a_tampered_value_is_a_miss_with_one_warning_and_never_reaches_pickle(
     db: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    cache = MusubiNodeCache(db)
+    cache = _cache(db)
     app = _graph(cache)
     question = {"text": "a knot"}
     assert app.invoke(question)["summary"] == "summary of a knot"
@@ -254,7 +269,7 @@ def test_a_tampered_value_is_a_miss_with_one_warning_and_never_reaches_pickle(
 def test_a_readdressed_value_naming_a_class_is_never_built(
     db: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    cache = MusubiNodeCache(db)
+    cache = _cache(db)
     app = _graph(cache)
     question = {"text": "a knot"}
     app.invoke(question)
@@ -299,7 +314,7 @@ def test_messages_replay_and_a_class_outside_the_allow_list_is_not_cached(db: st
     question = {"messages": [HumanMessage("verdict?", id="q1")], "verdict": None}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        refused = _court(MusubiNodeCache(db))
+        refused = _court(_cache(db))
         refused.invoke(question)
         refused.invoke(question)
         refused.invoke(question)
@@ -307,7 +322,7 @@ def test_messages_replay_and_a_class_outside_the_allow_list_is_not_cached(db: st
     said = [str(w.message) for w in caught if "is not cached" in str(w.message)]
     assert len(said) == 1 and "Verdict" in said[0] and "musubi_core.allow" in said[0]
 
-    allowed = _court(MusubiNodeCache(db, allow=[Verdict]))
+    allowed = _court(_cache(db, allow=[Verdict]))
     first = allowed.invoke(question)
     second = allowed.invoke(question)
     assert VERDICTS == ["judge"] * 4
@@ -326,7 +341,7 @@ def test_nodes_musubi_cannot_read_are_cached_by_name_and_said_once(db: str) -> N
     graph = StateGraph(State)
     graph.add_node("local", local_node, cache_policy=CachePolicy())
     graph.add_edge(START, "local")
-    app = graph.compile(cache=MusubiNodeCache(db))
+    app = graph.compile(cache=_cache(db))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(3):
@@ -339,7 +354,7 @@ def test_nodes_musubi_cannot_read_are_cached_by_name_and_said_once(db: str) -> N
 def test_a_store_that_cannot_be_opened_never_breaks_the_graph(tmp_path: Path) -> None:
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("a file where the store's folder should be")
-    app = _graph(MusubiNodeCache(str(blocker / "musubi.db")))
+    app = _graph(_cache(str(blocker / "musubi.db")))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(2):
