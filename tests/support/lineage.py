@@ -9,24 +9,13 @@ sqlite3, or a PostgreSQL database with psycopg, schema ``musubi``).
 from __future__ import annotations
 
 import json
-import sqlite3
 from typing import Any
+
+from tests.support.storedb import dict_rows
 
 
 def _rows(db: str, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
-    if db.startswith("postgresql://"):
-        import psycopg
-        from psycopg.rows import dict_row
-
-        with psycopg.connect(db, row_factory=dict_row) as pg:
-            pg.execute("SET search_path TO musubi")
-            return list(pg.execute(sql.replace("?", "%s"), params).fetchall())
-    con = sqlite3.connect(db)
-    con.row_factory = sqlite3.Row
-    try:
-        return [dict(r) for r in con.execute(sql, params).fetchall()]
-    finally:
-        con.close()
+    return dict_rows(db, sql, params)
 
 
 def raw_bytes(db: str) -> bytes:

@@ -14,19 +14,34 @@ def is_postgres(db: str | Path) -> bool:
     return str(db).startswith(("postgresql://", "postgres://"))
 
 
-def rows(db: str | Path, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-    """The rows ``sql`` selects, as tuples."""
+def _select(db: str | Path, sql: str, params: Sequence[Any]) -> tuple[list[str], list[tuple[Any, ...]]]:
+    """The column names and the rows ``sql`` selects."""
     if is_postgres(db):
         import psycopg
 
         with psycopg.connect(str(db)) as pg:
             pg.execute("SET search_path TO musubi")
-            return [tuple(r) for r in pg.execute(sql.replace("?", "%s"), params).fetchall()]
+            cur = pg.execute(sql.replace("?", "%s"), params)
+            found = [tuple(r) for r in cur.fetchall()]
+            return [c.name for c in cur.description or ()], found
     con = sqlite3.connect(db)
     try:
-        return [tuple(r) for r in con.execute(sql, params).fetchall()]
+        cur = con.execute(sql, params)
+        found = [tuple(r) for r in cur.fetchall()]
+        return [c[0] for c in cur.description or ()], found
     finally:
         con.close()
+
+
+def rows(db: str | Path, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+    """The rows ``sql`` selects, as tuples."""
+    return _select(db, sql, params)[1]
+
+
+def dict_rows(db: str | Path, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+    """The rows ``sql`` selects, as dicts by column name."""
+    columns, found = _select(db, sql, params)
+    return [dict(zip(columns, r, strict=True)) for r in found]
 
 
 def execute(db: str | Path, sql: str, params: Sequence[Any] = ()) -> int:
