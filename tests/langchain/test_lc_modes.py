@@ -15,7 +15,8 @@ from langchain_core.prompts import ChatPromptTemplate
 from langchain_openai import ChatOpenAI
 
 import musubi_langchain
-from musubi_core import ConfigError, Engine, ReplayMissError, SQLiteStore
+from musubi_core import ConfigError, Engine, ReplayMissError
+from musubi_core.store import open_store
 from musubi_langchain import MusubiCache
 from tests.support.lineage import raw_bytes
 from tests.support.openai_server import ChatReply, OpenAIServer, ToolCall
@@ -142,5 +143,5 @@ def test_off_installs_nothing_and_a_mode_must_agree_with_the_engine(
     assert openai_server.count() == 2 and not Path(db).exists()
     off = MusubiCache(db, mode="off")
     assert off.lookup("p", "[('_type', 'x')]") is None
-    with Engine(SQLiteStore(db), mode="record") as engine, pytest.raises(ConfigError):
+    with Engine(open_store(db), mode="record") as engine, pytest.raises(ConfigError):
         MusubiCache(engine=engine, mode="replay")

@@ -22,7 +22,8 @@ from langchain_core.globals import get_llm_cache
 from langchain_core.language_models import FakeListChatModel
 
 import musubi_langchain
-from musubi_core import ConfigError, Engine, SQLiteStore
+from musubi_core import ConfigError, Engine
+from musubi_core.store import open_store
 from musubi_langchain import MusubiCache
 from tests.support.namespace_child import RESPONSES
 from tests.support.storedb import execute, rows
@@ -127,7 +128,7 @@ def test_instrument_namespace_is_a_separate_cache(db: str) -> None:
 
 
 def test_the_namespace_of_a_given_engine_is_used_and_never_contradicted(db: str) -> None:
-    engine = Engine(SQLiteStore(db), namespace="beta")
+    engine = Engine(open_store(db), namespace="beta")
     assert _ask(MusubiCache(db, namespace="alpha"), 0) == ("answer 0", 1)
     assert _ask(MusubiCache(engine=engine), 1) == ("answer 1", 1)
     assert _ask(MusubiCache(engine=engine, namespace="beta"), 2) == ("answer 1", 0)
