@@ -9,7 +9,7 @@ the disk. Its contract, which the tests hold it to:
   (1 s). Past either bound the submitting thread commits the backlog itself (backpressure)
   before its rows are accepted, so memory stays flat and a starved writer thread (a busy
   machine) cannot let the backlog age.
-* **Timely.** A commit starts once the oldest waiting row is ``interval`` old (0.5 s), or
+* **Timely.** A commit starts once the oldest waiting row is ``interval`` old (0.25 s), or
   sooner once ``batch_rows`` are waiting.
 * **Nothing acknowledged is dropped.** A row is acknowledged when ``submit`` returns. A commit
   that fails (disk full, a locked or read-only file) puts its rows back, in order, ahead of
@@ -103,7 +103,7 @@ class Recorder:
         self,
         store: Store,
         *,
-        interval: float = 0.5,
+        interval: float = 0.25,
         batch_rows: int = 8192,
         max_backlog: int = 30_000,
         max_lag: float = 1.0,

@@ -15,7 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 # docs/core.md states it: a SIGKILL loses at most the calls of the last ~2 seconds (the
-# recorder commits rows half a second old and lets none wait past 1 s; a commit in flight when the process dies is lost).
+# recorder commits rows a quarter of a second old and lets none wait past 1 s; a commit in flight when the process dies is lost).
 LOSS_WINDOW_S = 2.0
 CALLS_PER_INVOCATION = 4  # the sequence, the prompt, the model, the parser
 

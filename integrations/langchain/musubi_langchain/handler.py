@@ -151,7 +151,7 @@ class MusubiCallbackHandler(BaseCallbackHandler):
         return engine
 
     def flush(self) -> None:
-        """Commit what was recorded so far (the recorder also commits at least every half second)."""
+        """Commit what was recorded so far (the recorder also commits at least every quarter second)."""
         self._guard.call(self.engine.flush, None)
 
     # ------------------------------------------------------------------ core logic

@@ -60,7 +60,7 @@ class Instrumentation:
 
     def flush(self) -> None:
         """Commit the calls, runs and nodes recorded so far (the recorder also commits at least
-        every half second, and at exit)."""
+        every quarter second, and at exit)."""
         self.runtime.flush()
 
 
