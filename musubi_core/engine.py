@@ -29,7 +29,7 @@ import threading
 import time
 import uuid
 import warnings
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -583,12 +583,16 @@ class Engine:
         meta: Mapping[str, Any] | None = None,
         upstream_artifacts: Mapping[str, str] | None = None,
         defer: bool = False,
+        aliases: Sequence[bytes] = (),
     ) -> Recorded:
         """Store ``value`` as the output of ``key``.
 
         The value is encoded before anything is written: a codec failure
         raises :class:`~musubi_core.errors.SerializationError` carrying the
-        value, and the store is left untouched.
+        value, and the store is left untouched. ``aliases``
+        (:func:`~musubi_core.identity.alias_of` digests of the raw request) are stored with
+        the node, in the same transaction, for :meth:`HitMemo.probe_alias
+        <musubi_core.fastpath.HitMemo.probe_alias>`.
         """
         self._own(key)
         encoding, payload = self.codec.encode(value)
@@ -618,11 +622,12 @@ class Engine:
         )
         artifact = ArtifactWrite(artifact_id, encoding, payload, key.node_id)
         edges = self._edges_for(key, parent, upstream_artifacts)
+        pairs = [(alias, key.node_id) for alias in aliases]
         if defer:
-            self.recorder.submit(nodes=(node,), artifacts=(artifact,), edges=edges)
+            self.recorder.submit(nodes=(node,), artifacts=(artifact,), edges=edges, aliases=pairs)
             return Recorded(key.node_id, artifact_id, key.node_id)
         self._unbuffer(key.node_id)
-        self.store.write([node], [artifact], edges)
+        self.store.write([node], [artifact], edges, aliases=pairs)
         producer = self.store.artifact_producer(artifact_id) or key.node_id
         return Recorded(key.node_id, artifact_id, producer)
 

@@ -35,7 +35,7 @@ import os
 import sqlite3
 import threading
 import time
-from typing import NamedTuple
+from typing import Any, NamedTuple, cast
 
 from ._plain import NOT_PLAIN, is_plain_json, plain_input_hash, plain_payload, plain_tree
 from .engine import DEFAULT_CONFIG, Engine, artifact_id_for
@@ -45,6 +45,7 @@ from .store import PostgresStore, SQLiteStore
 
 __all__ = [
     "NOT_PLAIN",
+    "AliasHit",
     "EncodedHit",
     "HitMemo",
     "count_replay",
@@ -68,6 +69,16 @@ _TEXT = (str, type(None))
 _PROBE_TYPES: tuple[type | tuple[type, ...], ...] = (
     str, _NUMBER, _TEXT, (int, type(None)), (int, type(None)), _NUMBER, _TEXT,
     (bytes, str, type(None)), _NUMBER, str,
+)
+
+# The same, reached through an alias (a digest of the raw request, see identity.alias_of):
+# what a new process's first hit of a request reads, instead of computing the node's key.
+_ALIAS_PROBE = (
+    "SELECT r.node_id, n.op_name, n.status, n.expires_at, n.artifact_id, n.tokens_in, "
+    "n.tokens_out, n.duration_s, a.encoding, a.payload, n.finished_at, n.namespace "
+    "FROM musubi_aliases r JOIN musubi_nodes n ON n.node_id = r.node_id "
+    "LEFT JOIN musubi_artifacts a ON a.artifact_id = n.artifact_id "
+    "WHERE r.alias = ?"
 )
 
 _NOT_FOUND = Decision(False, ReplayReason.NOT_FOUND, "no stored node with this identity")
@@ -128,6 +139,14 @@ def probe_replay(
         if engine.recorder.pending_node(key.node_id) is not None:
             return None  # deferred while we read
         return _NOT_FOUND
+    return _hit_of(engine, key.node_id, row, config, verify)
+
+
+def _hit_of(
+    engine: Engine, node_id: str, row: tuple[Any, ...], config: StepConfiguration, verify: bool
+) -> EncodedHit | None:
+    """The plain replay rule over a :data:`_PROBE` row: the hit, or ``None`` when only
+    ``Engine.lookup`` can tell."""
     (
         status, expires_at, artifact_id, tokens_in, tokens_out, duration_s, encoding, payload,
         done_at, namespace,
@@ -155,7 +174,7 @@ def probe_replay(
     if verify and engine._verify_artifacts and artifact_id_for(encoding, payload) != artifact_id:
         return None  # tampered or damaged bytes: Engine.lookup makes it a miss and warns
     return EncodedHit(
-        key.node_id,
+        node_id,
         artifact_id,
         encoding,
         payload,
@@ -164,6 +183,29 @@ def probe_replay(
         float(duration_s) if isinstance(duration_s, int | float) else None,
         float(expires_at) if isinstance(expires_at, int | float) else None,
     )
+
+
+class AliasHit(NamedTuple):
+    """What :meth:`HitMemo.probe_alias` found: the node an alias leads to (its id and
+    operation name) and the node's replayable output."""
+
+    node_id: str
+    op_name: str
+    hit: EncodedHit
+
+
+def _probe_alias_row(engine: Engine, alias: bytes) -> tuple[Any, ...] | None:
+    store = engine.store
+    if isinstance(store, PostgresStore):
+        pg = store
+        row = pg.query(lambda conn: pg._ex(conn, _ALIAS_PROBE, (alias,)).fetchone(), "lookup")
+        return cast("tuple[Any, ...] | None", row)
+    assert isinstance(store, SQLiteStore)
+    try:
+        found = store._conn().execute(_ALIAS_PROBE, (alias,)).fetchone()
+    except sqlite3.Error:
+        found = store.query(lambda conn: conn.execute(_ALIAS_PROBE, (alias,)).fetchone(), "lookup")
+    return cast("tuple[Any, ...] | None", found)
 
 
 def count_replay(engine: Engine, node_id: str) -> None:
@@ -267,24 +309,10 @@ class HitMemo:
             return probe_replay(engine, key, config)
         if engine.recorder.pending_node(key.node_id) is not None:
             return None
-        shm = self._shm
-        try:
-            header = os.pread(shm[1], 96, 0) if shm is not None else b""  # common case, inline
-        except OSError:
-            header = b""
-        if len(header) == 96 and header[:48] == header[48:] and any(header[:48]):
-            token: object = header
-        else:
-            try:
-                token = self._token(store)
-            except (sqlite3.Error, OSError):
-                return probe_replay(engine, key, config)  # raises lookup()'s StoreError
-        local = self._local
-        memo: dict[str, EncodedHit] | None = getattr(local, "memo", None)
-        if memo is None or local.token != token:
-            memo = local.memo = {}
-            local.token = token
-        hit = memo.get(key.node_id)
+        memo = self._memo(store)
+        if memo is None:
+            return probe_replay(engine, key, config)  # raises lookup()'s StoreError
+        hit: EncodedHit | None = memo.get(key.node_id)
         if hit is not None:
             if hit.expires_at is None or time.time() < hit.expires_at:
                 return hit
@@ -296,6 +324,73 @@ class HitMemo:
             if len(memo) >= self._max:
                 memo.clear()
             memo[key.node_id] = found
+        return found
+
+    def _memo(self, store: SQLiteStore) -> dict[Any, Any] | None:
+        """This thread's remembered answers (node id -> EncodedHit, alias -> AliasHit), empty
+        again once the store's change token moved; ``None`` when the token cannot be read."""
+        shm = self._shm
+        try:
+            header = os.pread(shm[1], 96, 0) if shm is not None else b""  # common case, inline
+        except OSError:
+            header = b""
+        if len(header) == 96 and header[:48] == header[48:] and any(header[:48]):
+            token: object = header
+        else:
+            try:
+                token = self._token(store)
+            except (sqlite3.Error, OSError):
+                return None
+        local = self._local
+        memo: dict[Any, Any] | None = getattr(local, "memo", None)
+        if memo is None or local.token != token:
+            memo = local.memo = {}
+            local.token = token
+        return memo
+
+    def probe_alias(
+        self, alias: bytes, config: StepConfiguration = DEFAULT_CONFIG
+    ) -> AliasHit | str | None:
+        """The node ``alias`` (see :func:`~musubi_core.identity.alias_of`) leads to, if it
+        replays under the plain rule: one probe, no key computed. Otherwise compute the key
+        and :meth:`probe` it: ``None`` when no alias (or no node behind it) is stored, the
+        node's id when it is anything but a plain hit (a stale, failed, expired or deferred
+        node, damaged bytes), which the full lookup decides and explains. Store errors
+        propagate as from :meth:`probe`."""
+        engine = self.engine
+        store = engine.store
+        if config.force_reexecution or not isinstance(store, SQLiteStore | PostgresStore):
+            return None
+        if not store.has_aliases:
+            return None
+        memo: dict[Any, Any] | None = None
+        if isinstance(store, SQLiteStore):
+            if store._closed:
+                return None
+            memo = self._memo(store)
+            if memo is not None:
+                found: AliasHit | None = memo.get(alias)
+                if found is not None:
+                    expires = found.hit.expires_at
+                    if expires is None or time.time() < expires:
+                        return found
+                    del memo[alias]
+        row = _probe_alias_row(engine, alias)
+        if row is None:
+            return None
+        node_id, op_name = row[0], row[1]
+        if not isinstance(node_id, str) or not isinstance(op_name, str):
+            return None
+        if engine.recorder.pending_node(node_id) is not None:
+            return node_id
+        hit = _hit_of(engine, node_id, row[2:], config, verify=False)
+        if hit is None or (engine._verify_artifacts and not self._intact(hit)):
+            return node_id
+        found = AliasHit(node_id, op_name, hit)
+        if memo is not None:
+            if len(memo) >= self._max:
+                memo.clear()
+            memo[alias] = found
         return found
 
     def _intact(self, hit: EncodedHit) -> bool:

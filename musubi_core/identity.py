@@ -41,6 +41,7 @@ from .result import Result
 
 __all__ = [
     "DEFAULT_NAMESPACE",
+    "alias_of",
     "HASH_SCHEME",
     "NodeKey",
     "canonical_bytes",
@@ -227,6 +228,23 @@ def resolve_namespace(namespace: str | None, engine_namespace: str | None = None
             target=namespace,
         )
     return namespace
+
+
+def alias_of(scheme: str, namespace: str, *parts: str) -> bytes:
+    """An alias of a raw request: 16 bytes of BLAKE2b over ``scheme`` (the adapter's name and
+    key version: bump it whenever the adapter's canonical key of the same raw parts changes),
+    the namespace and the parts. An adapter stores it beside the node the request's canonical
+    key reaches (``Engine.record(..., aliases=...)``) and probes it on the next run
+    (``HitMemo.probe_alias``) instead of computing that key. Length-prefixed: no two lists of
+    parts share a digest input.
+
+    >>> len(alias_of("demo/1", "default", "prompt", "model"))
+    16
+    >>> alias_of("demo/1", "default", "ab", "c") != alias_of("demo/1", "default", "a", "bc")
+    True
+    """
+    text = "".join([f"{len(part)}:{part}" for part in (scheme, namespace, *parts)])
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
 def make_node_id(

@@ -142,6 +142,7 @@ class Recorder:
         self._flows: list[FlowWrite] = []
         self._runs: dict[str, RunWrite] = {}  # the latest row of each run wins
         self._replays: Counter[str] = Counter()
+        self._aliases: list[tuple[bytes, str]] = []
         # Deferred node writes by id, for lookups (see pending_node).
         self._pending: dict[str, tuple[NodeWrite, ArtifactWrite | None]] = {}
         self._size = 0
@@ -164,6 +165,7 @@ class Recorder:
         flows: Sequence[FlowWrite] = (),
         runs: Sequence[RunWrite] = (),
         replays: Iterable[str] = (),
+        aliases: Sequence[tuple[bytes, str]] = (),
     ) -> None:
         """Queue rows for the next commit (acknowledged when this returns). On a read-only
         store nothing is queued: the rows are dropped with one warning (they could never be
@@ -178,7 +180,7 @@ class Recorder:
             )
         if self._size and (self._size >= self.max_backlog or self._lagging()):
             self._backpressure()
-        self._kick(self._accept(nodes, artifacts, edges, calls, flows, runs, replays))
+        self._kick(self._accept(nodes, artifacts, edges, calls, flows, runs, replays, aliases))
 
     def _accept(
         self,
@@ -189,6 +191,7 @@ class Recorder:
         flows: Sequence[FlowWrite] = (),
         runs: Sequence[RunWrite] = (),
         replays: Iterable[str] = (),
+        aliases: Sequence[tuple[bytes, str]] = (),
     ) -> int:
         """Add rows to the backlog; returns its size."""
         with self._lock:
@@ -218,19 +221,28 @@ class Recorder:
             for node_id in replays:
                 self._replays[node_id] += 1
                 size += 1
+            if aliases:
+                self._aliases.extend(aliases)
+                size += len(aliases)
             self._size = size
         return size
 
-    def call(self, row: CallWrite, flows: Sequence[FlowWrite] = ()) -> None:
-        """Queue one call and the flows into it (the hot path of every adapter)."""
+    def _appendable(self) -> bool:
+        """May a hot path append to the backlog directly? Only while it is non-empty (the
+        first row starts the lag clock, in ``_accept``) and within its bounds; anything else
+        goes through :meth:`submit` (backpressure, a closed or read-only store)."""
         size = self._size
-        if (
+        return not (
             self.closed
             or self.read_only
             or not size
             or size >= self.max_backlog
             or self._lagging()
-        ):
+        )
+
+    def call(self, row: CallWrite, flows: Sequence[FlowWrite] = ()) -> None:
+        """Queue one call and the flows into it (the hot path of every adapter)."""
+        if not self._appendable():
             self.submit(calls=(row,), flows=flows)
             return
         with self._lock:
@@ -241,8 +253,14 @@ class Recorder:
         self._kick(size)
 
     def replay(self, node_id: str) -> None:
-        """Count one replay of ``node_id``."""
-        self.submit(replays=(node_id,))
+        """Count one replay of ``node_id`` (the hot path of every cache hit, as :meth:`call`)."""
+        if not self._appendable():
+            self.submit(replays=(node_id,))
+            return
+        with self._lock:
+            self._replays[node_id] += 1
+            size = self._size = self._size + 1
+        self._kick(size)
 
     def skip_read_only(self, category: type[Warning] = RuntimeWarning) -> None:
         """A write was skipped because the store is read-only: say so, once per store (through
@@ -343,7 +361,10 @@ class Recorder:
                         handler(exc)
                 continue
             if batch is not None:
-                self._accept(*batch)
+                if self.read_only:
+                    self.skip_read_only()  # never written: said once, as submit() says it
+                else:
+                    self._accept(*batch)
 
     def _commit(self) -> None:
         """Take the backlog and write it in one transaction (the caller holds ``_io``)."""
@@ -353,9 +374,11 @@ class Recorder:
                 return
             nodes, artifacts, edges = self._nodes, self._artifacts, self._edges
             calls, flows, runs, replays = self._calls, self._flows, self._runs, self._replays
+            aliases = self._aliases
             size, since = self._size, self._since
             self._nodes, self._artifacts, self._edges = [], [], []
             self._calls, self._flows, self._runs, self._replays = [], [], {}, Counter()
+            self._aliases = []
             self._size = 0
         try:
             self.store.write(
@@ -366,6 +389,7 @@ class Recorder:
                 flows=flows,
                 runs=list(runs.values()),
                 replays=replays,
+                aliases=aliases,
             )
         except BaseException:
             with self._lock:
@@ -378,6 +402,7 @@ class Recorder:
                 newer, self._runs = self._runs, runs
                 self._runs.update(newer)
                 self._replays.update(replays)
+                self._aliases = aliases + self._aliases
                 self._size += size
                 self._since = min(since, self._since) if self._size > size else since
             with self._committed:

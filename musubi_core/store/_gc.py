@@ -114,6 +114,7 @@ class GcMixin:
     ``_used_bytes`` and ``_file_bytes`` and shrinks its file in ``_after_gc``."""
 
     path: str
+    has_aliases: bool
 
     if TYPE_CHECKING:  # provided by SQLStoreBase
 
@@ -290,6 +291,13 @@ class GcMixin:
                 "AND child NOT IN (SELECT node_id FROM musubi_nodes)",
                 (), report, "edges",
             )
+            if self.has_aliases:
+                # Aliases of nodes that are gone: they would only lead a probe to a miss.
+                self._delete(
+                    c, "musubi_aliases", None,
+                    "node_id NOT IN (SELECT node_id FROM musubi_nodes)",
+                    (), report, "nodes", count=False,
+                )
         self._delete(
             c, "musubi_artifacts", "artifact_id", f"artifact_id NOT IN ({_REFERENCED_ARTIFACTS})",
             (), report, "artifacts",

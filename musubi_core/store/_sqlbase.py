@@ -91,6 +91,11 @@ WHERE musubi_artifacts.payload != excluded.payload
    OR musubi_artifacts.encoding != excluded.encoding
 """
 
+_UPSERT_ALIAS = """
+INSERT INTO musubi_aliases (alias, node_id) VALUES (?, ?)
+ON CONFLICT (alias) DO UPDATE SET node_id = excluded.node_id
+"""
+
 _UPSERT_EDGE = """
 INSERT INTO musubi_edges (parent, child, kind, parent_artifact_id) VALUES (?, ?, ?, ?)
 ON CONFLICT (parent, kind, child) DO UPDATE SET
@@ -195,6 +200,9 @@ class SQLStoreBase(GcMixin, CallsMixin):
     connection. Subclasses provide the connection plumbing below."""
 
     path: str
+    # Does the file have the aliases table (musubi_aliases)? Only a read-only store of a file
+    # made before it existed lacks it (see schema.OPTIONAL_TABLES).
+    has_aliases: bool = True
 
     # -- lifecycle hooks ----------------------------------------------------------
 
@@ -315,13 +323,18 @@ class SQLStoreBase(GcMixin, CallsMixin):
         flows: Sequence[FlowWrite] = (),
         runs: Sequence[RunWrite] = (),
         replays: Mapping[str, int] | None = None,
+        aliases: Sequence[tuple[bytes, str]] = (),
     ) -> None:
-        if not (nodes or artifacts or edges or calls or flows or runs or replays):
+        if not (nodes or artifacts or edges or calls or flows or runs or replays or aliases):
             return
         now = time.time()
+        if not self.has_aliases:
+            aliases = ()  # a read-only file without the table (it takes no rows anyway)
 
         def apply(c: Any) -> None:
             self._write_rows(c, nodes, artifacts, edges, now)
+            if aliases:
+                self._exm(c, _UPSERT_ALIAS, sorted(aliases))
             self._write_records(c, calls, flows, runs, now)
             if replays:
                 self._count_replays(c, replays, now)

@@ -342,9 +342,10 @@ class Store(Protocol):
         flows: Sequence[FlowWrite] = (),
         runs: Sequence[RunWrite] = (),
         replays: Mapping[str, int] | None = None,
+        aliases: Sequence[tuple[bytes, str]] = (),
     ) -> None:
-        """Upsert nodes, artifacts, edges, calls, flows and runs and add replay counts,
-        atomically (one transaction)."""
+        """Upsert nodes, artifacts, edges, calls, flows, runs and ``(alias, node id)`` pairs
+        and add replay counts, atomically (one transaction)."""
         ...
 
     def claim(

@@ -174,6 +174,17 @@ CREATE TABLE IF NOT EXISTS musubi_run_steps (
 ) WITHOUT ROWID;
 -- `musubi steps RUN` and rerun_from walk a run's steps in body order.
 CREATE INDEX IF NOT EXISTS musubi_run_steps_seq ON musubi_run_steps (run_id, seq);
+
+-- Aliases: a digest of an adapter's raw request (LangChain's prompt and llm_string strings,
+-- with the namespace and the adapter's key scheme) -> the node its canonical key reaches.
+-- Written with the node; a hit in a new process probes this instead of parsing the request
+-- and hashing it canonically. It is derived data, like an index: the mapping is a pure
+-- function of the request, so it never goes wrong when nodes change (a missing node is a
+-- miss), and a file without it (made by an older musubi) works without it.
+CREATE TABLE IF NOT EXISTS musubi_aliases (
+    alias   BLOB PRIMARY KEY,
+    node_id TEXT NOT NULL
+) WITHOUT ROWID;
 """
 
 EXPECTED_TABLES = frozenset(
@@ -186,8 +197,12 @@ EXPECTED_TABLES = frozenset(
         "musubi_run_steps",
         "musubi_calls",
         "musubi_flows",
+        "musubi_aliases",
     }
 )
+# Tables a file of the current version may lack (it was made before they existed): the store
+# opens it, and when it may write, creates them; a read-only store works without them.
+OPTIONAL_TABLES = frozenset({"musubi_aliases"})
 
 # Statements that bring a file of version N to N + 1, run (in one transaction, before the DDL
 # above, which then adds the new tables and indexes) by every store when it opens an older file.
@@ -279,3 +294,10 @@ def check_version(conn: Any, path: str, tables: set[str]) -> bool:
             found=str(found),
         )
     return version == SCHEMA_VERSION and tables >= EXPECTED_TABLES
+
+
+def readable_as_is(conn: Any, tables: set[str]) -> bool:
+    """Can a store that may not write use this file as it is? It is of the current version
+    and lacks only :data:`OPTIONAL_TABLES`."""
+    missing = EXPECTED_TABLES - tables
+    return stored_version(conn, tables) == SCHEMA_VERSION and missing <= OPTIONAL_TABLES

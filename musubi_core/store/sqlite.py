@@ -38,6 +38,7 @@ from .schema import (
     check_version,
     existing_tables,
     migration_statements,
+    readable_as_is,
     stored_version,
 )
 from .sqlite_runs import RunStoreMixin
@@ -366,6 +367,12 @@ class SQLiteStore(RunStoreMixin, SQLStoreBase):
                     self._tune(conn)
                 return
             if self.read_only:
+                if readable_as_is(conn, tables):
+                    # A current file made before the optional tables existed: read it as it
+                    # is (lookups go without aliases).
+                    self.has_aliases = "musubi_aliases" in tables
+                    self._ready = True
+                    return
                 raise ReadOnlyStoreError(
                     self.path,
                     action="create the store"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import time
 import warnings
@@ -37,7 +38,16 @@ from musubi_core.identity import input_hash
 from musubi_core.policy import StepConfiguration, StepType
 from musubi_core.store import open_store
 from musubi_langchain import MusubiCache, MusubiCallbackHandler, MusubiLangChainWarning
-from musubi_langchain._codec import Template, decode_generations, encode_generations
+from musubi_langchain._codec import (
+    EntryDecodeError,
+    Template,
+    _plain_answer,
+    complete_usage,
+    decode_generations,
+    decode_message,
+    encode_generations,
+    encode_message,
+)
 from musubi_langchain._engine import PlainAwareCodec, Precoded, storable
 from musubi_langchain._keys import _fast_dumpd, canonical_message_objects, canonical_messages
 from tests.support.storedb import execute, is_postgres, rows
@@ -240,3 +250,79 @@ def test_explicit_flush_is_synchronous(db: str) -> None:
     handler.flush()
     ((n,),) = rows(db, "SELECT COUNT(*) FROM musubi_calls")
     assert n == 9  # 3 x (sequence, prompt, model)
+
+
+def _validated(data: dict[str, Any]) -> AIMessage:
+    """The slow path a plain answer skips: pydantic's validation of the stored fields."""
+    fields = dict(data)
+    fields["usage_metadata"] = complete_usage(fields.get("usage_metadata"))
+    return AIMessage.model_validate(fields)
+
+
+_PLAIN_ANSWERS = [
+    AIMessage(content="Paris."),
+    AIMessage(content="", id="run-1", name="bot"),
+    AIMessage(
+        content="Tokyo.",
+        id="lc_run--1",
+        response_metadata={"model_name": "gpt-4o-mini", "finish_reason": "stop", "logprobs": None},
+        usage_metadata={
+            "input_tokens": 12,
+            "output_tokens": 3,
+            "total_tokens": 15,
+            "input_token_details": {"audio": 0, "cache_read": 0},
+            "output_token_details": {"audio": 0, "reasoning": 0},
+        },
+    ),
+    AIMessage(content="é東京\n\"quoted\"", usage_metadata={"input_tokens": 1, "output_tokens": 2, "total_tokens": 3}),
+]
+
+_OTHER_ANSWERS = [
+    AIMessage(content=[{"type": "text", "text": "blocks"}]),
+    AIMessage(content="", tool_calls=[{"name": "search", "args": {"q": "x"}, "id": "c1"}]),
+    AIMessage(content="", additional_kwargs={"function_call": {"name": "f", "arguments": "{}"}}),
+    AIMessage(
+        content="x",
+        usage_metadata={
+            "input_tokens": 1, "output_tokens": 1, "total_tokens": 2,
+            "input_token_details": {"audio": 0, "made_up": 4},  # type: ignore[typeddict-unknown-key]
+        },
+    ),
+]
+
+
+@pytest.mark.parametrize("message", _PLAIN_ANSWERS, ids=range(len(_PLAIN_ANSWERS)))
+def test_a_plain_answer_is_built_exactly_as_validation_builds_it(message: AIMessage) -> None:
+    data = json.loads(json.dumps(encode_message(message)))
+    fast = _plain_answer(data)
+    assert fast is not None  # this shape takes the fast path
+    slow = _validated(data)
+    assert fast == slow
+    assert fast.model_fields_set == slow.model_fields_set
+    assert dumpd(fast) == dumpd(slow)
+    assert fast.text == slow.text and fast.usage_metadata == slow.usage_metadata
+    # The generation around it too (ChatGeneration's text, its fields set, its dump).
+    (gen,) = decode_generations(json.loads(json.dumps(encode_generations([ChatGeneration(message=message)]))))
+    validated = ChatGeneration(message=slow, generation_info=None)  # as decoding validated it
+    assert gen == validated and gen.text == validated.text
+    assert gen.model_fields_set == validated.model_fields_set
+    assert dumpd(gen) == dumpd(validated)
+
+
+@pytest.mark.parametrize("message", _OTHER_ANSWERS, ids=range(len(_OTHER_ANSWERS)))
+def test_any_other_message_is_validated(message: AIMessage) -> None:
+    data = json.loads(json.dumps(encode_message(message)))
+    assert _plain_answer(data) is None
+    decoded = decode_message(data)
+    assert decoded == _validated(data)
+
+
+def test_a_plain_answer_with_a_wrong_field_type_is_validated_and_refused() -> None:
+    data = json.loads(json.dumps(encode_message(_PLAIN_ANSWERS[2])))
+    data["usage_metadata"]["input_tokens"] = True  # a bool is not a count
+    assert _plain_answer(data) is None
+    data["usage_metadata"]["input_tokens"] = 12
+    data["response_metadata"] = ["not", "a", "mapping"]
+    assert _plain_answer(data) is None
+    with pytest.raises(EntryDecodeError):
+        decode_message(data)

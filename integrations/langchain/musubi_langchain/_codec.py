@@ -31,6 +31,7 @@ from langchain_core.messages import (
     SystemMessage,
     ToolMessage,
 )
+from langchain_core.messages.ai import InputTokenDetails, OutputTokenDetails, UsageMetadata
 from langchain_core.outputs import ChatGeneration, Generation
 from pydantic import BaseModel
 
@@ -98,10 +99,78 @@ def encode_message(message: BaseMessage) -> dict[str, Any]:
     return {str(k): _plain(v) for k, v in data.items()}
 
 
+# What encode_message writes for an AI message, and the usage it may carry (LangChain's own
+# TypedDicts name the keys): the shape of a plain answer, checked by _plain_answer.
+_AI_KEYS = frozenset(
+    ("content", "additional_kwargs", "response_metadata", "type", "name", "id",
+     "tool_calls", "invalid_tool_calls", "usage_metadata")
+)
+_USAGE_KEYS = frozenset(UsageMetadata.__annotations__)
+_DETAIL_KEYS = {
+    "input_token_details": frozenset(InputTokenDetails.__annotations__),
+    "output_token_details": frozenset(OutputTokenDetails.__annotations__),
+}
+_TEXT_OR_NONE = (str, type(None))
+
+
+def _counts(value: Any, keys: frozenset[str]) -> bool:
+    """A dict of exactly-int counts under known keys."""
+    return (
+        type(value) is dict
+        and value.keys() <= keys
+        and all(type(v) is int for v in value.values())
+    )
+
+
+def _plain_usage(usage: Any) -> bool:
+    if type(usage) is not dict or not usage.keys() <= _USAGE_KEYS:
+        return False
+    for key, value in usage.items():
+        details = _DETAIL_KEYS.get(key)
+        if not (_counts(value, details) if details is not None else type(value) is int):
+            return False
+    return all(k in usage for k in _TOKEN_KEYS)
+
+
+def _plain_answer(data: Mapping[str, Any]) -> AIMessage | None:
+    """An AI message of the exact shape a plain answer has (text content, no tool calls, no
+    extra kwargs, token counts under LangChain's own keys), each field checked here, built
+    without pydantic's validation pass: that pass (with AIMessage's tool-call compatibility
+    hook) is most of what a cold hit costs, and for this shape it changes nothing (a test
+    compares the two field by field). Anything else returns None and is validated."""
+    if (
+        type(data) is not dict
+        or data.keys() != _AI_KEYS
+        or data["type"] != "ai"
+        or type(data["content"]) is not str
+        or data["additional_kwargs"] != {}
+        or data["tool_calls"] != []
+        or data["invalid_tool_calls"] != []
+        or type(data["response_metadata"]) is not dict
+        or not isinstance(data["name"], _TEXT_OR_NONE)
+        or not isinstance(data["id"], _TEXT_OR_NONE)
+    ):
+        return None
+    usage = data["usage_metadata"]
+    if usage is None:
+        usage = complete_usage(None)
+    elif not _plain_usage(usage):
+        return None
+    fields = dict(data)
+    fields["usage_metadata"] = usage
+    fields["additional_kwargs"] = {}
+    fields["tool_calls"] = []
+    fields["invalid_tool_calls"] = []
+    return AIMessage.model_construct(**fields)
+
+
 def decode_message(data: Any) -> BaseMessage:
     """Rebuild a message from :func:`encode_message` output, allow-listed by ``type``."""
     if not isinstance(data, Mapping):
         raise EntryDecodeError("message entry is not a mapping")
+    plain = _plain_answer(data)
+    if plain is not None:
+        return plain
     kind = data.get("type")
     cls = _MESSAGE_TYPES.get(kind) if isinstance(kind, str) else None
     if cls is None:
@@ -176,9 +245,17 @@ def decode_generations(data: Any) -> list[Generation]:
         kind = item.get("kind")
         try:
             if kind == "chat":
-                out.append(
-                    ChatGeneration(message=decode_message(item.get("message")), generation_info=info)
-                )
+                message = decode_message(item.get("message"))
+                if type(message) is AIMessage and type(message.content) is str:
+                    # What ChatGeneration's validation would do for a text message (its
+                    # text is the message's); the message is already checked.
+                    out.append(
+                        ChatGeneration.model_construct(
+                            message=message, generation_info=info, text=message.text
+                        )
+                    )
+                else:
+                    out.append(ChatGeneration(message=message, generation_info=info))
             elif kind == "text":
                 text = item.get("text")
                 if not isinstance(text, str):

@@ -26,10 +26,10 @@ from langchain_core.outputs import Generation
 
 from musubi_core.engine import Engine
 from musubi_core.errors import ReplayMissError
-from musubi_core.fastpath import EncodedHit, HitMemo
+from musubi_core.fastpath import AliasHit, EncodedHit, HitMemo
 from musubi_core.flight import DEFAULT_TIMEOUT as FLIGHT_TIMEOUT
 from musubi_core.flight import flights_for
-from musubi_core.identity import NodeKey, make_op, resolve_namespace
+from musubi_core.identity import NodeKey, alias_of, make_op, resolve_namespace
 from musubi_core.modes import Mode, resolve_mode
 from musubi_core.policy import Decision, ReplayReason, StepConfiguration, StepType
 from musubi_core.record import current_frame, joinable, new_call_id
@@ -58,6 +58,9 @@ llm_call_kwargs: ContextVar[Mapping[str, Any] | None] = ContextVar(
 _CHAT_PROMPT_PREFIX = '[{"lc": 1'
 # Bounds of the per-cache memos (prompt -> key, artifact -> decoded template).
 _MAX_KEYS = 2048
+# The key scheme of aliases (identity.alias_of): bump it whenever chat_key_parts or
+# llm_key_parts would map the same two strings to another node.
+_ALIAS_SCHEME = "musubi_langchain/1"
 _MAX_DECODED = 1024
 
 
@@ -216,7 +219,8 @@ class MusubiCache(BaseCache):
 
     def _own_call(
         self,
-        key: NodeKey,
+        node_id: str,
+        op_name: str,
         *,
         artifact_id: str | None,
         replayed: bool,
@@ -229,10 +233,10 @@ class MusubiCache(BaseCache):
         for which LangChain fires no callbacks) as a call: of the current run (inside a
         ``@step`` or a durable step), else of this cache's run of calls outside any trace (one
         run per burst of calls, see ``musubi_core.record.ambient``)."""
-        kind, _, name = key.op_name.partition(":")
+        kind, _, name = op_name.partition(":")
         kind = kind if kind in ("chat_model", "llm") else "llm"
         fields: dict[str, Any] = {
-            "node_id": key.node_id,
+            "node_id": node_id,
             "artifact_id": artifact_id,
             "replayed": replayed,
             "duration_s": duration_s,
@@ -274,57 +278,87 @@ class MusubiCache(BaseCache):
         self._decoded[hit.artifact_id] = (hit.encoding, hit.payload, template)
         return template.fresh()
 
+    def _alias(self, prompt: str, llm_string: str) -> bytes:
+        """The alias of a ``(prompt, llm_string)`` pair (see ``identity.alias_of``): stored
+        with the node, so the next process finds the node without computing its key."""
+        return alias_of(_ALIAS_SCHEME, self._namespace, llm_string, prompt)
+
+    def _serve(
+        self, node_id: str, op_name: str, hit: EncodedHit, run_id: UUID | None
+    ) -> list[Generation] | None:
+        """Fresh generations of a plain hit, its replay counted and its call recorded; None
+        when the bytes do not decode (the full lookup then decides and warns)."""
+        try:
+            memo = self._decoded.get(hit.artifact_id)
+            if (
+                memo is not None
+                and memo[2] is not None
+                and memo[1] == hit.payload
+                and memo[0] == hit.encoding
+            ):
+                generations = memo[2].fresh()
+            else:
+                generations = self._generations(hit)
+        except Exception:
+            return None
+        engine = self._engine if self._engine is not None else self.engine
+        engine.recorder.replay(node_id)  # committed with the recorder's next batch
+        if run_id is not None:
+            _correlate.report(
+                run_id,
+                _correlate.CacheReport(
+                    node_id=node_id,
+                    replayed=True,
+                    artifact_id=hit.artifact_id,
+                    tokens_in=hit.tokens_in,
+                    tokens_out=hit.tokens_out,
+                    saved_s=hit.duration_s,
+                ),
+            )
+        else:
+            self._own_call(
+                node_id,
+                op_name,
+                artifact_id=hit.artifact_id,
+                replayed=True,
+                tokens_in=hit.tokens_in,
+                tokens_out=hit.tokens_out,
+                duration_s=0.0,
+                saved_s=hit.duration_s,
+            )
+        return generations
+
     def _lookup(self, prompt: str, llm_string: str) -> list[Generation] | _Flight | None:
         run_id = _correlate.claim() if _correlate.pending() else None
-        key = self._keys.get((prompt, llm_string)) if llm_call_kwargs.get() is None else None
+        # A text LLM's per-call kwargs (captured by instrument()) are part of the key but not
+        # of the two strings: such calls use neither the key memo nor aliases.
+        plain = llm_call_kwargs.get() is None
+        key = self._keys.get((prompt, llm_string)) if plain else None
+        hits = self._hits if self._hits is not None else self._hit_memo
+        alias: bytes | None = None
+        if key is None and plain:
+            # The next run's first hit of this request: the alias leads to the node.
+            alias = self._alias(prompt, llm_string)
+            via = hits.probe_alias(alias, self.config)
+            if isinstance(via, AliasHit):
+                served = self._serve(via.node_id, via.op_name, via.hit, run_id)
+                if served is not None:
+                    return served
+            elif via is not None:
+                alias = None  # stored; the node is not a plain hit: the full lookup decides
         if key is None:
             key = self.node_key(prompt, llm_string)
-        engine = self._engine if self._engine is not None else self.engine
-        hits = self._hits if self._hits is not None else self._hit_memo
         probed = hits.probe(key, self.config)
+        generations: list[Generation] | None = None
         if isinstance(probed, EncodedHit):
-            try:
-                memo = self._decoded.get(probed.artifact_id)
-                if (
-                    memo is not None
-                    and memo[2] is not None
-                    and memo[1] == probed.payload
-                    and memo[0] == probed.encoding
-                ):
-                    generations: list[Generation] | None = memo[2].fresh()
-                else:
-                    generations = self._generations(probed)
-            except Exception:
-                # Undecodable bytes: the full lookup decides and warns exactly as it always has.
+            generations = self._serve(key.node_id, key.op_name, probed, run_id)
+            if generations is None:
                 generations = self._slow_lookup(key, run_id)
-            else:
-                engine.recorder.replay(key.node_id)  # committed with the recorder's next batch
-                if run_id is not None:
-                    _correlate.report(
-                        run_id,
-                        _correlate.CacheReport(
-                            node_id=key.node_id,
-                            replayed=True,
-                            artifact_id=probed.artifact_id,
-                            tokens_in=probed.tokens_in,
-                            tokens_out=probed.tokens_out,
-                            saved_s=probed.duration_s,
-                        ),
-                    )
-                else:
-                    self._own_call(
-                        key,
-                        artifact_id=probed.artifact_id,
-                        replayed=True,
-                        tokens_in=probed.tokens_in,
-                        tokens_out=probed.tokens_out,
-                        duration_s=0.0,
-                        saved_s=probed.duration_s,
-                    )
+            elif alias is not None:
+                # An entry stored before aliases existed: the next run finds it by its alias.
+                self.engine.recorder.submit(aliases=((alias, key.node_id),))
         elif probed is None:
             generations = self._slow_lookup(key, run_id)
-        else:
-            generations = None
         if generations is not None:
             return generations
         if self.mode is Mode.REPLAY:
@@ -426,7 +460,8 @@ class MusubiCache(BaseCache):
             )
         else:
             self._own_call(
-                key,
+                key.node_id,
+                key.op_name,
                 artifact_id=artifact_id,
                 replayed=True,
                 tokens_in=tokens_in,
@@ -456,6 +491,10 @@ class MusubiCache(BaseCache):
             tokens_out=tokens_out,
             label=key.op_name.split(":", 1)[-1],
             meta=call_material(self.key_parts(prompt, llm_string)),
+            # The alias maps the two strings to this node only when they alone made its key.
+            aliases=(self._alias(prompt, llm_string),)
+            if llm_call_kwargs.get() is None and self.node_key(prompt, llm_string) == key
+            else (),
         )
         if run_id is not None:
             # The handler records this run's call when it ends: tell it what was stored.
@@ -467,7 +506,8 @@ class MusubiCache(BaseCache):
             )
         else:
             self._own_call(
-                key,
+                key.node_id,
+                key.op_name,
                 artifact_id=recorded.artifact_id,
                 replayed=False,
                 tokens_in=tokens_in,
