@@ -199,7 +199,8 @@ def spans(env: Env) -> Comparison:
             ).fetchone()[0]
             flows = con.execute("SELECT COUNT(*) FROM musubi_flows").fetchone()[0]
             replays = con.execute(
-                "SELECT COALESCE(SUM(replay_count), 0) FROM musubi_nodes"
+                "SELECT COALESCE(SUM(n.replay_count + COALESCE(r.replays, 0)), 0) FROM musubi_nodes n "
+                "LEFT JOIN musubi_replays r ON r.node_id = n.node_id"
             ).fetchone()[0]
         con.close()
         return calls, q, lm, flows, replays

@@ -49,7 +49,9 @@ WHERE r.node_id IS NOT NULL AND r.kind = 'durable' AND r.status != 'done'
 
 _AGED_NODES = f"""
 ((status IN ('stale', 'failed') AND created_at < ?)
- OR (status = 'done' AND COALESCE(last_replayed_at, finished_at, created_at) < ?
+ OR (status = 'done' AND COALESCE(
+         (SELECT r.last_at FROM musubi_replays r WHERE r.node_id = musubi_nodes.node_id),
+         last_replayed_at, finished_at, created_at) < ?
      -- An external effect's record is what stops it from being issued twice: age never
      -- makes it garbage.
      AND step_type != 'external_effect'))
@@ -69,10 +71,11 @@ _RECORDED_ONLY_SQL = ", ".join(f"'{kind}'" for kind in sorted(RECORDED_ONLY_KIND
 _EVICTABLE = f"""
 SELECT n.node_id, n.artifact_id, COALESCE(a.size, 0) FROM musubi_nodes n
 LEFT JOIN musubi_artifacts a ON a.artifact_id = n.artifact_id
+LEFT JOIN musubi_replays r ON r.node_id = n.node_id
 WHERE n.status != 'pending' AND n.step_type != 'external_effect'
   AND n.node_id NOT IN ({_UNFINISHED_RUN_NODES})
 ORDER BY CASE WHEN n.status = 'done' AND n.kind NOT IN ({_RECORDED_ONLY_SQL}) THEN 1 ELSE 0 END,
-         COALESCE(n.last_replayed_at, n.finished_at, n.created_at), n.node_id
+         COALESCE(r.last_at, n.last_replayed_at, n.finished_at, n.created_at), n.node_id
 LIMIT ?
 """
 
@@ -114,7 +117,6 @@ class GcMixin:
     ``_used_bytes`` and ``_file_bytes`` and shrinks its file in ``_after_gc``."""
 
     path: str
-    has_aliases: bool
 
     if TYPE_CHECKING:  # provided by SQLStoreBase
 
@@ -291,11 +293,11 @@ class GcMixin:
                 "AND child NOT IN (SELECT node_id FROM musubi_nodes)",
                 (), report, "edges",
             )
-            if self.has_aliases:
-                # Aliases of nodes that are gone: they would only lead a probe to a miss.
+            # Aliases and replay counts of nodes that are gone (an alias would only lead a
+            # probe to a miss; a node made again starts counting afresh).
+            for table in ("musubi_aliases", "musubi_replays"):
                 self._delete(
-                    c, "musubi_aliases", None,
-                    "node_id NOT IN (SELECT node_id FROM musubi_nodes)",
+                    c, table, None, "node_id NOT IN (SELECT node_id FROM musubi_nodes)",
                     (), report, "nodes", count=False,
                 )
         self._delete(

@@ -35,12 +35,14 @@ __all__ = ["SQLStoreBase"]
 
 T = TypeVar("T")
 
-NODE_COLUMNS = (
-    "node_id, op, op_name, kind, step_type, input_hash, status, artifact_id, "
-    "(SELECT producer_node_id FROM musubi_artifacts a WHERE a.artifact_id = n.artifact_id), "
-    "namespace, created_at, started_at, finished_at, expires_at, duration_s, tokens_in, "
-    "tokens_out, replay_count, exec_count, error, owner, label, run_id, stale_cause, meta"
-)
+# A node row's columns (NodeRecord's fields; the producer is the artifact's) as read from
+# ``musubi_nodes n``; ``musubi check`` tests each for a type musubi never writes.
+NODE_EXPRS = ["node_id", "op", "op_name", "kind", "step_type", "input_hash", "status", "artifact_id", "(SELECT producer_node_id FROM musubi_artifacts a WHERE a.artifact_id = n.artifact_id)", "namespace", "created_at", "started_at", "finished_at", "expires_at", "duration_s", "tokens_in", "tokens_out", "replay_count", "exec_count", "error", "owner", "label", "run_id", "stale_cause", "meta"]
+# The replays counted in musubi_replays since it exists (see schema.py); a node's count is
+# its row's replay_count (counted before) plus these.
+COUNTED_REPLAYS = "(SELECT r.replays FROM musubi_replays r WHERE r.node_id = n.node_id)"
+# What every node read selects: NODE_EXPRS, then COUNTED_REPLAYS (see _row_to_node).
+NODE_COLUMNS = ", ".join([*NODE_EXPRS, COUNTED_REPLAYS])
 
 # The columns in NodeWrite's field order, then created_at: a write binds as ``(*node, now)``.
 _UPSERT_NODE = """
@@ -89,6 +91,16 @@ ON CONFLICT (artifact_id) DO UPDATE SET
 -- and keeps the first producer.
 WHERE musubi_artifacts.payload != excluded.payload
    OR musubi_artifacts.encoding != excluded.encoding
+"""
+
+# A node's replay count in a query joining ``musubi_replays r`` (see COUNTED_REPLAYS).
+_REPLAYS = "(n.replay_count + COALESCE(r.replays, 0))"
+
+_INSERT_REPLAYS = "INSERT INTO musubi_replays (node_id, replays, last_at) VALUES "
+_ON_REPLAY_CONFLICT = """
+ON CONFLICT (node_id) DO UPDATE SET
+    replays = musubi_replays.replays + excluded.replays,
+    last_at = excluded.last_at
 """
 
 _UPSERT_ALIAS = """
@@ -173,15 +185,22 @@ def _row_to_node(row: Sequence[Any], path: str) -> NodeRecord:
         for column, value, types in zip(NodeRecord._fields, values, _COLUMN_TYPES, strict=True):
             if not isinstance(value, types):
                 raise CorruptNodeError(str(values[0]), column, value, path=path)
-    return _make_node(values)
+    node = _make_node(values)
+    counted = row[_NODE_WIDTH]
+    if counted:
+        if not isinstance(counted, int):
+            raise CorruptNodeError(str(values[0]), "replay_count", counted, path=path)
+        node = node._replace(replay_count=node.replay_count + counted)
+    return node
 
 
+# The full lookup: a node's columns (as NODE_COLUMNS), then its artifact's encoding and payload.
 _LOOKUP = (
     "SELECT n.node_id, n.op, n.op_name, n.kind, n.step_type, n.input_hash, n.status, "
     "n.artifact_id, a.producer_node_id, n.namespace, n.created_at, n.started_at, "
     "n.finished_at, n.expires_at, n.duration_s, n.tokens_in, n.tokens_out, "
     "n.replay_count, n.exec_count, n.error, n.owner, n.label, n.run_id, "
-    "n.stale_cause, n.meta, a.encoding, a.payload "
+    f"n.stale_cause, n.meta, {COUNTED_REPLAYS}, a.encoding, a.payload "
     "FROM musubi_nodes n LEFT JOIN musubi_artifacts a ON a.artifact_id = n.artifact_id "
     "WHERE n.node_id = ?"
 )
@@ -288,8 +307,8 @@ class SQLStoreBase(GcMixin, CallsMixin):
         row = self._read("lookup", lambda c: self._ex(c, _LOOKUP, (node_id,)).fetchone())
         if row is None:
             return None
-        payload = row[26]
-        return _row_to_node(row, self.path), row[25], None if payload is None else as_blob(payload)
+        payload = row[27]
+        return _row_to_node(row, self.path), row[26], None if payload is None else as_blob(payload)
 
     def get_artifact(self, artifact_id: str) -> tuple[str, bytes] | None:
         row = self._read(
@@ -372,14 +391,13 @@ class SQLStoreBase(GcMixin, CallsMixin):
         self._write("add_replays", lambda c: self._count_replays(c, counts, now))
 
     def _count_replays(self, c: Any, counts: Mapping[str, int], now: float) -> None:
-        # In key order: two writers updating overlapping nodes then take their row locks in
-        # the same order (PostgreSQL would otherwise deadlock them).
-        rows = [(counts[node_id], now, node_id) for node_id in sorted(counts)]
-        self._exm(
-            c,
-            "UPDATE musubi_nodes SET replay_count = replay_count + ?, last_replayed_at = ? "
-            "WHERE node_id = ?",
-            rows,
+        # Into the narrow counter rows, never the node's row (see schema.py: musubi_replays),
+        # in statements of many rows (see _many). In key order: two writers counting
+        # overlapping nodes then take their row locks in the same order (PostgreSQL would
+        # otherwise deadlock them).
+        self._many(
+            c, _INSERT_REPLAYS, 3, _ON_REPLAY_CONFLICT,
+            [(node_id, counts[node_id], now) for node_id in sorted(counts)],
         )
 
     def invalidate(self, node_id: str) -> int:
@@ -601,11 +619,12 @@ class SQLStoreBase(GcMixin, CallsMixin):
             by_kind = self._ex(
                 c,
                 "SELECT kind, COUNT(*), CAST(SUM(exec_count) AS BIGINT), "
-                "CAST(SUM(replay_count) AS BIGINT), "
-                "CAST(SUM(replay_count * (COALESCE(tokens_in, 0) + COALESCE(tokens_out, 0))) "
+                f"CAST(SUM({_REPLAYS}) AS BIGINT), "
+                f"CAST(SUM({_REPLAYS} * (COALESCE(tokens_in, 0) + COALESCE(tokens_out, 0))) "
                 "AS BIGINT), "
-                "SUM(replay_count * COALESCE(duration_s, 0)) "
-                "FROM musubi_nodes GROUP BY kind ORDER BY kind",
+                f"SUM({_REPLAYS} * COALESCE(duration_s, 0)) "
+                "FROM musubi_nodes n LEFT JOIN musubi_replays r ON r.node_id = n.node_id "
+                "GROUP BY kind ORDER BY kind",
             ).fetchall()
             statuses = dict(
                 self._ex(c, "SELECT status, COUNT(*) FROM musubi_nodes GROUP BY status").fetchall()

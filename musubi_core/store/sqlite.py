@@ -21,24 +21,25 @@ import time
 import uuid
 import warnings
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 from urllib.parse import quote
 
 from .._size import format_size, parse_size
 from ..errors import ConfigError, MusubiError, ReadOnlyStoreError, SchemaError, StoreError
 from ..flight import FileFlightLocks
-from ._sqlbase import _COLUMN_TYPES, _LOOKUP, NODE_COLUMNS, SQLStoreBase, _row_to_node
-from ._sqlcalls import _STATEMENT_ROWS
+from ._sqlbase import _COLUMN_TYPES, _LOOKUP, NODE_COLUMNS, NODE_EXPRS, SQLStoreBase, _row_to_node
 from .base import NodeRecord
 from .schema import (
     APP_ID,
     DDL,
+    OPTIONAL_TABLES,
     SCHEMA_VERSION,
     check_version,
     existing_tables,
     migration_statements,
     readable_as_is,
+    shadow_tables,
     stored_version,
 )
 from .sqlite_runs import RunStoreMixin
@@ -52,12 +53,12 @@ T = TypeVar("T")
 _ABANDONED: list[sqlite3.Connection] = []
 
 # A node row holding a value of a type musubi never writes in that column: _COLUMN_TYPES in
-# SQLite's words, over NODE_COLUMNS (the producer is the artifact's, read by a subquery).
+# SQLite's words, over NODE_EXPRS (the producer is the artifact's, read by a subquery).
 _TYPEOF = {str: "text", float: "real", int: "integer", type(None): "null"}
 _GARBLED = " OR ".join(
     f"typeof({expr}) NOT IN ({', '.join(repr(_TYPEOF[t]) for t in types)})"
     for expr, kinds in zip(
-        [c.strip() for c in NODE_COLUMNS.split(", ")], _COLUMN_TYPES, strict=True
+        NODE_EXPRS, _COLUMN_TYPES, strict=True
     )
     for types in [kinds if isinstance(kinds, tuple) else (kinds,)]
 )
@@ -200,6 +201,9 @@ class SQLiteStore(RunStoreMixin, SQLStoreBase):
             raw = os.path.abspath(raw)
         self.path = raw
         self._ready = False
+        # CREATE TEMP TABLE statements each connection runs (see _initialise: the optional
+        # tables a read-only file lacks).
+        self._shadow: list[str] = []
         if read_only is None:
             read_only = "mode=ro" in raw if self._uri else not _writable(raw)
         self.read_only = read_only
@@ -251,6 +255,8 @@ class SQLiteStore(RunStoreMixin, SQLStoreBase):
             conn.execute("PRAGMA mmap_size = 268435456")
         if self._ready and not self.read_only:
             self._tune(conn)
+        for statement in self._shadow:
+            conn.execute(statement)
         return conn
 
     def _tune(self, conn: sqlite3.Connection) -> None:
@@ -369,7 +375,11 @@ class SQLiteStore(RunStoreMixin, SQLStoreBase):
             if self.read_only:
                 if readable_as_is(conn, tables):
                     # A current file made before the optional tables existed: read it as it
-                    # is (lookups go without aliases).
+                    # is, each connection seeing empty temporary tables in their place
+                    # (lookups then go without aliases).
+                    self._shadow = shadow_tables(OPTIONAL_TABLES - tables)
+                    for statement in self._shadow:
+                        conn.execute(statement)
                     self.has_aliases = "musubi_aliases" in tables
                     self._ready = True
                     return
@@ -543,25 +553,6 @@ class SQLiteStore(RunStoreMixin, SQLStoreBase):
 
     # -- dialect hooks ------------------------------------------------------------
 
-    def _count_replays(self, c: Any, counts: Mapping[str, int], now: float) -> None:
-        # Statements of many nodes instead of one per node (see _sqlcalls._many: each
-        # statement is a GIL hand-off, slow while the application keeps the interpreter busy).
-        # SQLite has one writer at a time, so the order rows are updated in does not matter.
-        items = sorted(counts.items())
-        i, n = 0, len(items)
-        for size in _STATEMENT_ROWS:  # a few statement lengths only (see _sqlcalls)
-            if n - i < size:
-                continue
-            values = ", ".join(["(?, ?)"] * size)
-            sql = (
-                "UPDATE musubi_nodes SET replay_count = replay_count + v.column2, "
-                f"last_replayed_at = ? FROM (VALUES {values}) AS v "
-                "WHERE musubi_nodes.node_id = v.column1"
-            )
-            while n - i >= size:
-                c.execute(sql, [now, *(x for pair in items[i : i + size] for x in pair)])
-                i += size
-
     def _changes(self, c: Any, cursor: Any) -> int:
         # sqlite3 leaves rowcount at -1 for a WITH ... UPDATE; changes() is exact.
         return int(c.execute("SELECT changes()").fetchone()[0])
@@ -588,7 +579,7 @@ class SQLiteStore(RunStoreMixin, SQLStoreBase):
                 raise exc
         if row is None:
             return None
-        return _row_to_node(row, self.path), row[25], row[26]
+        return _row_to_node(row, self.path), row[26], row[27]
 
     # -- durable runs -------------------------------------------------------------
 

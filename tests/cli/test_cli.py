@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.storedb import REPLAYS
+
 ROOT = Path(__file__).resolve().parents[2]
 
 PIPELINE = textwrap.dedent(
@@ -169,5 +171,5 @@ def test_demo_shows_the_second_run_replaying(tmp_path: Path) -> None:
     run2 = next(line for line in lines if line.strip().startswith("run 2:"))
     assert "extract_facts=replayed" in run2 and "write_summary=replayed" in run2
     with sqlite3.connect(tmp_path / "demo.db") as conn:
-        replays = conn.execute("SELECT SUM(replay_count) FROM musubi_nodes").fetchone()[0]
+        replays = conn.execute(f"SELECT SUM({REPLAYS}) FROM musubi_nodes").fetchone()[0]
     assert replays >= 2

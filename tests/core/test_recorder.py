@@ -18,6 +18,7 @@ import pytest
 from musubi_core import Engine, SQLiteStore, StoreError, step, use_engine
 from musubi_core.record import RunState, recorder_for
 from musubi_core.record.recorder import Recorder
+from tests.support.storedb import REPLAYS
 
 
 def _count(db: str, sql: str) -> int:
@@ -72,7 +73,7 @@ def test_closing_the_store_flushes_every_engine_writing_to_it(tmp_path: Path) ->
         assert double(1).replayed
     # The store is closed before the engines that counted the replays: nothing is lost.
     store.close()
-    assert _count(db, f"SELECT replay_count FROM musubi_nodes WHERE node_id = '{first.node_id}'") == 7
+    assert _count(db, f"SELECT {REPLAYS} FROM musubi_nodes WHERE node_id = '{first.node_id}'") == 7
     assert _count(db, "SELECT COUNT(*) FROM musubi_calls") == 8
     with pytest.raises(StoreError):
         engine.recorder.submit(replays=("x",))  # closed: refused, not silently dropped
@@ -155,7 +156,7 @@ def test_a_failed_commit_keeps_its_rows_and_retries_after_the_disk_is_freed(
     filler.unlink()
     assert _wait_for(lambda: rec.backlog == 0)  # retried by the writer thread
     engine.close()
-    node = f"SELECT replay_count FROM musubi_nodes WHERE node_id = '{first.node_id}'"
+    node = f"SELECT {REPLAYS} FROM musubi_nodes WHERE node_id = '{first.node_id}'"
     assert _count(db, node) == 50
     assert _count(db, "SELECT COUNT(*) FROM musubi_calls") == 1 + 50 + 60
     assert _count(db, "SELECT COUNT(*) FROM musubi_runs") == 1 + 50 + 1  # own runs + the script
@@ -203,3 +204,35 @@ def test_no_row_waits_past_max_lag_while_commits_succeed(tmp_path: Path) -> None
     assert _count(db, "SELECT COUNT(*) FROM musubi_calls") >= 5  # the old rows went first
     store.close()
     assert _count(db, "SELECT COUNT(*) FROM musubi_calls") == 6
+
+
+def test_replays_are_counted_beside_the_node_row_and_add_to_older_counts(tmp_path: Path) -> None:
+    """Counting a replay writes the node's narrow counter row, never its own row (which
+    carries the call's material): the node row is untouched, and a count kept in the node row
+    by an older musubi still adds."""
+    db = str(tmp_path / "m.db")
+    big = "context " * 2000  # a long prompt's worth of input, kept in the node's row
+
+    with Engine(SQLiteStore(db)) as engine:
+
+        @step(engine=engine)
+        def answer(prompt: str) -> str:
+            return prompt[:5]
+
+        first = answer(big)
+        node = f"node_id = '{first.node_id}'"
+        row_before = _count(db, f"SELECT length(CAST(meta AS BLOB)) + length(op) FROM musubi_nodes WHERE {node}")
+        con = sqlite3.connect(db)
+        with con:  # a count from before the counter table (a migrated file)
+            con.execute(f"UPDATE musubi_nodes SET replay_count = 2 WHERE {node}")
+        con.close()
+        for _ in range(3):
+            assert answer(big).replayed
+        engine.flush()
+        assert engine.store.get_node(first.node_id).replay_count == 5  # type: ignore[union-attr]
+    assert _count(db, f"SELECT replay_count FROM musubi_nodes WHERE {node}") == 2
+    assert _count(db, f"SELECT replays FROM musubi_replays WHERE {node}") == 3
+    assert _count(db, f"SELECT {REPLAYS} FROM musubi_nodes WHERE {node}") == 5
+    assert _count(
+        db, f"SELECT length(CAST(meta AS BLOB)) + length(op) FROM musubi_nodes WHERE {node}"
+    ) == row_before

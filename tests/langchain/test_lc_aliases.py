@@ -23,7 +23,7 @@ from musubi_langchain import MusubiCache
 from musubi_langchain.cache import _ALIAS_SCHEME
 from tests.support.openai_server import OpenAIServer
 from tests.support.read_only import read_only_store
-from tests.support.storedb import execute, rows, sqlite_only
+from tests.support.storedb import REPLAYS, execute, rows, sqlite_only
 
 # Runs on SQLite and on PostgreSQL (tests/conftest.py).
 BOTH_BACKENDS = True
@@ -70,7 +70,7 @@ def test_a_new_cache_serves_a_stored_answer_through_its_alias(
     assert reader.keys_computed == 0  # found by the alias, no key computed
     reader.engine.flush()
     # The replay is counted and recorded as a call, as any hit is.
-    assert rows(db, "SELECT replay_count FROM musubi_nodes WHERE node_id = ?", (node,)) == [(1,)]
+    assert rows(db, f"SELECT {REPLAYS} FROM musubi_nodes WHERE node_id = ?", (node,)) == [(1,)]
     replayed = rows(
         db, "SELECT COUNT(*) FROM musubi_calls WHERE node_id = ? AND replayed = 1", (node,)
     )
@@ -159,7 +159,7 @@ def test_alias_digests_separate_their_parts() -> None:
     assert alias_of(_ALIAS_SCHEME, "default", "llm", "prompt") == a
 
 
-def test_a_read_only_file_made_before_aliases_still_replays(
+def test_a_read_only_file_made_before_aliases_and_counters_still_replays(
     db: str, tmp_path: Path, chat: ChatOpenAI, openai_server: OpenAIServer
 ) -> None:
     sqlite_only(db, "a read-only file")
@@ -167,8 +167,10 @@ def test_a_read_only_file_made_before_aliases_still_replays(
     set_llm_cache(cache)
     answer = chat.invoke("Is the sky blue?").content
     _close(cache)
+    node_id = _chat_node(db)
     with sqlite3.connect(db) as con:  # a file of the same schema version, made before aliases
         con.execute("DROP TABLE musubi_aliases")
+        con.execute("DROP TABLE musubi_replays")
     con.close()
     with read_only_store(Path(db), "permissions") as ro:
         store = SQLiteStore(ro)
@@ -179,9 +181,14 @@ def test_a_read_only_file_made_before_aliases_still_replays(
             warnings.simplefilter("ignore")  # the one "read-only: nothing recorded" warning
             assert chat.invoke("Is the sky blue?").content == answer
         assert openai_server.chat_count == 1
+        # Every read works on such a file (each connection sees the missing tables empty).
+        node = store.get_node(node_id)
+        assert node is not None and node.replay_count == 0
+        assert store.stats()["nodes"] == 1
         store.close()
-    # Opened for writing, the file gains the table.
+    # Opened for writing, the file gains the tables.
     writable = SQLiteStore(db)
     assert writable.has_aliases is True
     writable.close()
     assert rows(db, "SELECT COUNT(*) FROM musubi_aliases") == [(0,)]
+    assert rows(db, "SELECT COUNT(*) FROM musubi_replays") == [(0,)]

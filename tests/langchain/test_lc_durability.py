@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.storedb import REPLAYS
+
 ROOT = Path(__file__).resolve().parents[2]
 # docs/core.md states it: a SIGKILL loses at most the calls of the last ~2 seconds (the
 # recorder commits rows a quarter of a second old and lets none wait past 1 s; a commit in flight when the process dies is lost).
@@ -59,7 +61,7 @@ def test_sigkill_loses_only_the_stated_window(tmp_path: Path) -> None:
         # One run per invocation; the 100 misses of the warm-up are runs too.
         (runs,) = con.execute("SELECT COUNT(*) FROM musubi_runs WHERE kind = 'langchain'").fetchone()
         (calls,) = con.execute("SELECT COUNT(*) FROM musubi_calls").fetchone()
-        (replays,) = con.execute("SELECT SUM(replay_count) FROM musubi_nodes").fetchone()
+        (replays,) = con.execute(f"SELECT SUM({REPLAYS}) FROM musubi_nodes").fetchone()
         (replayed_calls,) = con.execute(
             "SELECT COUNT(*) FROM musubi_calls WHERE replayed = 1"
         ).fetchone()

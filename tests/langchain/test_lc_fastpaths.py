@@ -50,7 +50,7 @@ from musubi_langchain._codec import (
 )
 from musubi_langchain._engine import PlainAwareCodec, Precoded, storable
 from musubi_langchain._keys import _fast_dumpd, canonical_message_objects, canonical_messages
-from tests.support.storedb import execute, is_postgres, rows
+from tests.support.storedb import REPLAYS, execute, is_postgres, rows
 from tests.support.tamper import readdress
 
 # Runs on SQLite and on PostgreSQL (tests/conftest.py).
@@ -233,7 +233,7 @@ def test_hits_are_counted_and_keys_memoised(db: str) -> None:
     for _ in range(5):
         assert model.invoke("q").content == "one"
     cache.engine.flush()
-    ((count,),) = rows(db, "SELECT replay_count FROM musubi_nodes")
+    ((count,),) = rows(db, f"SELECT {REPLAYS} FROM musubi_nodes")
     assert count == 4
     prompt = dumps([HumanMessage("q")])
     key = cache.node_key(prompt, model._get_llm_string(stop=None))

@@ -12,6 +12,7 @@ from llama_index.llms.openai import OpenAI
 from musubi_llama_index import instrument
 from tests.support import lineage as lin
 from tests.support.openai_server import OpenAIServer
+from tests.support.storedb import REPLAYS
 
 QUESTION = "What does musubi mean?"
 
@@ -44,7 +45,7 @@ def test_sync_query_replays_with_zero_requests(
     llm_rows = [
         (r["exec_count"], r["replay_count"], r["tokens_in"])
         for r in lin._rows(
-            db_path, "SELECT exec_count, replay_count, tokens_in FROM musubi_nodes WHERE kind = 'llm'"
+            db_path, f"SELECT exec_count, {REPLAYS} AS replay_count, tokens_in FROM musubi_nodes WHERE kind = 'llm'"
         )
     ]
     assert len(llm_rows) == 1

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from tests.support.storedb import dict_rows
+from tests.support.storedb import REPLAYS, dict_rows
 
 
 def _rows(db: str, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
@@ -65,7 +65,12 @@ def flows(db: str) -> set[tuple[str, str]]:
 
 
 def nodes(db: str) -> dict[str, dict[str, Any]]:
-    return {r["node_id"]: r for r in _rows(db, "SELECT * FROM musubi_nodes")}
+    """Every node row by id, its ``replay_count`` the node's whole count (see REPLAYS)."""
+    found = {}
+    for row in _rows(db, f"SELECT *, {REPLAYS} AS counted FROM musubi_nodes"):
+        row["replay_count"] = row.pop("counted")
+        found[row["node_id"]] = row
+    return found
 
 
 def node_edges(db: str, kind: str = "data") -> set[tuple[str, str]]:

@@ -9,6 +9,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+# A node's replay count in SQL over ``musubi_nodes``: its row's replay_count (counted before
+# the counter table existed) plus its row in musubi_replays.
+REPLAYS = (
+    "(replay_count + COALESCE((SELECT r.replays FROM musubi_replays r "
+    "WHERE r.node_id = musubi_nodes.node_id), 0))"
+)
+
 
 def is_postgres(db: str | Path) -> bool:
     return str(db).startswith(("postgresql://", "postgres://"))
