@@ -36,6 +36,8 @@ from langchain_core.outputs import ChatGeneration, Generation, LLMResult
 from langchain_core.prompt_values import ChatPromptValue, PromptValue, StringPromptValue
 from pydantic import BaseModel
 
+from musubi_core.record.preview import PREVIEW_CHARS, _text_attr, preview, storable_text
+
 from ._keys import canonical_message_objects
 
 # Strings shorter than this are too common ("yes", "ok", "1") to be evidence of a data flow.
@@ -303,3 +305,132 @@ def flow_atoms(value: Any, keep: list[Any]) -> set[Hashable]:
     out: set[Hashable] = set()
     _flow(out, keep, value, 0)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# One read of a value: its preview and its flow atoms together (the callback handler's hot path).
+# The common LangChain values (a flat dict, messages, a chat prompt, a str subclass) are read
+# in one pass by a reader chosen once per class; every other value is read by ``preview`` and
+# ``flow_atoms``. A fast reader gives exactly their answers: when a text it builds is longer
+# than a preview, or an item is not one it knows, it hands the value to the generic reader.
+
+Read = tuple[str | None, frozenset[Hashable]]
+_NO_ATOMS: frozenset[Hashable] = frozenset()
+_SIMPLE_LEAVES = (int, float, bool, type(None))
+
+
+def _text(text: str) -> str:
+    return text if text.isascii() else storable_text(text)
+
+
+def _read_generic(value: Any, keep: list[Any]) -> Read:
+    return preview(value), frozenset(flow_atoms(value, keep))
+
+
+def _read_str_subclass(value: Any, keep: list[Any]) -> Read:
+    # The atom is str(value), as _flow takes it; the preview shows its characters.
+    atoms = frozenset((str(value),)) if len(value) >= MIN_ATOM_CHARS else _NO_ATOMS
+    return preview(value[:]), atoms
+
+
+def _read_dict(value: dict[Any, Any], keep: list[Any]) -> Read:
+    """A dict of strings and scalars (a lambda's output, a prompt's variables)."""
+    if not value:
+        return "{}", _NO_ATOMS
+    parts = []
+    atoms: list[Hashable] = [id(value)]
+    size = 1
+    for k, v in value.items():
+        kind = type(v)
+        if kind is str:
+            piece = repr(v)
+            if len(v) >= MIN_ATOM_CHARS:
+                atoms.append(v)
+        elif kind in _SIMPLE_LEAVES:
+            piece = str(v)
+        else:
+            return _read_generic(value, keep)
+        piece = f"{k if isinstance(k, str) else type(k).__name__}: {piece}"
+        parts.append(piece)
+        size += len(piece) + 2
+        if size > PREVIEW_CHARS:
+            return _read_generic(value, keep)
+    keep.append(value)
+    return _text("{" + ", ".join(parts) + "}"), frozenset(atoms)
+
+
+def _read_messages(messages: Any, holder: Any, keep: list[Any]) -> Read:
+    """A list of messages with text content (a chat model's input), or a chat prompt's value
+    (``holder``) that holds one: both preview as the list of their contents."""
+    parts = []
+    atoms: list[Hashable] = [id(messages)]
+    size = 1
+    for m in messages:
+        content = getattr(m, "content", None) if isinstance(m, BaseMessage) else None
+        if type(content) is not str:
+            return _read_generic(holder, keep)
+        piece = repr(content)
+        parts.append(piece)
+        size += len(piece) + 2
+        if size > PREVIEW_CHARS:
+            return _read_generic(holder, keep)
+        atoms.append(id(m))
+        if len(content) >= MIN_ATOM_CHARS:
+            atoms.append(content)
+        calls = _tool_calls(m)
+        if calls:
+            out: set[Hashable] = set()
+            for call in calls:
+                args = call.get("args")
+                _flow(out, keep, args, 2)
+                content_atom(out, args)
+            atoms.extend(out)
+    keep.append(messages)
+    keep.extend(messages)
+    if holder is not messages:
+        atoms.append(id(holder))
+        keep.append(holder)
+    return _text("[" + ", ".join(parts) + "]"), frozenset(atoms)
+
+
+def _read_list(value: list[Any], keep: list[Any]) -> Read:
+    if value and isinstance(value[0], BaseMessage):
+        return _read_messages(value, value, keep)
+    return _read_generic(value, keep)
+
+
+def _read_chat_prompt(value: ChatPromptValue, keep: list[Any]) -> Read:
+    return _read_messages(value.messages, value, keep)
+
+
+def _read_message(value: BaseMessage, keep: list[Any]) -> Read:
+    content = value.content
+    if type(content) is not str or _tool_calls(value):
+        return _read_generic(value, keep)
+    keep.append(value)
+    text = preview(content[:PREVIEW_CHARS])  # as _render cuts it (no ellipsis)
+    if len(content) >= MIN_ATOM_CHARS:
+        return text, frozenset((id(value), content))
+    return text, frozenset((id(value),))
+
+
+_READERS: dict[type, Any] = {dict: _read_dict, list: _read_list}
+
+
+def reader(cls: type) -> Any:
+    """The reader of values of class ``cls`` (``reader(cls)(value, keep)`` is
+    ``(preview(value), frozenset(flow_atoms(value, keep)))``)."""
+    found = _READERS.get(cls)
+    if found is not None:
+        return found
+    if issubclass(cls, str):
+        found = _read_str_subclass
+    elif issubclass(cls, ChatPromptValue):
+        found = _read_chat_prompt
+    elif issubclass(cls, BaseMessage) and _text_attr(cls) == "content":
+        found = _read_message
+    else:
+        found = _read_generic
+    if len(_READERS) < 4096:
+        _READERS[cls] = found
+    return found

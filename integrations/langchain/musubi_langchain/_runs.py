@@ -32,9 +32,9 @@ from collections.abc import Hashable, Iterable
 from typing import Any
 from uuid import UUID
 
-from musubi_core.record import preview
+from musubi_core.record import PREVIEW_CHARS, preview
 
-from ._content import MIN_ATOM_CHARS, flow_atoms
+from ._content import _READERS, MIN_ATOM_CHARS, reader
 
 # A trace with more finished runs than this stops indexing new outputs (a runaway agent loop
 # must not make every step slower); edges inferred before that point are kept.
@@ -43,6 +43,7 @@ MAX_INDEXED_RUNS = 5_000
 _NO_UPSTREAM: tuple[Run, ...] = ()
 _NO_ATOMS: frozenset[Hashable] = frozenset()
 _NO_NODES: dict[str, str | None] = {}
+_now = time.time
 
 
 class Trace:
@@ -76,15 +77,14 @@ class Trace:
         once per object of this trace."""
         kind = type(value)
         if kind is str:
-            text = preview(value)
+            text = value if len(value) <= PREVIEW_CHARS and value.isascii() else preview(value)
             return text, frozenset((value,)) if len(value) >= MIN_ATOM_CHARS else _NO_ATOMS
         if value is None:
             return None, _NO_ATOMS
         found = self.seen.get(id(value))
         if found is not None and found[0] is value:
             return found[1], found[2]
-        text = preview(value)
-        atoms = frozenset(flow_atoms(value, self.keep))
+        text, atoms = (_READERS.get(kind) or reader(kind))(value, self.keep)
         self.seen[id(value)] = (value, text, atoms)
         return text, atoms
 
@@ -125,9 +125,9 @@ class Trace:
         state.recorder.submit(calls=calls, flows=flows, edges=edges, artifacts=artifacts, runs=runs)
 
     def close(self) -> None:
-        self.index = {}
-        self.keep = []
-        self.seen = {}
+        self.index.clear()
+        self.seen.clear()
+        self.keep.clear()
 
 
 class Run:
@@ -154,7 +154,14 @@ class Run:
     )
 
     def __init__(
-        self, run_id: UUID, parent: Run | None, trace: Trace, kind: str, name: str
+        self,
+        run_id: UUID,
+        parent: Run | None,
+        trace: Trace,
+        kind: str,
+        name: str,
+        call_id: str = "",
+        seq: int = 0,
     ) -> None:
         self.run_id = run_id
         self.parent = parent
@@ -163,9 +170,9 @@ class Run:
         self.name = name
         self.input_atoms: frozenset[Hashable] = _NO_ATOMS
         self.upstream = _NO_UPSTREAM  # finished runs of the trace whose output fed this one
-        self.started_at = time.time()  # its duration is measured on the same clock
-        self.call_id = ""
-        self.seq = 0
+        self.started_at = _now()  # its duration is measured on the same clock
+        self.call_id = call_id
+        self.seq = seq
         self.parent_call_id: str | None = parent.call_id if parent is not None else None
         self.node_id: str | None = None  # the memo it reached (model calls via the cache)
         self.artifact_id: str | None = None
@@ -219,6 +226,11 @@ def infer(trace: Trace, run: Run) -> tuple[Run, ...]:
     index = trace.index
     if not index:
         return _NO_UPSTREAM
+    parent = run.parent
+    if parent is not None and run.input_atoms == parent.input_atoms:
+        # Given what its parent was given (a sequence's first step): every atom is inherited
+        # from the parent, so exactly the parent's producers fed it.
+        return parent.upstream
     found: dict[Run, None] | None = None
     for atom in run.input_atoms:
         producers = index.get(atom)
@@ -248,7 +260,8 @@ class Traces:
     Python code; a run is looked up three or four times)."""
 
     def __init__(self) -> None:
-        self._runs: dict[int, Run] = {}
+        self.runs: dict[int, Run] = {}
+        self._runs = self.runs
 
     def get(self, run_id: UUID) -> Run | None:
         return self._runs.get(run_id.int)

@@ -75,6 +75,20 @@ def _generation_text(generations: Sequence[Any]) -> str | None:
     return preview(text) if isinstance(text, str) else None
 
 
+def _output_atoms(trace: Trace, generations: list[Any]) -> frozenset[Any]:
+    """The flow atoms of a model's answer: those of each generation's message (what the next
+    step is given, which is then read once) or text."""
+    if len(generations) == 1:
+        gen = generations[0]
+        message = getattr(gen, "message", None)
+        return trace.observe(message if message is not None else gen.text)[1]
+    atoms: set[Any] = set()
+    for gen in generations:
+        message = getattr(gen, "message", None)
+        atoms.update(trace.observe(message if message is not None else gen.text)[1])
+    return frozenset(atoms)
+
+
 def _error_text(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"[:4000]
 
@@ -129,6 +143,7 @@ class MusubiCallbackHandler(BaseCallbackHandler):
         self._ready: Engine | None = None  # the engine, once wired to our guard
         self._engine_lock = threading.Lock()
         self._traces = Traces()
+        self._runs = self._traces.runs  # live runs by their id's integer (the hot path's view)
         self._guard = Guard("MusubiCallbackHandler")
         # Traces whose root has not ended (their recorded calls wait in them; see _pull).
         self._open: dict[int, Trace] = {}
@@ -165,15 +180,14 @@ class MusubiCallbackHandler(BaseCallbackHandler):
     ) -> Run:
         """Register a run: its call id and place in the call tree, its input atoms and the
         calls whose output fed it."""
-        traces = self._traces
-        parent = traces.get(parent_run_id) if parent_run_id is not None else None
+        runs = self._runs
+        parent = runs.get(parent_run_id.int) if parent_run_id is not None else None
         if parent is not None:
             trace = parent.trace
-            run = Run(run_id, parent, trace, kind, name)
             state = trace.state
+            run = Run(run_id, parent, trace, kind, name, new_call_id(), state.next_seq())
         else:
             trace = Trace()
-            run = Run(run_id, None, trace, kind, name)
             recorder = self.engine.recorder
             frame = joinable(current_frame(), recorder)
             if frame is None:
@@ -181,11 +195,11 @@ class MusubiCallbackHandler(BaseCallbackHandler):
                 trace.own = True
             else:
                 state = frame.run
-                run.parent_call_id = frame.call_id
             trace.state = state
             self._open[id(trace)] = trace
-        run.call_id = new_call_id()
-        run.seq = state.next_seq()
+            run = Run(run_id, None, trace, kind, name, new_call_id(), state.next_seq())
+            if frame is not None:
+                run.parent_call_id = frame.call_id
         run.input_preview, atoms = trace.observe(inputs)
         if kind == "tool":
             more: set[Any] = set(atoms)
@@ -194,7 +208,7 @@ class MusubiCallbackHandler(BaseCallbackHandler):
         run.input_atoms = atoms
         if trace.index:
             run.upstream = infer(trace, run)
-        traces.add(run)
+        runs[run_id.int] = run
         return run
 
     def _record(
@@ -272,7 +286,7 @@ class MusubiCallbackHandler(BaseCallbackHandler):
         return ArtifactWrite(artifact_id, encoding, payload, "")
 
     def _end(self, run_id: UUID, output: Any) -> None:
-        run = self._traces.pop(run_id)
+        run = self._runs.pop(run_id.int, None)
         if run is None:
             return
         try:
@@ -301,7 +315,7 @@ class MusubiCallbackHandler(BaseCallbackHandler):
                 run.trace.close()
 
     def _error(self, run_id: UUID, error: BaseException) -> None:
-        run = self._traces.pop(run_id)
+        run = self._runs.pop(run_id.int, None)
         if run is None:
             return
         try:
@@ -319,7 +333,7 @@ class MusubiCallbackHandler(BaseCallbackHandler):
                 run.trace.close()
 
     def _model_end(self, run_id: UUID, response: LLMResult) -> None:
-        run = self._traces.pop(run_id)
+        run = self._runs.pop(run_id.int, None)
         if run is None:
             return
         try:
@@ -343,7 +357,7 @@ class MusubiCallbackHandler(BaseCallbackHandler):
                     run.node_id, run.artifact_id = report.node_id, report.artifact_id
                 self._record(run, "done", tokens=usage_of(generations), output_preview=text)
             if run.parent is not None:
-                Traces.index(run, run.trace.observe(response)[1])
+                Traces.index(run, _output_atoms(run.trace, generations))
         finally:
             if run.parent is None:
                 run.trace.close()
