@@ -294,7 +294,7 @@ def test_instrument_is_idempotent_and_reversible(db: str) -> None:
     t = threading.Thread(target=lambda: (ChatPromptTemplate.from_template("{a}") | model).invoke({"a": "b"}))
     t.start()
     t.join()
-    assert inst.handler is not None and len(inst.handler._traces) == 0
+    assert inst.handler is not None and len(inst.handler._runs) == 0
     inst.engine.flush()
     assert any(c["kind"] == "chain" for c in lineage.calls(db))
 
@@ -318,7 +318,7 @@ def test_handler_never_raises_into_langchain(tmp_path: Any) -> None:
         assert chain.invoke({"a": "c"}, config={"callbacks": [handler]}) == "ok"
     ours = [w for w in caught if issubclass(w.category, musubi_langchain.MusubiLangChainWarning)]
     assert len(ours) == 1
-    assert len(handler._traces) == 0  # no run left behind after failures
+    assert len(handler._runs) == 0  # no run left behind after failures
 
 
 def test_cache_without_a_handler_records_its_lookups_in_one_run(db: str) -> None:

@@ -366,7 +366,7 @@ def _read_messages(messages: Any, holder: Any, keep: list[Any]) -> Read:
     atoms: list[Hashable] = [id(messages)]
     size = 1
     for m in messages:
-        content = getattr(m, "content", None) if isinstance(m, BaseMessage) else None
+        content = m.content if _is_message(type(m)) else None
         if type(content) is not str:
             return _read_generic(holder, keep)
         piece = repr(content)
@@ -393,8 +393,21 @@ def _read_messages(messages: Any, holder: Any, keep: list[Any]) -> Read:
     return _text("[" + ", ".join(parts) + "]"), frozenset(atoms)
 
 
+# class -> is it a message class (isinstance against a pydantic class is slow)
+_MESSAGE_CLASSES: dict[type, bool] = {}
+
+
+def _is_message(cls: type) -> bool:
+    found = _MESSAGE_CLASSES.get(cls)
+    if found is None:
+        found = issubclass(cls, BaseMessage)
+        if len(_MESSAGE_CLASSES) < 4096:
+            _MESSAGE_CLASSES[cls] = found
+    return found
+
+
 def _read_list(value: list[Any], keep: list[Any]) -> Read:
-    if value and isinstance(value[0], BaseMessage):
+    if value and _is_message(type(value[0])):
         return _read_messages(value, value, keep)
     return _read_generic(value, keep)
 

@@ -146,6 +146,8 @@ def take(run_id: UUID) -> CacheReport | None:
 # A LangGraph task whose cache entry missed: its checkpoint namespace (unique per task) -> the
 # node its execution fills. The handler links the task's run to that node when it starts.
 _nodes: dict[str, str] = {}
+# The same dict, for a caller's cheap "is any node expected?" (never rebound).
+expected_nodes = _nodes
 
 
 def expect_node(checkpoint_ns: str, node_id: str) -> None:

@@ -32,7 +32,7 @@ from collections.abc import Hashable, Iterable
 from typing import Any
 from uuid import UUID
 
-from musubi_core.record import PREVIEW_CHARS, preview
+from musubi_core.record import PREVIEW_CHARS, new_call_id, preview
 
 from ._content import _READERS, MIN_ATOM_CHARS, reader
 
@@ -46,28 +46,52 @@ _NO_NODES: dict[str, str | None] = {}
 _now = time.time
 
 
-class Trace:
-    """One root run and its descendants: the output index used to infer data edges, and the
-    musubi run its calls belong to."""
+# What the handler logs when a run ends (see Trace.process): the run, its output atoms (None:
+# nothing downstream can depend on it, e.g. it failed), and the call row's remaining fields.
+Ended = tuple[
+    "Run",
+    "frozenset[Hashable] | None",
+    float,  # duration (s)
+    str,  # status
+    "str | None",  # error
+    "str | None",  # output preview
+    "int | None",  # tokens in
+    "int | None",  # tokens out
+    int,  # replayed (0/1)
+    "float | None",  # seconds saved
+    Any,  # its artifact (an ArtifactWrite) or None
+]
 
-    __slots__ = ("index", "indexed", "keep", "own", "pending", "seen", "state")
+
+class Trace:
+    """One root run and its descendants: the musubi run its calls belong to, what happened in
+    it (a log), and the output index used to infer data edges.
+
+    Callbacks only read values (previews and atoms, while the values are as they were) and
+    append to ``log``; ``process`` later turns the log into rows in one pass: the flows
+    inferred when each run started, and each call's row when it ended."""
+
+    __slots__ = (
+        "index", "indexed", "keep", "log", "outcome", "own", "root_call_id", "seen", "state"
+    )
 
     def __init__(self) -> None:
-        # atom -> finished runs that produced it (as output)
+        # atom -> finished runs that produced it (as output); built by process()
         self.index: dict[Hashable, list[Run]] = {}
         self.indexed = 0
         # Objects whose ``id()`` is an atom of this trace: kept alive until the trace ends, so
-        # an id can never be reused by another object while it is compared.
+        # an id can never be reused by another object while the trace reads values.
         self.keep: list[Any] = []
         # The musubi run (a RunState) the trace records into, and whether the trace started
         # it (True) or joined a run already current (a chain called inside a @step).
         self.state: Any = None
         self.own = False
-        # What the trace recorded and the recorder has not taken yet: per call, (its row, the
-        # flows into it, the node edges derived for it, its artifact or None); rows are plain
-        # tuples in the field order of CallWrite, FlowWrite and EdgeWrite. A deque: the
-        # recording thread appends, the recorder's thread pops (both atomic), no lock.
-        self.pending: deque[tuple[Any, Any, Any, Any]] = deque()
+        # In order: a Run when it started, an Ended tuple when it ended. A deque: callbacks
+        # append, process() pops (both atomic).
+        self.log: deque[Run | Ended] = deque()
+        # The root's end: (status, error, time.perf_counter() then).
+        self.outcome: tuple[str, str | None, float] | None = None
+        self.root_call_id: str | None = None
         # id -> (object, preview, atoms): the value one step returns is the value the next is
         # given, so it is read once (the object is held, so its id is not reused meanwhile).
         self.seen: dict[int, tuple[Any, str | None, frozenset[Hashable]]] = {}
@@ -88,46 +112,109 @@ class Trace:
         self.seen[id(value)] = (value, text, atoms)
         return text, atoms
 
-    def take(self, batch: list[list[Any]]) -> None:
-        """Move what the trace recorded so far into ``batch`` (calls, flows, edges, artifacts
-        lists), counting the calls in the run's totals."""
-        pending = self.pending
+    def ended(self, status: str, error: str | None) -> None:
+        """The root ended: every value was read (the objects are let go; their ids are atoms
+        no new run of the trace can match)."""
+        self.outcome = (status, error, time.perf_counter())
+        self.seen.clear()
+        self.keep.clear()
+
+    def process(self, batch: list[list[Any]]) -> None:
+        """Turn what the trace logged so far into rows appended to ``batch`` (calls, flows,
+        edges, artifacts lists: plain tuples in the field order of CallWrite, FlowWrite and
+        EdgeWrite), counting the calls in the run's totals. One thread at a time (the
+        handler's lock): runs are inferred and indexed in the order they started and ended."""
+        log = self.log
+        if not log:
+            return
         calls, flows, edges, artifacts = batch
+        state = self.state
+        run_id, namespace = state.run_id, state.namespace
+        index = self.index
+        next_seq = state.next_seq
         taken = []
         while True:
             try:
-                row, into, derived, artifact = pending.popleft()
+                event = log.popleft()
             except IndexError:
                 break
-            taken.append(row)
-            if into:
-                flows.extend(into)
-            if derived:
-                edges.extend(derived)
-            if artifact is not None:
-                artifacts.append(artifact)
+            if isinstance(event, Run):
+                # Started: its call id and order (in start order), and what fed it.
+                event.call_id = call_id = new_call_id()
+                event.seq = next_seq()
+                parent = event.parent
+                if parent is not None:
+                    event.parent_call_id = parent.call_id
+                elif self.root_call_id is None:
+                    self.root_call_id = call_id
+                if index:
+                    event.upstream = infer(self, event)
+                continue
+            run, atoms, duration, status, error, text, tin, tout, replayed, saved, art = event
+            call_id = run.call_id
+            node_id = run.node_id
+            taken.append(
+                (
+                    call_id,
+                    run_id,
+                    run.parent_call_id,
+                    run.seq,
+                    run.kind,
+                    run.name,
+                    node_id,
+                    run.artifact_id,
+                    replayed,
+                    status,
+                    error,
+                    run.started_at,
+                    duration,
+                    tin,
+                    tout,
+                    saved,
+                    run.model,
+                    run.input_preview,
+                    text,
+                    namespace,
+                )
+            )
+            ups = run.upstream
+            if ups:
+                flows.extend([(call_id, p.call_id, p.artifact_id) for p in ups])
+            if node_id is not None:
+                # A call that reached a node: the nodes upstream of it get data edges to it.
+                edges.extend(
+                    [
+                        (up, node_id, "data", a)
+                        for up, a in run.upstream_nodes().items()
+                        if up != node_id
+                    ]
+                )
+                run.node_ups = {node_id: run.artifact_id}
+            elif ups:
+                run.node_ups = run.upstream_nodes()
+            if art is not None:
+                artifacts.append(art)
+            if atoms:
+                index_output(run, atoms)
         if taken:
             calls.extend(taken)
-            self.state.count_rows(taken)
-
-    def finish(self, status: str, error: str | None, root_call_id: str) -> None:
-        """The root ended: hand everything the trace recorded to the recorder, with the run's
-        row when the trace owns the run."""
-        batch: list[list[Any]] = [[], [], [], []]
-        self.take(batch)
-        calls, flows, edges, artifacts = batch
-        state = self.state
-        runs: tuple[Any, ...] = ()
-        if self.own:
-            if state.root_call_id is None:
-                state.root_call_id = root_call_id
-            runs = (state.row("done" if status == "done" else "failed", error),)
-        state.recorder.submit(calls=calls, flows=flows, edges=edges, artifacts=artifacts, runs=runs)
+            state.count_rows(taken)
 
     def close(self) -> None:
         self.index.clear()
         self.seen.clear()
         self.keep.clear()
+
+    def run_row(self) -> Any:
+        """The row of the run the trace owns, as it ended (after ``process``: its totals)."""
+        assert self.outcome is not None
+        status, error, ended_at = self.outcome
+        state = self.state
+        if state.root_call_id is None:
+            state.root_call_id = self.root_call_id
+        row = state.row("done" if status == "done" else "failed", error)
+        duration = ended_at - state.t0
+        return row._replace(finished_at=state.started_at + duration, duration_s=duration)
 
 
 class Run:
@@ -160,8 +247,6 @@ class Run:
         trace: Trace,
         kind: str,
         name: str,
-        call_id: str = "",
-        seq: int = 0,
     ) -> None:
         self.run_id = run_id
         self.parent = parent
@@ -171,9 +256,9 @@ class Run:
         self.input_atoms: frozenset[Hashable] = _NO_ATOMS
         self.upstream = _NO_UPSTREAM  # finished runs of the trace whose output fed this one
         self.started_at = _now()  # its duration is measured on the same clock
-        self.call_id = call_id
-        self.seq = seq
-        self.parent_call_id: str | None = parent.call_id if parent is not None else None
+        self.call_id = ""  # its id and order in the run: given when the trace processes it
+        self.seq = 0
+        self.parent_call_id: str | None = None
         self.node_id: str | None = None  # the memo it reached (model calls via the cache)
         self.artifact_id: str | None = None
         # Nodes upstream of this call (node id -> artifact id): itself once it has a node,
@@ -252,7 +337,29 @@ def infer(trace: Trace, run: Run) -> tuple[Run, ...]:
     if len(found) == 1:
         return tuple(found)
     # An enclosing chain's output repeats its last child's: keep the innermost producer.
-    return tuple(c for c in found if not any(c is not o and c.is_ancestor_of(o) for o in found))
+    kept = []
+    for c in found:
+        for o in found:
+            if c is not o and c.is_ancestor_of(o):
+                break
+        else:
+            kept.append(c)
+    return tuple(kept)
+
+
+def index_output(run: Run, output_atoms: Iterable[Hashable]) -> None:
+    """Make ``run`` (finished) a producer of ``output_atoms``."""
+    trace = run.trace
+    if run.parent is None or trace.indexed >= MAX_INDEXED_RUNS:
+        return  # a root's output feeds nothing inside its own (now finished) trace
+    trace.indexed += 1
+    index = trace.index
+    for atom in output_atoms:
+        producers = index.get(atom)
+        if producers is None:
+            index[atom] = [run]
+        else:
+            producers.append(run)
 
 
 class Traces:
@@ -260,8 +367,7 @@ class Traces:
     Python code; a run is looked up three or four times)."""
 
     def __init__(self) -> None:
-        self.runs: dict[int, Run] = {}
-        self._runs = self.runs
+        self._runs: dict[int, Run] = {}
 
     def get(self, run_id: UUID) -> Run | None:
         return self._runs.get(run_id.int)
@@ -287,19 +393,7 @@ class Traces:
     def pop(self, run_id: UUID) -> Run | None:
         return self._runs.pop(run_id.int, None)
 
-    @staticmethod
-    def index(run: Run, output_atoms: Iterable[Hashable]) -> None:
-        """Make ``run`` (finished) a producer of ``output_atoms``."""
-        trace = run.trace
-        if run.parent is None or trace.indexed >= MAX_INDEXED_RUNS:
-            return  # a root's output feeds nothing inside its own (now finished) trace
-        trace.indexed += 1
-        index = trace.index
-        for atom in output_atoms:
-            producers = index.get(atom)
-            if producers is None:
-                producers = index.setdefault(atom, [])
-            producers.append(run)
+    index = staticmethod(index_output)
 
     def finish(self, run_id: UUID, output_atoms: Iterable[Hashable]) -> Run | None:
         """Pop a finished run and index its output."""

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 from uuid import UUID, uuid4
 
@@ -30,15 +31,15 @@ from langchain_core.outputs import LLMResult
 from musubi_core.declared import DECLARED_KIND
 from musubi_core.engine import Engine, artifact_id_for
 from musubi_core.identity import resolve_namespace
-from musubi_core.record import RunState, current_frame, joinable, new_call_id, preview
-from musubi_core.record.recorder import Batch
+from musubi_core.record import RunState, current_frame, joinable, preview
+from musubi_core.record.recorder import Batch, Recorder
 from musubi_core.store import ArtifactWrite
 
 from . import _correlate
 from ._codec import usage_of
 from ._content import content_atom, to_plain
 from ._engine import Guard, make_engine, storable
-from ._runs import Run, Trace, Traces, infer
+from ._runs import Run, Trace
 
 _MODEL_KINDS = frozenset({"chat_model", "llm"})
 # Kinds whose output is kept as an artifact (what a retriever returned, what a tool answered):
@@ -48,6 +49,19 @@ _MODEL_PARAMS = ("model", "model_name", "model_id")
 _GRAPH_NODE_KIND = "graph_node"
 # Pieces of a live stream's text kept for a failed call's preview (a preview is short).
 _MAX_STREAMED_PARTS = 256
+# Traces of runs of their own whose rows are made together (see _ended), or those that ended
+# within this many seconds (the recorder also takes them before each commit).
+_BATCH = 64
+_BATCH_S = 0.25
+
+
+def _drain(done: deque[Trace]) -> Iterator[Trace]:
+    """Take the traces of ``done`` (several threads may drain it: each trace goes to one)."""
+    while True:
+        try:
+            yield done.popleft()
+        except IndexError:
+            return
 
 
 
@@ -142,11 +156,17 @@ class MusubiCallbackHandler(BaseCallbackHandler):
         self._engine = engine
         self._ready: Engine | None = None  # the engine, once wired to our guard
         self._engine_lock = threading.Lock()
-        self._traces = Traces()
-        self._runs = self._traces.runs  # live runs by their id's integer (the hot path's view)
+        # Live runs by their id's integer (``UUID.__hash__`` is Python code).
+        self._runs: dict[int, Run] = {}
         self._guard = Guard("MusubiCallbackHandler")
-        # Traces whose root has not ended (their recorded calls wait in them; see _pull).
+        # Traces whose root has not ended (what they logged waits in them; see _pull).
         self._open: dict[int, Trace] = {}
+        # Traces of runs of their own whose root ended, waiting to become rows (see _ended):
+        # handed to the recorder in batches, by the caller or by the recorder's pull.
+        self._done: deque[Trace] = deque()
+        self._done_since = 0.0
+        # One thread at a time turns logs into rows (a trace's events in order).
+        self._rows_lock = threading.Lock()
 
     @property
     def engine(self) -> Engine:
@@ -185,7 +205,7 @@ class MusubiCallbackHandler(BaseCallbackHandler):
         if parent is not None:
             trace = parent.trace
             state = trace.state
-            run = Run(run_id, parent, trace, kind, name, new_call_id(), state.next_seq())
+            run = Run(run_id, parent, trace, kind, name)
         else:
             trace = Trace()
             recorder = self.engine.recorder
@@ -197,7 +217,7 @@ class MusubiCallbackHandler(BaseCallbackHandler):
                 state = frame.run
             trace.state = state
             self._open[id(trace)] = trace
-            run = Run(run_id, None, trace, kind, name, new_call_id(), state.next_seq())
+            run = Run(run_id, None, trace, kind, name)
             if frame is not None:
                 run.parent_call_id = frame.call_id
         run.input_preview, atoms = trace.observe(inputs)
@@ -206,8 +226,7 @@ class MusubiCallbackHandler(BaseCallbackHandler):
             content_atom(more, inputs)  # a tool gets a filtered copy of the call's args
             atoms = frozenset(more)
         run.input_atoms = atoms
-        if trace.index:
-            run.upstream = infer(trace, run)
+        trace.log.append(run)
         runs[run_id.int] = run
         return run
 
@@ -215,6 +234,7 @@ class MusubiCallbackHandler(BaseCallbackHandler):
         self,
         run: Run,
         status: str,
+        atoms: frozenset[Any] | None,
         *,
         error: str | None = None,
         artifact: ArtifactWrite | None = None,
@@ -223,60 +243,74 @@ class MusubiCallbackHandler(BaseCallbackHandler):
         saved_s: float | None = None,
         output_preview: str | None = None,
     ) -> None:
-        """Buffer ``run``'s call, the flows into it, its artifact and (for a call that reached
-        a node) the node-level data edges derived from the flows: rows are plain tuples in the
-        field order of the core's write objects, handed to the recorder per trace (see
-        ``Trace.hand_over``)."""
+        """Log ``run``'s end: its output ``atoms`` (None: nothing can depend on it) and what
+        its call row needs; the trace turns it into rows later (``Trace.process``)."""
         trace = run.trace
-        call_id = run.call_id
-        row = (
-            call_id,
-            trace.state.run_id,
-            run.parent_call_id,
-            run.seq,
-            run.kind,
-            run.name,
-            run.node_id,
-            run.artifact_id,
-            1 if replayed else 0,
-            status,
-            error,
-            run.started_at,
-            _now() - run.started_at,
-            tokens[0],
-            tokens[1],
-            saved_s,
-            run.model,
-            run.input_preview,
-            output_preview,
-            trace.state.namespace,
+        trace.log.append(
+            (
+                run,
+                atoms,
+                _now() - run.started_at,
+                status,
+                error,
+                output_preview,
+                tokens[0],
+                tokens[1],
+                1 if replayed else 0,
+                saved_s,
+                artifact,
+            )
         )
-        ups = run.upstream
-        flows = [(call_id, p.call_id, p.artifact_id) for p in ups] if ups else None
-        node_id = run.node_id
-        edges = None
-        if node_id is not None:
-            edges = [
-                (up, node_id, "data", art)
-                for up, art in run.upstream_nodes().items()
-                if up != node_id
-            ]
-            run.node_ups = {node_id: run.artifact_id}
-        elif ups:
-            run.node_ups = run.upstream_nodes()
-        trace.pending.append((row, flows, edges, artifact))
         if run.parent is None:
-            self._open.pop(id(trace), None)
-            trace.finish(status, error, call_id)
+            self._ended(trace, status, error)
+
+    def _ended(self, trace: Trace, status: str, error: str | None) -> None:
+        """A root ended. A run of the trace's own is handed to the recorder with others (up to
+        ``_BATCH`` traces, or what waited a quarter of a second): the rows of many traces are
+        made in one pass, and the recorder also takes them before each commit. A trace that
+        joined a run (a chain inside a ``@step``) is handed over now: the run's totals must
+        count its calls before the run ends."""
+        self._open.pop(id(trace), None)
+        trace.ended(status, error)
+        if not trace.own:
+            self._hand_over((trace,), trace.state.recorder)
+            return
+        done = self._done
+        if not done:
+            self._done_since = time.monotonic()
+        done.append(trace)
+        if len(done) >= _BATCH or time.monotonic() - self._done_since > _BATCH_S:
+            self._hand_over(_drain(done), self.engine.recorder)
+
+    def _rows(
+        self, open_traces: Sequence[Trace], ended: Iterable[Trace]
+    ) -> tuple[list[list[Any]], list[Any]]:
+        """The rows of what ``open_traces`` logged so far and of the ``ended`` traces (with
+        their runs' rows): (calls, flows, edges, artifacts), runs."""
+        batch: list[list[Any]] = [[], [], [], []]
+        runs = []
+        with self._rows_lock:
+            for trace in open_traces:
+                trace.process(batch)
+            for trace in ended:
+                trace.process(batch)
+                trace.index.clear()
+                if trace.own:
+                    runs.append(trace.run_row())
+        return batch, runs
+
+    def _hand_over(self, ended: Iterable[Trace], recorder: Recorder) -> None:
+        (calls, flows, edges, artifacts), runs = self._rows((), ended)
+        if calls or runs:
+            recorder.submit(calls=calls, flows=flows, edges=edges, artifacts=artifacts, runs=runs)
 
     def _pull(self) -> Batch | None:
-        """What running traces recorded so far (the recorder pulls it before each commit, so
-        a long agent loop's calls reach the store while it runs)."""
-        batch: list[list[Any]] = [[], [], [], []]
-        for trace in list(self._open.values()):
-            trace.take(batch)
-        calls, flows, edges, artifacts = batch
-        return ((), artifacts, edges, calls, flows, ()) if calls else None
+        """What running traces logged so far and the traces that ended (the recorder pulls it
+        before each commit, so a long agent loop's calls reach the store while it runs)."""
+        (calls, flows, edges, artifacts), runs = self._rows(
+            list(self._open.values()), _drain(self._done)
+        )
+        return ((), artifacts, edges, calls, flows, runs) if calls or runs else None
 
     def _artifact(self, run: Run, plain: Any) -> ArtifactWrite:
         engine = self.engine
@@ -290,29 +324,39 @@ class MusubiCallbackHandler(BaseCallbackHandler):
         if run is None:
             return
         try:
+            kind = run.kind
+            if kind == "chain":
+                text, atoms = run.trace.observe(output)
+                self._record(run, "done", atoms, output_preview=text)
+                return
             artifact = None
-            report = _correlate.take(run_id) if run.kind == "tool" else None
+            report = _correlate.take(run_id) if kind == "tool" else None
             if report is not None:
                 # A declared tool: its call reaches the node it executed or replayed.
                 run.kind, run.node_id, run.artifact_id = (
                     DECLARED_KIND, report.node_id, report.artifact_id,
                 )
-            elif run.kind in _KEEP_OUTPUT:
+            elif kind in _KEEP_OUTPUT:
                 artifact = self._artifact(run, to_plain(output))
             text, atoms = run.trace.observe(output)
             self._record(
                 run,
                 "done",
+                atoms,
                 artifact=artifact,
                 output_preview=text,
                 replayed=report is not None and report.replayed,
                 saved_s=report.saved_s if report is not None else None,
             )
-            if run.parent is not None:
-                Traces.index(run, atoms)
         finally:
             if run.parent is None:
-                run.trace.close()
+                self._forget(run.trace)
+
+    def _forget(self, trace: Trace) -> None:
+        """A root's end was not logged (our own error): the trace is not left open."""
+        if trace.outcome is None:
+            self._open.pop(id(trace), None)
+            trace.close()
 
     def _error(self, run_id: UUID, error: BaseException) -> None:
         run = self._runs.pop(run_id.int, None)
@@ -327,10 +371,10 @@ class MusubiCallbackHandler(BaseCallbackHandler):
                 if run.streamed:
                     streamed = preview("".join(run.streamed))
             # A failed run produced nothing downstream can depend on: it is not indexed.
-            self._record(run, "failed", error=_error_text(error), output_preview=streamed)
+            self._record(run, "failed", None, error=_error_text(error), output_preview=streamed)
         finally:
             if run.parent is None:
-                run.trace.close()
+                self._forget(run.trace)
 
     def _model_end(self, run_id: UUID, response: LLMResult) -> None:
         run = self._runs.pop(run_id.int, None)
@@ -341,12 +385,14 @@ class MusubiCallbackHandler(BaseCallbackHandler):
             report = _correlate.take(run_id)
             generations = [g for gens in response.generations for g in gens]
             text = _generation_text(generations)
+            atoms = _output_atoms(run.trace, generations) if run.parent is not None else None
             if report is not None and report.replayed:
                 # Served by the cache: a replay of its node (its lookup counted the replay).
                 run.node_id, run.artifact_id = report.node_id, report.artifact_id
                 self._record(
                     run,
                     "done",
+                    atoms,
                     tokens=(report.tokens_in, report.tokens_out),
                     replayed=True,
                     saved_s=report.saved_s,
@@ -355,12 +401,11 @@ class MusubiCallbackHandler(BaseCallbackHandler):
             else:
                 if report is not None:  # the cache recorded the completion as this node
                     run.node_id, run.artifact_id = report.node_id, report.artifact_id
-                self._record(run, "done", tokens=usage_of(generations), output_preview=text)
-            if run.parent is not None:
-                Traces.index(run, _output_atoms(run.trace, generations))
+                tokens = usage_of(generations)
+                self._record(run, "done", atoms, tokens=tokens, output_preview=text)
         finally:
             if run.parent is None:
-                run.trace.close()
+                self._forget(run.trace)
 
     def record_cached(
         self,
@@ -379,14 +424,10 @@ class MusubiCallbackHandler(BaseCallbackHandler):
         unknown). Never raises."""
         try:
             run = self._begin(uuid4(), parent_run_id, kind, name, inputs)
-            self._traces.pop(run.run_id)
+            self._runs.pop(run.run_id.int, None)
             run.node_id, run.artifact_id = node_id, artifact_id
             text, atoms = run.trace.observe(output)
-            self._record(run, "done", replayed=True, saved_s=saved_s, output_preview=text)
-            if run.parent is not None:
-                Traces.index(run, atoms)
-            else:
-                run.trace.close()
+            self._record(run, "done", atoms, replayed=True, saved_s=saved_s, output_preview=text)
         except Exception as exc:
             self._guard.warn(exc)
 
@@ -408,9 +449,10 @@ class MusubiCallbackHandler(BaseCallbackHandler):
             if not name or type(name) is not str:
                 name = _name(serialized, kwargs, "chain")
             run = self._begin(run_id, parent_run_id, "chain", name, inputs)
-            node_id = _correlate.node_for(kwargs.get("metadata"))
-            if node_id is not None:  # a LangGraph node whose cache entry missed: it fills it
-                run.kind, run.node_id = _GRAPH_NODE_KIND, node_id
+            if _correlate.expected_nodes:
+                node_id = _correlate.node_for(kwargs.get("metadata"))
+                if node_id is not None:  # a LangGraph node whose cache entry missed: fills it
+                    run.kind, run.node_id = _GRAPH_NODE_KIND, node_id
         except Exception as exc:  # never raise into LangChain
             self._guard.warn(exc)
 
@@ -485,7 +527,7 @@ class MusubiCallbackHandler(BaseCallbackHandler):
         try:
             if type(event) is not dict or event.get("event") != "content-block-delta":
                 return
-            run = self._traces.get(run_id)
+            run = self._runs.get(run_id.int)
             if run is None or run.kind != "chat_model" or _correlate.replaying(run_id):
                 return
             delta = event.get("delta")
