@@ -152,9 +152,13 @@ class RunState:
     def next_seq(self) -> int:
         return next(self._seq)
 
-    def row(self, status: str, error: str | None = None) -> RunWrite:
-        done = status != "running"
-        duration = time.perf_counter() - self.t0 if done else None
+    def row(
+        self, status: str, error: str | None = None, *, duration: float | None = None
+    ) -> RunWrite:
+        """The run's row now (or, with ``duration``, as it ended that long after it started:
+        a recorder that writes it later)."""
+        if duration is None and status != "running":
+            duration = time.perf_counter() - self.t0
         return _new(  # RunWrite(...), without its Python-level __new__
             RunWrite,
             (

@@ -32,7 +32,7 @@ from collections.abc import Hashable, Iterable
 from typing import Any
 from uuid import UUID
 
-from musubi_core.record import PREVIEW_CHARS, new_call_id, preview
+from musubi_core.record import PREVIEW_CHARS, RunState, new_call_id, preview
 
 from ._content import _READERS, MIN_ATOM_CHARS, reader
 
@@ -72,24 +72,39 @@ class Trace:
     inferred when each run started, and each call's row when it ended."""
 
     __slots__ = (
-        "index", "indexed", "keep", "log", "outcome", "own", "root_call_id", "seen", "state"
+        "index",
+        "indexed",
+        "keep",
+        "log",
+        "namespace",
+        "outcome",
+        "own",
+        "recorder",
+        "root",
+        "root_call_id",
+        "seen",
+        "state",
     )
 
-    def __init__(self) -> None:
+    def __init__(self, state: Any = None, recorder: Any = None, namespace: str = "") -> None:
         # atom -> finished runs that produced it (as output); built by process()
         self.index: dict[Hashable, list[Run]] = {}
         self.indexed = 0
         # Objects whose ``id()`` is an atom of this trace: kept alive until the trace ends, so
         # an id can never be reused by another object while the trace reads values.
         self.keep: list[Any] = []
-        # The musubi run (a RunState) the trace records into, and whether the trace started
-        # it (True) or joined a run already current (a chain called inside a @step).
-        self.state: Any = None
-        self.own = False
+        # The musubi run (a RunState) the trace records into: a run already current that it
+        # joined (a chain called inside a @step), or else a run of its own (``own``), made
+        # when the trace is first processed, in ``recorder`` and ``namespace``.
+        self.state: Any = state
+        self.own = state is None
+        self.recorder = recorder
+        self.namespace = namespace
+        self.root: Run | None = None
         # In order: a Run when it started, an Ended tuple when it ended. A deque: callbacks
         # append, process() pops (both atomic).
         self.log: deque[Run | Ended] = deque()
-        # The root's end: (status, error, time.perf_counter() then).
+        # The root's end: (status, error, time.time() then).
         self.outcome: tuple[str, str | None, float] | None = None
         self.root_call_id: str | None = None
         # id -> (object, preview, atoms): the value one step returns is the value the next is
@@ -115,7 +130,7 @@ class Trace:
     def ended(self, status: str, error: str | None) -> None:
         """The root ended: every value was read (the objects are let go; their ids are atoms
         no new run of the trace can match)."""
-        self.outcome = (status, error, time.perf_counter())
+        self.outcome = (status, error, _now())
         self.seen.clear()
         self.keep.clear()
 
@@ -129,6 +144,13 @@ class Trace:
             return
         calls, flows, edges, artifacts = batch
         state = self.state
+        if state is None:
+            root = self.root
+            assert root is not None
+            state = self.state = RunState(
+                self.recorder, "langchain", root.name, namespace=self.namespace
+            )
+            state.started_at = root.started_at
         run_id, namespace = state.run_id, state.namespace
         index = self.index
         next_seq = state.next_seq
@@ -212,9 +234,8 @@ class Trace:
         state = self.state
         if state.root_call_id is None:
             state.root_call_id = self.root_call_id
-        row = state.row("done" if status == "done" else "failed", error)
-        duration = ended_at - state.t0
-        return row._replace(finished_at=state.started_at + duration, duration_s=duration)
+        status = "done" if status == "done" else "failed"
+        return state.row(status, error, duration=ended_at - state.started_at)
 
 
 class Run:
@@ -290,16 +311,6 @@ class Run:
         return out
 
 
-def _inherited_from(run: Run, atom: Hashable) -> Run | None:
-    """The nearest enclosing run whose input held ``atom`` (None: the atom is new here)."""
-    cur = run.parent
-    while cur is not None:
-        if atom in cur.input_atoms:
-            return cur
-        cur = cur.parent
-    return None
-
-
 def infer(trace: Trace, run: Run) -> tuple[Run, ...]:
     """The finished runs of the trace whose output fed ``run``.
 
@@ -311,31 +322,35 @@ def infer(trace: Trace, run: Run) -> tuple[Run, ...]:
     index = trace.index
     if not index:
         return _NO_UPSTREAM
+    atoms = run.input_atoms
     parent = run.parent
-    if parent is not None and run.input_atoms == parent.input_atoms:
+    if parent is not None and atoms == parent.input_atoms:
         # Given what its parent was given (a sequence's first step): every atom is inherited
         # from the parent, so exactly the parent's producers fed it.
         return parent.upstream
+    first: Run | None = None  # the one producer found so far (the common case: no dict)
     found: dict[Run, None] | None = None
-    for atom in run.input_atoms:
+    for atom in atoms:
         producers = index.get(atom)
         if producers is None:
             continue
-        via = _inherited_from(run, atom)
+        via = parent  # the nearest enclosing run whose input held the atom
+        while via is not None and atom not in via.input_atoms:
+            via = via.parent
         if via is not None:
-            if not via.upstream:
+            fed = via.upstream
+            if not fed:
                 continue
-            producers = [p for p in producers if p in via.upstream]
-            if not producers:
-                continue
-        if found is None:
-            found = {}
+            producers = [p for p in producers if p in fed]
         for p in producers:
-            found[p] = None
-    if not found:
-        return _NO_UPSTREAM
-    if len(found) == 1:
-        return tuple(found)
+            if first is None:
+                first = p
+            elif p is not first:
+                if found is None:
+                    found = {first: None}
+                found[p] = None
+    if found is None:
+        return (first,) if first is not None else _NO_UPSTREAM
     # An enclosing chain's output repeats its last child's: keep the innermost producer.
     kept = []
     for c in found:

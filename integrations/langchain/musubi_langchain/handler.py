@@ -31,7 +31,7 @@ from langchain_core.outputs import LLMResult
 from musubi_core.declared import DECLARED_KIND
 from musubi_core.engine import Engine, artifact_id_for
 from musubi_core.identity import resolve_namespace
-from musubi_core.record import RunState, current_frame, joinable, preview
+from musubi_core.record import current_frame, joinable, preview
 from musubi_core.record.recorder import Batch, Recorder
 from musubi_core.store import ArtifactWrite
 
@@ -204,20 +204,14 @@ class MusubiCallbackHandler(BaseCallbackHandler):
         parent = runs.get(parent_run_id.int) if parent_run_id is not None else None
         if parent is not None:
             trace = parent.trace
-            state = trace.state
             run = Run(run_id, parent, trace, kind, name)
         else:
-            trace = Trace()
             recorder = self.engine.recorder
             frame = joinable(current_frame(), recorder)
-            if frame is None:
-                state = RunState(recorder, "langchain", name, namespace=self._namespace)
-                trace.own = True
-            else:
-                state = frame.run
-            trace.state = state
+            # A run of its own (made when the trace is processed), or the current one.
+            trace = Trace(None, recorder, self._namespace) if frame is None else Trace(frame.run)
             self._open[id(trace)] = trace
-            run = Run(run_id, None, trace, kind, name)
+            run = trace.root = Run(run_id, None, trace, kind, name)
             if frame is not None:
                 run.parent_call_id = frame.call_id
         run.input_preview, atoms = trace.observe(inputs)
@@ -319,8 +313,8 @@ class MusubiCallbackHandler(BaseCallbackHandler):
         run.artifact_id = artifact_id
         return ArtifactWrite(artifact_id, encoding, payload, "")
 
-    def _end(self, run_id: UUID, output: Any) -> None:
-        run = self._runs.pop(run_id.int, None)
+    def _end(self, run: Run | None, output: Any) -> None:
+        """Record a run that ended (``run`` popped from the live runs)."""
         if run is None:
             return
         try:
@@ -330,7 +324,7 @@ class MusubiCallbackHandler(BaseCallbackHandler):
                 self._record(run, "done", atoms, output_preview=text)
                 return
             artifact = None
-            report = _correlate.take(run_id) if kind == "tool" else None
+            report = _correlate.take(run.run_id) if kind == "tool" else None
             if report is not None:
                 # A declared tool: its call reaches the node it executed or replayed.
                 run.kind, run.node_id, run.artifact_id = (
@@ -459,7 +453,17 @@ class MusubiCallbackHandler(BaseCallbackHandler):
     def on_chain_end(self, outputs: dict[str, Any] | Any, *, run_id: UUID, **kwargs: Any) -> None:
         """Record the chain's call."""
         try:
-            self._end(run_id, outputs)
+            run = self._runs.pop(run_id.int, None)
+            if run is None:
+                return
+            if run.kind == "chain" and run.parent is not None:  # the common case, inline
+                trace = run.trace
+                text, atoms = trace.observe(outputs)
+                duration = _now() - run.started_at
+                # (see Trace.process: no tokens, not replayed, no seconds saved, no artifact)
+                trace.log.append((run, atoms, duration, "done", None, text, None, None, 0, None, None))
+                return
+            self._end(run, outputs)
         except Exception as exc:
             self._guard.warn(exc)
 
@@ -571,7 +575,7 @@ class MusubiCallbackHandler(BaseCallbackHandler):
     def on_tool_end(self, output: Any, *, run_id: UUID, **kwargs: Any) -> None:
         """Record the tool's call (its output is kept)."""
         try:
-            self._end(run_id, output)
+            self._end(self._runs.pop(run_id.int, None), output)
         except Exception as exc:
             self._guard.warn(exc)
 
@@ -604,7 +608,7 @@ class MusubiCallbackHandler(BaseCallbackHandler):
     ) -> None:
         """Record the retriever's call (its documents are kept)."""
         try:
-            self._end(run_id, list(documents))
+            self._end(self._runs.pop(run_id.int, None), list(documents))
         except Exception as exc:
             self._guard.warn(exc)
 
