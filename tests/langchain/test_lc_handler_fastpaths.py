@@ -3,6 +3,7 @@ answers of the generic paths they stand in for."""
 
 from __future__ import annotations
 
+import enum
 from typing import Any
 
 import pytest
@@ -14,8 +15,11 @@ from langchain_core.messages import (
     SystemMessage,
     ToolMessage,
 )
+from langchain_core.output_parsers import StrOutputParser
+from langchain_core.prompts import ChatPromptTemplate
 
-from musubi_langchain._content import _tool_calls
+from musubi_core.record import preview
+from musubi_langchain._content import _tool_calls, flow_atoms, reader
 
 
 @pytest.mark.parametrize(
@@ -59,3 +63,46 @@ def test_reused_json_encoders_give_the_cores_text() -> None:
         text = canonical_json(tree).encode("utf-8", "surrogatepass")
         assert hashlib.sha256(text).hexdigest() == plain_input_hash(tree)
         assert compact_json(tree).encode("utf-8", "surrogatepass") == plain_payload(tree)
+
+
+class _Choice(str, enum.Enum):
+    LONG = "a long enough value"
+
+
+_TEMPLATE = ChatPromptTemplate.from_messages([("system", "Be brief."), ("human", "{question}")])
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"question": "what ties things?"},
+        {},
+        {"a": 1, "b": None, "c": 2.5, "d": True, "e": "x" * 200},
+        {"a": "é東京 text", 1: "a non-str key"},
+        {"k": "a" * 74, "j": "b" * 75},  # just short enough for one preview
+        {"k": "a" * 76, "j": "b" * 76},  # just too long
+        {"nested": [1, {"x": "deep text"}]},
+        [HumanMessage("hi there"), AIMessage("ok", tool_calls=[{"name": "f", "args": {"x": "an arg"}, "id": "1"}])],
+        [SystemMessage("s" * 100), HumanMessage("h" * 100)],
+        [SystemMessage("lone\udc80 é")],
+        [HumanMessage("x", tool_calls=[{"args": {"k": "an extra field"}}])],
+        [],
+        [1, "two", None],
+        _TEMPLATE.invoke({"question": "what ties things?"}),
+        AIMessage("echo: what"),
+        AIMessage("x" * 300),
+        AIMessage("lone\udc80"),
+        AIMessage([{"type": "text", "text": "a content block"}]),
+        ToolMessage("a tool's result", tool_call_id="1"),
+        StrOutputParser().invoke(AIMessage("parsed text")),
+        _Choice.LONG,
+    ],
+    ids=lambda v: type(v).__name__,
+)
+def test_readers_give_the_generic_preview_and_atoms(value: Any) -> None:
+    kept: list[Any] = []
+    generic_kept: list[Any] = []
+    text, atoms = reader(type(value))(value, kept)
+    assert text == preview(value)
+    assert atoms == frozenset(flow_atoms(value, generic_kept))
+    assert sorted(map(id, kept)) == sorted(map(id, generic_kept))

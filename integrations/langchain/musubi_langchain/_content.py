@@ -164,24 +164,38 @@ def content_atom(out: set[Hashable], value: Any) -> None:
             out.add(("d", json.dumps(to_plain(value), sort_keys=True, ensure_ascii=False)))
 
 
-# message class -> where its tool calls are: 1 a model field, 2 some other attribute (a
-# property), 0 nowhere but possibly an extra field (BaseMessage allows extras).
-_TOOL_CALLS_AT: dict[type, int] = {}
+# class -> -1 when it is no message class, else where its tool calls are: 1 a model field, 2
+# some other attribute (a property), 0 nowhere but possibly an extra field (BaseMessage allows
+# extras). isinstance against a pydantic class is slow, so this is decided once per class.
+_MESSAGE_CLASSES: dict[type, int] = {}
 
 
-def _tool_calls(message: BaseMessage) -> Any:
-    """``getattr(message, "tool_calls", None)`` without pydantic's slow attribute miss."""
-    cls = type(message)
-    at = _TOOL_CALLS_AT.get(cls)
+def _message_class(cls: type) -> int:
+    at = _MESSAGE_CLASSES.get(cls)
     if at is None:
-        at = 1 if "tool_calls" in cls.model_fields else 2 if hasattr(cls, "tool_calls") else 0
-        _TOOL_CALLS_AT[cls] = at
+        if not issubclass(cls, BaseMessage):
+            at = -1
+        else:
+            at = 1 if "tool_calls" in cls.model_fields else 2 if hasattr(cls, "tool_calls") else 0
+        if len(_MESSAGE_CLASSES) < 4096:
+            _MESSAGE_CLASSES[cls] = at
+    return at
+
+
+def _tool_calls_at(message: BaseMessage, at: int) -> Any:
     if at == 1:
         return message.__dict__.get("tool_calls")
     if at == 2:
         return getattr(message, "tool_calls", None)
     extra = message.__pydantic_extra__
     return extra.get("tool_calls") if extra else None
+
+
+def _tool_calls(message: BaseMessage) -> Any:
+    """``getattr(message, "tool_calls", None)`` without pydantic's slow attribute miss."""
+    cls = type(message)
+    at = _MESSAGE_CLASSES.get(cls)
+    return _tool_calls_at(message, at if at is not None else _message_class(cls))
 
 
 # What _flow does with an object of a class (decided once per class, by the isinstance checks
@@ -366,7 +380,11 @@ def _read_messages(messages: Any, holder: Any, keep: list[Any]) -> Read:
     atoms: list[Hashable] = [id(messages)]
     size = 1
     for m in messages:
-        content = m.content if _is_message(type(m)) else None
+        cls = type(m)
+        at = _MESSAGE_CLASSES.get(cls)
+        if at is None:
+            at = _message_class(cls)
+        content = m.content if at >= 0 else None
         if type(content) is not str:
             return _read_generic(holder, keep)
         piece = repr(content)
@@ -377,7 +395,7 @@ def _read_messages(messages: Any, holder: Any, keep: list[Any]) -> Read:
         atoms.append(id(m))
         if len(content) >= MIN_ATOM_CHARS:
             atoms.append(content)
-        calls = _tool_calls(m)
+        calls = _tool_calls_at(m, at)
         if calls:
             out: set[Hashable] = set()
             for call in calls:
@@ -393,21 +411,8 @@ def _read_messages(messages: Any, holder: Any, keep: list[Any]) -> Read:
     return _text("[" + ", ".join(parts) + "]"), frozenset(atoms)
 
 
-# class -> is it a message class (isinstance against a pydantic class is slow)
-_MESSAGE_CLASSES: dict[type, bool] = {}
-
-
-def _is_message(cls: type) -> bool:
-    found = _MESSAGE_CLASSES.get(cls)
-    if found is None:
-        found = issubclass(cls, BaseMessage)
-        if len(_MESSAGE_CLASSES) < 4096:
-            _MESSAGE_CLASSES[cls] = found
-    return found
-
-
 def _read_list(value: list[Any], keep: list[Any]) -> Read:
-    if value and _is_message(type(value[0])):
+    if value and _message_class(type(value[0])) >= 0:
         return _read_messages(value, value, keep)
     return _read_generic(value, keep)
 

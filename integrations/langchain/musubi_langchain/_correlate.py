@@ -76,8 +76,9 @@ def push(run_id: UUID) -> None:
 # Runs that ended. A run announced in one context and looked up in a task it spawned (a v3
 # async stream's producer task) stays in the announcing context's FIFO after it ends there:
 # claim() skips it. Bounded: the oldest ids are forgotten first.
-_closed: set[UUID] = set()
-_closed_order: deque[UUID] = deque()
+# By the ids' integers (``UUID.__hash__`` is Python code).
+_closed: set[int] = set()
+_closed_order: deque[int] = deque()
 
 
 def pending() -> bool:
@@ -91,7 +92,7 @@ def claim() -> UUID | None:
     if not pending:
         return None
     if _closed:
-        while pending and pending[0] in _closed:
+        while pending and pending[0].int in _closed:
             pending = pending[1:]
         if not pending:
             _pending.set(())
@@ -103,8 +104,9 @@ def claim() -> UUID | None:
 def close(run_id: UUID) -> None:
     """A model run ended: never claim it again (see ``_closed``). Lock-free: set and deque
     operations are atomic, and forgetting an old id early only costs that skip."""
-    _closed.add(run_id)
-    _closed_order.append(run_id)
+    key = run_id.int
+    _closed.add(key)
+    _closed_order.append(key)
     if len(_closed_order) > _MAX_REPORTS:
         _closed.discard(_closed_order.popleft())
 
@@ -116,7 +118,7 @@ def discard(run_id: UUID) -> None:
     if not pending:
         return
     if len(pending) == 1:  # the common case: no generator, no UUID.__ne__ per entry
-        if pending[0] == run_id:
+        if pending[0] is run_id or pending[0] == run_id:
             _pending.set(())
         return
     if run_id in pending:

@@ -377,7 +377,10 @@ class MusubiCallbackHandler(BaseCallbackHandler):
         try:
             _correlate.discard(run_id)
             report = _correlate.take(run_id)
-            generations = [g for gens in response.generations for g in gens]
+            batches = response.generations  # one batch of generations per prompt
+            generations = (
+                batches[0] if len(batches) == 1 else [g for gens in batches for g in gens]
+            )
             text = _generation_text(generations)
             atoms = _output_atoms(run.trace, generations) if run.parent is not None else None
             if report is not None and report.replayed:
