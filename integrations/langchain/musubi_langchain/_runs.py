@@ -29,12 +29,13 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Hashable, Iterable
+from operator import is_
 from typing import Any
 from uuid import UUID
 
 from musubi_core.record import PREVIEW_CHARS, RunState, new_call_id, preview
 
-from ._content import _READERS, MIN_ATOM_CHARS, reader
+from ._content import _READERS, MIN_ATOM_CHARS, _read_chat_prompt, reader
 
 # A trace with more finished runs than this stops indexing new outputs (a runaway agent loop
 # must not make every step slower); edges inferred before that point are kept.
@@ -120,11 +121,23 @@ class Trace:
             return text, frozenset((value,)) if len(value) >= MIN_ATOM_CHARS else _NO_ATOMS
         if value is None:
             return None, _NO_ATOMS
-        found = self.seen.get(id(value))
+        seen = self.seen
+        found = seen.get(id(value))
         if found is not None and found[0] is value:
             return found[1], found[2]
-        text, atoms = (_READERS.get(kind) or reader(kind))(value, self.keep)
-        self.seen[id(value)] = (value, text, atoms)
+        if kind is list and value:
+            # A chat model's input: the messages of a prompt value read before (LangChain
+            # copies the list) are read as that value (its preview; its atoms, its output).
+            found = seen.get(-id(value[0]))
+            if found is not None and _same_items(found[0], value):
+                return found[1], found[2]
+        read = _READERS.get(kind) or reader(kind)
+        text, atoms = read(value, self.keep)
+        seen[id(value)] = (value, text, atoms)
+        if read is _read_chat_prompt:
+            messages = value.messages
+            if messages:  # keyed by the negated id of its first message (ids are positive)
+                seen[-id(messages[0])] = (messages, text, atoms)
         return text, atoms
 
     def ended(self, status: str, error: str | None) -> None:
@@ -360,6 +373,10 @@ def infer(trace: Trace, run: Run) -> tuple[Run, ...]:
         else:
             kept.append(c)
     return tuple(kept)
+
+
+def _same_items(a: list[Any], b: list[Any]) -> bool:
+    return len(a) == len(b) and all(map(is_, a, b))
 
 
 def index_output(run: Run, output_atoms: Iterable[Hashable]) -> None:

@@ -141,6 +141,15 @@ class MusubiCallbackHandler(BaseCallbackHandler):
 
     run_inline = True
     raise_error = False
+    # Plain class attributes instead of BaseCallbackHandler's properties: LangChain reads one
+    # before every callback it makes (a Python call each time otherwise).
+    ignore_agent = False
+    ignore_chain = False
+    ignore_chat_model = False
+    ignore_custom_event = False
+    ignore_llm = False
+    ignore_retriever = False
+    ignore_retry = False
 
     def __init__(
         self,
