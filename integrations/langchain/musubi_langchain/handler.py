@@ -65,8 +65,7 @@ def _drain(done: deque[Trace]) -> Iterator[Trace]:
 
 
 
-def _name(serialized: dict[str, Any] | None, kwargs: dict[str, Any], default: str) -> str:
-    name = kwargs.get("name")
+def _name(serialized: dict[str, Any] | None, name: Any, default: str) -> str:
     if isinstance(name, str) and name:
         return name
     if serialized:
@@ -447,22 +446,33 @@ class MusubiCallbackHandler(BaseCallbackHandler):
         run_id: UUID,
         parent_run_id: UUID | None = None,
         tags: list[str] | None = None,
+        metadata: dict[str, Any] | None = None,
+        name: str | None = None,
+        run_type: str | None = None,
         **kwargs: Any,
     ) -> None:
         """Start a chain run (prompt, parser, lambda, sequence, parallel, agent, graph node)."""
+        # (What LangChain passes is named: no dict of keyword arguments to build.)
         try:
-            name = kwargs.get("name")
             if not name or type(name) is not str:
-                name = _name(serialized, kwargs, "chain")
+                name = _name(serialized, name, "chain")
             run = self._begin(run_id, parent_run_id, "chain", name, inputs)
             if _correlate.expected_nodes:
-                node_id = _correlate.node_for(kwargs.get("metadata"))
+                node_id = _correlate.node_for(metadata)
                 if node_id is not None:  # a LangGraph node whose cache entry missed: fills it
                     run.kind, run.node_id = _GRAPH_NODE_KIND, node_id
         except Exception as exc:  # never raise into LangChain
             self._guard.warn(exc)
 
-    def on_chain_end(self, outputs: dict[str, Any] | Any, *, run_id: UUID, **kwargs: Any) -> None:
+    def on_chain_end(
+        self,
+        outputs: dict[str, Any] | Any,
+        *,
+        run_id: UUID,
+        parent_run_id: UUID | None = None,
+        tags: list[str] | None = None,
+        **kwargs: Any,
+    ) -> None:
         """Record the chain's call."""
         try:
             run = self._runs.pop(run_id.int, None)
@@ -495,6 +505,11 @@ class MusubiCallbackHandler(BaseCallbackHandler):
         run_id: UUID,
         parent_run_id: UUID | None = None,
         tags: list[str] | None = None,
+        metadata: dict[str, Any] | None = None,
+        name: str | None = None,
+        invocation_params: dict[str, Any] | None = None,
+        options: dict[str, Any] | None = None,
+        batch_size: int | None = None,
         **kwargs: Any,
     ) -> None:
         """Start a chat-model run (and announce it to the cache for correlation)."""
@@ -502,9 +517,9 @@ class MusubiCallbackHandler(BaseCallbackHandler):
             _correlate.push(run_id)  # first: the cache lookup follows right after this callback
             msgs = messages[0] if messages else []
             run = self._begin(
-                run_id, parent_run_id, "chat_model", _name(serialized, kwargs, "chat_model"), msgs
+                run_id, parent_run_id, "chat_model", _name(serialized, name, "chat_model"), msgs
             )
-            run.model = _model_of(kwargs.get("invocation_params"))
+            run.model = _model_of(invocation_params)
         except Exception as exc:
             self._guard.warn(exc)
 
@@ -522,13 +537,21 @@ class MusubiCallbackHandler(BaseCallbackHandler):
         try:
             prompt = prompts[0] if prompts else ""
             run = self._begin(
-                run_id, parent_run_id, "llm", _name(serialized, kwargs, "llm"), prompt
+                run_id, parent_run_id, "llm", _name(serialized, kwargs.get("name"), "llm"), prompt
             )
             run.model = _model_of(kwargs.get("invocation_params"))
         except Exception as exc:
             self._guard.warn(exc)
 
-    def on_llm_end(self, response: LLMResult, *, run_id: UUID, **kwargs: Any) -> None:
+    def on_llm_end(
+        self,
+        response: LLMResult,
+        *,
+        run_id: UUID,
+        parent_run_id: UUID | None = None,
+        tags: list[str] | None = None,
+        **kwargs: Any,
+    ) -> None:
         """Record the model's call (a replay of the cache's node when it served it)."""
         try:
             self._model_end(run_id, response)
@@ -579,7 +602,7 @@ class MusubiCallbackHandler(BaseCallbackHandler):
         """Start a tool run (its structured ``inputs`` when given, else the input string)."""
         try:
             value = inputs if inputs is not None else input_str
-            name = _name(serialized, kwargs, "tool")
+            name = _name(serialized, kwargs.get("name"), "tool")
             self._begin(run_id, parent_run_id, "tool", name, value)
         except Exception as exc:
             self._guard.warn(exc)
@@ -610,7 +633,7 @@ class MusubiCallbackHandler(BaseCallbackHandler):
     ) -> None:
         """Start a retriever run."""
         try:
-            name = _name(serialized, kwargs, "retriever")
+            name = _name(serialized, kwargs.get("name"), "retriever")
             self._begin(run_id, parent_run_id, "retriever", name, {"query": query})
         except Exception as exc:
             self._guard.warn(exc)
