@@ -35,7 +35,7 @@ from uuid import UUID
 
 from musubi_core.record import PREVIEW_CHARS, RunState, new_call_id, preview
 
-from ._content import _READERS, MIN_ATOM_CHARS, _read_chat_prompt, reader
+from ._content import _READERS, MIN_ATOM_CHARS, _read_chat_prompt, _read_str_subclass, reader
 
 # A trace with more finished runs than this stops indexing new outputs (a runaway agent loop
 # must not make every step slower); edges inferred before that point are kept.
@@ -44,6 +44,17 @@ MAX_INDEXED_RUNS = 5_000
 _NO_UPSTREAM: tuple[Run, ...] = ()
 _NO_ATOMS: frozenset[Hashable] = frozenset()
 _NO_NODES: dict[str, str | None] = {}
+# The atoms of a text not read yet: its preview field holds the text itself (see read_text).
+LATER: frozenset[Hashable] = frozenset(("<read when processed>",))
+
+
+def read_text(value: Any) -> tuple[str | None, frozenset[Hashable]]:
+    """The preview and flow atoms of a text (a str or a str subclass such as LangChain's
+    TextAccessor), as ``_content.reader`` gives them."""
+    if type(value) is str:
+        text = value if len(value) <= PREVIEW_CHARS and value.isascii() else preview(value)
+        return text, frozenset((value,)) if len(value) >= MIN_ATOM_CHARS else _NO_ATOMS
+    return _read_str_subclass(value, [])
 _now = time.time
 
 
@@ -114,13 +125,14 @@ class Trace:
 
     def observe(self, value: Any) -> tuple[str | None, frozenset[Hashable]]:
         """The preview of ``value`` and its data-flow atoms (``_content.flow_atoms``), read
-        once per object of this trace."""
-        kind = type(value)
-        if kind is str:
-            text = value if len(value) <= PREVIEW_CHARS and value.isascii() else preview(value)
-            return text, frozenset((value,)) if len(value) >= MIN_ATOM_CHARS else _NO_ATOMS
+        once per object of this trace (text later: see ``LATER``)."""
+        if isinstance(value, str):
+            # Text cannot change: it is read when the trace is processed (as the preview, with
+            # LATER for its atoms; see read_text).
+            return value, LATER
         if value is None:
             return None, _NO_ATOMS
+        kind = type(value)
         seen = self.seen
         found = seen.get(id(value))
         if found is not None and found[0] is value:
@@ -174,6 +186,8 @@ class Trace:
             except IndexError:
                 break
             if isinstance(event, Run):
+                if event.input_atoms is LATER:
+                    event.input_preview, event.input_atoms = read_text(event.input_preview)
                 # Started: its call id and order (in start order), and what fed it.
                 event.call_id = call_id = new_call_id()
                 event.seq = next_seq()
@@ -186,6 +200,8 @@ class Trace:
                     event.upstream = infer(self, event)
                 continue
             run, atoms, duration, status, error, text, tin, tout, replayed, saved, art = event
+            if atoms is LATER:
+                text, atoms = read_text(text)
             call_id = run.call_id
             node_id = run.node_id
             taken.append(

@@ -39,7 +39,7 @@ from . import _correlate
 from ._codec import usage_of
 from ._content import content_atom, to_plain
 from ._engine import Guard, make_engine, storable
-from ._runs import Run, Trace
+from ._runs import LATER, Run, Trace, read_text
 
 _MODEL_KINDS = frozenset({"chat_model", "llm"})
 # Kinds whose output is kept as an artifact (what a retriever returned, what a tool answered):
@@ -94,11 +94,11 @@ def _output_atoms(trace: Trace, generations: list[Any]) -> frozenset[Any]:
     if len(generations) == 1:
         gen = generations[0]
         message = getattr(gen, "message", None)
-        return trace.observe(message if message is not None else gen.text)[1]
+        return (trace.observe(message) if message is not None else read_text(gen.text))[1]
     atoms: set[Any] = set()
     for gen in generations:
         message = getattr(gen, "message", None)
-        atoms.update(trace.observe(message if message is not None else gen.text)[1])
+        atoms.update(trace.observe(message)[1] if message is not None else read_text(gen.text)[1])
     return frozenset(atoms)
 
 
@@ -224,6 +224,8 @@ class MusubiCallbackHandler(BaseCallbackHandler):
                 run.parent_call_id = frame.call_id
         run.input_preview, atoms = trace.observe(inputs)
         if kind == "tool":
+            if atoms is LATER:
+                run.input_preview, atoms = read_text(inputs)
             more: set[Any] = set(atoms)
             content_atom(more, inputs)  # a tool gets a filtered copy of the call's args
             atoms = frozenset(more)
