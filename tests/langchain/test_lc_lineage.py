@@ -334,3 +334,79 @@ def test_cache_without_a_handler_records_its_lookups_in_one_run(db: str) -> None
     calls = lineage.calls(db, run["run_id"])
     assert [c["replayed"] for c in calls] == [0, 1, 1, 1, 1]
     assert len({c["node_id"] for c in calls}) == 1 and calls[0]["node_id"]
+
+
+def _eventually(check: Any, deadline_s: float = 60.0) -> Any:
+    """Poll ``check`` until it returns something truthy (liveness, not speed: the recorder
+    commits in the background)."""
+    import time
+
+    end = time.monotonic() + deadline_s
+    while True:
+        found = check()
+        if found or time.monotonic() > end:
+            return found
+        time.sleep(0.05)
+
+
+def test_calls_reach_the_store_without_flush(db: str) -> None:
+    """One chain, then nothing: its calls and run are committed in the background."""
+    handler = MusubiCallbackHandler(db)
+    chain = ChatPromptTemplate.from_template("say {x}") | FakeListChatModel(responses=["hi"])
+    chain.invoke({"x": "one"}, config={"callbacks": [handler]})
+    assert len(_eventually(lambda: lineage.calls(db))) == 3
+    (run,) = _eventually(lambda: lineage.runs(db, "langchain"))
+    assert run["calls"] == 3 and run["status"] == "done"
+
+
+def test_a_running_trace_calls_reach_the_store(db: str) -> None:
+    """A long trace's finished calls are committed while it still runs."""
+    handler = MusubiCallbackHandler(db)
+
+    def wait_for_the_first_step(text: str) -> bool:
+        return bool(_eventually(lambda: [c for c in lineage.calls(db) if c["op_name"] == "first"]))
+
+    chain = RunnableLambda(lambda q: q + " musubi", name="first") | RunnableLambda(
+        wait_for_the_first_step, name="second"
+    )
+    assert chain.invoke("what is", config={"callbacks": [handler]}) is True
+    handler.flush()
+    calls = lineage.calls(db)
+    assert sorted(c["op_name"] for c in calls) == ["RunnableSequence", "first", "second"]
+    first, second = _one(calls, "chain", "first"), _one(calls, "chain", "second")
+    assert (first["call_id"], second["call_id"]) in lineage.flows(db)
+    assert second["input_preview"] == "what is musubi" and second["output_preview"] == "True"
+
+
+def test_many_traces_are_recorded_in_order(db: str) -> None:
+    """More traces than one batch of rows: every run and call, numbered in start order, with
+    the flows and previews of each."""
+    handler = MusubiCallbackHandler(db)
+    chain = (
+        RunnableLambda(lambda q: {"question": q.strip()})
+        | ChatPromptTemplate.from_messages([("system", "Be brief."), ("human", "{question}")])
+        | FakeListChatModel(responses=["an answer that is long enough"])
+        | StrOutputParser()
+        | RunnableLambda(lambda s: s.upper())
+    )
+    n = 150
+    for i in range(n):
+        assert chain.invoke(f" question {i} ", config={"callbacks": [handler]}) == (
+            "AN ANSWER THAT IS LONG ENOUGH"
+        )
+    handler.flush()
+    runs = lineage.runs(db, "langchain")
+    assert len(runs) == n and all(r["calls"] == 6 and r["status"] == "done" for r in runs)
+    lineage.assert_runs_are_trees(db)
+    flows = lineage.flows(db)
+    for run in runs:
+        calls = sorted(lineage.calls(db, run["run_id"]), key=lambda c: c["seq"])
+        assert [c["seq"] for c in calls] == list(range(6))
+        root, first, prompt, model, parser, last = calls
+        assert root["call_id"] == run["root_call_id"] and root["parent_call_id"] is None
+        assert root["input_preview"].startswith(" question ")
+        assert prompt["input_preview"] == f"{{question: '{first['input_preview'].strip()}'}}"
+        assert model["input_preview"].startswith("['Be brief.', 'question ")
+        assert last["output_preview"] == root["output_preview"] == "AN ANSWER THAT IS LONG ENOUGH"
+        for a, b in ((first, prompt), (prompt, model), (model, parser), (parser, last)):
+            assert (a["call_id"], b["call_id"]) in flows

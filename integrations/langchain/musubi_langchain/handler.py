@@ -16,8 +16,10 @@ Example:
 
 from __future__ import annotations
 
+import os
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
@@ -53,6 +55,18 @@ _MAX_STREAMED_PARTS = 256
 # within this many seconds (the recorder also takes them before each commit).
 _BATCH = 64
 _BATCH_S = 0.25
+
+
+# Live handlers: a forked child gets new locks (a thread of the parent may have held one).
+_HANDLERS: weakref.WeakSet[MusubiCallbackHandler] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for handler in list(_HANDLERS):
+        handler._rows_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _drain(done: deque[Trace]) -> Iterator[Trace]:
@@ -175,6 +189,7 @@ class MusubiCallbackHandler(BaseCallbackHandler):
         self._done_since = 0.0
         # One thread at a time turns logs into rows (a trace's events in order).
         self._rows_lock = threading.Lock()
+        _HANDLERS.add(self)
 
     @property
     def engine(self) -> Engine:
@@ -183,6 +198,8 @@ class MusubiCallbackHandler(BaseCallbackHandler):
             return engine
         # Locked: the first run may be a RunnableParallel branch on a worker thread.
         with self._engine_lock:
+            if self._ready is not None:  # another thread wired it meanwhile
+                return self._ready
             engine = self._engine
             if engine is None:
                 engine = self._engine = make_engine(self._path, self._store, self._namespace)
@@ -191,6 +208,8 @@ class MusubiCallbackHandler(BaseCallbackHandler):
                 recorder.on_error = self._guard.warn  # batches committed in the background
             recorder.add_source(self._pull)
             self._ready = engine
+            # Its thread pulls what traces log (a long first trace's calls too): start it.
+            recorder.submit()
         return engine
 
     def flush(self) -> None:
@@ -280,11 +299,17 @@ class MusubiCallbackHandler(BaseCallbackHandler):
             self._hand_over((trace,), trace.state.recorder)
             return
         done = self._done
+        recorder = self.engine.recorder
         if not done:
             self._done_since = time.monotonic()
-        done.append(trace)
+            done.append(trace)
+            # The recorder's thread takes these traces at its next commit: start it if it is
+            # not running (a first trace; after a fork).
+            recorder.submit()
+        else:
+            done.append(trace)
         if len(done) >= _BATCH or time.monotonic() - self._done_since > _BATCH_S:
-            self._hand_over(_drain(done), self.engine.recorder)
+            self._hand_over(_drain(done), recorder)
 
     def _rows(
         self, open_traces: Sequence[Trace], ended: Iterable[Trace]
