@@ -1,27 +1,34 @@
 """Run-tree bookkeeping for the callback handler (pure data structures, no store access).
 
 A *trace* is one root LangChain run and everything under it: one musubi run, whose calls are the
-LangChain runs. For each live run we keep what is needed to record its call when it ends: its
-parent (the call tree), its input atoms and the data upstream inferred by content: a run whose
-input holds an atom (see ``_content.flow_atoms``) that an earlier, finished run of the same trace
-produced depends on that run. Atoms the run merely inherited from an enclosing run's input (the
-question every branch of a RunnableParallel sees) are not evidence, and among matching runs an
-enclosing chain yields to the run inside it that actually produced the value.
+LangChain runs. The callbacks only read values and log: a run's start (with its input's preview
+and atoms, see ``_content.flow_atoms``, read while the value is as the run got it; text, which
+cannot change, is read later) and its end (its output's). :meth:`Trace.process` later turns the
+log into rows in one pass, in the order things happened: each call's id and order, the data
+upstream inferred by content when it started, its row when it ended. A run whose input holds an
+atom that an earlier, finished run of the same trace produced depends on that run. Atoms the run
+merely inherited from an enclosing run's input (the question every branch of a RunnableParallel
+sees) are not evidence, and among matching runs an enclosing chain yields to the run inside it
+that actually produced the value.
 
-Everything here is lock-free: the only shared structures are dicts and lists whose single
-operations are atomic (``dict.get``/``pop``/``setdefault``, ``list.append``, ``next(count)``),
-so concurrent branches of one trace (RunnableParallel threads) and concurrent traces are safe.
+Callbacks of concurrent branches (RunnableParallel threads) only append to a trace's log (atomic);
+one thread at a time processes it (the handler's lock).
 
 Example:
-    >>> t = Traces()
     >>> import uuid
-    >>> root, a, b = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
-    >>> r = t.start(root, None, "chain", "rag", {"what is musubi"})
-    >>> ra = t.start(a, root, "retriever", "docs", {"what is musubi"})
-    >>> t.finish(a, {"musubi ties things"}) is ra
-    True
-    >>> t.start(b, root, "chain", "prompt", {"musubi ties things"}).upstream == (ra,)
-    True
+    >>> from musubi_core.record import RunState
+    >>> trace = Trace(RunState(None, "demo", "rag"))
+    >>> root = Run(uuid.uuid4(), None, trace, "chain", "rag")
+    >>> docs = Run(uuid.uuid4(), root, trace, "retriever", "docs")
+    >>> prompt = Run(uuid.uuid4(), root, trace, "chain", "prompt")
+    >>> root.input_atoms = docs.input_atoms = frozenset({"what is musubi"})
+    >>> prompt.input_atoms = frozenset({"musubi ties things"})
+    >>> ended = (frozenset({"musubi ties things"}), 0.1, "done", None, "musubi ties things")
+    >>> trace.log.extend([root, docs, (docs, *ended, None, None, 0, None, None), prompt])
+    >>> batch: list[list[Any]] = [[], [], [], []]
+    >>> trace.process(batch)
+    >>> prompt.upstream == (docs,), [row[5] for row in batch[0]]
+    (True, ['docs'])
 """
 
 from __future__ import annotations
@@ -408,50 +415,3 @@ def index_output(run: Run, output_atoms: Iterable[Hashable]) -> None:
             index[atom] = [run]
         else:
             producers.append(run)
-
-
-class Traces:
-    """Map of live runs (grouped by trace), keyed by the run id's integer (``UUID.__hash__`` is
-    Python code; a run is looked up three or four times)."""
-
-    def __init__(self) -> None:
-        self._runs: dict[int, Run] = {}
-
-    def get(self, run_id: UUID) -> Run | None:
-        return self._runs.get(run_id.int)
-
-    def start(
-        self,
-        run_id: UUID,
-        parent_run_id: UUID | None,
-        kind: str,
-        name: str,
-        input_atoms: Iterable[Hashable] = (),
-    ) -> Run:
-        parent = self._runs.get(parent_run_id.int) if parent_run_id is not None else None
-        run = Run(run_id, parent, parent.trace if parent is not None else Trace(), kind, name)
-        run.input_atoms = frozenset(input_atoms)
-        run.upstream = infer(run.trace, run)
-        self._runs[run_id.int] = run
-        return run
-
-    def add(self, run: Run) -> None:
-        self._runs[run.run_id.int] = run
-
-    def pop(self, run_id: UUID) -> Run | None:
-        return self._runs.pop(run_id.int, None)
-
-    index = staticmethod(index_output)
-
-    def finish(self, run_id: UUID, output_atoms: Iterable[Hashable]) -> Run | None:
-        """Pop a finished run and index its output."""
-        run = self._runs.pop(run_id.int, None)
-        if run is None:
-            return None
-        self.index(run, output_atoms)
-        if run.parent is None:
-            run.trace.close()
-        return run
-
-    def __len__(self) -> int:
-        return len(self._runs)
