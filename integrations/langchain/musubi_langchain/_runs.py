@@ -209,6 +209,8 @@ class Trace:
             run, atoms, duration, status, error, text, tin, tout, replayed, saved, art = event
             if atoms is LATER:
                 text, atoms = read_text(text)
+            elif text is not None and (len(text) > PREVIEW_CHARS or not text.isascii()):
+                text = preview(text)  # a text given whole (a model's answer); else a preview
             call_id = run.call_id
             node_id = run.node_id
             taken.append(

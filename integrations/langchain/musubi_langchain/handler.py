@@ -95,10 +95,12 @@ _now = time.time
 
 
 def _generation_text(generations: Sequence[Any]) -> str | None:
-    """A preview of a model's answer (its first generation's text)."""
+    """A model's answer (its first generation's text), whole."""
     if not generations:
         return None
     text = getattr(generations[0], "text", None)
+    if type(text) is str:
+        return text
     return preview(text) if isinstance(text, str) else None
 
 
@@ -233,8 +235,10 @@ class MusubiCallbackHandler(BaseCallbackHandler):
             trace = parent.trace
             run = Run(run_id, parent, trace, kind, name)
         else:
-            recorder = self.engine.recorder
-            frame = joinable(current_frame(), recorder)
+            recorder = (self._ready or self.engine).recorder
+            frame = current_frame()
+            if frame is not None:
+                frame = joinable(frame, recorder)
             # A run of its own (made when the trace is processed), or the current one.
             trace = Trace(None, recorder, self._namespace) if frame is None else Trace(frame.run)
             self._open[id(trace)] = trace
@@ -354,10 +358,6 @@ class MusubiCallbackHandler(BaseCallbackHandler):
             return
         try:
             kind = run.kind
-            if kind == "chain":
-                text, atoms = run.trace.observe(output)
-                self._record(run, "done", atoms, output_preview=text)
-                return
             artifact = None
             report = _correlate.take(run.run_id) if kind == "tool" else None
             if report is not None:
@@ -416,7 +416,7 @@ class MusubiCallbackHandler(BaseCallbackHandler):
             generations = (
                 batches[0] if len(batches) == 1 else [g for gens in batches for g in gens]
             )
-            text = _generation_text(generations)
+            text = _generation_text(generations)  # whole: the trace makes it a preview
             atoms = _output_atoms(run.trace, generations) if run.parent is not None else None
             if report is not None and report.replayed:
                 # Served by the cache: a replay of its node (its lookup counted the replay).
@@ -505,12 +505,14 @@ class MusubiCallbackHandler(BaseCallbackHandler):
             run = self._runs.pop(run_id.int, None)
             if run is None:
                 return
-            if run.kind == "chain" and run.parent is not None:  # the common case, inline
+            if run.kind == "chain":  # the common case, inline
                 trace = run.trace
                 text, atoms = trace.observe(outputs)
                 duration = _now() - run.started_at
                 # (see Trace.process: no tokens, not replayed, no seconds saved, no artifact)
                 trace.log.append((run, atoms, duration, "done", None, text, None, None, 0, None, None))
+                if run.parent is None:
+                    self._ended(trace, "done", None)
                 return
             self._end(run, outputs)
         except Exception as exc:
