@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Hashable, Iterable
+from collections.abc import Hashable
 from operator import is_
 from typing import Any
 from uuid import UUID
@@ -96,6 +96,7 @@ class Trace:
         "keep",
         "log",
         "namespace",
+        "nodes",
         "outcome",
         "own",
         "recorder",
@@ -109,6 +110,7 @@ class Trace:
         # atom -> finished runs that produced it (as output); built by process()
         self.index: dict[Hashable, list[Run]] = {}
         self.indexed = 0
+        self.nodes = False  # has a processed call reached a node (see Run.node_ups)?
         # Objects whose ``id()`` is an atom of this trace: kept alive until the trace ends, so
         # an id can never be reused by another object while the trace reads values.
         self.keep: list[Any] = []
@@ -208,7 +210,10 @@ class Trace:
                 continue
             run, atoms, duration, status, error, text, tin, tout, replayed, saved, art = event
             if atoms is LATER:
-                text, atoms = read_text(text)
+                if type(text) is str and len(text) <= PREVIEW_CHARS and text.isascii():
+                    atoms = frozenset((text,)) if len(text) >= MIN_ATOM_CHARS else _NO_ATOMS
+                else:
+                    text, atoms = read_text(text)
             elif text is not None and (len(text) > PREVIEW_CHARS or not text.isascii()):
                 text = preview(text)  # a text given whole (a model's answer); else a preview
             call_id = run.call_id
@@ -250,12 +255,21 @@ class Trace:
                     ]
                 )
                 run.node_ups = {node_id: run.artifact_id}
-            elif ups:
+                self.nodes = True
+            elif ups and self.nodes:  # (no node in the trace so far: none upstream either)
                 run.node_ups = run.upstream_nodes()
             if art is not None:
                 artifacts.append(art)
-            if atoms:
-                index_output(run, atoms)
+            if atoms and run.parent is not None and self.indexed < MAX_INDEXED_RUNS:
+                # Its output is evidence for what starts later (not a root's: nothing inside
+                # its own trace starts after it; nor past MAX_INDEXED_RUNS).
+                self.indexed += 1
+                for atom in atoms:
+                    producers = index.get(atom)
+                    if producers is None:
+                        index[atom] = [run]
+                    else:
+                        producers.append(run)
         if taken:
             calls.extend(taken)
             state.count_rows(taken)
@@ -402,18 +416,3 @@ def infer(trace: Trace, run: Run) -> tuple[Run, ...]:
 
 def _same_items(a: list[Any], b: list[Any]) -> bool:
     return len(a) == len(b) and all(map(is_, a, b))
-
-
-def index_output(run: Run, output_atoms: Iterable[Hashable]) -> None:
-    """Make ``run`` (finished) a producer of ``output_atoms``."""
-    trace = run.trace
-    if run.parent is None or trace.indexed >= MAX_INDEXED_RUNS:
-        return  # a root's output feeds nothing inside its own (now finished) trace
-    trace.indexed += 1
-    index = trace.index
-    for atom in output_atoms:
-        producers = index.get(atom)
-        if producers is None:
-            index[atom] = [run]
-        else:
-            producers.append(run)
