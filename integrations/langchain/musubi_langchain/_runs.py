@@ -34,7 +34,6 @@ Example:
 from __future__ import annotations
 
 import time
-from collections import deque
 from collections.abc import Hashable
 from operator import is_
 from typing import Any
@@ -122,9 +121,9 @@ class Trace:
         self.recorder = recorder
         self.namespace = namespace
         self.root: Run | None = None
-        # In order: a Run when it started, an Ended tuple when it ended. A deque: callbacks
-        # append, process() pops (both atomic).
-        self.log: deque[Run | Ended] = deque()
+        # In order: a Run when it started, an Ended tuple when it ended (callbacks append,
+        # process() takes a prefix: both atomic).
+        self.log: list[Run | Ended] = []
         # The root's end: (status, error, time.time() then).
         self.outcome: tuple[str, str | None, float] | None = None
         self.root_call_id: str | None = None
@@ -174,8 +173,12 @@ class Trace:
         EdgeWrite), counting the calls in the run's totals. One thread at a time (the
         handler's lock): runs are inferred and indexed in the order they started and ended."""
         log = self.log
-        if not log:
+        n = len(log)
+        if not n:
             return
+        # What was logged so far (other threads may append meanwhile: after these).
+        events = log[:n]
+        del log[:n]
         calls, flows, edges, artifacts = batch
         state = self.state
         if state is None:
@@ -189,11 +192,7 @@ class Trace:
         index = self.index
         next_seq = state.next_seq
         taken = []
-        while True:
-            try:
-                event = log.popleft()
-            except IndexError:
-                break
+        for event in events:
             if isinstance(event, Run):
                 if event.input_atoms is LATER:
                     event.input_preview, event.input_atoms = read_text(event.input_preview)
