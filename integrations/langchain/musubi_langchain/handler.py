@@ -51,8 +51,8 @@ _MODEL_PARAMS = ("model", "model_name", "model_id")
 _GRAPH_NODE_KIND = "graph_node"
 # Pieces of a live stream's text kept for a failed call's preview (a preview is short).
 _MAX_STREAMED_PARTS = 256
-# Traces of runs of their own whose rows are made together (see _ended), or those that ended
-# within this many seconds (the recorder also takes them before each commit).
+# Ended traces of runs of their own whose rows are made in one pass (see _ended), or those that
+# ended this many seconds ago (the recorder's thread also takes them before each commit).
 _BATCH = 64
 _BATCH_S = 0.25
 
@@ -76,7 +76,6 @@ def _drain(done: deque[Trace]) -> Iterator[Trace]:
             yield done.popleft()
         except IndexError:
             return
-
 
 
 def _name(serialized: dict[str, Any] | None, name: Any, default: str) -> str:
