@@ -236,3 +236,42 @@ def test_replays_are_counted_beside_the_node_row_and_add_to_older_counts(tmp_pat
     assert _count(
         db, f"SELECT length(CAST(meta AS BLOB)) + length(op) FROM musubi_nodes WHERE {node}"
     ) == row_before
+
+
+def test_a_commit_in_flight_past_max_lag_makes_new_rows_wait(tmp_path: Path) -> None:
+    """The rows of a commit that cannot finish (here: another connection holds the write lock)
+    count toward max_lag: once they are that old, a new row waits for the commit instead of
+    being acknowledged, so what a SIGKILL can lose does not grow while the writer is stuck."""
+    import threading
+
+    db = str(tmp_path / "m.db")
+    store = SQLiteStore(db)
+    rec = recorder_for(store)
+    rec.interval, rec.max_lag = 0.05, 0.3
+    blocker = sqlite3.connect(db, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")  # the writer's next commit waits for this lock
+    try:
+        rec.replay("a" * 64)
+        # The writer took the row and is inside its commit, waiting for the lock.
+        assert _wait_for(lambda: rec.backlog == 0)
+        time.sleep(0.5)  # past max_lag
+        rec.replay("b" * 64)  # the first row of an empty backlog is accepted
+        returned = threading.Event()
+
+        def third() -> None:
+            rec.replay("c" * 64)
+            returned.set()
+
+        thread = threading.Thread(target=third)
+        thread.start()
+        # It waits for the stuck commit, however long: not acknowledged yet.
+        assert not returned.wait(1.0)
+    finally:
+        blocker.execute("COMMIT")
+        blocker.close()
+    thread.join(10)
+    assert returned.is_set()
+    rec.flush()
+    counted = store.query(lambda c: c.execute("SELECT COUNT(*) FROM musubi_replays").fetchone()[0])
+    assert counted == 3  # nothing acknowledged was dropped
+    store.close()
