@@ -347,8 +347,6 @@ class SQLStoreBase(GcMixin, CallsMixin):
         if not (nodes or artifacts or edges or calls or flows or runs or replays or aliases):
             return
         now = time.time()
-        if not self.has_aliases:
-            aliases = ()  # a read-only file without the table (it takes no rows anyway)
 
         def apply(c: Any) -> None:
             self._write_rows(c, nodes, artifacts, edges, now)

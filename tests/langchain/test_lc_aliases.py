@@ -51,17 +51,23 @@ def _close(cache: MusubiCache) -> None:
     cache.engine.close()
 
 
+def _recorded(db: str, chat: ChatOpenAI, question: str) -> str:
+    """Ask ``question`` through a cache of its own (the first run), closed after; the answer."""
+    cache = MusubiCache(db)
+    set_llm_cache(cache)
+    answer = str(chat.invoke(question).content)
+    _close(cache)
+    return answer
+
+
 def test_a_new_cache_serves_a_stored_answer_through_its_alias(
     db: str, chat: ChatOpenAI, openai_server: OpenAIServer
 ) -> None:
-    writer = MusubiCache(db)
-    set_llm_cache(writer)
-    first = chat.invoke("What is the capital of Japan?").content
+    first = _recorded(db, chat, "What is the capital of Japan?")
     assert openai_server.chat_count == 1
     node = _chat_node(db)
     # Written with the node, in the same transaction: one alias, leading to it.
     assert [r[0] for r in rows(db, "SELECT node_id FROM musubi_aliases")] == [node]
-    _close(writer)
 
     reader = KeyCountingCache(db)  # the next run: nothing memoised
     set_llm_cache(reader)
@@ -105,10 +111,7 @@ def test_an_alias_of_an_invalidated_node_is_not_served(
 def test_an_entry_without_an_alias_gets_one_on_its_first_hit(
     db: str, chat: ChatOpenAI, openai_server: OpenAIServer
 ) -> None:
-    writer = MusubiCache(db)
-    set_llm_cache(writer)
-    answer = chat.invoke("Two plus two?").content
-    _close(writer)
+    answer = _recorded(db, chat, "Two plus two?")
     # As an entry written before aliases existed.
     assert execute(db, "DELETE FROM musubi_aliases") == 1
 
@@ -163,10 +166,7 @@ def test_a_read_only_file_made_before_aliases_and_counters_still_replays(
     db: str, tmp_path: Path, chat: ChatOpenAI, openai_server: OpenAIServer
 ) -> None:
     sqlite_only(db, "a read-only file")
-    cache = MusubiCache(db)
-    set_llm_cache(cache)
-    answer = chat.invoke("Is the sky blue?").content
-    _close(cache)
+    answer = _recorded(db, chat, "Is the sky blue?")
     node_id = _chat_node(db)
     with sqlite3.connect(db) as con:  # a file of the same schema version, made before aliases
         con.execute("DROP TABLE musubi_aliases")
