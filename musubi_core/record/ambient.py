@@ -83,6 +83,27 @@ apart."""
         output_preview: str | None = None,
     ) -> None:
         """Record one call (a tuple appended; the recorder takes it before its next commit)."""
+        self.add(
+            kind, op_name, node_id, artifact_id, replayed, duration_s, tokens_in, tokens_out,
+            saved_s, model, input_preview, output_preview,
+        )
+
+    def add(
+        self,
+        kind: str,
+        op_name: str,
+        node_id: str | None,
+        artifact_id: str | None,
+        replayed: bool,
+        duration_s: float | None,
+        tokens_in: int | None,
+        tokens_out: int | None,
+        saved_s: float | None,
+        model: str | None = None,
+        input_preview: str | None = None,
+        output_preview: str | None = None,
+    ) -> None:
+        """:meth:`record` with positional arguments (a cache hit's hot path)."""
         started = time.time()
         with self._lock:  # a pull cannot end the run between choosing it and appending
             now = time.monotonic()

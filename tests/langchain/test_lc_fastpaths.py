@@ -41,6 +41,7 @@ from musubi_langchain import MusubiCache, MusubiCallbackHandler, MusubiLangChain
 from musubi_langchain._codec import (
     EntryDecodeError,
     Template,
+    _Construct,
     _plain_answer,
     complete_usage,
     decode_generations,
@@ -307,6 +308,41 @@ def test_a_plain_answer_is_built_exactly_as_validation_builds_it(message: AIMess
     assert gen == validated and gen.text == validated.text
     assert gen.model_fields_set == validated.model_fields_set
     assert dumpd(gen) == dumpd(validated)
+
+
+def _layout(model: Any) -> tuple[Any, ...]:
+    """Everything pydantic keeps on an instance, the field order of ``__dict__`` included."""
+    return (
+        type(model),
+        list(model.__dict__.items()),
+        model.__pydantic_fields_set__,
+        model.__pydantic_extra__,
+        model.__pydantic_private__,
+    )
+
+
+def test_the_lean_constructor_makes_what_model_construct_makes() -> None:
+    message = AIMessage(content="Paris.", id="r-1", usage_metadata=complete_usage(None))
+    values = {name: getattr(message, name) for name in AIMessage.model_fields}
+    build = _Construct(AIMessage, tuple(values))
+    assert build.lean
+    made, constructed = build(*values.values()), AIMessage.model_construct(**values)
+    assert _layout(made) == _layout(constructed)
+    assert made.__pydantic_fields_set__ is not build(*values.values()).__pydantic_fields_set__
+    # Fields not given take their defaults, in field order (ChatGeneration's ``type``).
+    gen_build = _Construct(ChatGeneration, ("message", "generation_info", "text"))
+    assert gen_build.lean
+    gen = gen_build(made, None, "Paris.")
+    assert _layout(gen) == _layout(
+        ChatGeneration.model_construct(message=made, generation_info=None, text="Paris.")
+    )
+    assert list(gen.__dict__) == list(ChatGeneration.model_fields)
+    # A field left out that has a factory default needs a fresh value: model_construct does it.
+    partial = _Construct(AIMessage, ("content",))
+    assert not partial.lean
+    one, two = partial("x"), partial("x")
+    assert _layout(one) == _layout(AIMessage.model_construct(content="x"))
+    assert one.additional_kwargs is not two.additional_kwargs
 
 
 @pytest.mark.parametrize("message", _OTHER_ANSWERS, ids=range(len(_OTHER_ANSWERS)))

@@ -235,19 +235,13 @@ class MusubiCache(BaseCache):
         run per burst of calls, see ``musubi_core.record.ambient``)."""
         kind, _, name = op_name.partition(":")
         kind = kind if kind in ("chat_model", "llm") else "llm"
-        fields: dict[str, Any] = {
-            "node_id": node_id,
-            "artifact_id": artifact_id,
-            "replayed": replayed,
-            "duration_s": duration_s,
-            "tokens_in": tokens_in,
-            "tokens_out": tokens_out,
-            "saved_s": saved_s,
-        }
         frame = current_frame()
-        recorder = self.engine.recorder
-        if frame is not None and joinable(frame, recorder) is not None:
-            frame.run.record(new_call_id(), frame.call_id, kind, name, **fields)
+        if frame is not None and joinable(frame, self.engine.recorder) is not None:
+            frame.run.record(
+                new_call_id(), frame.call_id, kind, name, node_id=node_id,
+                artifact_id=artifact_id, replayed=replayed, duration_s=duration_s,
+                tokens_in=tokens_in, tokens_out=tokens_out, saved_s=saved_s,
+            )
             return
         ambient = self._ambient
         if ambient is None:
@@ -255,10 +249,13 @@ class MusubiCache(BaseCache):
                 ambient = self._ambient
                 if ambient is None:
                     ambient = self._ambient = AmbientRun(
-                        recorder, "langchain", "LLM calls outside a trace",
+                        self.engine.recorder, "langchain", "LLM calls outside a trace",
                         namespace=self._namespace,
                     )
-        ambient.record(kind, name, **fields)
+        ambient.add(
+            kind, name, node_id, artifact_id, replayed, duration_s, tokens_in, tokens_out,
+            saved_s,
+        )
 
     def _generations(self, hit: EncodedHit) -> list[Generation]:
         """Fresh generations for a hit. The first hit of an entry decodes it (allow-listed,
