@@ -18,7 +18,7 @@ from _harness import Comparison, Ratio, Variant
 
 from musubi_core import Engine, SQLiteStore
 from musubi_core.codec import JSONCodec
-from musubi_core.fastpath import EncodedHit, probe_replay
+from musubi_core.probe import EncodedHit, probe_replay
 from musubi_core.store.schema import SCHEMA_VERSION
 
 VALUE = {"text": "Tokyo is the capital of Japan.", "tokens": [12, 8], "model": "bench-model"}

@@ -41,9 +41,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._plain import COMPACT_JSON
-from .engine import artifact_id_for
 from .errors import MusubiError
 from .policy import RECORDED_ONLY_KINDS
+from .probe import artifact_id_for
 from .record import flush_recorders
 from .store import ArtifactWrite, EdgeWrite, NodeRecord, NodeWrite, Store
 

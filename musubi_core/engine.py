@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import hashlib
 import json
 import os
 import socket
@@ -32,7 +31,7 @@ import warnings
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from .codec import Codec, JSONCodec
 from .context import current_run, running_node
@@ -49,6 +48,7 @@ from .flight import SingleFlight, flights_for
 from .identity import NodeKey, check_namespace, input_hash, make_node_id, make_op
 from .modes import Mode, resolve_mode
 from .policy import (
+    PLAIN_HIT,
     RECORDED_ONLY_KINDS,
     Decision,
     ReplayReason,
@@ -57,6 +57,7 @@ from .policy import (
     decide,
     expiry,
 )
+from .probe import EncodedHit, artifact_id_for, content_matches, probe_replay
 from .record import Recorder, flush_recorders, recorder_for
 from .replay_miss import miss_error
 from .store import ArtifactWrite, EdgeWrite, NodeRecord, NodeWrite, Store, open_store
@@ -74,15 +75,85 @@ EFFECT_WAIT_SECONDS = 600.0
 EFFECT_LEASE_SECONDS = 3600.0
 
 
-@dataclass(frozen=True, slots=True)
-class Lookup:
-    """What :meth:`Engine.lookup` found. ``value`` is a freshly decoded object
-    on a replay and ``None`` otherwise."""
+_UNREAD: Any = object()  # a Lookup's node not read yet
 
-    replay: bool
-    decision: Decision
-    value: Any
-    node: NodeRecord | None
+
+class Lookup:
+    """What :meth:`Engine.lookup` found: whether it ``replay``\\ s and why (``decision``),
+    ``value`` (a freshly decoded object on a replay, else None) and ``node``, the stored node
+    (None when none is stored).
+
+    On a replay, ``node_id``, ``artifact_id``, ``producer_node_id``, ``tokens_in``, ``tokens_out`` and
+    ``duration_s`` say what was served: the artifact, the node whose execution produced it and
+    what that execution cost. A plain hit reads only what serving needs
+    (:func:`musubi_core.probe.probe_replay`): its ``node`` is read from the store when first
+    asked for."""
+
+    __slots__ = ("_hit", "_node", "_read", "decision", "replay", "value")
+
+    def __init__(
+        self,
+        replay: bool,
+        decision: Decision,
+        value: Any,
+        node: NodeRecord | None,
+        *,
+        hit: EncodedHit | None = None,
+        read: Callable[[], NodeRecord | None] | None = None,
+    ) -> None:
+        self.replay = replay
+        self.decision = decision
+        self.value = value
+        self._node = node if read is None else _UNREAD
+        self._hit = hit
+        self._read = read
+
+    @property
+    def node(self) -> NodeRecord | None:
+        node = self._node
+        if node is _UNREAD:
+            assert self._read is not None
+            node = self._node = self._read()
+        return cast("NodeRecord | None", node)
+
+    @property
+    def node_id(self) -> str | None:
+        """The stored node's id (None when none is stored)."""
+        return self._hit.node_id if self._hit is not None else _of(self.node, "node_id")
+
+    @property
+    def artifact_id(self) -> str | None:
+        return self._hit.artifact_id if self._hit is not None else _of(self.node, "artifact_id")
+
+    @property
+    def producer_node_id(self) -> str | None:
+        hit = self._hit
+        if hit is not None:
+            return hit.producer_node_id or hit.node_id
+        node = self.node
+        return None if node is None else (node.producer_node_id or node.node_id)
+
+    @property
+    def tokens_in(self) -> int | None:
+        return self._hit.tokens_in if self._hit is not None else _of(self.node, "tokens_in")
+
+    @property
+    def tokens_out(self) -> int | None:
+        return self._hit.tokens_out if self._hit is not None else _of(self.node, "tokens_out")
+
+    @property
+    def duration_s(self) -> float | None:
+        return self._hit.duration_s if self._hit is not None else _of(self.node, "duration_s")
+
+    def __repr__(self) -> str:
+        return (
+            f"Lookup(replay={self.replay!r}, decision={self.decision!r}, "
+            f"node_id={self.node_id!r}, artifact_id={self.artifact_id!r})"
+        )
+
+
+def _of(node: NodeRecord | None, field: str) -> Any:
+    return None if node is None else getattr(node, field)
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,28 +232,6 @@ def _owner_alive(node: NodeRecord) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def artifact_id_for(encoding: str, payload: bytes) -> str:
-    """The content id of an encoded output: ``sha256(encoding + b"\\0" + payload)``, hex."""
-    digest = hashlib.sha256(encoding.encode("utf-8"))
-    digest.update(b"\x00")
-    digest.update(payload)
-    return digest.hexdigest()
-
-
-def content_matches(artifact_id: str | None, encoding: str, payload: bytes | str) -> bool:
-    """Does ``payload`` hash to ``artifact_id``? Checked before a stored output is served: an
-    artifact edited in the store file, even into another valid value, fails it. (SQLite hands
-    back text for a payload an editor stored as TEXT; its UTF-8 bytes are what is checked.)"""
-    if artifact_id is None:
-        return False
-    if not isinstance(payload, bytes):
-        try:
-            payload = payload.encode("utf-8") if isinstance(payload, str) else bytes(payload)
-        except (TypeError, ValueError):
-            return False
-    return artifact_id_for(encoding, payload) == artifact_id
 
 
 # Before every expiry: what ``Engine._now`` answers in replay and refresh mode.
@@ -288,6 +337,22 @@ class Engine:
     def lookup(self, key: NodeKey, config: StepConfiguration = DEFAULT_CONFIG) -> Lookup:
         """Replay ``key`` if policy allows; counts the replay."""
         self._own(key)
+        probed = probe_replay(self, key, config)
+        if isinstance(probed, EncodedHit):
+            # A plain hit: one statement read it and its bytes matched their content id.
+            try:
+                value = self.codec.decode(probed.encoding, probed.payload)
+            except DecodeError:
+                pass  # the full lookup below warns and makes it a miss
+            else:
+                self._count_replay(probed.node_id)
+                node_id = probed.node_id
+                return Lookup(
+                    True, PLAIN_HIT, value, None, hit=probed,
+                    read=lambda: self.store.get_node(node_id),
+                )
+        elif probed is not None:  # no node with this identity
+            return Lookup(False, probed, None, None)
         try:
             found = self._find(key.node_id, self.namespace)
         except CorruptNodeError as err:
@@ -1136,17 +1201,19 @@ def _content_decision(source: NodeRecord) -> Decision:
 
 
 def _outcome_from(found: Lookup) -> Outcome:
-    node = found.node
-    assert node is not None and node.artifact_id is not None
+    artifact_id, producer = found.artifact_id, found.producer_node_id
+    assert artifact_id is not None and producer is not None
+    hit = found._hit
+    node_id = hit.node_id if hit is not None else cast(NodeRecord, found.node).node_id
     return Outcome(
         found.value,
-        node.node_id,
-        node.artifact_id,
-        node.producer_node_id or node.node_id,
+        node_id,
+        artifact_id,
+        producer,
         True,
-        node.tokens_in,
-        node.tokens_out,
-        node.duration_s,
+        found.tokens_in,
+        found.tokens_out,
+        found.duration_s,
     )
 
 

@@ -1,14 +1,13 @@
-"""A lean replay probe for adapters that decode (and memoise decodings) themselves.
+"""Hit memos for adapters that decode (and memoise decodings) themselves.
 
-:meth:`Engine.lookup <musubi_core.engine.Engine.lookup>` builds a full ``NodeRecord``, decodes
-the artifact and counts the replay. A hot adapter path (a LangChain cache hit) only needs to know
-whether the node replays under the plain rule and what its stored bytes are: it keeps decoded
-entries by artifact id and rebuilds fresh objects from them. :func:`probe_replay` answers that
-with one primary-key probe and no decoding; :func:`count_replay` then counts the replay once the
-caller has actually served it. Anything that is not the plain case (a buffered write, a stale
-node that early cutoff might revive, a failed or pending node, an expired TTL, a missing
-artifact, ``force_reexecution``, a store without the lean probe) answers ``None``: the caller
-uses ``Engine.lookup``, which decides with the full policy (and says why).
+A hot adapter path (a LangChain cache hit) keeps decoded entries by artifact id and rebuilds
+fresh objects from them, so it only needs :func:`~musubi_core.probe.probe_replay`'s answer
+(does the node replay under the plain rule, and what are its stored bytes) and then counts the
+replay once it has served it (:func:`count_replay`). :class:`HitMemo` remembers those answers
+while the store file is provably unchanged, and finds a node by an alias of the raw request
+(:meth:`HitMemo.probe_alias`) so that the next process does not compute the request's key.
+Anything that is not a plain hit answers ``None`` (or the node's id): the caller uses
+``Engine.lookup``, which decides with the full policy (and says why).
 
 Example:
     >>> import tempfile, os
@@ -16,10 +15,8 @@ Example:
     >>> from musubi_core.engine import Engine
     >>> engine = Engine(SQLiteStore(os.path.join(tempfile.mkdtemp(), "m.db")))
     >>> key = engine.key("demo.add", {"a": 1, "b": 2})
-    >>> probe_replay(engine, key).reason.value  # never recorded: a definite miss
-    'not_found'
     >>> _ = engine.record(key, 3)
-    >>> hit = probe_replay(engine, key)
+    >>> hit = HitMemo(engine).probe(key)
     >>> engine.codec.decode(hit.encoding, hit.payload)
     3
     >>> count_replay(engine, hit.node_id)
@@ -38,151 +35,34 @@ import time
 from typing import Any, NamedTuple, cast
 
 from ._plain import NOT_PLAIN, is_plain_json, plain_input_hash, plain_payload, plain_tree
-from .engine import DEFAULT_CONFIG, Engine, artifact_id_for
+from .engine import DEFAULT_CONFIG, Engine
 from .identity import NodeKey
-from .policy import Decision, ReplayReason, StepConfiguration, StepType
+from .policy import Decision, StepConfiguration
+from .probe import EncodedHit, artifact_id_for, hit_of, probe_replay
 from .store import PostgresStore, SQLiteStore
 
 __all__ = [
     "NOT_PLAIN",
     "AliasHit",
-    "EncodedHit",
     "HitMemo",
     "count_replay",
     "is_plain_json",
     "plain_tree",
     "plain_input_hash",
     "plain_payload",
-    "probe_replay",
 ]
 
-_PROBE = (
-    "SELECT n.status, n.expires_at, n.artifact_id, n.tokens_in, n.tokens_out, n.duration_s, "
-    "a.encoding, a.payload, n.finished_at, n.namespace "
-    "FROM musubi_nodes n LEFT JOIN musubi_artifacts a ON a.artifact_id = n.artifact_id "
-    "WHERE n.node_id = ?"
-)
-
-# What each _PROBE column holds in a row musubi wrote (see store._sqlbase._COLUMN_TYPES).
-_NUMBER = (float, int, type(None))
-_TEXT = (str, type(None))
-_PROBE_TYPES: tuple[type | tuple[type, ...], ...] = (
-    str, _NUMBER, _TEXT, (int, type(None)), (int, type(None)), _NUMBER, _TEXT,
-    (bytes, str, type(None)), _NUMBER, str,
-)
-
-# The same, reached through an alias (a digest of the raw request, see identity.alias_of):
-# what a new process's first hit of a request reads, instead of computing the node's key.
+# A node reached through an alias (a digest of the raw request, see identity.alias_of): what
+# a new process's first hit of a request reads, instead of computing the node's key. The
+# columns after the first two are probe.PROBE_SQL's.
 _ALIAS_PROBE = (
     "SELECT r.node_id, n.op_name, n.status, n.expires_at, n.artifact_id, n.tokens_in, "
-    "n.tokens_out, n.duration_s, a.encoding, a.payload, n.finished_at, n.namespace "
+    "n.tokens_out, n.duration_s, a.encoding, a.payload, n.finished_at, n.namespace, "
+    "a.producer_node_id, n.created_at, n.replay_count "
     "FROM musubi_aliases r JOIN musubi_nodes n ON n.node_id = r.node_id "
     "LEFT JOIN musubi_artifacts a ON a.artifact_id = n.artifact_id "
     "WHERE r.alias = ?"
 )
-
-_NOT_FOUND = Decision(False, ReplayReason.NOT_FOUND, "no stored node with this identity")
-
-
-class EncodedHit(NamedTuple):
-    """A node that replays, with its artifact still encoded (decode with ``engine.codec``)."""
-
-    node_id: str
-    artifact_id: str
-    encoding: str
-    payload: bytes
-    tokens_in: int | None
-    tokens_out: int | None
-    duration_s: float | None
-    expires_at: float | None = None
-
-
-def probe_replay(
-    engine: Engine,
-    key: NodeKey,
-    config: StepConfiguration = DEFAULT_CONFIG,
-    *,
-    verify: bool = True,
-) -> EncodedHit | Decision | None:
-    """Would ``key`` replay under the plain rule? Reads only; counts nothing.
-
-    Returns an :class:`EncodedHit` (done, artifact present and matching its content id, not
-    expired), the ``not_found`` :class:`Decision` when no node exists, or ``None`` when only
-    ``Engine.lookup`` can tell (a payload that does not hash to the node's artifact id is such a
-    case: ``Engine.lookup`` makes it a miss with a warning). Store errors propagate as from
-    ``Engine.lookup``. ``verify=False`` leaves the content-id check to the caller (who must
-    make it before serving the payload).
-    """
-    store = engine.store
-    if config.force_reexecution or not isinstance(store, SQLiteStore | PostgresStore):
-        return None
-    if key.namespace != engine.namespace:
-        return None  # Engine.lookup says why
-    if engine.recorder.pending_node(key.node_id) is not None:
-        return None  # a deferred write: lookup() serves it from the recorder
-
-    if isinstance(store, PostgresStore):
-        # One statement on a pooled autocommit connection: one round trip.
-        pg = store
-        row = pg.query(lambda conn: pg._ex(conn, _PROBE, (key.node_id,)).fetchone(), "lookup")
-    else:
-        try:
-            # This thread's connection, without the error-wrapping context of ``store.query``.
-            row = store._conn().execute(_PROBE, (key.node_id,)).fetchone()
-        except sqlite3.Error:
-            # Again through ``query``, which raises the StoreError (with its hint) lookup()
-            # would.
-            row = store.query(
-                lambda conn: conn.execute(_PROBE, (key.node_id,)).fetchone(), "lookup"
-            )
-    if row is None:
-        if engine.recorder.pending_node(key.node_id) is not None:
-            return None  # deferred while we read
-        return _NOT_FOUND
-    return _hit_of(engine, key.node_id, row, config, verify)
-
-
-def _hit_of(
-    engine: Engine, node_id: str, row: tuple[Any, ...], config: StepConfiguration, verify: bool
-) -> EncodedHit | None:
-    """The plain replay rule over a :data:`_PROBE` row: the hit, or ``None`` when only
-    ``Engine.lookup`` can tell."""
-    (
-        status, expires_at, artifact_id, tokens_in, tokens_out, duration_s, encoding, payload,
-        done_at, namespace,
-    ) = row
-    if not all(map(isinstance, row, _PROBE_TYPES)):
-        return None  # a garbled column: Engine.lookup makes it a miss and says which
-    if namespace != engine.namespace:
-        return None  # a row of another namespace (see Engine._find): Engine.lookup decides
-    if (
-        config.step_type is StepType.STOCHASTIC
-        and config.ttl_seconds is not None
-        and isinstance(done_at, int | float)
-    ):
-        # The caller's current TTL tightens the stored expiry (as in policy.decide).
-        tightened = done_at + config.ttl_seconds
-        expires_at = tightened if expires_at is None else min(expires_at, tightened)
-    if status != "done" or not isinstance(artifact_id, str) or not isinstance(encoding, str):
-        return None
-    if not isinstance(payload, bytes | str):
-        return None
-    if isinstance(expires_at, int | float) and time.time() >= expires_at:
-        return None
-    if not isinstance(payload, bytes):
-        payload = payload.encode("utf-8")
-    if verify and engine._verify_artifacts and artifact_id_for(encoding, payload) != artifact_id:
-        return None  # tampered or damaged bytes: Engine.lookup makes it a miss and warns
-    return EncodedHit(
-        node_id,
-        artifact_id,
-        encoding,
-        payload,
-        tokens_in if isinstance(tokens_in, int) else None,
-        tokens_out if isinstance(tokens_out, int) else None,
-        float(duration_s) if isinstance(duration_s, int | float) else None,
-        float(expires_at) if isinstance(expires_at, int | float) else None,
-    )
 
 
 class AliasHit(NamedTuple):
@@ -383,7 +263,7 @@ class HitMemo:
             return None
         if engine.recorder.pending_node(node_id) is not None:
             return node_id
-        hit = _hit_of(engine, node_id, row[2:], config, verify=False)
+        hit = hit_of(engine, node_id, row[2:], config, verify=False)
         if hit is None or (engine._verify_artifacts and not self._intact(hit)):
             return node_id
         found = AliasHit(node_id, op_name, hit)

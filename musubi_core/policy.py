@@ -141,7 +141,8 @@ class Decision:
 
 
 # The decision of every plain hit (immutable, so one shared instance).
-_HIT = Decision(True, ReplayReason.HIT, "")
+PLAIN_HIT = Decision(True, ReplayReason.HIT, "")
+_HIT = PLAIN_HIT
 
 
 class NodeState(Protocol):

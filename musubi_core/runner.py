@@ -67,7 +67,7 @@ from typing import Any, TypeVar
 from ._duration import Duration, to_seconds
 from ._lock import RunLock, lock_path
 from .context import current_node, running_node, running_run
-from .engine import Engine, artifact_id_for, content_matches, use_engine
+from .engine import Engine, use_engine
 from .errors import (
     DecodeError,
     DivergenceError,
@@ -79,6 +79,7 @@ from .errors import (
 from .fastpath import count_replay
 from .identity import NodeKey, _ast_tree, function_fingerprint
 from .policy import StepType
+from .probe import artifact_id_for, content_matches
 from .record import RunState, current_frame, in_call, new_call_id
 from .store import (
     ArtifactWrite,

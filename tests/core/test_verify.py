@@ -21,8 +21,9 @@ from typing import Any
 import pytest
 
 from musubi_core import DecodeError, Engine, SQLiteStore, run, step
-from musubi_core.fastpath import EncodedHit, HitMemo, probe_replay
+from musubi_core.fastpath import HitMemo
 from musubi_core.policy import ReplayReason
+from musubi_core.probe import EncodedHit, probe_replay
 from tests.support.tamper import artifact_of, edit_payload, payload_of
 
 

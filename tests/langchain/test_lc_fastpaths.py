@@ -26,16 +26,15 @@ from musubi_core.codec import JSONCodec
 from musubi_core.engine import Engine
 from musubi_core.fastpath import (
     NOT_PLAIN,
-    EncodedHit,
     HitMemo,
     is_plain_json,
     plain_input_hash,
     plain_payload,
     plain_tree,
-    probe_replay,
 )
 from musubi_core.identity import input_hash
 from musubi_core.policy import StepConfiguration, StepType
+from musubi_core.probe import EncodedHit, probe_replay
 from musubi_core.store import open_store
 from musubi_langchain import MusubiCache, MusubiCallbackHandler, MusubiLangChainWarning
 from musubi_langchain._codec import (

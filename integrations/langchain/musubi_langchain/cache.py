@@ -26,12 +26,13 @@ from langchain_core.outputs import Generation
 
 from musubi_core.engine import Engine
 from musubi_core.errors import ReplayMissError
-from musubi_core.fastpath import AliasHit, EncodedHit, HitMemo
+from musubi_core.fastpath import AliasHit, HitMemo
 from musubi_core.flight import DEFAULT_TIMEOUT as FLIGHT_TIMEOUT
 from musubi_core.flight import flights_for
 from musubi_core.identity import NodeKey, alias_of, make_op, resolve_namespace
 from musubi_core.modes import Mode, resolve_mode
 from musubi_core.policy import Decision, ReplayReason, StepConfiguration, StepType
+from musubi_core.probe import EncodedHit
 from musubi_core.record import current_frame, joinable, new_call_id
 from musubi_core.record.ambient import AmbientRun
 
@@ -438,11 +439,8 @@ class MusubiCache(BaseCache):
         except EntryDecodeError as exc:
             self._guard.warn(exc)
             return None
-        node = got.node
-        tokens_in = getattr(node, "tokens_in", None)
-        tokens_out = getattr(node, "tokens_out", None)
-        saved_s = getattr(node, "duration_s", None)
-        artifact_id = getattr(node, "artifact_id", None)
+        tokens_in, tokens_out = got.tokens_in, got.tokens_out
+        saved_s, artifact_id = got.duration_s, got.artifact_id
         if run_id is not None:
             _correlate.report(
                 run_id,

@@ -31,8 +31,9 @@ from langchain_core.messages import BaseMessage
 from langchain_core.outputs import LLMResult
 
 from musubi_core.declared import DECLARED_KIND
-from musubi_core.engine import Engine, artifact_id_for
+from musubi_core.engine import Engine
 from musubi_core.identity import resolve_namespace
+from musubi_core.probe import artifact_id_for
 from musubi_core.record import current_frame, joinable, preview
 from musubi_core.record.recorder import Batch, Recorder
 from musubi_core.store import ArtifactWrite

@@ -64,7 +64,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         'musubi_langchain.langgraph needs LangGraph: pip install "musubi-lineage[langgraph]"'
     ) from exc
 
-from musubi_core.engine import Engine
+from musubi_core.engine import Engine, Lookup
 from musubi_core.identity import NodeKey, function_fingerprint, resolve_namespace
 from musubi_core.policy import StepConfiguration, StepType
 from musubi_core.record import current_frame, joinable, new_call_id, preview
@@ -257,7 +257,7 @@ class MusubiNodeCache(BaseCache[Any]):
                         "without a warning)",
                     )
                 else:
-                    self._record_hit(ns, node_key, got.node, found[full], task)
+                    self._record_hit(ns, node_key, got, found[full], task)
                     continue
             with self._lock:
                 if len(self._misses) > 4096:  # nodes that failed never set(): bounded
@@ -268,12 +268,11 @@ class MusubiNodeCache(BaseCache[Any]):
         return found
 
     def _record_hit(
-        self, ns: Namespace, key: NodeKey, node: Any, value: Any, task: Any
+        self, ns: Namespace, key: NodeKey, got: Lookup, value: Any, task: Any
     ) -> None:
         """The cached node execution as a replayed call (see the module docstring)."""
         name = _node_name(ns)
-        artifact_id = getattr(node, "artifact_id", None)
-        saved_s = getattr(node, "duration_s", None)
+        artifact_id, saved_s = got.artifact_id, got.duration_s
         found = _handler_of(task) if task is not None else None
         if found is not None:
             handler, parent_run_id = found

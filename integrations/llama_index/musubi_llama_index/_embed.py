@@ -82,14 +82,13 @@ class _Embedder:
         if not isinstance(value, list) or not all(isinstance(v, (int, float)) for v in value):
             warn_once("decode", "stored embedding is not a list of numbers; re-executing")
             return None
-        node = hit.node
         _m.end(
             self.begin(text),
             node_id=key.node_id,
-            artifact_id=node.artifact_id if node is not None else None,
+            artifact_id=hit.artifact_id,
             replayed=True,
             tokens=(None, None),
-            saved_s=node.duration_s if node is not None else None,
+            saved_s=hit.duration_s,
             texts=[],
             output_preview=_floats(value),
         )

@@ -45,7 +45,7 @@ from llama_index.core.tools.types import BaseTool
 from pydantic import PrivateAttr
 from workflows import Workflow
 
-from musubi_core.engine import artifact_id_for
+from musubi_core.probe import artifact_id_for
 from musubi_core.store import ArtifactWrite
 from musubi_llama_index import _calls, _propagation
 from musubi_llama_index._calls import MODEL_CALL, UNRECORDED, Call, Tracker, finish

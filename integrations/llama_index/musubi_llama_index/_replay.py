@@ -113,12 +113,8 @@ class _Call:
 
     def replayed(self, hit: Any) -> None:
         """Record the call as a replay of its node (served from ``hit``)."""
-        node = hit.node
-        if node is None:
-            self._end(hit.value, None, None, True, (None, None), None)
-        else:
-            tokens = (node.tokens_in, node.tokens_out)
-            self._end(hit.value, node.node_id, node.artifact_id, True, tokens, node.duration_s)
+        tokens = (hit.tokens_in, hit.tokens_out)
+        self._end(hit.value, hit.node_id, hit.artifact_id, True, tokens, hit.duration_s)
 
     def _end(
         self,

@@ -258,9 +258,7 @@ class MusubiKVStore(BaseKVStore):
             if found is None:
                 self._call(eng, "get", collection, key, None, None, False, "miss")
             else:
-                node = hit.node
-                artifact_id = node.artifact_id if node is not None else None
-                self._call(eng, "get", collection, key, k.node_id, artifact_id, True, brief(found))
+                self._call(eng, "get", collection, key, k.node_id, hit.artifact_id, True, brief(found))
             return found
 
         return guarded(read, None, topic="kv get")
