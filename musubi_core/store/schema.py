@@ -84,9 +84,13 @@ CREATE INDEX IF NOT EXISTS musubi_edges_child ON musubi_edges (child, kind);
 
 -- One trace: a root LangChain run, a LlamaIndex root span or workflow run, a durable run, a
 -- top-level @step call tree, or a block the user named. Its counts are kept on the row (written
--- when the run ends), so listing runs never scans calls.
+-- when the run ends), so listing runs never scans calls. A rowid table: run ids are random
+-- (people type their prefixes), and a clustered table of these wide rows keyed by them took
+-- every new run's row into a random leaf (8.4 us of the writer per top-level @step replay,
+-- against 5.1 us for an append plus the narrow unique index). Files made before keep their
+-- WITHOUT ROWID table: the columns and constraints are the same.
 CREATE TABLE IF NOT EXISTS musubi_runs (
-    run_id        TEXT PRIMARY KEY,
+    run_id        TEXT NOT NULL UNIQUE,
     name          TEXT,
     kind          TEXT NOT NULL DEFAULT 'durable',
     status        TEXT NOT NULL,
@@ -107,7 +111,7 @@ CREATE TABLE IF NOT EXISTS musubi_runs (
     tokens_out    INTEGER NOT NULL DEFAULT 0,
     tokens_saved  INTEGER NOT NULL DEFAULT 0,
     seconds_saved REAL NOT NULL DEFAULT 0
-) WITHOUT ROWID;
+);
 CREATE INDEX IF NOT EXISTS musubi_runs_started ON musubi_runs (started_at);
 
 -- The record of what happened: one row per execution and per replay of anything (a chain, a
