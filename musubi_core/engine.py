@@ -99,7 +99,7 @@ class Lookup:
         node: NodeRecord | None,
         *,
         hit: EncodedHit | None = None,
-        read: Callable[[], NodeRecord | None] | None = None,
+        read: Store | None = None,
     ) -> None:
         self.replay = replay
         self.decision = decision
@@ -112,8 +112,8 @@ class Lookup:
     def node(self) -> NodeRecord | None:
         node = self._node
         if node is _UNREAD:
-            assert self._read is not None
-            node = self._node = self._read()
+            assert self._read is not None and self._hit is not None
+            node = self._node = self._read.get_node(self._hit.node_id)
         return cast("NodeRecord | None", node)
 
     @property
@@ -345,12 +345,12 @@ class Engine:
             except DecodeError:
                 pass  # the full lookup below warns and makes it a miss
             else:
-                self._count_replay(probed.node_id)
-                node_id = probed.node_id
-                return Lookup(
-                    True, PLAIN_HIT, value, None, hit=probed,
-                    read=lambda: self.store.get_node(node_id),
-                )
+                recorder = self.recorder
+                if recorder.read_only:
+                    recorder.skip_read_only(self.warning_category)
+                else:
+                    recorder.replay(probed.node_id)
+                return Lookup(True, PLAIN_HIT, value, None, hit=probed, read=self.store)
         elif probed is not None:  # no node with this identity
             return Lookup(False, probed, None, None)
         try:
@@ -846,16 +846,16 @@ class Engine:
         """Replay ``key`` or run ``fn`` and record its output. ``material`` returns what the
         call's identity was made from (:func:`musubi_core.replay_miss.material`): kept with
         the recording, it lets a later replay miss say what changed."""
-        call = _Call(key, config, kind, parent, label, upstream_artifacts, material)
         if self.mode is not Mode.RECORD and self.mode is not Mode.REFRESH:
             if self.mode is Mode.OFF:
                 return self._unrecorded(key, fn())
-            return self._replay_only(call)
+            return self._replay_only(_Call(key, config, kind, parent, label, upstream_artifacts, material))
         if config.step_type is not StepType.EXTERNAL_EFFECT:
             # Plain steps: no intent row, no owner; one lookup, then run.
             found = self.lookup(key, config)
             if found.replay:
-                return _outcome_from(found)
+                return _outcome_from(found)  # (no _Call built for a replay)
+            call = _Call(key, config, kind, parent, label, upstream_artifacts, material)
             served = self._replay_by_content(call, found)
             if served is not None:
                 return served
@@ -872,6 +872,7 @@ class Engine:
             finally:
                 if held:
                     self.flights().release(key.node_id)
+        call = _Call(key, config, kind, parent, label, upstream_artifacts, material)
         with _effect_owner() as owner:
             deadline = time.monotonic() + EFFECT_WAIT_SECONDS
             while isinstance(replay := self._before(key, config, owner, kind), _Waiting):
@@ -892,15 +893,15 @@ class Engine:
         material: Callable[[], Mapping[str, Any] | None] | None = None,
     ) -> Outcome:
         """Async :meth:`execute`."""
-        call = _Call(key, config, kind, parent, label, upstream_artifacts, material)
         if self.mode is not Mode.RECORD and self.mode is not Mode.REFRESH:
             if self.mode is Mode.OFF:
                 return self._unrecorded(key, await fn())
-            return self._replay_only(call)
+            return self._replay_only(_Call(key, config, kind, parent, label, upstream_artifacts, material))
         if config.step_type is not StepType.EXTERNAL_EFFECT:
             found = self.lookup(key, config)
             if found.replay:
-                return _outcome_from(found)
+                return _outcome_from(found)  # (no _Call built for a replay)
+            call = _Call(key, config, kind, parent, label, upstream_artifacts, material)
             served = self._replay_by_content(call, found)
             if served is not None:
                 return served
@@ -919,6 +920,7 @@ class Engine:
                     self.flights().release(key.node_id)
         # The owner stays registered until the effect's outcome is recorded,
         # so a concurrent task of this process waits instead of seeing doubt.
+        call = _Call(key, config, kind, parent, label, upstream_artifacts, material)
         with _effect_owner() as owner:
             deadline = time.monotonic() + EFFECT_WAIT_SECONDS
             while isinstance(replay := self._before(key, config, owner, kind), _Waiting):
@@ -1201,10 +1203,15 @@ def _content_decision(source: NodeRecord) -> Decision:
 
 
 def _outcome_from(found: Lookup) -> Outcome:
+    hit = found._hit
+    if hit is not None:  # a plain hit: everything is on the probe's answer
+        return Outcome(
+            found.value, hit.node_id, hit.artifact_id, hit.producer_node_id or hit.node_id,
+            True, hit.tokens_in, hit.tokens_out, hit.duration_s,
+        )
     artifact_id, producer = found.artifact_id, found.producer_node_id
     assert artifact_id is not None and producer is not None
-    hit = found._hit
-    node_id = hit.node_id if hit is not None else cast(NodeRecord, found.node).node_id
+    node_id = cast(NodeRecord, found.node).node_id
     return Outcome(
         found.value,
         node_id,

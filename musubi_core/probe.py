@@ -83,6 +83,7 @@ _PROBE_TYPES: tuple[type | tuple[type, ...], ...] = (
 )
 
 _DEFAULT = StepConfiguration()
+_PROBED = (SQLiteStore, PostgresStore)  # the stores PROBE_SQL is written for
 
 NOT_FOUND = Decision(False, ReplayReason.NOT_FOUND, "no stored node with this identity")
 
@@ -121,7 +122,7 @@ def probe_replay(
     make it before serving the payload).
     """
     store = engine.store
-    if config.force_reexecution or not isinstance(store, SQLiteStore | PostgresStore):
+    if config.force_reexecution or not isinstance(store, _PROBED):
         return None
     if key.namespace != engine.namespace:
         return None  # Engine.lookup says why
