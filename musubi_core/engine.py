@@ -345,11 +345,7 @@ class Engine:
             except DecodeError:
                 pass  # the full lookup below warns and makes it a miss
             else:
-                recorder = self.recorder
-                if recorder.read_only:
-                    recorder.skip_read_only(self.warning_category)
-                else:
-                    recorder.replay(probed.node_id)
+                self._count_replay(probed.node_id)
                 return Lookup(True, PLAIN_HIT, value, None, hit=probed, read=self.store)
         elif probed is not None:  # no node with this identity
             return Lookup(False, probed, None, None)
