@@ -48,6 +48,7 @@ from .flight import SingleFlight, flights_for
 from .identity import NodeKey, check_namespace, input_hash, make_node_id, make_op
 from .modes import Mode, resolve_mode
 from .policy import (
+    DEFAULT_CONFIG,
     PLAIN_HIT,
     RECORDED_ONLY_KINDS,
     Decision,
@@ -66,7 +67,6 @@ __all__ = ["Engine", "Lookup", "Outcome", "Recorded", "get_engine", "use_engine"
 
 T = TypeVar("T")
 
-DEFAULT_CONFIG = StepConfiguration()
 DEFAULT_PATH = os.path.join(".musubi", "musubi.db")
 
 # How long a writer waits for an EXTERNAL_EFFECT another process is executing.
@@ -89,7 +89,7 @@ class Lookup:
     (:func:`musubi_core.probe.probe_replay`): its ``node`` is read from the store when first
     asked for."""
 
-    __slots__ = ("_hit", "_node", "_read", "decision", "replay", "value")
+    __slots__ = ("_hit", "_node", "_store", "decision", "replay", "value")
 
     def __init__(
         self,
@@ -99,61 +99,63 @@ class Lookup:
         node: NodeRecord | None,
         *,
         hit: EncodedHit | None = None,
-        read: Store | None = None,
+        store: Store | None = None,
     ) -> None:
         self.replay = replay
         self.decision = decision
         self.value = value
-        self._node = node if read is None else _UNREAD
+        self._node = node if hit is None else _UNREAD
         self._hit = hit
-        self._read = read
+        self._store = store  # where a plain hit's node is read from, when asked for
 
     @property
     def node(self) -> NodeRecord | None:
         node = self._node
         if node is _UNREAD:
-            assert self._read is not None and self._hit is not None
-            node = self._node = self._read.get_node(self._hit.node_id)
+            assert self._store is not None and self._hit is not None
+            node = self._node = self._store.get_node(self._hit.node_id)
         return cast("NodeRecord | None", node)
+
+    def _served(self) -> EncodedHit | NodeRecord | None:
+        """The probe's answer of a plain hit, else the node (both carry the fields below)."""
+        return self._hit if self._hit is not None else self.node
 
     @property
     def node_id(self) -> str | None:
         """The stored node's id (None when none is stored)."""
-        return self._hit.node_id if self._hit is not None else _of(self.node, "node_id")
+        served = self._served()
+        return None if served is None else served.node_id
 
     @property
     def artifact_id(self) -> str | None:
-        return self._hit.artifact_id if self._hit is not None else _of(self.node, "artifact_id")
+        served = self._served()
+        return None if served is None else served.artifact_id
 
     @property
     def producer_node_id(self) -> str | None:
-        hit = self._hit
-        if hit is not None:
-            return hit.producer_node_id or hit.node_id
-        node = self.node
-        return None if node is None else (node.producer_node_id or node.node_id)
+        served = self._served()
+        return None if served is None else (served.producer_node_id or served.node_id)
 
     @property
     def tokens_in(self) -> int | None:
-        return self._hit.tokens_in if self._hit is not None else _of(self.node, "tokens_in")
+        served = self._served()
+        return None if served is None else served.tokens_in
 
     @property
     def tokens_out(self) -> int | None:
-        return self._hit.tokens_out if self._hit is not None else _of(self.node, "tokens_out")
+        served = self._served()
+        return None if served is None else served.tokens_out
 
     @property
     def duration_s(self) -> float | None:
-        return self._hit.duration_s if self._hit is not None else _of(self.node, "duration_s")
+        served = self._served()
+        return None if served is None else served.duration_s
 
     def __repr__(self) -> str:
         return (
             f"Lookup(replay={self.replay!r}, decision={self.decision!r}, "
             f"node_id={self.node_id!r}, artifact_id={self.artifact_id!r})"
         )
-
-
-def _of(node: NodeRecord | None, field: str) -> Any:
-    return None if node is None else getattr(node, field)
 
 
 @dataclass(frozen=True, slots=True)
@@ -346,7 +348,7 @@ class Engine:
                 pass  # the full lookup below warns and makes it a miss
             else:
                 self._count_replay(probed.node_id)
-                return Lookup(True, PLAIN_HIT, value, None, hit=probed, read=self.store)
+                return Lookup(True, PLAIN_HIT, value, None, hit=probed, store=self.store)
         elif probed is not None:  # no node with this identity
             return Lookup(False, probed, None, None)
         try:
@@ -842,16 +844,16 @@ class Engine:
         """Replay ``key`` or run ``fn`` and record its output. ``material`` returns what the
         call's identity was made from (:func:`musubi_core.replay_miss.material`): kept with
         the recording, it lets a later replay miss say what changed."""
+        call = _Call(key, config, kind, parent, label, upstream_artifacts, material)
         if self.mode is not Mode.RECORD and self.mode is not Mode.REFRESH:
             if self.mode is Mode.OFF:
                 return self._unrecorded(key, fn())
-            return self._replay_only(_Call(key, config, kind, parent, label, upstream_artifacts, material))
+            return self._replay_only(call)
         if config.step_type is not StepType.EXTERNAL_EFFECT:
             # Plain steps: no intent row, no owner; one lookup, then run.
             found = self.lookup(key, config)
             if found.replay:
-                return _outcome_from(found)  # (no _Call built for a replay)
-            call = _Call(key, config, kind, parent, label, upstream_artifacts, material)
+                return _outcome_from(found)
             served = self._replay_by_content(call, found)
             if served is not None:
                 return served
@@ -868,7 +870,6 @@ class Engine:
             finally:
                 if held:
                     self.flights().release(key.node_id)
-        call = _Call(key, config, kind, parent, label, upstream_artifacts, material)
         with _effect_owner() as owner:
             deadline = time.monotonic() + EFFECT_WAIT_SECONDS
             while isinstance(replay := self._before(key, config, owner, kind), _Waiting):
@@ -889,15 +890,15 @@ class Engine:
         material: Callable[[], Mapping[str, Any] | None] | None = None,
     ) -> Outcome:
         """Async :meth:`execute`."""
+        call = _Call(key, config, kind, parent, label, upstream_artifacts, material)
         if self.mode is not Mode.RECORD and self.mode is not Mode.REFRESH:
             if self.mode is Mode.OFF:
                 return self._unrecorded(key, await fn())
-            return self._replay_only(_Call(key, config, kind, parent, label, upstream_artifacts, material))
+            return self._replay_only(call)
         if config.step_type is not StepType.EXTERNAL_EFFECT:
             found = self.lookup(key, config)
             if found.replay:
-                return _outcome_from(found)  # (no _Call built for a replay)
-            call = _Call(key, config, kind, parent, label, upstream_artifacts, material)
+                return _outcome_from(found)
             served = self._replay_by_content(call, found)
             if served is not None:
                 return served
@@ -916,7 +917,6 @@ class Engine:
                     self.flights().release(key.node_id)
         # The owner stays registered until the effect's outcome is recorded,
         # so a concurrent task of this process waits instead of seeing doubt.
-        call = _Call(key, config, kind, parent, label, upstream_artifacts, material)
         with _effect_owner() as owner:
             deadline = time.monotonic() + EFFECT_WAIT_SECONDS
             while isinstance(replay := self._before(key, config, owner, kind), _Waiting):
@@ -1199,15 +1199,8 @@ def _content_decision(source: NodeRecord) -> Decision:
 
 
 def _outcome_from(found: Lookup) -> Outcome:
-    hit = found._hit
-    if hit is not None:  # a plain hit: everything is on the probe's answer
-        return Outcome(
-            found.value, hit.node_id, hit.artifact_id, hit.producer_node_id or hit.node_id,
-            True, hit.tokens_in, hit.tokens_out, hit.duration_s,
-        )
-    artifact_id, producer = found.artifact_id, found.producer_node_id
-    assert artifact_id is not None and producer is not None
-    node_id = cast(NodeRecord, found.node).node_id
+    node_id, artifact_id, producer = found.node_id, found.artifact_id, found.producer_node_id
+    assert node_id is not None and artifact_id is not None and producer is not None
     return Outcome(
         found.value,
         node_id,

@@ -35,10 +35,10 @@ import time
 from typing import Any, NamedTuple, cast
 
 from ._plain import NOT_PLAIN, is_plain_json, plain_input_hash, plain_payload, plain_tree
-from .engine import DEFAULT_CONFIG, Engine
+from .engine import Engine
 from .identity import NodeKey
-from .policy import Decision, StepConfiguration
-from .probe import EncodedHit, artifact_id_for, hit_of, probe_replay
+from .policy import DEFAULT_CONFIG, Decision, StepConfiguration
+from .probe import PROBE_COLUMNS, EncodedHit, artifact_id_for, hit_of, probe_replay
 from .store import PostgresStore, SQLiteStore
 
 __all__ = [
@@ -53,12 +53,10 @@ __all__ = [
 ]
 
 # A node reached through an alias (a digest of the raw request, see identity.alias_of): what
-# a new process's first hit of a request reads, instead of computing the node's key. The
-# columns after the first two are probe.PROBE_SQL's.
+# a new process's first hit of a request reads, instead of computing the node's key: its id
+# and operation name, then the probe's columns (read by probe.hit_of).
 _ALIAS_PROBE = (
-    "SELECT r.node_id, n.op_name, n.status, n.expires_at, n.artifact_id, n.tokens_in, "
-    "n.tokens_out, n.duration_s, a.encoding, a.payload, n.finished_at, n.namespace, "
-    "a.producer_node_id, n.created_at, n.replay_count "
+    f"SELECT r.node_id, n.op_name, {PROBE_COLUMNS} "
     "FROM musubi_aliases r JOIN musubi_nodes n ON n.node_id = r.node_id "
     "LEFT JOIN musubi_artifacts a ON a.artifact_id = n.artifact_id "
     "WHERE r.alias = ?"

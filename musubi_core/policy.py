@@ -140,9 +140,11 @@ class Decision:
         return f"{verdict} ({self.reason.value}){': ' + self.detail if self.detail else ''}"
 
 
+# The configuration of a step that sets none (immutable, so one shared instance).
+DEFAULT_CONFIG = StepConfiguration()
+
 # The decision of every plain hit (immutable, so one shared instance).
 PLAIN_HIT = Decision(True, ReplayReason.HIT, "")
-_HIT = PLAIN_HIT
 
 
 class NodeState(Protocol):
@@ -199,7 +201,7 @@ def decide(
         return Decision(False, ReplayReason.TTL_EXPIRED, f"expired {now - expires_at:.0f}s ago")
     if status == "stale":
         return Decision(True, ReplayReason.HIT, "upstream re-ran with identical output")
-    return _HIT
+    return PLAIN_HIT
 
 
 def _effective_expiry(node: NodeState, config: StepConfiguration) -> float | None:

@@ -31,7 +31,7 @@ import hashlib
 import sqlite3
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from .policy import Decision, ReplayReason, StepConfiguration, StepType
+from .policy import DEFAULT_CONFIG, Decision, ReplayReason, StepConfiguration, StepType
 from .store import PostgresStore, SQLiteStore
 
 if TYPE_CHECKING:
@@ -66,15 +66,18 @@ def content_matches(artifact_id: str | None, encoding: str, payload: bytes | str
 # The node's replay columns and its artifact: one probe of each primary key. The last two
 # columns serve nothing but are type-checked: a garbled row is never served (Engine.lookup
 # makes it a miss and names the column).
-PROBE_SQL = (
-    "SELECT n.status, n.expires_at, n.artifact_id, n.tokens_in, n.tokens_out, n.duration_s, "
+PROBE_COLUMNS = (
+    "n.status, n.expires_at, n.artifact_id, n.tokens_in, n.tokens_out, n.duration_s, "
     "a.encoding, a.payload, n.finished_at, n.namespace, a.producer_node_id, n.created_at, "
-    "n.replay_count "
+    "n.replay_count"
+)
+PROBE_SQL = (
+    f"SELECT {PROBE_COLUMNS} "
     "FROM musubi_nodes n LEFT JOIN musubi_artifacts a ON a.artifact_id = n.artifact_id "
     "WHERE n.node_id = ?"
 )
 
-# What each PROBE_SQL column holds in a row musubi wrote (see store._sqlbase._COLUMN_TYPES).
+# What each PROBE_COLUMNS column holds in a row musubi wrote (see store._sqlbase._COLUMN_TYPES).
 _NUMBER = (float, int, type(None))
 _TEXT = (str, type(None))
 _PROBE_TYPES: tuple[type | tuple[type, ...], ...] = (
@@ -82,7 +85,6 @@ _PROBE_TYPES: tuple[type | tuple[type, ...], ...] = (
     (bytes, str, type(None)), _NUMBER, str, _TEXT, (float, int), int,
 )
 
-_DEFAULT = StepConfiguration()
 _PROBED = (SQLiteStore, PostgresStore)  # the stores PROBE_SQL is written for
 
 NOT_FOUND = Decision(False, ReplayReason.NOT_FOUND, "no stored node with this identity")
@@ -108,7 +110,7 @@ class EncodedHit(NamedTuple):
 def probe_replay(
     engine: Engine,
     key: NodeKey,
-    config: StepConfiguration = _DEFAULT,
+    config: StepConfiguration = DEFAULT_CONFIG,
     *,
     verify: bool = True,
 ) -> EncodedHit | Decision | None:
