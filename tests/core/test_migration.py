@@ -75,3 +75,33 @@ def test_v1_store_durable_run_is_finished(v1_copy: str) -> None:
     after = _exec_counts(v1_copy)
     steps = [op for op in before if op.startswith("run:v1-run:")]
     assert len(steps) == 3 and all(after[op] == before[op] for op in steps)  # no step re-ran
+
+
+def _runs_table_sql(path: str) -> str:
+    conn = sqlite3.connect(path)
+    try:
+        row = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'musubi_runs'").fetchone()
+        return str(row[0])
+    finally:
+        conn.close()
+
+
+def test_runs_append_in_new_files_and_old_files_keep_their_layout(
+    v1_copy: str, tmp_path: Path
+) -> None:
+    """New files keep runs in a rowid table (a run's row appends); a migrated file keeps its
+    WITHOUT ROWID table and records runs into it just the same."""
+    fresh = str(tmp_path / "fresh.db")
+    for path in (fresh, v1_copy):
+        with Engine(SQLiteStore(path)) as engine, use_engine(engine):
+            first = v1_extract("Four. Five.")
+            again = v1_extract("Four. Five.")
+        assert again.replayed and again.value == first.value
+        with SQLiteStore(path) as store:
+            runs = store.list_runs(kind="step", limit=10)
+            assert [r.status for r in runs[:2]] == ["done", "done"]
+            assert store.get_run(runs[0].run_id) == runs[0]
+            assert store.resolve_run(runs[0].run_id[:8]) == runs[0].run_id
+    assert "WITHOUT ROWID" not in _runs_table_sql(fresh)
+    assert "run_id        TEXT NOT NULL UNIQUE" in _runs_table_sql(fresh)
+    assert "WITHOUT ROWID" in _runs_table_sql(v1_copy)

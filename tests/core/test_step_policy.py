@@ -493,3 +493,40 @@ def test_effect_whose_result_cannot_be_stored_is_in_doubt(engine: Engine) -> Non
     assert pay_again(100).value == {"receipt": "r-2"}
     assert pay(100).replayed
     assert calls["pay"] == 2
+
+
+# -- what a lookup says it served --------------------------------------------------------
+
+
+def test_a_plain_hit_says_what_it_served_and_reads_its_node_only_when_asked(
+    engine: Engine,
+) -> None:
+    """A plain hit is served from the probe's one statement: its Lookup names the node, the
+    artifact, its producer and what the execution cost, and its ``node`` (read on demand) is
+    the stored node; a stale node takes the full lookup and says the same from the node."""
+    key = engine.key("lookup.served", {"q": 1})
+    engine.record(key, "answer", tokens_in=7, tokens_out=3)
+    engine.flush()
+    stored = engine.store.get_node(key.node_id)
+    assert stored is not None and stored.artifact_id is not None
+
+    got = engine.lookup(key)
+    assert got.replay and got.value == "answer" and got.decision.reason is ReplayReason.HIT
+    assert (got.node_id, got.artifact_id, got.producer_node_id) == (
+        key.node_id, stored.artifact_id, key.node_id,
+    )
+    assert (got.tokens_in, got.tokens_out) == (7, 3)
+    assert got.duration_s == stored.duration_s
+    engine.flush()  # the replay was counted
+    node = got.node
+    assert node is not None and node.node_id == key.node_id and node.replay_count == 1
+
+    missing = engine.lookup(engine.key("lookup.served", {"q": 2}))
+    assert not missing.replay and missing.node is None and missing.artifact_id is None
+    assert missing.decision.reason is ReplayReason.NOT_FOUND
+
+    assert engine.invalidate(key.node_id) == 1
+    stale = engine.lookup(key)
+    assert not stale.replay and stale.decision.reason is ReplayReason.STALE
+    assert stale.node is not None and stale.node_id == key.node_id
+    assert stale.artifact_id == stored.artifact_id
