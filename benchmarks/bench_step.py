@@ -22,8 +22,8 @@ class Counter:
         self.calls = 0
 
 
-def _musubi_step(env: Env, history: int) -> tuple[Any, Counter]:
-    engine = Engine(SQLiteStore(env.path(f"step-{history}.db")))
+def _musubi_step(env: Env, history: int, name: str | None = None) -> tuple[Any, Counter]:
+    engine = Engine(SQLiteStore(env.path(name or f"step-{history}.db")))
     counter = Counter()
 
     @step(engine=engine)
@@ -249,4 +249,58 @@ def step_miss(env: Env) -> Comparison:
     )
 
 
-CASES = [step_replay, step_miss]
+def step_replay_sustained(env: Env) -> Comparison:
+    """A long loop of replays, as an application's loop runs: blocks long enough (seconds) that
+    the recorder's commits of a block's calls happen during that block, while its thread
+    replays. Before each block everything recorded so far is committed (not timed), so no block
+    pays for another variant's rows. The same replays with the batches committed by the
+    recorder's helper process (the default under a steady load) and by its writer thread."""
+    from musubi_core.record import flush_recorders, recorder_for
+
+    variants = []
+    stores = {}
+    for name in ("helper process", "writer thread"):
+        summarise, counter = _musubi_step(env, 10, f"step-sustained-{name.split()[0]}.db")
+        store = summarise.engine.store
+        recorder_for(store).helper = name == "helper process"
+        stores[name] = store
+        variants.append(
+            Variant(
+                f"musubi @step, {name}",
+                lambda fn=summarise: fn(3),
+                check=_hit_check(counter, "musubi"),
+                setup=flush_recorders,
+            )
+        )
+    mt = _musubito_step(env, 10)
+    if mt is not None:
+        mfn, mcounter = mt
+        variants.append(
+            Variant(
+                "musubito", lambda: mfn(3), check=_hit_check(mcounter, "musubito"), setup=flush_recorders
+            )
+        )
+
+    def finish() -> None:
+        flush_recorders()
+        rec = recorder_for(stores["helper process"])
+        assert rec.helper_pid is not None or not rec.helper, "the helper process never ran"
+
+    ratios = [Ratio("helper process / writer thread", "musubi @step, helper process", "musubi @step, writer thread")]
+    if mt is not None:
+        ratios += [
+            Ratio("helper process / musubito", "musubi @step, helper process", "musubito"),
+            Ratio("writer thread / musubito", "musubi @step, writer thread", "musubito"),
+        ]
+    return Comparison(
+        "step_replay_sustained",
+        "`@step` replays in a long loop (blocks of seconds): recorder helper process vs writer thread",
+        variants,
+        ratios,
+        ops_per_block=env.pick(2_000, 20_000),
+        rounds=env.pick(2, 5),
+        finish=finish,
+    )
+
+
+CASES = [step_replay, step_miss, step_replay_sustained]

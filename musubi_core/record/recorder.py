@@ -51,6 +51,7 @@ from typing import Any
 
 from ..errors import ReadOnlyStoreError, StoreError
 from ..store import ArtifactWrite, CallWrite, EdgeWrite, FlowWrite, NodeWrite, RunWrite, Store
+from .writer_process import SPAWN_ROWS, WriterProcess, spawnable
 
 __all__ = ["Batch", "Recorder", "flush_recorders", "recorder_for"]
 
@@ -120,6 +121,9 @@ class Recorder:
         # A read-only store (see SQLiteStore.read_only) can never take a row.
         self.read_only = bool(getattr(store, "read_only", False))
         self._warned_read_only = False
+        # May a steady load hand the commits to a helper process (see writer_process)? False:
+        # always commit on this process's writer thread (as MUSUBI_WRITER=thread does).
+        self.helper = True
         self.commits = 0  # successful commits (for tests and `stats`)
         self.failures = 0  # failed commits since the last success
         # Where rows are pulled from before each commit (see add_source); kept across fork:
@@ -130,6 +134,13 @@ class Recorder:
 
     def _reset(self) -> None:
         """An empty backlog, new locks, no writer (also after fork, in the child)."""
+        helper: WriterProcess | None = getattr(self, "_helper", None)
+        if helper is not None:
+            helper.abandon()  # a forked child: the parent's helper serves the parent only
+        # The helper process committing batches, once a steady load started one (see
+        # writer_process); False once this store cannot have one.
+        self._helper: WriterProcess | bool | None = None
+        self._helpers_started = 0
         self._lock = threading.Lock()  # guards the backlog
         self._io = threading.Lock()  # one commit at a time
         self._committed = threading.Condition()  # notified after every commit attempt
@@ -400,15 +411,8 @@ class Recorder:
             self._size = 0
             self._committing = since
         try:
-            self.store.write(
-                nodes,
-                artifacts,
-                edges,
-                calls=calls,
-                flows=flows,
-                runs=list(runs.values()),
-                replays=replays,
-                aliases=aliases,
+            in_process = self._write(
+                nodes, artifacts, edges, calls, flows, list(runs.values()), replays, aliases
             )
         except BaseException:
             with self._lock:
@@ -434,10 +438,12 @@ class Recorder:
         with self._committed:
             self.commits += 1
             self._committed.notify_all()
-        after = getattr(self.store, "after_batch", None)
+        after = getattr(self.store, "after_batch" if in_process else "written_elsewhere", None)
         if after is not None:
             with contextlib.suppress(Exception):
                 after()  # e.g. a checkpoint in the background once the WAL has grown
+        if self._helper is None and size >= SPAWN_ROWS:
+            self._start_helper()
         if nodes:
             with self._lock:
                 pending = self._pending
@@ -445,6 +451,70 @@ class Recorder:
                     entry = pending.get(n.node_id)
                     if entry is not None and entry[0] is n:
                         del pending[n.node_id]
+
+    def _write(
+        self,
+        nodes: list[NodeWrite],
+        artifacts: list[ArtifactWrite],
+        edges: list[EdgeWrite],
+        calls: list[CallWrite],
+        flows: list[FlowWrite],
+        runs: list[RunWrite],
+        replays: Counter[str],
+        aliases: list[tuple[bytes, str]],
+    ) -> bool:
+        """Commit one batch: by the helper process when it has one and it commits it, else on
+        this thread's connection (the store's own error, if any, is raised from here). True
+        when this process wrote it."""
+        helper = self._helper
+        if isinstance(helper, WriterProcess):
+            if helper.write(nodes, artifacts, edges, calls, flows, runs, replays, aliases):
+                return False
+            if helper.dead:  # gone or stuck: a later steady load may start another
+                self._helper = None if self._helpers_started < self.MAX_HELPERS else False
+        self.store.write(
+            nodes,
+            artifacts,
+            edges,
+            calls=calls,
+            flows=flows,
+            runs=runs,
+            replays=replays,
+            aliases=aliases,
+        )
+        return True
+
+    # Helpers one recorder starts at most (one that dies at once must not become a loop).
+    MAX_HELPERS = 3
+
+    def _start_helper(self) -> None:
+        """Start the helper process (the caller holds ``_io``): it is used from the first
+        commit after it said it is ready. A store that cannot have one never asks again."""
+        spec = None if self.closed or not self.helper else spawnable(self.store)
+        if spec is None:
+            self._helper = False
+            return
+        self._helpers_started += 1
+        try:
+            self._helper = WriterProcess(spec)
+        except (OSError, ValueError):
+            self._helper = False
+
+    def _stop_helper(self) -> None:
+        """End the helper process, if any (the caller holds ``_io``); a later steady load
+        starts a new one."""
+        helper = self._helper
+        if isinstance(helper, WriterProcess):
+            self._helper = None
+            helper.close()
+
+    @property
+    def helper_pid(self) -> int | None:
+        """The helper process's id while one commits this recorder's batches (else None)."""
+        helper = self._helper
+        if isinstance(helper, WriterProcess) and helper.ready and not helper.dead:
+            return helper.child_pid
+        return None
 
     def _ensure_writer(self) -> bool:
         pid = _PID[0]
@@ -504,7 +574,9 @@ class Recorder:
                             continue
                         if self._writer is not None and self._writer[1] is me:
                             self._writer = None
-                        return
+                    with self._io:
+                        self._stop_helper()  # an idle recorder keeps no process either
+                    return
                 idle = 0
                 try:
                     with self._io:
@@ -528,6 +600,7 @@ class Recorder:
         finally:
             with self._io:  # no commit or tuning of the writer's connection runs past here
                 self.closed = True
+                self._stop_helper()
             self._wake.set()
             with self._committed:
                 self._committed.notify_all()  # nobody waits for a commit that will not come
@@ -572,3 +645,5 @@ def _flush_at_exit() -> None:
         if not rec.closed:
             with contextlib.suppress(Exception):
                 rec.flush()
+            with contextlib.suppress(Exception), rec._io:
+                rec._stop_helper()  # the store is quiet once the process has exited

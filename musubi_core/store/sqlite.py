@@ -288,6 +288,26 @@ class SQLiteStore(RunStoreMixin, SQLStoreBase):
             conn.execute("PRAGMA wal_autocheckpoint = 0")
 
     # A batch writer's WAL is checkpointed by a background thread once it holds this much.
+    def writer_process_spec(self) -> dict[str, Any] | None:
+        """How the recorder's helper process opens this store to commit batches (see
+        :mod:`musubi_core.record.writer_process`); None when only this process can write it
+        (an in-memory or URI store, a read-only file). The helper enforces no size limit:
+        :meth:`written_elsewhere` counts its commits here, where the limit is kept."""
+        if self._uri or self.read_only or self._closed:
+            return None
+        return {"path": self.path, "timeout": self._timeout}
+
+    def written_elsewhere(self) -> None:
+        """The recorder's helper committed a batch to this file: count it towards the next
+        size check, as a commit of this process would count."""
+        self._count_commit()
+
+    def _count_commit(self) -> None:
+        if self.size_limit is not None:
+            self._commits += 1
+            if self._commits >= self._next_check:
+                self._enforce_quietly()
+
     CHECKPOINT_WAL_BYTES = 4 * 1024 * 1024
 
     def after_batch(self) -> None:
@@ -545,10 +565,7 @@ class SQLiteStore(RunStoreMixin, SQLStoreBase):
             finally:
                 if durable:
                     conn.execute("PRAGMA synchronous = NORMAL")
-        if self.size_limit is not None:
-            self._commits += 1
-            if self._commits >= self._next_check:
-                self._enforce_quietly()
+        self._count_commit()
         return result
 
     # -- dialect hooks ------------------------------------------------------------
