@@ -110,6 +110,58 @@ def invoke_hit(env: Env) -> Comparison:
     )
 
 
+def invoke_hit_sustained(env: Env) -> Comparison:
+    """``invoke`` hits in a long loop (blocks of seconds, so the recorder's commits of a block's
+    calls happen during it), everything recorded committed before each block (not timed): no
+    block pays for another's rows. MusubiCache with its batches committed by the recorder's
+    helper process (the default under a steady load) and by its writer thread."""
+    from langchain_core.caches import InMemoryCache
+
+    from musubi_core.record import flush_recorders, recorder_for
+
+    prompt = "What is the capital of Japan? Answer in one word."
+    helper, thread = (
+        _musubi_cache(env, "lc-sustained-helper"),
+        _musubi_cache(env, "lc-sustained-thread"),
+    )
+    recorder_for(thread.engine.store).helper = False
+    caches = {
+        "MusubiCache, helper process": helper,
+        "MusubiCache, writer thread": thread,
+        "InMemoryCache": InMemoryCache(),
+    }
+    variants = []
+    for label, cache in caches.items():
+        model = _counting_model(cache=cache)
+        model.invoke(prompt)
+
+        def check(n: int, model: Any = model, label: str = label) -> None:
+            assert model.calls == 1, f"{label}: a 'hit' reached the model ({model.calls} calls)"
+
+        variants.append(
+            Variant(
+                label, lambda model=model: model.invoke(prompt), check=check, setup=flush_recorders
+            )
+        )
+
+    def finish() -> None:
+        flush_recorders()
+        assert recorder_for(helper.engine.store).helper_pid is not None, "no helper process ran"
+
+    return Comparison(
+        "langchain_invoke_hit_sustained",
+        "LangChain `invoke` hits in a long loop (blocks of seconds): helper process vs writer thread",
+        variants,
+        [
+            Ratio("helper process / InMemoryCache", "MusubiCache, helper process", "InMemoryCache"),
+            Ratio("writer thread / InMemoryCache", "MusubiCache, writer thread", "InMemoryCache"),
+        ],
+        ops_per_block=env.pick(1_000, 10_000),
+        rounds=env.pick(2, 5),
+        finish=finish,
+    )
+
+
 def invoke_miss(env: Env) -> Comparison:
     caches = _anchor_caches(env, "lc-miss")
     caches = {"no cache": None, **caches}
@@ -188,6 +240,7 @@ def handler_chain(env: Env) -> Comparison:
     config = {"callbacks": [handler]}
     counter = itertools.count()
     assert handled.invoke(" warm ", config=config) == "ECHO: WARM"
+
     def recorded_calls() -> int:
         handler.flush()
         return sum(r.calls for r in handler.engine.store.list_runs(limit=1_000_000))
@@ -226,4 +279,4 @@ def handler_chain(env: Env) -> Comparison:
     )
 
 
-CASES = [invoke_hit, invoke_miss, handler_chain]
+CASES = [invoke_hit, invoke_miss, handler_chain, invoke_hit_sustained]

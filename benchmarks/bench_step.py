@@ -277,7 +277,10 @@ def step_replay_sustained(env: Env) -> Comparison:
         mfn, mcounter = mt
         variants.append(
             Variant(
-                "musubito", lambda: mfn(3), check=_hit_check(mcounter, "musubito"), setup=flush_recorders
+                "musubito",
+                lambda: mfn(3),
+                check=_hit_check(mcounter, "musubito"),
+                setup=flush_recorders,
             )
         )
 
@@ -286,7 +289,13 @@ def step_replay_sustained(env: Env) -> Comparison:
         rec = recorder_for(stores["helper process"])
         assert rec.helper_pid is not None or not rec.helper, "the helper process never ran"
 
-    ratios = [Ratio("helper process / writer thread", "musubi @step, helper process", "musubi @step, writer thread")]
+    ratios = [
+        Ratio(
+            "helper process / writer thread",
+            "musubi @step, helper process",
+            "musubi @step, writer thread",
+        )
+    ]
     if mt is not None:
         ratios += [
             Ratio("helper process / musubito", "musubi @step, helper process", "musubito"),

@@ -257,9 +257,14 @@ def serve(spec: Mapping[str, Any], fd_out: int) -> None:  # pragma: no cover - i
         store = SQLiteStore(**spec["store"])
         store.tune_for_writing()
     except Exception as exc:
-        _write_all(fd_out, _frame(marshal.dumps([0, f"{type(exc).__name__}: {exc}"])))
+        with contextlib.suppress(OSError):
+            _write_all(fd_out, _frame(marshal.dumps([0, f"{type(exc).__name__}: {exc}"])))
         return
-    _write_all(fd_out, _frame(marshal.dumps([0, None])))
+    try:
+        _write_all(fd_out, _frame(marshal.dumps([0, None])))
+    except OSError:  # the application ended before it needed us
+        store.close()
+        return
     try:
         while True:
             batch = _read_frame(fd_in, None)
