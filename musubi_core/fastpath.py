@@ -28,10 +28,12 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
 import sqlite3
 import threading
 import time
+import weakref
 from typing import Any, NamedTuple, cast
 
 from ._plain import NOT_PLAIN, is_plain_json, plain_input_hash, plain_payload, plain_tree
@@ -115,6 +117,15 @@ class HitMemo:
     connection's ``total_changes``. (An SQL statement costs a read transaction with its
     file locks; on small VMs that alone is ~10% of a LangChain ``invoke``.)
 
+    Once this process has read the store (so its connections hold the ``-shm`` file open, and
+    with it SQLite's shared lock that keeps any other process from truncating it), the header
+    is read through a read-only memory map of that file, as SQLite itself reads it, rather than
+    with ``os.pread``: a system call releases the interpreter's lock, and when the recorder's
+    thread is waiting for it each release costs a hand-off (13-17 µs a read measured in a loop
+    of LangChain hits, against 0.06 µs through the map). The map is closed before the store's
+    connections close (a close hook), and a forked child drops the one it inherited (it holds
+    no lock on the file until its own connections open it).
+
     >>> import tempfile, os
     >>> from musubi_core import SQLiteStore
     >>> engine = Engine(SQLiteStore(os.path.join(tempfile.mkdtemp(), "m.db")))
@@ -141,6 +152,14 @@ class HitMemo:
         self._local = threading.local()
         self._shm_lock = threading.Lock()
         self._shm: tuple[int, int] | None = None  # (pid, fd) of the open -shm file
+        # A read-only map of the -shm file's first page, once this process holds it (see the
+        # class docstring); None until then, or where it cannot be mapped.
+        self._map: mmap.mmap | None = None
+        self._map_tried = False
+        _MEMOS.add(self)
+        hook = getattr(engine.store, "add_close_hook", None)
+        if hook is not None:
+            hook(self._drop_map)
 
     def _shm_fd(self, store: SQLiteStore) -> int | None:
         shm = self._shm
@@ -196,6 +215,8 @@ class HitMemo:
                 return hit
             del memo[key.node_id]
         found = probe_replay(engine, key, config, verify=False)
+        if not self._map_tried:
+            self._map_shm()  # this process has read the store now: its shm is open
         if isinstance(found, EncodedHit):
             if engine._verify_artifacts and not self._intact(found):
                 return None  # Engine.lookup makes it a miss and warns
@@ -207,10 +228,14 @@ class HitMemo:
     def _memo(self, store: SQLiteStore) -> dict[Any, Any] | None:
         """This thread's remembered answers (node id -> EncodedHit, alias -> AliasHit), empty
         again once the store's change token moved; ``None`` when the token cannot be read."""
-        shm = self._shm
+        view = self._map
         try:
-            header = os.pread(shm[1], 96, 0) if shm is not None else b""  # common case, inline
-        except OSError:
+            if view is not None:
+                header = view[:96]  # the common case: no system call, the GIL kept
+            else:
+                shm = self._shm
+                header = os.pread(shm[1], 96, 0) if shm is not None else b""
+        except (OSError, ValueError):  # ValueError: the map was closed meanwhile
             header = b""
         if len(header) == 96 and header[:48] == header[48:] and any(header[:48]):
             token: object = header
@@ -254,6 +279,8 @@ class HitMemo:
                         return found
                     del memo[alias]
         row = _probe_alias_row(engine, alias)
+        if not self._map_tried and memo is not None:
+            self._map_shm()  # this process has read the store now: its shm is open
         if row is None:
             return None
         node_id, op_name = row[0], row[1]
@@ -288,8 +315,40 @@ class HitMemo:
             self._checked_bytes += size
         return True
 
+    def _map_shm(self) -> None:
+        """Map the ``-shm`` file's header read-only (once; see the class docstring)."""
+        with self._shm_lock:
+            shm = self._shm
+            if self._map_tried or shm is None:
+                return  # no -shm descriptor yet: tried again after the next probe
+            self._map_tried = True
+            store = self.engine.store
+            if shm[0] != os.getpid() or not isinstance(store, SQLiteStore):
+                return
+            try:
+                # Only the files this store's connections hold: the database is the one it
+                # opened, and the -shm file under its name is the one this descriptor reads.
+                if store._current_file_id() != store._file_id:
+                    return
+                if os.fstat(shm[1]).st_ino != os.stat(store.path + "-shm").st_ino:
+                    return
+                self._map = mmap.mmap(shm[1], 96, access=mmap.ACCESS_READ)
+            except (OSError, ValueError):  # e.g. a file shorter than its header
+                self._map = None
+
+    def _drop_map(self) -> None:
+        """Stop reading through the map and close it (before the store's connections close,
+        and in a forked child)."""
+        with self._shm_lock:
+            view, self._map = self._map, None
+            self._map_tried = True  # never mapped again: the pread path stays correct
+        if view is not None:
+            with contextlib.suppress(Exception):
+                view.close()
+
     def close(self) -> None:
         """Close the ``-shm`` file descriptor (also done when the memo is collected)."""
+        self._drop_map()
         with self._shm_lock:
             shm, self._shm = self._shm, None
         if shm is not None and shm[0] == os.getpid():
@@ -302,6 +361,24 @@ class HitMemo:
             self.close()
         except Exception:
             pass
+
+
+# Every memo, for the fork hook below.
+_MEMOS: weakref.WeakSet[HitMemo] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    # The child holds no lock on any -shm file until its own connections open it: it reads the
+    # header with pread again (the maps stay the parent's business; closing a copy is local).
+    for memo in list(_MEMOS):
+        view, memo._map = memo._map, None
+        memo._map_tried = True
+        if view is not None:
+            with contextlib.suppress(Exception):
+                view.close()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 # -- plain JSON data ---------------------------------------------------------------

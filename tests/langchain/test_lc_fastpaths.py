@@ -361,3 +361,19 @@ def test_a_plain_answer_with_a_wrong_field_type_is_validated_and_refused() -> No
     assert _plain_answer(data) is None
     with pytest.raises(EntryDecodeError):
         decode_message(data)
+
+
+def test_warm_hits_read_the_change_token_through_the_map(db: str) -> None:
+    """After the first hits, a SQLite store's change token is read through the -shm map (no
+    system call per hit), and a commit by another connection still makes the next hit re-read
+    the store."""
+    if is_postgres(db):
+        pytest.skip("SQLite only: the -shm file")
+    cache = MusubiCache(db)
+    model = FakeListChatModel(responses=["one", "two"], cache=cache)
+    for _ in range(3):
+        assert model.invoke("q").content == "one"
+    memo = cache._hits
+    assert memo is not None and memo._map is not None
+    execute(db, "UPDATE musubi_nodes SET status = 'stale', stale_cause = 'invalidated'")
+    assert model.invoke("q").content == "two"  # the stale entry is not served from the memo
