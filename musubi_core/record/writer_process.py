@@ -84,7 +84,10 @@ def spawnable(store: Any) -> dict[str, Any] | None:
     exe = _python_executable()
     if target is None or exe is None:
         return None
-    return {"exe": exe, "store": target, "sys_path": list(sys.path)}
+    # Absolute: the helper starts in this process's current folder, which may not be the one
+    # a relative entry ('' included) was resolved against when musubi_core was imported.
+    sys_path = [os.path.abspath(p) if p else os.getcwd() for p in sys.path]
+    return {"exe": exe, "store": target, "sys_path": sys_path}
 
 
 def _frame(payload: bytes) -> bytes:
@@ -213,9 +216,11 @@ class WriterProcess:
         self.close(wait=0.0)
 
     def close(self, wait: float = 10.0) -> None:
-        """End the helper: it commits nothing more (the recorder flushed first) and exits."""
+        """End the helper: it commits nothing more (the recorder flushed first) and exits. One
+        that never said it is ready has committed nothing: it is not waited for (a script that
+        ends right after its first big commit does not wait for a helper to start)."""
         self._finalizer.detach()
-        _shut_down(self._proc, wait)
+        _shut_down(self._proc, wait if self.ready else 0.0)
 
     def abandon(self) -> None:
         """In a forked child: let go of the inherited pipe ends without touching the helper,
