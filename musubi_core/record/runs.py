@@ -272,7 +272,11 @@ class RunState:
             saved_s,
             model,
             input_preview if input_preview is not None else preview(inputs),
-            output_preview if output_preview is not None else preview(output),
+            output_preview if output_preview is not None else (
+                _replayed_preview(artifact_id, output)
+                if replayed and artifact_id is not None
+                else preview(output)
+            ),
             self.namespace,
             ),
         )
@@ -283,6 +287,26 @@ class RunState:
         if submit:
             self.recorder.call(row, flows)
         return row
+
+
+# (artifact id, type of the value served) -> the preview of that value. A replay's output is
+# built from the artifact's bytes, and the artifact id is the hash of those bytes: the same id
+# served as the same type, the same value, the same preview. Bounded: emptied when full.
+_REPLAYED_PREVIEWS: dict[tuple[str, type], str | None] = {}
+_MAX_REPLAYED_PREVIEWS = 4096
+
+
+def _replayed_preview(artifact_id: str, output: Any) -> str | None:
+    key = (artifact_id, type(output))
+    try:
+        return _REPLAYED_PREVIEWS[key]
+    except KeyError:
+        pass
+    text = preview(output)
+    if len(_REPLAYED_PREVIEWS) >= _MAX_REPLAYED_PREVIEWS:
+        _REPLAYED_PREVIEWS.clear()
+    _REPLAYED_PREVIEWS[key] = text
+    return text
 
 
 def _error_text(error: BaseException) -> str:
