@@ -29,9 +29,13 @@ def preview(value: Any, limit: int = PREVIEW_CHARS) -> str | None:
     if type(value) is str:
         text = value
     else:
-        parts: list[str] = []
-        _render(value, parts, limit, 0)
-        text = "".join(parts)
+        flat = _flat_dict(value) if type(value) is dict else None
+        if flat is not None and len(flat) <= limit:
+            text = flat  # what _render gives when nothing is cut
+        else:
+            parts: list[str] = []
+            _render(value, parts, limit, 0)
+            text = "".join(parts)
     return storable_text(text if len(text) <= limit else text[: limit - 1] + "…")
 
 
@@ -40,6 +44,23 @@ def storable_text(text: str) -> str:
     if text.isascii():
         return text
     return text.encode("utf-8", "replace").decode("utf-8")
+
+
+def _flat_dict(value: dict[Any, Any]) -> str | None:
+    """The whole text of a dict of strings, numbers and None under string keys (the arguments
+    of most steps), or None for anything else: :func:`_render`'s text when it fits."""
+    parts = []
+    for k, v in value.items():
+        if type(k) is not str:
+            return None
+        t = type(v)
+        if t is str:
+            parts.append(f"{k}: {v!r}")
+        elif t is int or t is float or t is bool or v is None:
+            parts.append(f"{k}: {v}")
+        else:
+            return None
+    return "{" + ", ".join(parts) + "}"
 
 
 def _render(value: Any, out: list[str], budget: int, depth: int) -> int:
