@@ -468,7 +468,19 @@ class Recorder:
         when this process wrote it."""
         helper = self._helper
         if isinstance(helper, WriterProcess):
-            if helper.write(nodes, artifacts, edges, calls, flows, runs, replays, aliases):
+            # The writer thread gives a helper that is still starting a moment: committing here
+            # meanwhile would cost the application the hand-offs the helper exists to avoid.
+            # (Rows then wait at most interval + HELPER_START_WAIT, within max_lag.) Any other
+            # thread (flush(), backpressure, exit) never waits for one.
+            writer = self._writer
+            wait = (
+                self.HELPER_START_WAIT
+                if writer is not None and writer[1] is threading.current_thread()
+                else 0.0
+            )
+            if helper.write(
+                nodes, artifacts, edges, calls, flows, runs, replays, aliases, wait=wait
+            ):
                 return False
             if helper.dead:  # gone or stuck: a later steady load may start another
                 self._helper = None if self._helpers_started < self.MAX_HELPERS else False
@@ -486,6 +498,8 @@ class Recorder:
 
     # Helpers one recorder starts at most (one that dies at once must not become a loop).
     MAX_HELPERS = 3
+    # How long the writer thread waits for a helper that is still starting (seconds).
+    HELPER_START_WAIT = 0.5
 
     def _start_helper(self) -> None:
         """Start the helper process (the caller holds ``_io``): it is used from the first

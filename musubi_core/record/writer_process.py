@@ -150,13 +150,13 @@ class WriterProcess:
         """The helper's process id."""
         return self._proc.pid
 
-    def usable(self) -> bool:
-        """Has the helper said it is ready (without waiting for it)?"""
+    def usable(self, wait: float = 0.0) -> bool:
+        """Has the helper said it is ready (waiting up to ``wait`` seconds for it)?"""
         if self.ready:
             return True
         if self.dead:
             return False
-        if not select.select([self._from], [], [], 0)[0]:
+        if not select.select([self._from], [], [], wait)[0]:
             if self._proc.poll() is not None:
                 self._give_up()
             return False
@@ -177,9 +177,12 @@ class WriterProcess:
         runs: Sequence[tuple[Any, ...]],
         replays: Mapping[str, int],
         aliases: Sequence[tuple[bytes, str]],
+        *,
+        wait: float = 0.0,
     ) -> bool:
-        """Have the helper commit one batch; True once it answered that it committed it."""
-        if not self.usable():
+        """Have the helper commit one batch (waiting up to ``wait`` seconds for a helper still
+        starting); True once it answered that it committed it."""
+        if not self.usable(wait):
             return False
         self._seq += 1
         try:
