@@ -21,7 +21,9 @@ run by an interpreter that is a plain ``python`` executable (not a frozen app, n
 server such as uWSGI, whose ``sys.executable`` is not Python), and not turned off with
 ``MUSUBI_WRITER=thread``. The recorder starts it only once its commits carry
 :data:`SPAWN_ROWS` rows (a steady load; a script making a few calls never starts one), and uses
-it once it said it is ready; until then commits stay in-process.
+it once it said it is ready: the writer thread waits up to half a second for a helper still
+starting; any other thread committing (``flush()``, backpressure, exit) does not wait and
+commits in-process.
 
 The pipe carries :mod:`marshal` frames of plain tuples (strings, numbers, bytes, None): nothing
 is pickled, and the helper builds only the store's write tuples from them.
