@@ -412,7 +412,7 @@ class Recorder:
             self._committing = since
         try:
             in_process = self._write(
-                nodes, artifacts, edges, calls, flows, list(runs.values()), replays, aliases
+                nodes, artifacts, edges, calls, flows, list(runs.values()), replays, aliases, size
             )
         except BaseException:
             with self._lock:
@@ -462,22 +462,24 @@ class Recorder:
         runs: list[RunWrite],
         replays: Counter[str],
         aliases: list[tuple[bytes, str]],
+        size: int,
     ) -> bool:
-        """Commit one batch: by the helper process when it has one and it commits it, else on
-        this thread's connection (the store's own error, if any, is raised from here). True
-        when this process wrote it."""
+        """Commit one batch of ``size`` rows: by the helper process when it has one and it
+        commits it, else on this thread's connection (the store's own error, if any, is raised
+        from here). True when this process wrote it."""
+        writer = self._writer
+        on_writer = writer is not None and writer[1] is threading.current_thread()
+        if self._helper is None and size >= SPAWN_ROWS and on_writer:
+            # The first big batch already goes to the helper: a commit of thousands of rows
+            # on this thread is the very cost the helper exists to avoid.
+            self._start_helper()
         helper = self._helper
         if isinstance(helper, WriterProcess):
             # The writer thread gives a helper that is still starting a moment: committing here
             # meanwhile would cost the application the hand-offs the helper exists to avoid.
             # (Rows then wait at most interval + HELPER_START_WAIT, within max_lag.) Any other
             # thread (flush(), backpressure, exit) never waits for one.
-            writer = self._writer
-            wait = (
-                self.HELPER_START_WAIT
-                if writer is not None and writer[1] is threading.current_thread()
-                else 0.0
-            )
+            wait = self.HELPER_START_WAIT if on_writer else 0.0
             if helper.write(
                 nodes, artifacts, edges, calls, flows, runs, replays, aliases, wait=wait
             ):
