@@ -147,6 +147,9 @@ class WriterProcess:
         self._from = self._proc.stdout.fileno()
         # A recorder dropped without close() still ends its helper (which then exits).
         self._finalizer = weakref.finalize(self, _shut_down, self._proc)
+        # Not at interpreter exit: the recorder's own exit hook flushes through the helper and
+        # then ends it; closing the pipes first would pull them from under a commit.
+        self._finalizer.atexit = False
 
     @property
     def child_pid(self) -> int:
@@ -159,11 +162,19 @@ class WriterProcess:
             return True
         if self.dead:
             return False
-        if not select.select([self._from], [], [], wait)[0]:
+        try:
+            readable = select.select([self._from], [], [], wait)[0]
+        except (OSError, ValueError):  # the pipe is gone
+            self._give_up()
+            return False
+        if not readable:
             if self._proc.poll() is not None:
                 self._give_up()
             return False
-        answer = _read_frame(self._from, 1.0)
+        try:
+            answer = _read_frame(self._from, 1.0)
+        except (OSError, ValueError, EOFError, TypeError):  # gone, or garbled (not marshal)
+            answer = None
         if answer != [0, None]:
             self._give_up()
             return False
@@ -207,7 +218,7 @@ class WriterProcess:
         try:
             _write_all(self._to, _frame(payload))
             answer = _read_frame(self._from, _ANSWER_GRACE_S)
-        except OSError:
+        except (OSError, ValueError, EOFError, TypeError):  # gone, or a garbled answer
             answer = None
         if answer is None:  # gone or stuck: from now on the recorder writes in-process
             self._give_up()

@@ -216,3 +216,46 @@ def test_no_helper_for_memory_read_only_stores_or_when_turned_off(
     assert spawnable(read_only) is None
     read_only.close()
     memory.close()
+
+
+_EXITING_APP = textwrap.dedent(
+    """
+    import sys, time, uuid, warnings
+    warnings.simplefilter("always")
+    sys.path.insert(0, {root!r})
+    from musubi_core import SQLiteStore
+    from musubi_core.record import RunState, recorder_for
+    rec = recorder_for(SQLiteStore({db!r}))
+    run = RunState(rec, "script", "calls")
+    n = 0
+    while rec.helper_pid is None:
+        for _ in range(600):
+            run.record(uuid.uuid4().hex[:24], None, "chain", "op", inputs="x")
+            n += 1
+        rec.flush()
+        time.sleep(0.05)
+    for _ in range(5000):  # the writer thread may be mid-commit through the helper at exit
+        run.record(uuid.uuid4().hex[:24], None, "chain", "op", inputs="x")
+        n += 1
+    print(rec.helper_pid, n, flush=True)
+    """
+)
+
+
+def test_interpreter_exit_commits_everything_through_or_beside_the_helper(tmp_path: Path) -> None:
+    db = str(tmp_path / "m.db")
+    SQLiteStore(db).close()
+    done = subprocess.run(
+        [sys.executable, "-c", _EXITING_APP.format(root=str(ROOT), db=db)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Warning" not in done.stderr and "Error" not in done.stderr, done.stderr
+    helper, recorded = (int(x) for x in done.stdout.split())
+    assert _count(db) == recorded  # nothing acknowledged was lost at exit
+    deadline = time.monotonic() + 10
+    while _alive(helper) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(helper)
