@@ -153,9 +153,12 @@ def test_a_forked_child_never_writes_through_the_parents_helper(tmp_path: Path) 
     store.close()
 
 
-_APP = textwrap.dedent(
+# An application that records calls until its recorder commits through a helper (the helper's
+# pid and the calls so far on stdout, for the SIGKILL case), then runs TAIL.
+_APP_HEAD = textwrap.dedent(
     """
-    import sys, time, uuid
+    import sys, time, uuid, warnings
+    warnings.simplefilter("always")
     sys.path.insert(0, {root!r})
     from musubi_core import SQLiteStore
     from musubi_core.record import RunState, recorder_for
@@ -168,6 +171,10 @@ _APP = textwrap.dedent(
             n += 1
         rec.flush()
         time.sleep(0.05)
+    """
+)
+_APP = _APP_HEAD + textwrap.dedent(
+    """
     print(rec.helper_pid, n, flush=True)
     while True:  # acknowledged rows the helper commits in batches, until the SIGKILL
         run.record(uuid.uuid4().hex[:24], None, "chain", "op", inputs="x")
@@ -218,22 +225,8 @@ def test_no_helper_for_memory_read_only_stores_or_when_turned_off(
     memory.close()
 
 
-_EXITING_APP = textwrap.dedent(
+_EXITING_APP = _APP_HEAD + textwrap.dedent(
     """
-    import sys, time, uuid, warnings
-    warnings.simplefilter("always")
-    sys.path.insert(0, {root!r})
-    from musubi_core import SQLiteStore
-    from musubi_core.record import RunState, recorder_for
-    rec = recorder_for(SQLiteStore({db!r}))
-    run = RunState(rec, "script", "calls")
-    n = 0
-    while rec.helper_pid is None:
-        for _ in range(600):
-            run.record(uuid.uuid4().hex[:24], None, "chain", "op", inputs="x")
-            n += 1
-        rec.flush()
-        time.sleep(0.05)
     for _ in range(5000):  # the writer thread may be mid-commit through the helper at exit
         run.record(uuid.uuid4().hex[:24], None, "chain", "op", inputs="x")
         n += 1
