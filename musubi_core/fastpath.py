@@ -337,11 +337,15 @@ class HitMemo:
                 self._map = None
 
     def _drop_map(self) -> None:
-        """Stop reading through the map and close it (before the store's connections close,
-        and in a forked child)."""
+        """Stop reading through the map and close it (before the store's connections close)."""
         with self._shm_lock:
-            view, self._map = self._map, None
-            self._map_tried = True  # never mapped again: the pread path stays correct
+            self._forget_map()
+
+    def _forget_map(self) -> None:
+        """Close the map and never map again (the pread path stays correct); the caller holds
+        ``_shm_lock``, or is a forked child, where no other thread can hold it."""
+        view, self._map = self._map, None
+        self._map_tried = True
         if view is not None:
             with contextlib.suppress(Exception):
                 view.close()
@@ -371,11 +375,7 @@ def _after_fork_in_child() -> None:
     # The child holds no lock on any -shm file until its own connections open it: it reads the
     # header with pread again (the maps stay the parent's business; closing a copy is local).
     for memo in list(_MEMOS):
-        view, memo._map = memo._map, None
-        memo._map_tried = True
-        if view is not None:
-            with contextlib.suppress(Exception):
-                view.close()
+        memo._forget_map()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -442,8 +442,6 @@ class Recorder:
         if after is not None:
             with contextlib.suppress(Exception):
                 after()  # e.g. a checkpoint in the background once the WAL has grown
-        if self._helper is None and size >= SPAWN_ROWS:
-            self._start_helper()
         if nodes:
             with self._lock:
                 pending = self._pending
@@ -469,9 +467,10 @@ class Recorder:
         from here). True when this process wrote it."""
         writer = self._writer
         on_writer = writer is not None and writer[1] is threading.current_thread()
-        if self._helper is None and size >= SPAWN_ROWS and on_writer:
-            # The first big batch already goes to the helper: a commit of thousands of rows
-            # on this thread is the very cost the helper exists to avoid.
+        if self._helper is None and size >= SPAWN_ROWS:
+            # A steady load: the writer thread hands this very batch to the helper (a commit
+            # of thousands of rows on this thread is the cost the helper exists to avoid);
+            # another thread commits it here and leaves the helper for the next ones.
             self._start_helper()
         helper = self._helper
         if isinstance(helper, WriterProcess):
@@ -504,8 +503,8 @@ class Recorder:
     HELPER_START_WAIT = 0.5
 
     def _start_helper(self) -> None:
-        """Start the helper process (the caller holds ``_io``): it is used from the first
-        commit after it said it is ready. A store that cannot have one never asks again."""
+        """Start the helper process (the caller holds ``_io``): it is used once it said it is
+        ready. A store that cannot have one never asks again."""
         spec = None if self.closed or not self.helper else spawnable(self.store)
         if spec is None:
             self._helper = False

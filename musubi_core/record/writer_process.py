@@ -130,7 +130,6 @@ class WriterProcess:
     Used by one thread at a time (the recorder calls it under its commit lock)."""
 
     def __init__(self, spec: Mapping[str, Any]) -> None:
-        self.pid = os.getpid()  # the process that started it (a forked child must not use it)
         self.ready = False
         self.dead = False
         self.commits = 0  # batches the helper committed
@@ -171,11 +170,7 @@ class WriterProcess:
             if self._proc.poll() is not None:
                 self._give_up()
             return False
-        try:
-            answer = _read_frame(self._from, 1.0)
-        except (OSError, ValueError, EOFError, TypeError):  # gone, or garbled (not marshal)
-            answer = None
-        if answer != [0, None]:
+        if self._answer(1.0) != [0, None]:
             self._give_up()
             return False
         self.ready = True
@@ -217,9 +212,10 @@ class WriterProcess:
             return False
         try:
             _write_all(self._to, _frame(payload))
-            answer = _read_frame(self._from, _ANSWER_GRACE_S)
-        except (OSError, ValueError, EOFError, TypeError):  # gone, or a garbled answer
+        except OSError:
             answer = None
+        else:
+            answer = self._answer(_ANSWER_GRACE_S)
         if answer is None:  # gone or stuck: from now on the recorder writes in-process
             self._give_up()
             return False
@@ -227,6 +223,14 @@ class WriterProcess:
             return False  # the helper's transaction failed: the recorder retries in-process
         self.commits += 1
         return True
+
+    def _answer(self, timeout: float) -> Any:
+        """The helper's next answer (None: it is gone, silent for ``timeout`` seconds, or what
+        it sent is not a marshal frame)."""
+        try:
+            return _read_frame(self._from, timeout)
+        except (OSError, ValueError, EOFError, TypeError):
+            return None
 
     def _give_up(self) -> None:
         self.dead = True

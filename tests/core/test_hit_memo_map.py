@@ -16,6 +16,7 @@ from musubi_core import SQLiteStore
 from musubi_core.engine import Engine
 from musubi_core.fastpath import HitMemo
 from musubi_core.probe import EncodedHit
+from tests.support.forking import in_forked_child
 
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="fork and the -shm map: POSIX")
 
@@ -59,19 +60,13 @@ def test_closing_the_store_closes_the_map_first(tmp_path: Path) -> None:
 def test_a_forked_child_reads_the_token_without_the_parents_map(tmp_path: Path) -> None:
     engine, memo, key = _memo(tmp_path)
     assert memo._map is not None
-    pid = os.fork()
-    if pid == 0:
-        code = 0
-        try:
-            if memo._map is not None:
-                code = 3
-            elif not isinstance(memo.probe(key), EncodedHit):  # type: ignore[arg-type]
-                code = 4
-        except BaseException:
-            code = 5
-        os._exit(code)
-    _pid, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
+
+    def child() -> int:
+        if memo._map is not None:
+            return 3
+        return 0 if isinstance(memo.probe(key), EncodedHit) else 4  # type: ignore[arg-type]
+
+    assert in_forked_child(child) == 0
     assert memo._map is not None  # the parent keeps its own
     assert isinstance(memo.probe(key), EncodedHit)  # type: ignore[arg-type]
     memo.close()

@@ -20,6 +20,7 @@ from musubi_core import SQLiteStore, StoreError
 from musubi_core.record import RunState, recorder_for
 from musubi_core.record.recorder import Recorder
 from musubi_core.record.writer_process import SPAWN_ROWS, spawnable
+from tests.support.forking import in_forked_child
 
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="the helper process is POSIX only")
 
@@ -131,20 +132,15 @@ def test_a_forked_child_never_writes_through_the_parents_helper(tmp_path: Path) 
     rec = recorder_for(store)
     pid = _with_helper(rec)
     before = _count(db)
-    child = os.fork()
-    if child == 0:
-        code = 0
-        try:
-            if rec.helper_pid is not None:
-                code = 3
-            else:
-                _record(rec, 7)
-                rec.flush()
-        except BaseException:
-            code = 4
-        os._exit(code)
-    _pid, status = os.waitpid(child, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
+
+    def child() -> int:
+        if rec.helper_pid is not None:
+            return 3
+        _record(rec, 7)
+        rec.flush()
+        return 0
+
+    assert in_forked_child(child) == 0
     assert _count(db) == before + 7
     assert rec.helper_pid == pid and _alive(pid)  # still the parent's, still serving it
     _record(rec, 600)
