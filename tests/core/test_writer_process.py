@@ -248,3 +248,63 @@ def test_interpreter_exit_commits_everything_through_or_beside_the_helper(tmp_pa
     while _alive(helper) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not _alive(helper)
+
+
+def test_the_helper_ignores_ctrl_c_and_keeps_committing(tmp_path: Path) -> None:
+    db = str(tmp_path / "m.db")
+    store = SQLiteStore(db)
+    rec = recorder_for(store)
+    pid = _with_helper(rec)
+    before = _count(db)
+    os.kill(pid, signal.SIGINT)  # what a terminal's Ctrl-C sends the whole process group
+    time.sleep(0.3)
+    assert _alive(pid)
+    _record(rec, 600)
+    rec.flush()
+    assert rec.helper_pid == pid and _count(db) == before + 600
+    store.close()
+
+
+def test_a_recorder_starts_at_most_three_helpers(tmp_path: Path) -> None:
+    db = str(tmp_path / "m.db")
+    store = SQLiteStore(db)
+    rec = recorder_for(store)
+    rec.interval = 3600.0  # only flush() commits
+    started = []
+    for _ in range(Recorder.MAX_HELPERS):
+        pid = _with_helper(rec)
+        started.append(pid)
+        os.kill(pid, signal.SIGKILL)
+        while _alive(pid):
+            time.sleep(0.02)
+        before = _count(db)
+        _record(rec, SPAWN_ROWS)
+        rec.flush()  # the dead helper is found; this batch is committed here
+        assert _count(db) == before + SPAWN_ROWS
+    assert len(set(started)) == Recorder.MAX_HELPERS
+    before = _count(db)
+    _record(rec, SPAWN_ROWS)
+    rec.flush()
+    assert rec._helper is False and rec.helper_pid is None  # no fourth one
+    assert _count(db) == before + SPAWN_ROWS
+    store.close()
+
+
+def test_helper_false_keeps_every_commit_in_this_process(tmp_path: Path) -> None:
+    db = str(tmp_path / "m.db")
+    store = SQLiteStore(db)
+    rec = recorder_for(store)
+    rec.helper = False
+    for _ in range(3):
+        _record(rec, 2 * SPAWN_ROWS)
+        rec.flush()
+    assert rec._helper is False and rec.helper_pid is None
+    assert _count(db) == 6 * SPAWN_ROWS
+    store.close()
+
+
+def test_stores_without_a_writer_spec_are_written_in_process() -> None:
+    from musubi_core.store import PostgresStore
+
+    # spawnable() asks the store how a helper would open it; the PostgreSQL store has no answer.
+    assert not hasattr(PostgresStore, "writer_process_spec")
