@@ -68,6 +68,15 @@ def _with_helper(rec: Recorder) -> int:
     return rec.helper_pid
 
 
+def _helped(tmp_path: Path) -> tuple[str, SQLiteStore, Recorder, int]:
+    """A store in ``tmp_path`` whose recorder commits through a helper: (path, store,
+    recorder, the helper's pid)."""
+    db = str(tmp_path / "m.db")
+    store = SQLiteStore(db)
+    rec = recorder_for(store)
+    return db, store, rec, _with_helper(rec)
+
+
 def test_a_steady_load_is_committed_by_a_helper_process_and_close_ends_it(tmp_path: Path) -> None:
     db = str(tmp_path / "m.db")
     store = SQLiteStore(db)
@@ -87,10 +96,7 @@ def test_a_steady_load_is_committed_by_a_helper_process_and_close_ends_it(tmp_pa
 
 
 def test_a_killed_helper_loses_nothing_this_process_commits_instead(tmp_path: Path) -> None:
-    db = str(tmp_path / "m.db")
-    store = SQLiteStore(db)
-    rec = recorder_for(store)
-    pid = _with_helper(rec)
+    db, store, rec, pid = _helped(tmp_path)
     before = _count(db)
     os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 10
@@ -127,10 +133,7 @@ def test_a_failed_helper_commit_is_retried_here_and_raises_the_stores_error(tmp_
 
 
 def test_a_forked_child_never_writes_through_the_parents_helper(tmp_path: Path) -> None:
-    db = str(tmp_path / "m.db")
-    store = SQLiteStore(db)
-    rec = recorder_for(store)
-    pid = _with_helper(rec)
+    db, store, rec, pid = _helped(tmp_path)
     before = _count(db)
 
     def child() -> int:
@@ -251,10 +254,7 @@ def test_interpreter_exit_commits_everything_through_or_beside_the_helper(tmp_pa
 
 
 def test_the_helper_ignores_ctrl_c_and_keeps_committing(tmp_path: Path) -> None:
-    db = str(tmp_path / "m.db")
-    store = SQLiteStore(db)
-    rec = recorder_for(store)
-    pid = _with_helper(rec)
+    db, store, rec, pid = _helped(tmp_path)
     before = _count(db)
     os.kill(pid, signal.SIGINT)  # what a terminal's Ctrl-C sends the whole process group
     time.sleep(0.3)
