@@ -43,6 +43,7 @@ from .errors import (
     MusubiError,
     NodeNotFoundError,
 )
+from .fastpath import HitMemo
 from .flight import DEFAULT_TIMEOUT as FLIGHT_TIMEOUT
 from .flight import SingleFlight, flights_for
 from .identity import NodeKey, check_namespace, input_hash, make_node_id, make_op
@@ -58,7 +59,7 @@ from .policy import (
     decide,
     expiry,
 )
-from .probe import EncodedHit, artifact_id_for, content_matches, probe_replay
+from .probe import EncodedHit, artifact_id_for, content_matches
 from .record import Recorder, flush_recorders, recorder_for
 from .replay_miss import miss_error
 from .store import ArtifactWrite, EdgeWrite, NodeRecord, NodeWrite, Store, open_store
@@ -275,6 +276,7 @@ class Engine:
         self._closed = False
         self._tamper_warned = False
         self._tamper_lock = threading.Lock()
+        self._hits: HitMemo | None = None
 
     # Whether every stored output is checked against its content id before it is served (see
     # :meth:`intact`). Always on; the benchmarks turn it off to measure what it costs.
@@ -336,10 +338,24 @@ class Engine:
 
     # -- reading --------------------------------------------------------------
 
+    @property
+    def hits(self) -> HitMemo:
+        """This engine's memo of plain hits (:class:`~musubi_core.fastpath.HitMemo`): every
+        replay path probes through it, so a hit read again while the store file is unchanged
+        runs no SQL and hashes nothing."""
+        hits = self._hits
+        if hits is None:
+            with self._tamper_lock:
+                if self._hits is None:
+                    self._hits = HitMemo(self)
+                hits = self._hits
+        return hits
+
     def lookup(self, key: NodeKey, config: StepConfiguration = DEFAULT_CONFIG) -> Lookup:
         """Replay ``key`` if policy allows; counts the replay."""
         self._own(key)
-        probed = probe_replay(self, key, config)
+        hits = self._hits if self._hits is not None else self.hits
+        probed = hits.probe(key, config)
         if isinstance(probed, EncodedHit):
             # A plain hit: one statement read it and its bytes matched their content id.
             try:
@@ -820,6 +836,8 @@ class Engine:
         finally:
             self._closed = True
             self.store.close()
+            if self._hits is not None:
+                self._hits.close()
 
     def __enter__(self) -> Engine:
         return self

@@ -32,16 +32,17 @@ import mmap
 import os
 import sqlite3
 import threading
-import time
 import weakref
-from typing import Any, NamedTuple, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 from ._plain import NOT_PLAIN, is_plain_json, plain_input_hash, plain_payload, plain_tree
-from .engine import Engine
 from .identity import NodeKey
-from .policy import DEFAULT_CONFIG, Decision, StepConfiguration
+from .policy import DEFAULT_CONFIG, Decision, StepConfiguration, StepType
 from .probe import PROBE_COLUMNS, EncodedHit, artifact_id_for, hit_of, probe_replay
 from .store import PostgresStore, SQLiteStore
+
+if TYPE_CHECKING:  # the engine owns a memo (Engine.hits): it imports this module
+    from .engine import Engine
 
 __all__ = [
     "NOT_PLAIN",
@@ -63,6 +64,15 @@ _ALIAS_PROBE = (
     "LEFT JOIN musubi_artifacts a ON a.artifact_id = n.artifact_id "
     "WHERE r.alias = ?"
 )
+
+
+def _slot(key: object, config: StepConfiguration) -> object:
+    """Where a memo keeps the hit of ``key`` (a node id or an alias) under ``config``: a
+    caller's TTL tightens a stochastic hit's expiry (:func:`~musubi_core.probe.hit_of`), so
+    such a hit is remembered for that TTL only."""
+    if config.step_type is StepType.STOCHASTIC and config.ttl_seconds is not None:
+        return (key, config.ttl_seconds)
+    return key
 
 
 class AliasHit(NamedTuple):
@@ -128,6 +138,7 @@ class HitMemo:
 
     >>> import tempfile, os
     >>> from musubi_core import SQLiteStore
+    >>> from musubi_core.engine import Engine
     >>> engine = Engine(SQLiteStore(os.path.join(tempfile.mkdtemp(), "m.db")))
     >>> key = engine.key("demo.add", {"a": 1, "b": 2})
     >>> _ = engine.record(key, 3)
@@ -141,10 +152,18 @@ class HitMemo:
     """
 
     def __init__(
-        self, engine: Engine, *, max_entries: int = 4096, max_checked_bytes: int = 32 << 20
+        self,
+        engine: Engine,
+        *,
+        max_entries: int = 4096,
+        max_checked_bytes: int = 32 << 20,
+        max_memo_bytes: int = 16 << 20,
     ) -> None:
         self.engine = engine
         self._max = max_entries
+        # Payload bytes one thread's memo holds at most (a hit larger than this is answered,
+        # never remembered): @step outputs can be large, and each thread has its own memo.
+        self._max_memo_bytes = max_memo_bytes
         # artifact id -> (encoding, payload) that hashed to it; shared by the threads.
         self._checked: dict[str, tuple[str, bytes]] = {}
         self._checked_bytes = 0
@@ -209,21 +228,32 @@ class HitMemo:
         memo = self._memo(store)
         if memo is None:
             return probe_replay(engine, key, config)  # raises lookup()'s StoreError
-        hit: EncodedHit | None = memo.get(key.node_id)
+        slot = _slot(key.node_id, config)
+        hit: EncodedHit | None = memo.get(slot)
         if hit is not None:
-            if hit.expires_at is None or time.time() < hit.expires_at:
+            if hit.expires_at is None or engine._now() < hit.expires_at:
                 return hit
-            del memo[key.node_id]
+            del memo[slot]
         found = probe_replay(engine, key, config, verify=False)
         if not self._map_tried:
             self._map_shm()  # this process has read the store now: its shm is open
         if isinstance(found, EncodedHit):
             if engine._verify_artifacts and not self._intact(found):
                 return None  # Engine.lookup makes it a miss and warns
-            if len(memo) >= self._max:
-                memo.clear()
-            memo[key.node_id] = found
+            self._remember(memo, slot, found, len(found.payload))
         return found
+
+    def _remember(self, memo: dict[Any, Any], slot: object, found: object, size: int) -> None:
+        """Keep ``found`` in this thread's memo, within its entry and byte budgets."""
+        if size > self._max_memo_bytes:
+            return
+        local = self._local
+        held = local.bytes + size
+        if len(memo) >= self._max or held > self._max_memo_bytes:
+            memo.clear()
+            held = size
+        memo[slot] = found
+        local.bytes = held
 
     def _memo(self, store: SQLiteStore) -> dict[Any, Any] | None:
         """This thread's remembered answers (node id -> EncodedHit, alias -> AliasHit), empty
@@ -249,6 +279,7 @@ class HitMemo:
         if memo is None or local.token != token:
             memo = local.memo = {}
             local.token = token
+            local.bytes = 0
         return memo
 
     def probe_alias(
@@ -272,12 +303,12 @@ class HitMemo:
                 return None
             memo = self._memo(store)
             if memo is not None:
-                found: AliasHit | None = memo.get(alias)
+                found: AliasHit | None = memo.get(_slot(alias, config))
                 if found is not None:
                     expires = found.hit.expires_at
-                    if expires is None or time.time() < expires:
+                    if expires is None or engine._now() < expires:
                         return found
-                    del memo[alias]
+                    del memo[_slot(alias, config)]
         row = _probe_alias_row(engine, alias)
         if not self._map_tried and memo is not None:
             self._map_shm()  # this process has read the store now: its shm is open
@@ -293,9 +324,7 @@ class HitMemo:
             return node_id
         found = AliasHit(node_id, op_name, hit)
         if memo is not None:
-            if len(memo) >= self._max:
-                memo.clear()
-            memo[alias] = found
+            self._remember(memo, _slot(alias, config), found, len(hit.payload))
         return found
 
     def _intact(self, hit: EncodedHit) -> bool:

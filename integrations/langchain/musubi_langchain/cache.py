@@ -173,7 +173,7 @@ class MusubiCache(BaseCache):
     @property
     def _hit_memo(self) -> HitMemo:
         if self._hits is None:
-            self._hits = HitMemo(self.engine)
+            self._hits = self.engine.hits  # shared with every other replay path of the engine
         return self._hits
 
     def key_parts(self, prompt: str, llm_string: str) -> KeyParts:

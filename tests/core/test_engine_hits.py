@@ -1,0 +1,107 @@
+"""Every replay path probes through the engine's hit memo (``Engine.hits``): a ``@step`` hit
+read again while the store file is unchanged runs no SQL, any commit (another process's
+invalidation included) is seen at the next call, a memo holds at most its byte budget, and a
+caller's TTL is never answered with a hit remembered under a looser one. Real SQLite files,
+the store's own connection traced, a real second process."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from musubi_core import SQLiteStore, step
+from musubi_core.engine import Engine
+from musubi_core.fastpath import HitMemo
+from musubi_core.policy import StepConfiguration, StepType
+from musubi_core.probe import EncodedHit
+
+
+def _probes(engine: Engine) -> list[str]:
+    """The statements this thread's store connection runs that read a node, from now on."""
+    statements: list[str] = []
+    conn = engine.store._conn()  # type: ignore[attr-defined]
+    conn.set_trace_callback(
+        lambda sql: statements.append(sql) if "FROM musubi_nodes" in sql else None
+    )
+    return statements
+
+
+def test_a_step_replayed_again_runs_no_sql_until_another_process_invalidates(
+    tmp_path: Path,
+) -> None:
+    path = str(tmp_path / "m.db")
+    engine = Engine(SQLiteStore(path))
+    runs: list[int] = []
+
+    @step(engine=engine, name="demo.double")
+    def double(x: int) -> int:
+        runs.append(x)
+        return 2 * x
+
+    first = double(21)
+    engine.flush()  # committed: the replays below read the file
+    probes = _probes(engine)
+    assert double(21).replayed and runs == [21]
+    assert len(probes) == 1  # the first replay read the node ...
+    for _ in range(5):
+        again = double(21)
+        assert again.replayed and again.value == 42
+    assert len(probes) == 1  # ... the next five were served from the memo
+    assert engine.hits is engine.hits  # one memo per engine
+
+    script = (
+        "import sys\n"
+        "from musubi_core import SQLiteStore\n"
+        "from musubi_core.engine import Engine\n"
+        "e = Engine(SQLiteStore(sys.argv[1]))\n"
+        "print(e.invalidate(sys.argv[2]))\n"
+        "e.close()\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script, path, first.node_id],
+        check=True, capture_output=True, text=True,
+    )
+    assert out.stdout.strip() == "1"
+    again = double(21)
+    assert not again.replayed and runs == [21, 21]  # the other process's commit was seen
+    engine.flush()
+    assert engine.store.get_node(first.node_id).replay_count == 6  # every replay counted
+    engine.close()
+
+
+def test_a_memo_remembers_no_more_than_its_byte_budget(tmp_path: Path) -> None:
+    engine = Engine(SQLiteStore(str(tmp_path / "m.db")))
+    small = engine.key("demo.small", {"a": 1})
+    big = engine.key("demo.big", {"a": 1})
+    engine.record(small, "x" * 100)
+    engine.record(big, "y" * 5000)
+    memo = HitMemo(engine, max_memo_bytes=1000)
+    probes = _probes(engine)
+    for _ in range(3):
+        assert isinstance(memo.probe(small), EncodedHit)
+        hit = memo.probe(big)
+        assert isinstance(hit, EncodedHit) and len(hit.payload) > 1000
+    # The small hit was read once and remembered; the big one was read every time.
+    assert len(probes) == 4
+    memo.close()
+    engine.close()
+
+
+def test_a_shorter_ttl_is_never_answered_with_a_hit_remembered_under_a_longer_one(
+    tmp_path: Path,
+) -> None:
+    engine = Engine(SQLiteStore(str(tmp_path / "m.db")))
+    long_ttl = StepConfiguration(step_type=StepType.STOCHASTIC, ttl_seconds=3600)
+    short_ttl = StepConfiguration(step_type=StepType.STOCHASTIC, ttl_seconds=0.05)
+    key = engine.key("demo.sample", {"prompt": "hi"})
+    engine.record(key, "sampled", long_ttl)
+    time.sleep(0.1)  # older than the short TTL
+    memo = engine.hits
+    assert isinstance(memo.probe(key, long_ttl), EncodedHit)
+    assert isinstance(memo.probe(key, long_ttl), EncodedHit)  # remembered
+    assert memo.probe(key, short_ttl) is None  # expired for this caller: the lookup decides
+    assert engine.lookup(key, short_ttl).replay is False
+    assert engine.lookup(key, long_ttl).replay is True
+    engine.close()
