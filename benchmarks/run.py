@@ -50,7 +50,7 @@ MODULES = [
 ]
 
 PACKAGES = [
-    "musubi",
+    "musubi-lineage",
     "langchain-core",
     "langchain-community",
     "llama-index-core",
