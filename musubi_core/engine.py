@@ -359,7 +359,7 @@ class Engine:
         if isinstance(probed, EncodedHit):
             # A plain hit: one statement read it and its bytes matched their content id.
             try:
-                value = self.codec.decode(probed.encoding, probed.payload)
+                value = hits.decode(probed)
             except DecodeError:
                 pass  # the full lookup below warns and makes it a miss
             else:

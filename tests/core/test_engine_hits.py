@@ -105,3 +105,41 @@ def test_a_shorter_ttl_is_never_answered_with_a_hit_remembered_under_a_longer_on
     assert engine.lookup(key, short_ttl).replay is False
     assert engine.lookup(key, long_ttl).replay is True
     engine.close()
+
+
+def test_every_replay_gets_a_value_of_its_own(tmp_path: Path) -> None:
+    engine = Engine(SQLiteStore(str(tmp_path / "m.db")))
+
+    @step(engine=engine, name="demo.flat")
+    def flat(x: int) -> dict[str, object]:
+        return {"x": x, "label": "flat", "ratio": 0.5, "ok": True, "none": None}
+
+    @step(engine=engine, name="demo.nested")
+    def nested(x: int) -> dict[str, object]:
+        return {"x": x, "items": [1, 2, {"deep": "yes"}]}
+
+    @step(engine=engine, name="demo.listed")
+    def listed(x: int) -> list[int]:
+        return [x, x + 1]
+
+    for fn, expected in (
+        (flat, {"x": 1, "label": "flat", "ratio": 0.5, "ok": True, "none": None}),
+        (nested, {"x": 1, "items": [1, 2, {"deep": "yes"}]}),
+        (listed, [1, 2]),
+    ):
+        fn(1)
+        engine.flush()
+        values = []
+        for _ in range(5):  # replays; all but the first are served from the memo
+            got = fn(1)
+            assert got.replayed and got.value == expected
+            assert all(got.value is not seen for seen in values)
+            values.append(got.value)
+            # What one caller does to its value reaches no other caller.
+            if isinstance(got.value, dict):
+                got.value["x"] = "mutated by the caller"
+                if "items" in got.value:
+                    got.value["items"][2]["deep"] = "mutated"
+            else:
+                got.value.append("mutated")
+    engine.close()
