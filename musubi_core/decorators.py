@@ -49,6 +49,18 @@ R = TypeVar("R")
 
 _MERGED: ContextVar[tuple[Result[Any], ...]] = ContextVar("musubi_merged", default=())
 
+# Keys a step remembers (StepFunction._identity), and the longest string argument remembered.
+_MAX_KEYS = 4096
+_MAX_KEY_TEXT = 256
+
+
+def _key_atom(value: object) -> bool:
+    """An argument whose equality is its identity: an exact ``int``, ``None`` or a short
+    ``str`` (``True == 1`` and ``0.0 == -0.0`` hash alike but encode differently, so bools
+    and floats are not)."""
+    kind = type(value)
+    return kind is int or value is None or (kind is str and len(value) <= _MAX_KEY_TEXT)  # type: ignore[arg-type]
+
 
 @contextlib.contextmanager
 def merge(*parents: Result[Any]) -> Iterator[None]:
@@ -175,6 +187,18 @@ class StepFunction(Generic[P, R]):
         )
         self._names: tuple[str, ...] | None = tuple(p.name for p in params) if simple else None
         self._defaults: tuple[Any, ...] = tuple(p.default for p in params)
+        # Keys of calls made with short strings, ints and None only, by their positional
+        # arguments (see _remembered_key): such arguments, with defaults of those kinds, hash
+        # alike exactly when they are equal. Receivers, ignored parameters and merge() change
+        # what enters the hash, so their calls are not remembered.
+        empty = inspect.Parameter.empty
+        self._remembers_keys = (
+            self._names is not None
+            and self._receiver is None
+            and not self.ignore
+            and all(d is empty or _key_atom(d) for d in self._defaults)
+        )
+        self._keys: dict[tuple[Any, ...], tuple[NodeKey, dict[str, Any]]] = {}
         with contextlib.suppress(AttributeError, TypeError):
             functools.update_wrapper(self, fn)
         if self.is_async and hasattr(inspect, "markcoroutinefunction"):
@@ -204,15 +228,28 @@ class StepFunction(Generic[P, R]):
         """The node key, its upstream (node id -> artifact id), the Results the arguments
         hold (and merge() adds), the identity arguments, and the engine the key was made
         for (its namespace is part of the node id)."""
+        if self._op_for[0] is not self.name or self._op_for[1] is not self.fingerprint:
+            # name or fingerprint was reassigned after decoration
+            self._op_for = (self.name, self.fingerprint)
+            self._op = make_op(self.name, self.fingerprint)
+            self._keys = {}
+        remember = (
+            self._remembers_keys
+            and not kwargs
+            and all(map(_key_atom, args))
+            and not _MERGED.get()
+        )
+        if remember:
+            known = self._keys.get(args)
+            if known is not None:
+                engine = self.engine
+                if known[0].namespace == engine.namespace:
+                    return known[0], {}, [], dict(known[1]), engine
         arguments = self._arguments(args, kwargs)
         receiver = self._receiver
         if receiver is not None:
             raw = arguments[receiver] if self._bound_receiver is _UNBOUND else self._bound_receiver
             arguments[receiver] = receiver_identity(raw, self.label, receiver)
-        if self._op_for[0] is not self.name or self._op_for[1] is not self.fingerprint:
-            # name or fingerprint was reassigned after decoration
-            self._op_for = (self.name, self.fingerprint)
-            self._op = make_op(self.name, self.fingerprint)
         # Same recipe as Engine.key, with the op computed once per function.
         # The hash walk collects every Result it hashes, however nested.
         found: list[Result[Any]] = []
@@ -242,6 +279,10 @@ class StepFunction(Generic[P, R]):
         ns = engine.namespace
         node_id = make_node_id(self._op, in_hash, ups, ns)
         key = NodeKey(node_id, self._op, self.name, in_hash, ups, ns)
+        if remember:
+            if len(self._keys) >= _MAX_KEYS:
+                self._keys = {}
+            self._keys[args] = (key, dict(arguments))
         return key, upstream_artifacts, found, arguments, engine
 
     def _arguments(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
