@@ -187,10 +187,10 @@ class StepFunction(Generic[P, R]):
         )
         self._names: tuple[str, ...] | None = tuple(p.name for p in params) if simple else None
         self._defaults: tuple[Any, ...] = tuple(p.default for p in params)
-        # Keys of calls made with short strings, ints and None only, by their positional
-        # arguments (see _remembered_key): such arguments, with defaults of those kinds, hash
-        # alike exactly when they are equal. Receivers, ignored parameters and merge() change
-        # what enters the hash, so their calls are not remembered.
+        # Keys of calls made with short strings, ints and None only, by their arguments as
+        # passed (see _key_atom): such arguments, with defaults of those kinds, hash alike
+        # exactly when they are equal. Receivers, ignored parameters and merge() change what
+        # enters the hash, so their calls are not remembered.
         empty = inspect.Parameter.empty
         self._remembers_keys = (
             self._names is not None
@@ -235,12 +235,15 @@ class StepFunction(Generic[P, R]):
             self._keys = {}
         remember = (
             self._remembers_keys
-            and not kwargs
             and all(map(_key_atom, args))
+            and (not kwargs or all(map(_key_atom, kwargs.values())))
             and not _MERGED.get()
         )
+        # The same arguments passed the same way bind the same way (f(1, 2) and f(1, b=2)
+        # are two entries for one key).
+        passed: tuple[Any, ...] = args if not kwargs else (args, tuple(kwargs.items()))
         if remember:
-            known = self._keys.get(args)
+            known = self._keys.get(passed)
             if known is not None:
                 engine = self.engine
                 if known[0].namespace == engine.namespace:
@@ -282,7 +285,7 @@ class StepFunction(Generic[P, R]):
         if remember:
             if len(self._keys) >= _MAX_KEYS:
                 self._keys = {}
-            self._keys[args] = (key, dict(arguments))
+            self._keys[passed] = (key, dict(arguments))
         return key, upstream_artifacts, found, arguments, engine
 
     def _arguments(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -32,10 +32,14 @@ def test_a_remembered_key_is_the_key_the_call_computes(tmp_path: Path) -> None:
     shared = step(engine=engine, name="demo.pair")(_pair)  # remembers keys across examples
 
     @settings(max_examples=300, deadline=None)
-    @given(st.lists(_ARGS, min_size=1, max_size=2))
-    def check(args: list[Any]) -> None:
+    @given(st.lists(_ARGS, min_size=1, max_size=2), st.booleans())
+    def check(args: list[Any], by_name: bool) -> None:
         fresh = step(engine=engine, name="demo.pair")(_pair)  # nothing remembered
         expected = fresh.key(*args)
+        if by_name:  # the same call, its arguments passed by name
+            named = dict(zip(("x", "y"), args, strict=False))
+            assert shared.key(**named) == expected
+            assert shared.key(**named) == expected
         assert shared.key(*args) == expected
         assert shared.key(*args) == expected  # the second answer, remembered when it may be
 
