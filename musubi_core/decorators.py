@@ -28,6 +28,7 @@ from typing import Any, Generic, ParamSpec, TypeVar, overload
 from .codec import allow_annotation
 from .engine import Engine, Outcome, get_engine
 from .errors import IdentityError
+from .fastpath import seen_before
 from .identity import (
     NodeKey,
     function_fingerprint,
@@ -199,6 +200,7 @@ class StepFunction(Generic[P, R]):
             and all(d is empty or _key_atom(d) for d in self._defaults)
         )
         self._keys: dict[tuple[Any, ...], tuple[NodeKey, dict[str, Any]]] = {}
+        self._keys_seen: set[int] = set()  # hashes of the arguments met once (seen_before)
         with contextlib.suppress(AttributeError, TypeError):
             functools.update_wrapper(self, fn)
         if self.is_async and hasattr(inspect, "markcoroutinefunction"):
@@ -282,7 +284,7 @@ class StepFunction(Generic[P, R]):
         ns = engine.namespace
         node_id = make_node_id(self._op, in_hash, ups, ns)
         key = NodeKey(node_id, self._op, self.name, in_hash, ups, ns)
-        if remember:
+        if remember and seen_before(self._keys_seen, hash(passed), _MAX_KEYS):
             if len(self._keys) >= _MAX_KEYS:
                 self._keys = {}
             self._keys[passed] = (key, dict(arguments))

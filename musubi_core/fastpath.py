@@ -75,6 +75,22 @@ def _slot(key: object, config: StepConfiguration) -> object:
     return key
 
 
+def seen_before(seen: set[Any], item: Any, bound: int = 4096) -> bool:
+    """Has ``item`` been offered to ``seen`` before (since it was last cleared)? Adds it.
+
+    The memos here keep an answer only when it is asked for the second time: an entry read
+    once (every entry of an application's next run) then leaves nothing behind but a string or
+    a number in a set, which the garbage collector does not track. Keeping every first answer
+    tripled the collections of a loop of cold replays (117 -> 335 in 20,000 replays, 1.6 ->
+    3.4-4.0 µs a replay)."""
+    if item in seen:
+        return True
+    if len(seen) >= bound:
+        seen.clear()
+    seen.add(item)
+    return False
+
+
 # Decoded values kept by HitMemo.decode: small outputs only.
 _MAX_KEPT_PAYLOAD = 4096
 _ATOMS = (str, int, float, bool, type(None))
@@ -163,7 +179,8 @@ class HitMemo:
     >>> key = engine.key("demo.add", {"a": 1, "b": 2})
     >>> _ = engine.record(key, 3)
     >>> memo = HitMemo(engine)
-    >>> memo.probe(key) is memo.probe(key)  # the second answer is remembered
+    >>> _ = memo.probe(key)  # read once: an answer is kept when asked for again
+    >>> memo.probe(key) is memo.probe(key)  # asked again: remembered
     True
     >>> _ = engine.invalidate(key.node_id)  # any write forgets it
     >>> memo.probe(key) is None  # stale: only Engine.lookup can tell
@@ -198,6 +215,9 @@ class HitMemo:
         # artifact id -> (payload, decoded value) for small outputs whose decoded value is a
         # string, a number or a flat container of those (see :meth:`decode`).
         self._values: dict[str, tuple[bytes, Any]] = {}
+        # Artifact ids decoded or checked once: the second time, the answer is kept.
+        self._values_seen: set[str] = set()
+        self._checked_seen: set[str] = set()
         _MEMOS.add(self)
         hook = getattr(engine.store, "add_close_hook", None)
         if hook is not None:
@@ -268,9 +288,9 @@ class HitMemo:
 
     def _remember(self, memo: dict[Any, Any], slot: object, found: object, size: int) -> None:
         """Keep ``found`` in this thread's memo, within its entry and byte budgets."""
-        if size > self._max_memo_bytes:
-            return
         local = self._local
+        if size > self._max_memo_bytes or not seen_before(local.seen, slot, self._max):
+            return
         held = local.bytes + size
         if len(memo) >= self._max or held > self._max_memo_bytes:
             memo.clear()
@@ -303,6 +323,7 @@ class HitMemo:
             memo = local.memo = {}
             local.token = token
             local.bytes = 0
+            local.seen = set()
         return memo
 
     def probe_alias(
@@ -363,7 +384,11 @@ class HitMemo:
             value = kept[1]
             return value.copy() if type(value) is dict or type(value) is list else value
         value = self.engine.codec.decode(hit.encoding, hit.payload)
-        if len(hit.payload) <= _MAX_KEPT_PAYLOAD and _flat(value):
+        if (
+            len(hit.payload) <= _MAX_KEPT_PAYLOAD
+            and seen_before(self._values_seen, hit.artifact_id, self._max)
+            and _flat(value)
+        ):
             if len(self._values) >= self._max:
                 self._values = {}
             self._values[hit.artifact_id] = (hit.payload, value)
@@ -379,6 +404,8 @@ class HitMemo:
         if artifact_id_for(hit.encoding, hit.payload) != hit.artifact_id:
             return False
         size = len(hit.payload)
+        if not seen_before(self._checked_seen, hit.artifact_id, self._max):
+            return True
         if len(self._checked) >= self._max or self._checked_bytes + size > self._max_checked_bytes:
             self._checked = {}
             self._checked_bytes = 0

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from musubi_core import SQLiteStore, step
 from musubi_core.engine import Engine
@@ -43,12 +44,13 @@ def test_a_step_replayed_again_runs_no_sql_until_another_process_invalidates(
     first = double(21)
     engine.flush()  # committed: the replays below read the file
     probes = _probes(engine)
-    assert double(21).replayed and runs == [21]
-    assert len(probes) == 1  # the first replay read the node ...
-    for _ in range(5):
+    assert double(21).replayed and double(21).replayed and runs == [21]
+    # The first two replays read the node (a hit is kept when it is asked for again) ...
+    assert len(probes) == 2
+    for _ in range(4):
         again = double(21)
         assert again.replayed and again.value == 42
-    assert len(probes) == 1  # ... the next five were served from the memo
+    assert len(probes) == 2  # ... the next four were served from the memo
     assert engine.hits is engine.hits  # one memo per engine
 
     script = (
@@ -83,8 +85,8 @@ def test_a_memo_remembers_no_more_than_its_byte_budget(tmp_path: Path) -> None:
         assert isinstance(memo.probe(small), EncodedHit)
         hit = memo.probe(big)
         assert isinstance(hit, EncodedHit) and len(hit.payload) > 1000
-    # The small hit was read once and remembered; the big one was read every time.
-    assert len(probes) == 4
+    # The small hit was read twice (kept when asked for again); the big one every time.
+    assert len(probes) == 5
     memo.close()
     engine.close()
 
@@ -143,3 +145,33 @@ def test_every_replay_gets_a_value_of_its_own(tmp_path: Path) -> None:
             else:
                 got.value.append("mutated")
     engine.close()
+
+
+def test_an_entry_read_once_leaves_nothing_in_the_memos(tmp_path: Path) -> None:
+    """The next run of an application reads each entry once: the memos keep an answer only
+    when it is asked for again, so such a run leaves nothing in them for the garbage
+    collector to walk."""
+    path = str(tmp_path / "m.db")
+    writer, reader = Engine(SQLiteStore(path)), Engine(SQLiteStore(path))
+
+    def make(engine: Engine) -> Any:
+        @step(engine=engine, name="demo.summary")
+        def summary(doc: int) -> dict[str, object]:
+            return {"doc": doc, "text": f"document {doc}"}
+
+        return summary
+
+    write, read = make(writer), make(reader)
+    for doc in range(50):
+        write(doc)
+    writer.flush()
+    assert all(read(doc).replayed for doc in range(50))
+    hits = reader.hits
+    assert not hits._local.memo and not hits._values and not hits._checked
+    assert not read._keys
+    assert all(read(doc).replayed for doc in range(50))  # asked again: now kept
+    # (The hits themselves too, unless a commit of the replay counts moved the change token
+    # between the two rounds: that is not asserted.)
+    assert len(read._keys) == 50 and len(hits._values) == 50 and len(hits._checked) == 50
+    reader.close()
+    writer.close()

@@ -185,10 +185,10 @@ def test_hit_memo_sees_writes_by_other_connections(db: str) -> None:
     memo = HitMemo(engine)
     first = memo.probe(key)
     assert isinstance(first, EncodedHit)
-    again = memo.probe(key)
+    again = memo.probe(key)  # asked for the second time: kept from now on
     assert again == first
     if not is_postgres(db):  # SQLite: remembered until the file changes; PostgreSQL asks
-        assert again is first
+        assert memo.probe(key) is again
     # Another connection, as the CLI would be.
     execute(db, "UPDATE musubi_nodes SET status = 'stale', stale_cause = 'invalidated'")
     assert memo.probe(key) is None  # stale: Engine.lookup decides
