@@ -185,15 +185,18 @@ def test_fast_probe_checks_the_content_id_once_while_the_bytes_stay_equal(
     memo = HitMemo(engine)
     first = memo.probe(key)
     assert isinstance(first, EncodedHit) and len(hashed) == 1
-    assert memo.probe(key) is first and len(hashed) == 1  # remembered: not read, not hashed
+    # Asked for again: read and hashed once more, and kept from now on (seen_before).
+    second = memo.probe(key)
+    assert second == first and len(hashed) == 2
+    assert memo.probe(key) is second and len(hashed) == 2  # remembered: not read, not hashed
     engine.record(engine.key("demo.memo", "other"), 1)  # a commit: the hit is read again...
     again = memo.probe(key)
-    assert isinstance(again, EncodedHit) and again is not first
-    assert again.payload == first.payload and len(hashed) == 1  # ...and compared, not hashed
+    assert isinstance(again, EncodedHit) and again is not second
+    assert again.payload == first.payload and len(hashed) == 2  # ...and compared, not hashed
     edit_payload(db, first.artifact_id, b'"a forged answer"')
     # Neither the memo (its file changed) nor the plain probe answers with the edited bytes:
     # None sends the caller to Engine.lookup, which makes it a miss and warns.
-    assert memo.probe(key) is None and len(hashed) == 2  # other bytes: hashed, refused
+    assert memo.probe(key) is None and len(hashed) == 3  # other bytes: hashed, refused
     assert probe_replay(engine, key) is None
     with pytest.warns(RuntimeWarning, match="content id"):
         assert not engine.lookup(key).replay
