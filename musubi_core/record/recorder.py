@@ -51,7 +51,7 @@ from typing import Any
 
 from ..errors import ReadOnlyStoreError, StoreError
 from ..store import ArtifactWrite, CallWrite, EdgeWrite, FlowWrite, NodeWrite, RunWrite, Store
-from .writer_process import SPAWN_ROWS, WriterProcess, spawnable
+from .writer_process import Helpers
 
 __all__ = ["Batch", "Recorder", "flush_recorders", "recorder_for"]
 
@@ -134,13 +134,10 @@ class Recorder:
 
     def _reset(self) -> None:
         """An empty backlog, new locks, no writer (also after fork, in the child)."""
-        helper: WriterProcess | None = getattr(self, "_helper", None)
-        if helper is not None:
-            helper.abandon()  # a forked child: the parent's helper serves the parent only
-        # The helper process committing batches, once a steady load started one (see
-        # writer_process); False once this store cannot have one.
-        self._helper: WriterProcess | bool | None = None
-        self._helpers_started = 0
+        helpers: Helpers | None = getattr(self, "_helpers", None)
+        if helpers is not None:
+            helpers.abandon()  # a forked child: the parent's helper serves the parent only
+        self._helpers = Helpers(self.store)  # the helper process, once a steady load starts one
         self._lock = threading.Lock()  # guards the backlog
         self._io = threading.Lock()  # one commit at a time
         self._committed = threading.Condition()  # notified after every commit attempt
@@ -467,69 +464,20 @@ class Recorder:
         from here). True when this process wrote it."""
         writer = self._writer
         on_writer = writer is not None and writer[1] is threading.current_thread()
-        if self._helper is None and size >= SPAWN_ROWS:
-            # A steady load: the writer thread hands this very batch to the helper (a commit
-            # of thousands of rows on this thread is the cost the helper exists to avoid);
-            # another thread commits it here and leaves the helper for the next ones.
-            self._start_helper()
-        helper = self._helper
-        if isinstance(helper, WriterProcess):
-            # The writer thread gives a helper that is still starting a moment: committing here
-            # meanwhile would cost the application the hand-offs the helper exists to avoid.
-            # (Rows then wait at most interval + HELPER_START_WAIT, within max_lag.) Any other
-            # thread (flush(), backpressure, exit) never waits for one.
-            wait = self.HELPER_START_WAIT if on_writer else 0.0
-            if helper.write(
-                nodes, artifacts, edges, calls, flows, runs, replays, aliases, wait=wait
-            ):
-                return False
-            if helper.dead:  # gone or stuck: a later steady load may start another
-                self._helper = None if self._helpers_started < self.MAX_HELPERS else False
+        batch = (nodes, artifacts, edges, calls, flows, runs, replays, aliases)
+        allowed = self.helper and not self.closed
+        if self._helpers.write(batch, size, on_writer=on_writer, allowed=allowed):
+            return False
         self.store.write(
-            nodes,
-            artifacts,
-            edges,
-            calls=calls,
-            flows=flows,
-            runs=runs,
-            replays=replays,
+            nodes, artifacts, edges, calls=calls, flows=flows, runs=runs, replays=replays,
             aliases=aliases,
         )
         return True
 
-    # Helpers one recorder starts at most (one that dies at once must not become a loop).
-    MAX_HELPERS = 3
-    # How long the writer thread waits for a helper that is still starting (seconds).
-    HELPER_START_WAIT = 0.5
-
-    def _start_helper(self) -> None:
-        """Start the helper process (the caller holds ``_io``): it is used once it said it is
-        ready. A store that cannot have one never asks again."""
-        spec = None if self.closed or not self.helper else spawnable(self.store)
-        if spec is None:
-            self._helper = False
-            return
-        self._helpers_started += 1
-        try:
-            self._helper = WriterProcess(spec)
-        except (OSError, ValueError):
-            self._helper = False
-
-    def _stop_helper(self) -> None:
-        """End the helper process, if any (the caller holds ``_io``); a later steady load
-        starts a new one."""
-        helper = self._helper
-        if isinstance(helper, WriterProcess):
-            self._helper = None
-            helper.close()
-
     @property
     def helper_pid(self) -> int | None:
         """The helper process's id while one commits this recorder's batches (else None)."""
-        helper = self._helper
-        if isinstance(helper, WriterProcess) and helper.ready and not helper.dead:
-            return helper.child_pid
-        return None
+        return self._helpers.pid
 
     def _ensure_writer(self) -> bool:
         pid = _PID[0]
@@ -590,7 +538,7 @@ class Recorder:
                         if self._writer is not None and self._writer[1] is me:
                             self._writer = None
                     with self._io:
-                        self._stop_helper()  # an idle recorder keeps no process either
+                        self._helpers.stop()  # an idle recorder keeps no process either
                     return
                 idle = 0
                 try:
@@ -615,7 +563,7 @@ class Recorder:
         finally:
             with self._io:  # no commit or tuning of the writer's connection runs past here
                 self.closed = True
-                self._stop_helper()
+                self._helpers.stop()
             self._wake.set()
             with self._committed:
                 self._committed.notify_all()  # nobody waits for a commit that will not come
@@ -661,4 +609,4 @@ def _flush_at_exit() -> None:
             with contextlib.suppress(Exception):
                 rec.flush()
             with contextlib.suppress(Exception), rec._io:
-                rec._stop_helper()  # the store is quiet once the process has exited
+                rec._helpers.stop()  # the store is quiet once the process has exited

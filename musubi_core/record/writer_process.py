@@ -43,7 +43,7 @@ import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["SPAWN_ROWS", "WriterProcess", "serve", "spawnable"]
+__all__ = ["SPAWN_ROWS", "Helpers", "WriterProcess", "serve", "spawnable"]
 
 # A commit of at least this many rows (four times a second, so ~2,000 rows/s) starts a helper.
 SPAWN_ROWS = 512
@@ -252,6 +252,80 @@ class WriterProcess:
             with contextlib.suppress(OSError):
                 if f is not None:
                     f.close()
+
+
+class Helpers:
+    """Which helper process commits a recorder's batches, and when one starts (the policy; the
+    recorder calls it under its commit lock, and makes a new one in a forked child).
+
+    A steady load (a batch of :data:`SPAWN_ROWS` rows or more) starts a helper, and the
+    recorder's writer thread hands it that very batch, waiting up to :attr:`START_WAIT` while
+    it starts: a commit of thousands of rows on a thread of the application is the cost the
+    helper exists to avoid (rows then wait at most the recorder's interval + START_WAIT, within
+    its lag bound). Any other thread (``flush()``, backpressure, exit) never waits for one. A
+    helper that dies or stalls is replaced by the next steady load, at most :attr:`MAX` times.
+    """
+
+    # Helpers one recorder starts at most (one that dies at once must not become a loop).
+    MAX = 3
+    # How long the writer thread waits for a helper that is still starting (seconds).
+    START_WAIT = 0.5
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+        # The helper committing batches, once a steady load started one; False once this
+        # store cannot have one.
+        self.current: WriterProcess | bool | None = None
+        self.started = 0
+
+    def write(self, batch: Sequence[Any], size: int, *, on_writer: bool, allowed: bool) -> bool:
+        """Have a helper commit ``batch`` (:meth:`WriterProcess.write`'s arguments) of ``size``
+        rows; True once one did. ``allowed`` False never starts one (a closed recorder, or
+        ``recorder.helper = False``)."""
+        if self.current is None and size >= SPAWN_ROWS:
+            self._start(allowed)
+        helper = self.current
+        if not isinstance(helper, WriterProcess):
+            return False
+        if helper.write(*batch, wait=self.START_WAIT if on_writer else 0.0):
+            return True
+        if helper.dead:  # gone or stuck: a later steady load may start another
+            self.current = None if self.started < self.MAX else False
+        return False
+
+    def _start(self, allowed: bool) -> None:
+        """Start a helper: it is used once it said it is ready. A store that cannot have one
+        never asks again."""
+        spec = spawnable(self.store) if allowed else None
+        if spec is None:
+            self.current = False
+            return
+        self.started += 1
+        try:
+            self.current = WriterProcess(spec)
+        except (OSError, ValueError):
+            self.current = False
+
+    def stop(self) -> None:
+        """End the helper, if any; a later steady load starts a new one."""
+        helper = self.current
+        if isinstance(helper, WriterProcess):
+            self.current = None
+            helper.close()
+
+    def abandon(self) -> None:
+        """In a forked child: let go of the parent's helper (see :meth:`WriterProcess.abandon`)."""
+        helper = self.current
+        if isinstance(helper, WriterProcess):
+            helper.abandon()
+
+    @property
+    def pid(self) -> int | None:
+        """The helper's process id while one commits the batches (else None)."""
+        helper = self.current
+        if isinstance(helper, WriterProcess) and helper.ready and not helper.dead:
+            return helper.child_pid
+        return None
 
 
 def _shut_down(proc: subprocess.Popen[bytes], wait: float = 10.0) -> None:

@@ -19,7 +19,7 @@ import pytest
 from musubi_core import SQLiteStore, StoreError
 from musubi_core.record import RunState, recorder_for
 from musubi_core.record.recorder import Recorder
-from musubi_core.record.writer_process import SPAWN_ROWS, spawnable
+from musubi_core.record.writer_process import SPAWN_ROWS, Helpers, spawnable
 from tests.support.forking import in_forked_child
 
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="the helper process is POSIX only")
@@ -83,7 +83,7 @@ def test_a_steady_load_is_committed_by_a_helper_process_and_close_ends_it(tmp_pa
     rec = recorder_for(store)
     pid = _with_helper(rec)
     assert pid != os.getpid() and _alive(pid)
-    helper = rec._helper
+    helper = rec._helpers.current
     before = _count(db)
     commits = helper.commits  # type: ignore[union-attr]
     _record(rec, 1000)
@@ -271,7 +271,7 @@ def test_a_recorder_starts_at_most_three_helpers(tmp_path: Path) -> None:
     rec = recorder_for(store)
     rec.interval = 3600.0  # only flush() commits
     started = []
-    for _ in range(Recorder.MAX_HELPERS):
+    for _ in range(Helpers.MAX):
         pid = _with_helper(rec)
         started.append(pid)
         os.kill(pid, signal.SIGKILL)
@@ -281,11 +281,11 @@ def test_a_recorder_starts_at_most_three_helpers(tmp_path: Path) -> None:
         _record(rec, SPAWN_ROWS)
         rec.flush()  # the dead helper is found; this batch is committed here
         assert _count(db) == before + SPAWN_ROWS
-    assert len(set(started)) == Recorder.MAX_HELPERS
+    assert len(set(started)) == Helpers.MAX
     before = _count(db)
     _record(rec, SPAWN_ROWS)
     rec.flush()
-    assert rec._helper is False and rec.helper_pid is None  # no fourth one
+    assert rec._helpers.current is False and rec.helper_pid is None  # no fourth one
     assert _count(db) == before + SPAWN_ROWS
     store.close()
 
@@ -298,8 +298,29 @@ def test_helper_false_keeps_every_commit_in_this_process(tmp_path: Path) -> None
     for _ in range(3):
         _record(rec, 2 * SPAWN_ROWS)
         rec.flush()
-    assert rec._helper is False and rec.helper_pid is None
+    assert rec._helpers.current is False and rec.helper_pid is None
     assert _count(db) == 6 * SPAWN_ROWS
+    store.close()
+
+
+def test_a_forked_child_of_a_recorder_without_a_helper_records(tmp_path: Path) -> None:
+    # A recorder that found it cannot have a helper (helper = False, or a store without a
+    # spec) still gives a forked child a working recorder of its own.
+    db = str(tmp_path / "m.db")
+    store = SQLiteStore(db)
+    rec = recorder_for(store)
+    rec.helper = False
+    _record(rec, 2 * SPAWN_ROWS)
+    rec.flush()
+    assert rec._helpers.current is False
+
+    def child() -> int:
+        _record(rec, 5)
+        rec.flush()
+        return 0 if rec._helpers.current is None else 3
+
+    assert in_forked_child(child) == 0
+    assert _count(db) == 2 * SPAWN_ROWS + 5
     store.close()
 
 
