@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import time
 from typing import Any
 
 from _env import Env, need
@@ -131,8 +132,9 @@ def invoke_hit_sustained(env: Env) -> Comparison:
         "InMemoryCache": InMemoryCache(),
     }
     variants = []
+    models: dict[str, Any] = {}
     for label, cache in caches.items():
-        model = _counting_model(cache=cache)
+        model = models[label] = _counting_model(cache=cache)
         model.invoke(prompt)
 
         def check(n: int, model: Any = model, label: str = label) -> None:
@@ -146,7 +148,17 @@ def invoke_hit_sustained(env: Env) -> Comparison:
 
     def finish() -> None:
         flush_recorders()
-        assert recorder_for(helper.engine.store).helper_pid is not None, "no helper process ran"
+        rec = recorder_for(helper.engine.store)
+        # --quick blocks last ~0.1 s: the helper may have been started by the last flush and
+        # not have said it is ready yet (a flush never waits for one), or never (no batch of
+        # SPAWN_ROWS yet). More hits and flushes let it start and answer.
+        deadline = time.monotonic() + 10.0
+        while rec.helper_pid is None and time.monotonic() < deadline:
+            for _ in range(300):  # 600 rows: a flush of them starts one if none was
+                models["MusubiCache, helper process"].invoke(prompt)
+            flush_recorders()
+            time.sleep(0.05)
+        assert rec.helper_pid is not None, "no helper process ran"
 
     return Comparison(
         "langchain_invoke_hit_sustained",

@@ -7,6 +7,7 @@ import itertools
 import json
 import pathlib
 import sqlite3
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -264,6 +265,8 @@ def step_replay_sustained(env: Env) -> Comparison:
         store = summarise.engine.store
         recorder_for(store).helper = name == "helper process"
         stores[name] = store
+        if name == "helper process":
+            helper_step = summarise
         variants.append(
             Variant(
                 f"musubi @step, {name}",
@@ -287,6 +290,15 @@ def step_replay_sustained(env: Env) -> Comparison:
     def finish() -> None:
         flush_recorders()
         rec = recorder_for(stores["helper process"])
+        # --quick blocks are short: the helper may have been started by the last flush and not
+        # have said it is ready yet (a flush never waits for one), or never (no batch of
+        # SPAWN_ROWS yet). More replays and flushes let it start and answer.
+        deadline = time.monotonic() + 10.0
+        while rec.helper_pid is None and rec.helper and time.monotonic() < deadline:
+            for _ in range(300):  # 600 rows: a flush of them starts one if none was
+                helper_step(3)
+            flush_recorders()
+            time.sleep(0.05)
         assert rec.helper_pid is not None or not rec.helper, "the helper process never ran"
 
     ratios = [
