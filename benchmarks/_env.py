@@ -52,3 +52,25 @@ def cpu_count() -> int:
     return (
         len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     )
+
+
+def helper_answered(store: Any, poke: Any) -> bool:
+    """Everything recorded committed, and the recorder of ``store`` commits through its helper
+    process. A --quick block lasts ~0.1 s, shorter than the recorder's commit interval: its
+    helper may have been started by the last flush, which never waits for one, and not have
+    said it is ready yet, or not be started yet (no batch of SPAWN_ROWS rows). ``poke`` (one
+    replay) is called 300 times (600 rows) between flushes until it answers, for up to 10 s."""
+    import time
+
+    from musubi_core.record import flush_recorders, recorder_for
+
+    flush_recorders()
+    rec = recorder_for(store)
+    deadline = time.monotonic() + 10.0
+    while rec.helper_pid is None and time.monotonic() < deadline:
+        for _ in range(300):
+            poke()
+        flush_recorders()
+        time.sleep(0.05)
+    return rec.helper_pid is not None
+

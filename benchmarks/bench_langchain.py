@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import itertools
-import time
 from typing import Any
 
-from _env import Env, need
+from _env import Env, helper_answered, need
 from _harness import Comparison, Ratio, Skip, Variant
 
 
@@ -147,18 +146,10 @@ def invoke_hit_sustained(env: Env) -> Comparison:
         )
 
     def finish() -> None:
-        flush_recorders()
-        rec = recorder_for(helper.engine.store)
-        # --quick blocks last ~0.1 s: the helper may have been started by the last flush and
-        # not have said it is ready yet (a flush never waits for one), or never (no batch of
-        # SPAWN_ROWS yet). More hits and flushes let it start and answer.
-        deadline = time.monotonic() + 10.0
-        while rec.helper_pid is None and time.monotonic() < deadline:
-            for _ in range(300):  # 600 rows: a flush of them starts one if none was
-                models["MusubiCache, helper process"].invoke(prompt)
-            flush_recorders()
-            time.sleep(0.05)
-        assert rec.helper_pid is not None, "no helper process ran"
+        poke = models["MusubiCache, helper process"]
+        assert helper_answered(helper.engine.store, lambda: poke.invoke(prompt)), (
+            "no helper process ran"
+        )
 
     return Comparison(
         "langchain_invoke_hit_sustained",

@@ -7,12 +7,11 @@ import itertools
 import json
 import pathlib
 import sqlite3
-import time
 import uuid
 from collections.abc import Callable
 from typing import Any
 
-from _env import Env
+from _env import Env, helper_answered
 from _harness import Comparison, Ratio, Variant
 
 from musubi_core import Engine, SQLiteStore, step
@@ -288,18 +287,9 @@ def step_replay_sustained(env: Env) -> Comparison:
         )
 
     def finish() -> None:
-        flush_recorders()
-        rec = recorder_for(stores["helper process"])
-        # --quick blocks are short: the helper may have been started by the last flush and not
-        # have said it is ready yet (a flush never waits for one), or never (no batch of
-        # SPAWN_ROWS yet). More replays and flushes let it start and answer.
-        deadline = time.monotonic() + 10.0
-        while rec.helper_pid is None and rec.helper and time.monotonic() < deadline:
-            for _ in range(300):  # 600 rows: a flush of them starts one if none was
-                helper_step(3)
-            flush_recorders()
-            time.sleep(0.05)
-        assert rec.helper_pid is not None or not rec.helper, "the helper process never ran"
+        assert helper_answered(stores["helper process"], lambda: helper_step(3)), (
+            "the helper process never ran"
+        )
 
     ratios = [
         Ratio(

@@ -241,10 +241,11 @@ class StepFunction(Generic[P, R]):
             and (not kwargs or all(map(_key_atom, kwargs.values())))
             and not _MERGED.get()
         )
-        # The same arguments passed the same way bind the same way (f(1, 2) and f(1, b=2)
-        # are two entries for one key).
-        passed: tuple[Any, ...] = args if not kwargs else (args, tuple(kwargs.items()))
+        passed: tuple[Any, ...] = ()
         if remember:
+            # The same arguments passed the same way bind the same way (f(1, 2) and
+            # f(1, b=2) are two entries for one key).
+            passed = args if not kwargs else (args, tuple(kwargs.items()))
             known = self._keys.get(passed)
             if known is not None:
                 engine = self.engine

@@ -354,7 +354,7 @@ class Engine:
     def lookup(self, key: NodeKey, config: StepConfiguration = DEFAULT_CONFIG) -> Lookup:
         """Replay ``key`` if policy allows; counts the replay."""
         self._own(key)
-        hits = self._hits if self._hits is not None else self.hits
+        hits = self.hits
         probed = hits.probe(key, config)
         if isinstance(probed, EncodedHit):
             # A plain hit: one statement read it and its bytes matched their content id.

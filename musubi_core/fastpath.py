@@ -96,6 +96,11 @@ _MAX_KEPT_PAYLOAD = 4096
 _ATOMS = (str, int, float, bool, type(None))
 
 
+def _own_copy(value: Any) -> Any:
+    """A value of its own made from a kept :func:`_flat` value."""
+    return value.copy() if type(value) is dict or type(value) is list else value
+
+
 def _flat(value: object) -> bool:
     """Is ``value`` immutable, or a list or dict (string keys) of immutable atoms, so that a
     shallow copy of it is a value of its own?"""
@@ -342,17 +347,18 @@ class HitMemo:
         if not store.has_aliases:
             return None
         memo: dict[Any, Any] | None = None
+        slot = _slot(alias, config)
         if isinstance(store, SQLiteStore):
             if store._closed:
                 return None
             memo = self._memo(store)
             if memo is not None:
-                found: AliasHit | None = memo.get(_slot(alias, config))
+                found: AliasHit | None = memo.get(slot)
                 if found is not None:
                     expires = found.hit.expires_at
                     if expires is None or engine._now() < expires:
                         return found
-                    del memo[_slot(alias, config)]
+                    del memo[slot]
         row = _probe_alias_row(engine, alias)
         if not self._map_tried and memo is not None:
             self._map_shm()  # this process has read the store now: its shm is open
@@ -368,7 +374,7 @@ class HitMemo:
             return node_id
         found = AliasHit(node_id, op_name, hit)
         if memo is not None:
-            self._remember(memo, _slot(alias, config), found, len(hit.payload))
+            self._remember(memo, slot, found, len(hit.payload))
         return found
 
     def decode(self, hit: EncodedHit) -> Any:
@@ -381,8 +387,7 @@ class HitMemo:
         :class:`~musubi_core.errors.DecodeError` as the codec does."""
         kept = self._values.get(hit.artifact_id)
         if kept is not None and kept[0] is hit.payload:
-            value = kept[1]
-            return value.copy() if type(value) is dict or type(value) is list else value
+            return _own_copy(kept[1])
         value = self.engine.codec.decode(hit.encoding, hit.payload)
         if (
             len(hit.payload) <= _MAX_KEPT_PAYLOAD
@@ -392,7 +397,7 @@ class HitMemo:
             if len(self._values) >= self._max:
                 self._values = {}
             self._values[hit.artifact_id] = (hit.payload, value)
-            return value.copy() if type(value) is dict or type(value) is list else value
+            return _own_copy(value)
         return value
 
     def _intact(self, hit: EncodedHit) -> bool:

@@ -290,14 +290,21 @@ def test_a_recorder_starts_at_most_three_helpers(tmp_path: Path) -> None:
     store.close()
 
 
-def test_helper_false_keeps_every_commit_in_this_process(tmp_path: Path) -> None:
+def _unhelped(tmp_path: Path, batches: int) -> tuple[str, SQLiteStore, Recorder]:
+    """A store whose recorder has helper = False, after ``batches`` flushes of 2 * SPAWN_ROWS
+    rows each (a steady load that would start a helper)."""
     db = str(tmp_path / "m.db")
     store = SQLiteStore(db)
     rec = recorder_for(store)
     rec.helper = False
-    for _ in range(3):
+    for _ in range(batches):
         _record(rec, 2 * SPAWN_ROWS)
         rec.flush()
+    return db, store, rec
+
+
+def test_helper_false_keeps_every_commit_in_this_process(tmp_path: Path) -> None:
+    db, store, rec = _unhelped(tmp_path, 3)
     assert rec._helpers.current is False and rec.helper_pid is None
     assert _count(db) == 6 * SPAWN_ROWS
     store.close()
@@ -306,12 +313,7 @@ def test_helper_false_keeps_every_commit_in_this_process(tmp_path: Path) -> None
 def test_a_forked_child_of_a_recorder_without_a_helper_records(tmp_path: Path) -> None:
     # A recorder that found it cannot have a helper (helper = False, or a store without a
     # spec) still gives a forked child a working recorder of its own.
-    db = str(tmp_path / "m.db")
-    store = SQLiteStore(db)
-    rec = recorder_for(store)
-    rec.helper = False
-    _record(rec, 2 * SPAWN_ROWS)
-    rec.flush()
+    db, store, rec = _unhelped(tmp_path, 1)
     assert rec._helpers.current is False
 
     def child() -> int:
