@@ -38,6 +38,9 @@ __all__ = ["AmbientRun"]
 
 _new = tuple.__new__
 
+# How many calls a run holds between two checks of the recorder's bounds (see AmbientRun.add).
+_CHECK_EVERY = 128
+
 
 class AmbientRun:
     """The run that calls of one owner made outside any run belong to (see the module
@@ -62,6 +65,9 @@ apart."""
         self._state: RunState | None = None
         self._last = 0.0  # when the last call was recorded (time.monotonic)
         self._pending: deque[CallWrite] = deque()
+        self._first = 0.0  # when the oldest call in _pending was recorded (time.monotonic)
+        # Nodes whose replay a call asked this run to count (see add): committed with it.
+        self._replays: list[str] = []
         # The current run and the runs that ended but whose calls may not be counted yet.
         self._open: dict[str, RunState] = {}
         recorder.add_source(self._pull)
@@ -102,8 +108,11 @@ apart."""
         model: str | None = None,
         input_preview: str | None = None,
         output_preview: str | None = None,
+        count_replay: bool = False,
     ) -> None:
-        """:meth:`record` with positional arguments (a cache hit's hot path)."""
+        """:meth:`record` with positional arguments (a cache hit's hot path). With
+        ``count_replay`` the call also counts one replay of ``node_id``, committed with the
+        call: a hit appends one row here instead of handing the recorder two."""
         started = time.time()
         with self._lock:  # a pull cannot end the run between choosing it and appending
             now = time.monotonic()
@@ -114,7 +123,12 @@ apart."""
                 )
                 self._open[state.run_id] = state
             self._last = now
-            self._pending.append(
+            pending = self._pending
+            if not pending:
+                self._first = now
+            if count_replay and node_id is not None:
+                self._replays.append(node_id)
+            pending.append(
                 _new(
                     CallWrite,
                     (
@@ -141,6 +155,13 @@ apart."""
                     ),
                 )
             )
+            held = len(pending)
+        # The calls held here are acknowledged rows: the recorder's bounds apply to them (and
+        # a first call makes sure a writer runs). Asked every _CHECK_EVERY calls: the bound
+        # is passed by at most that many rows, the lag by as many calls' time.
+        recorder = self.recorder
+        if held == 1 or held % _CHECK_EVERY == 0 or recorder.closed:
+            recorder.hold(held, self._first)
 
     def _pull(self) -> Batch | None:
         """Calls recorded since the last commit, and the rows of the runs they belong to
@@ -148,6 +169,7 @@ apart."""
         with self._lock:
             calls = list(self._pending)
             self._pending.clear()
+            replays, self._replays = self._replays, []
             current = self._state
             if current is not None and time.monotonic() - self._last > self.idle_s:
                 self._state = current = None  # idle: the run ends with this pull
@@ -168,4 +190,4 @@ apart."""
                     runs.append(state.row("running"))
         if not calls and not runs:
             return None
-        return ((), (), (), calls, (), runs)
+        return ((), (), (), calls, (), runs, replays)

@@ -56,7 +56,7 @@ from .writer_process import Helpers
 __all__ = ["Batch", "Recorder", "flush_recorders", "recorder_for"]
 
 # What a source hands over (see Recorder.add_source): the arguments of Recorder.submit, in
-# order (nodes, artifacts, edges, calls, flows, runs).
+# order (nodes, artifacts, edges, calls, flows, runs, replays).
 Batch = tuple[
     Sequence[NodeWrite],
     Sequence[ArtifactWrite],
@@ -64,6 +64,7 @@ Batch = tuple[
     Sequence[CallWrite],
     Sequence[FlowWrite],
     Sequence[RunWrite],
+    Iterable[str],
 ]
 
 _RECORDERS: weakref.WeakKeyDictionary[Any, Recorder] = weakref.WeakKeyDictionary()
@@ -272,6 +273,28 @@ class Recorder:
             size = self._size = self._size + 1
         self._kick(size)
 
+    def hold(self, waiting: int, since: float) -> None:
+        """A source (see :meth:`add_source`) holds ``waiting`` acknowledged rows, the oldest
+        since ``since`` (``time.monotonic()``): they count against the bounds as if they
+        waited here. Past ``max_backlog`` or ``max_lag`` the caller waits for a commit, which
+        pulls them (backpressure, as in :meth:`submit`); below them this only makes sure a
+        writer runs. Raises :class:`~musubi_core.errors.StoreError` once the recorder is
+        closed (nothing could commit the rows)."""
+        if self.read_only:
+            return  # dropped at the pull, with the one warning
+        if self.closed:
+            raise StoreError(
+                f"the recorder of {self.store.path} is closed; open the store again",
+                path=self.store.path,
+            )
+        size = self._size + waiting
+        if size >= self.max_backlog or (
+            not self.failures and time.monotonic() - since > self.max_lag
+        ):
+            self._backpressure(pull=True)
+        else:
+            self._kick(size)
+
     def skip_read_only(self, category: type[Warning] = RuntimeWarning) -> None:
         """A write was skipped because the store is read-only: say so, once per store (through
         ``on_error`` when an owner set it, else as a ``category`` warning)."""
@@ -304,7 +327,7 @@ class Recorder:
         if not self._ensure_writer():
             self.flush()  # no thread can start (interpreter exit): commit inline
 
-    def _backpressure(self) -> None:
+    def _backpressure(self, *, pull: bool = False) -> None:
         """The backlog is full, or its oldest row has waited past ``max_lag`` (the writer
         thread is starved or its store slow): this thread waits until it is committed before
         adding more, so neither memory nor what a crash can lose grows without bound.
@@ -324,7 +347,9 @@ class Recorder:
             if self.commits != commits:
                 return
         with self._io:
-            if self._size and (self._size >= self.max_backlog or self._lagging()):
+            if pull:  # a source's rows passed a bound (see hold): commit them now
+                self._pull()
+            if self._size and (pull or self._size >= self.max_backlog or self._lagging()):
                 self._commit()  # raises StoreError when it cannot: the new rows are refused
 
     def _lagging(self) -> bool:

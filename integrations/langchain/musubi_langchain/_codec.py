@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 import enum
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from langchain_core.messages import (
@@ -425,61 +425,64 @@ class Template:
     (True, False, False)
     """
 
-    __slots__ = ("_plans",)
+    __slots__ = ("_builders",)
 
     def __init__(self, generations: Sequence[Generation]) -> None:
-        self._plans = [_ModelPlan(g) for g in generations]
+        self._builders = [_builder(g) for g in generations]
 
     def fresh(self) -> list[Generation]:
         """A fresh ``list`` of fresh generations (nothing shared with the template)."""
-        return [plan.build() for plan in self._plans]
+        return [build() for build in self._builders]
 
 
 _new_object = object.__new__
 _set_attr = object.__setattr__
 
 
-class _ModelPlan:
-    __slots__ = ("_cls", "_copiers", "_extra", "_fields", "_fields_set", "_model", "_private")
+def _rebuild(build: Callable[[], Any]) -> Callable[[Any], Any]:
+    """A copier (old value -> fresh value) that builds a nested model by its own plan."""
+    return lambda _value: build()
 
-    def __init__(self, model: BaseModel) -> None:
-        self._model = model
-        self._cls = type(model)
-        self._fields = dict(model.__dict__)
-        self._fields_set = frozenset(model.__pydantic_fields_set__)
-        self._extra = model.__pydantic_extra__
-        self._private = getattr(model, "__pydantic_private__", None) is not None
-        copiers: list[tuple[str, Any]] = []
-        for name, value in self._fields.items():
-            kind = type(value)
-            if kind in _IMMUTABLE or _kind_of(kind) == 0:
-                continue
-            if kind is dict and all(type(v) in _IMMUTABLE for v in value.values()):
-                copiers.append((name, dict.copy))
-            elif kind is list and all(type(v) in _IMMUTABLE for v in value):
-                copiers.append((name, list.copy))
-            elif _kind_of(kind) == 1:
-                copiers.append((name, _ModelPlan(value).build_from))
-            else:
-                copiers.append((name, _fresh_value))
-        self._copiers = tuple(copiers)
 
-    def build_from(self, _value: Any) -> Any:
-        return self.build()
+def _builder(model: BaseModel) -> Callable[[], Any]:
+    """A function that builds a fresh copy of ``model`` by its plan: fields that may be shared
+    (immutable values) are, a dict or list holding only immutable values gets a C-level
+    shallow copy, a nested model its own builder, anything else a full :func:`_fresh_value`
+    copy. Everything it needs is bound once here (a hit's hot path)."""
+    if getattr(model, "__pydantic_private__", None) is not None:
+        return lambda: fresh_model(model)  # private attributes: rare, the general path
+    cls = type(model)
+    fields = dict(model.__dict__)
+    fields_set = frozenset(model.__pydantic_fields_set__)
+    extra = model.__pydantic_extra__
+    copiers: list[tuple[str, Callable[[Any], Any]]] = []
+    for name, value in fields.items():
+        kind = type(value)
+        if kind in _IMMUTABLE or _kind_of(kind) == 0:
+            continue
+        if kind is dict and all(type(v) in _IMMUTABLE for v in value.values()):
+            copiers.append((name, dict.copy))
+        elif kind is list and all(type(v) in _IMMUTABLE for v in value):
+            copiers.append((name, list.copy))
+        elif _kind_of(kind) == 1:
+            copiers.append((name, _rebuild(_builder(value))))
+        else:
+            copiers.append((name, _fresh_value))
+    plan = tuple(copiers)
+    new_object, set_attr, copy_fields = _new_object, _set_attr, fields.copy
 
-    def build(self) -> Any:
-        if self._private:
-            return fresh_model(self._model)  # private attributes: rare, the general path
-        new = _new_object(self._cls)
-        fields = self._fields.copy()
-        for name, copier in self._copiers:
-            fields[name] = copier(fields[name])
-        _set_attr(new, "__dict__", fields)
-        extra = self._extra
-        _set_attr(new, "__pydantic_extra__", extra if extra is None else _fresh_value(extra))
-        _set_attr(new, "__pydantic_fields_set__", set(self._fields_set))
-        _set_attr(new, "__pydantic_private__", None)
+    def build() -> Any:
+        new = new_object(cls)
+        made = copy_fields()
+        for name, copier in plan:
+            made[name] = copier(made[name])
+        set_attr(new, "__dict__", made)
+        set_attr(new, "__pydantic_extra__", extra if extra is None else _fresh_value(extra))
+        set_attr(new, "__pydantic_fields_set__", set(fields_set))
+        set_attr(new, "__pydantic_private__", None)
         return new
+
+    return build
 
 
 def fresh_generations(template: Sequence[Generation]) -> list[Generation]:

@@ -229,15 +229,19 @@ class MusubiCache(BaseCache):
         tokens_out: int | None,
         duration_s: float | None,
         saved_s: float | None = None,
+        count_replay: bool = False,
     ) -> None:
         """Record a lookup no callback handler saw (no handler installed, or a text-LLM hit,
         for which LangChain fires no callbacks) as a call: of the current run (inside a
         ``@step`` or a durable step), else of this cache's run of calls outside any trace (one
-        run per burst of calls, see ``musubi_core.record.ambient``)."""
+        run per burst of calls, see ``musubi_core.record.ambient``). ``count_replay``: the
+        call is a hit whose replay nobody counted yet (it is counted with the call)."""
         kind, _, name = op_name.partition(":")
         kind = kind if kind in ("chat_model", "llm") else "llm"
         frame = current_frame()
         if frame is not None and joinable(frame, self.engine.recorder) is not None:
+            if count_replay:
+                self.engine.recorder.replay(node_id)
             frame.run.record(
                 new_call_id(), frame.call_id, kind, name, node_id=node_id,
                 artifact_id=artifact_id, replayed=replayed, duration_s=duration_s,
@@ -255,7 +259,7 @@ class MusubiCache(BaseCache):
                     )
         ambient.add(
             kind, name, node_id, artifact_id, replayed, duration_s, tokens_in, tokens_out,
-            saved_s,
+            saved_s, count_replay=count_replay,
         )
 
     def _generations(self, hit: EncodedHit) -> list[Generation]:
@@ -299,9 +303,9 @@ class MusubiCache(BaseCache):
                 generations = self._generations(hit)
         except Exception:
             return None
-        engine = self._engine if self._engine is not None else self.engine
-        engine.recorder.replay(node_id)  # committed with the recorder's next batch
         if run_id is not None:
+            engine = self._engine if self._engine is not None else self.engine
+            engine.recorder.replay(node_id)  # committed with the recorder's next batch
             _correlate.report(
                 run_id,
                 _correlate.CacheReport(
@@ -323,6 +327,7 @@ class MusubiCache(BaseCache):
                 tokens_out=hit.tokens_out,
                 duration_s=0.0,
                 saved_s=hit.duration_s,
+                count_replay=True,
             )
         return generations
 

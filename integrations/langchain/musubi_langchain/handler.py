@@ -343,7 +343,7 @@ class MusubiCallbackHandler(BaseCallbackHandler):
         (calls, flows, edges, artifacts), runs = self._rows(
             list(self._open.values()), _drain(self._done)
         )
-        return ((), artifacts, edges, calls, flows, runs) if calls or runs else None
+        return ((), artifacts, edges, calls, flows, runs, ()) if calls or runs else None
 
     def _artifact(self, run: Run, plain: Any) -> ArtifactWrite:
         engine = self.engine

@@ -1,0 +1,98 @@
+"""Calls outside any run (``AmbientRun``): they are acknowledged rows held by the run until the
+recorder pulls them, so the recorder's bounds apply to them, a replay they count is committed
+with them, and a closed recorder refuses them. Real SQLite files; the writer thread is kept
+from committing on its own (a starved writer) so only the bounds can make rows reach disk."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+
+from musubi_core import SQLiteStore, StoreError
+from musubi_core.record import recorder_for
+from musubi_core.record.ambient import _CHECK_EVERY, AmbientRun
+from musubi_core.record.recorder import Recorder
+
+
+def _count(db: str, sql: str) -> int:
+    con = sqlite3.connect(db)
+    try:
+        return int(con.execute(sql).fetchone()[0])
+    finally:
+        con.close()
+
+
+def _starved(db: str) -> tuple[SQLiteStore, Recorder]:
+    store = SQLiteStore(db)
+    rec = recorder_for(store)
+    rec.interval = 3600.0  # the writer thread would never get to it
+    rec.batch_rows = 10**9
+    return store, rec
+
+
+def _hit(ambient: AmbientRun, node_id: str) -> None:
+    ambient.add("chat_model", "fake", node_id, "a" * 64, True, 0.0, 3, 4, 0.5, count_replay=True)
+
+
+def test_held_calls_count_against_the_backlog_bound(tmp_path: Path) -> None:
+    db = str(tmp_path / "m.db")
+    store, rec = _starved(db)
+    rec.max_backlog = 300
+    ambient = AmbientRun(rec, "langchain", "calls outside a trace")
+    peak = 0
+    for i in range(3000):
+        _hit(ambient, f"{i % 7:064x}")
+        peak = max(peak, len(ambient._pending))
+    # Past the bound the caller committed them: at most one check interval over it.
+    assert peak <= rec.max_backlog + _CHECK_EVERY
+    assert _count(db, "SELECT COUNT(*) FROM musubi_calls") >= 3000 - peak
+    rec.flush()
+    assert _count(db, "SELECT COUNT(*) FROM musubi_calls") == 3000
+    # Every counted replay is committed, beside the calls that counted it.
+    assert _count(db, "SELECT SUM(replays) FROM musubi_replays") == 3000
+    assert _count(db, f"SELECT replays FROM musubi_replays WHERE node_id = '{0:064x}'") == 429
+    ((calls, replays),) = [(r.calls, r.replays) for r in store.list_runs()]
+    assert (calls, replays) == (3000, 3000)
+    store.close()
+
+
+def test_held_calls_never_wait_past_max_lag(tmp_path: Path) -> None:
+    db = str(tmp_path / "m.db")
+    store, rec = _starved(db)
+    rec.max_lag = 0.2
+    ambient = AmbientRun(rec, "langchain", "calls outside a trace")
+    for _ in range(_CHECK_EVERY - 1):
+        _hit(ambient, "b" * 64)
+    assert _count(db, "SELECT COUNT(*) FROM musubi_calls") == 0  # nobody committed yet
+    time.sleep(0.3)
+    _hit(ambient, "b" * 64)  # the check: the oldest call is past max_lag
+    assert _count(db, "SELECT COUNT(*) FROM musubi_calls") == _CHECK_EVERY
+    assert _count(db, "SELECT replays FROM musubi_replays") == _CHECK_EVERY
+    store.close()
+
+
+def test_a_call_only_counts_the_replay_it_is_asked_to(tmp_path: Path) -> None:
+    db = str(tmp_path / "m.db")
+    store, rec = _starved(db)
+    ambient = AmbientRun(rec, "langgraph", "node cache")
+    ambient.record("graph_node", "n", node_id="c" * 64, replayed=True)  # counted elsewhere
+    _hit(ambient, "c" * 64)
+    ambient.add("chat_model", "fake", "c" * 64, None, False, 1.0, 3, 4, None)  # a miss
+    rec.flush()
+    assert _count(db, "SELECT COUNT(*) FROM musubi_calls") == 3
+    assert _count(db, "SELECT replays FROM musubi_replays") == 1
+    store.close()
+
+
+def test_a_closed_recorder_refuses_calls(tmp_path: Path) -> None:
+    db = str(tmp_path / "m.db")
+    store, rec = _starved(db)
+    ambient = AmbientRun(rec, "langchain", "calls outside a trace")
+    _hit(ambient, "d" * 64)
+    store.close()
+    assert _count(db, "SELECT COUNT(*) FROM musubi_calls") == 1  # flushed on close
+    with pytest.raises(StoreError, match="closed"):
+        _hit(ambient, "d" * 64)
