@@ -5,7 +5,6 @@ from committing on its own (a starved writer) so only the bounds can make rows r
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from pathlib import Path
 
@@ -15,14 +14,7 @@ from musubi_core import SQLiteStore, StoreError
 from musubi_core.record import recorder_for
 from musubi_core.record.ambient import _CHECK_EVERY, AmbientRun
 from musubi_core.record.recorder import Recorder
-
-
-def _count(db: str, sql: str) -> int:
-    con = sqlite3.connect(db)
-    try:
-        return int(con.execute(sql).fetchone()[0])
-    finally:
-        con.close()
+from tests.support.storedb import scalar as _count
 
 
 def _starved(db: str) -> tuple[SQLiteStore, Recorder]:

@@ -19,14 +19,7 @@ from musubi_core import Engine, SQLiteStore, StoreError, step, use_engine
 from musubi_core.record import RunState, recorder_for
 from musubi_core.record.recorder import Recorder
 from tests.support.storedb import REPLAYS
-
-
-def _count(db: str, sql: str) -> int:
-    con = sqlite3.connect(db)
-    try:
-        return int(con.execute(sql).fetchone()[0])
-    finally:
-        con.close()
+from tests.support.storedb import scalar as _count
 
 
 def _record_calls(rec: Recorder, n: int, name: str = "calls") -> RunState:

@@ -45,6 +45,11 @@ def rows(db: str | Path, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any
     return _select(db, sql, params)[1]
 
 
+def scalar(db: str | Path, sql: str, params: Sequence[Any] = ()) -> int:
+    """The one integer ``sql`` selects (a count, a sum)."""
+    return int(rows(db, sql, params)[0][0])
+
+
 def dict_rows(db: str | Path, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
     """The rows ``sql`` selects, as dicts by column name."""
     columns, found = _select(db, sql, params)
