@@ -25,7 +25,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 from ..store import CallWrite, RunWrite
 from .recorder import Batch
@@ -36,7 +36,6 @@ if TYPE_CHECKING:
 
 __all__ = ["AmbientRun"]
 
-_new = tuple.__new__
 
 # How many calls a run holds between two checks of the recorder's bounds (see AmbientRun.add).
 _CHECK_EVERY = 128
@@ -64,7 +63,7 @@ apart."""
         self._lock = threading.Lock()
         self._state: RunState | None = None
         self._last = 0.0  # when the last call was recorded (time.monotonic)
-        self._pending: deque[CallWrite] = deque()
+        self._pending: deque[tuple[Any, ...]] = deque()  # rows in CallWrite's field order
         self._first = 0.0  # when the oldest call in _pending was recorded (time.monotonic)
         # Nodes whose replay a call asked this run to count (see add): committed with it.
         self._replays: list[str] = []
@@ -128,31 +127,31 @@ apart."""
                 self._first = now
             if count_replay and node_id is not None:
                 self._replays.append(node_id)
+            # A plain tuple in CallWrite's field order (the store writes rows by position):
+            # holding only strings, numbers and None, the garbage collector stops tracking it
+            # at its first pass, and the helper process's pipe takes it as it is.
             pending.append(
-                _new(
-                    CallWrite,
-                    (
-                        new_call_id(),
-                        state.run_id,
-                        None,
-                        state.next_seq(),
-                        kind,
-                        op_name,
-                        node_id,
-                        artifact_id,
-                        1 if replayed else 0,
-                        "done",
-                        None,
-                        started,
-                        duration_s,
-                        tokens_in,
-                        tokens_out,
-                        saved_s,
-                        model,
-                        input_preview,
-                        output_preview,
-                        self.namespace,
-                    ),
+                (
+                    new_call_id(),
+                    state.run_id,
+                    None,
+                    state.next_seq(),
+                    kind,
+                    op_name,
+                    node_id,
+                    artifact_id,
+                    1 if replayed else 0,
+                    "done",
+                    None,
+                    started,
+                    duration_s,
+                    tokens_in,
+                    tokens_out,
+                    saved_s,
+                    model,
+                    input_preview,
+                    output_preview,
+                    self.namespace,
                 )
             )
             held = len(pending)
@@ -173,15 +172,15 @@ apart."""
             current = self._state
             if current is not None and time.monotonic() - self._last > self.idle_s:
                 self._state = current = None  # idle: the run ends with this pull
-            by_run: dict[str, list[CallWrite]] = {}
+            by_run: dict[str, list[tuple[Any, ...]]] = {}
             for call in calls:
-                by_run.setdefault(call.run_id, []).append(call)
+                by_run.setdefault(call[1], []).append(call)  # by run_id
             runs: list[RunWrite] = []
             for run_id, state in list(self._open.items()):
                 rows = by_run.get(run_id)
                 if rows:
                     if state.root_call_id is None:
-                        state.root_call_id = rows[0].call_id
+                        state.root_call_id = rows[0][0]  # its call_id
                     state.count_rows(rows)
                 if state is not current:
                     runs.append(state.row("done"))
@@ -190,4 +189,4 @@ apart."""
                     runs.append(state.row("running"))
         if not calls and not runs:
             return None
-        return ((), (), (), calls, (), runs, replays)
+        return ((), (), (), cast("list[CallWrite]", calls), (), runs, replays)
