@@ -173,8 +173,11 @@ apart."""
             if current is not None and time.monotonic() - self._last > self.idle_s:
                 self._state = current = None  # idle: the run ends with this pull
             by_run: dict[str, list[tuple[Any, ...]]] = {}
-            for call in calls:
-                by_run.setdefault(call[1], []).append(call)  # by run_id
+            if len(self._open) == 1:  # the common case: every call is of the one open run
+                by_run = {run_id: calls for run_id in self._open}
+            else:
+                for call in calls:
+                    by_run.setdefault(call[1], []).append(call)  # by run_id
             runs: list[RunWrite] = []
             for run_id, state in list(self._open.items()):
                 rows = by_run.get(run_id)

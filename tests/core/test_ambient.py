@@ -88,3 +88,18 @@ def test_a_closed_recorder_refuses_calls(tmp_path: Path) -> None:
     assert _count(db, "SELECT COUNT(*) FROM musubi_calls") == 1  # flushed on close
     with pytest.raises(StoreError, match="closed"):
         _hit(ambient, "d" * 64)
+
+
+def test_calls_of_runs_ended_by_idling_are_counted_in_their_own_runs(tmp_path: Path) -> None:
+    db = str(tmp_path / "m.db")
+    store, rec = _starved(db)
+    # Every call finds the run idle, so each starts a run of its own: one pull then holds
+    # the calls of several runs.
+    ambient = AmbientRun(rec, "langchain", "calls outside a trace", idle_s=-1.0)
+    for i in range(4):
+        _hit(ambient, f"{i:064x}")
+    rec.flush()
+    runs = [(r.calls, r.replays, r.status) for r in store.list_runs()]
+    assert runs == [(1, 1, "done")] * 4
+    assert _count(db, "SELECT COUNT(DISTINCT run_id) FROM musubi_calls") == 4
+    store.close()

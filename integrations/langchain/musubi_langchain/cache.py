@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
@@ -73,6 +74,13 @@ class _Flight:
     llm_string: str
     key: NodeKey
     run_id: UUID | None
+
+
+@functools.lru_cache(maxsize=1024)
+def _call_kind(op_name: str) -> tuple[str, str]:
+    """A node's operation name (``chat_model:ChatOpenAI``) as a call's (kind, op name)."""
+    kind, _, name = op_name.partition(":")
+    return (kind if kind in ("chat_model", "llm") else "llm"), name
 
 
 class MusubiCache(BaseCache):
@@ -236,8 +244,7 @@ class MusubiCache(BaseCache):
         ``@step`` or a durable step), else of this cache's run of calls outside any trace (one
         run per burst of calls, see ``musubi_core.record.ambient``). ``count_replay``: the
         call is a hit whose replay nobody counted yet (it is counted with the call)."""
-        kind, _, name = op_name.partition(":")
-        kind = kind if kind in ("chat_model", "llm") else "llm"
+        kind, name = _call_kind(op_name)
         frame = current_frame()
         if frame is not None and joinable(frame, self.engine.recorder) is not None:
             if count_replay:
