@@ -86,9 +86,13 @@ def test_a_steady_load_is_committed_by_a_helper_process_and_close_ends_it(tmp_pa
     helper = rec._helpers.current
     before = _count(db)
     commits = helper.commits  # type: ignore[union-attr]
+    in_process = rec.commits - helper.commits  # type: ignore[union-attr]
     _record(rec, 1000)
     rec.flush()
-    assert helper.commits == commits + 1  # type: ignore[union-attr]
+    # One commit, or two when the writer thread's interval passed while the rows were made (a
+    # loaded machine): either way the helper made them.
+    assert helper.commits in (commits + 1, commits + 2)  # type: ignore[union-attr]
+    assert rec.commits - helper.commits == in_process  # type: ignore[union-attr]
     assert _count(db) == before + 1000  # every call, committed by the helper
     store.close()
     assert not _alive(pid)  # closing the store ended the helper
