@@ -112,6 +112,10 @@ apart."""
         """:meth:`record` with positional arguments (a cache hit's hot path). With
         ``count_replay`` the call also counts one replay of ``node_id``, committed with the
         call: a hit appends one row here instead of handing the recorder two."""
+        recorder = self.recorder
+        if recorder.read_only:
+            recorder.skip_read_only()  # never written: nothing is held (said once)
+            return
         started = time.time()
         with self._lock:  # a pull cannot end the run between choosing it and appending
             now = time.monotonic()
@@ -158,7 +162,6 @@ apart."""
         # The calls held here are acknowledged rows: the recorder's bounds apply to them (and
         # a first call makes sure a writer runs). Asked every _CHECK_EVERY calls: the bound
         # is passed by at most that many rows, the lag by as many calls' time.
-        recorder = self.recorder
         if held == 1 or held % _CHECK_EVERY == 0 or recorder.closed:
             recorder.hold(held, self._first)
 

@@ -103,3 +103,16 @@ def test_calls_of_runs_ended_by_idling_are_counted_in_their_own_runs(tmp_path: P
     assert runs == [(1, 1, "done")] * 4
     assert _count(db, "SELECT COUNT(DISTINCT run_id) FROM musubi_calls") == 4
     store.close()
+
+
+def test_a_read_only_store_holds_nothing(tmp_path: Path) -> None:
+    db = str(tmp_path / "m.db")
+    SQLiteStore(db).close()
+    store = SQLiteStore(db, read_only=True)
+    ambient = AmbientRun(recorder_for(store), "langchain", "calls outside a trace")
+    with pytest.warns(RuntimeWarning, match="read-only"):
+        for _ in range(1000):
+            _hit(ambient, "e" * 64)
+    assert not ambient._pending and not ambient._replays  # nothing piles up unwritten
+    store.close()
+    assert _count(db, "SELECT COUNT(*) FROM musubi_calls") == 0
