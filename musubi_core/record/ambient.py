@@ -116,6 +116,8 @@ apart."""
         if recorder.read_only:
             recorder.skip_read_only()  # never written: nothing is held (said once)
             return
+        if recorder.closed:
+            recorder.hold(0, 0.0)  # raises the StoreError submit() would: nothing is held
         started = time.time()
         with self._lock:  # a pull cannot end the run between choosing it and appending
             now = time.monotonic()
@@ -162,7 +164,7 @@ apart."""
         # The calls held here are acknowledged rows: the recorder's bounds apply to them (and
         # a first call makes sure a writer runs). Asked every _CHECK_EVERY calls: the bound
         # is passed by at most that many rows, the lag by as many calls' time.
-        if held == 1 or held % _CHECK_EVERY == 0 or recorder.closed:
+        if held == 1 or held % _CHECK_EVERY == 0:
             recorder.hold(held, self._first)
 
     def _pull(self) -> Batch | None:

@@ -88,6 +88,7 @@ def test_a_closed_recorder_refuses_calls(tmp_path: Path) -> None:
     assert _count(db, "SELECT COUNT(*) FROM musubi_calls") == 1  # flushed on close
     with pytest.raises(StoreError, match="closed"):
         _hit(ambient, "d" * 64)
+    assert not ambient._pending  # refused, not held where nothing will write it
 
 
 def test_calls_of_runs_ended_by_idling_are_counted_in_their_own_runs(tmp_path: Path) -> None:
