@@ -117,7 +117,7 @@ apart."""
             recorder.skip_read_only()  # never written: nothing is held (said once)
             return
         if recorder.closed:
-            recorder.hold(0, 0.0)  # raises the StoreError submit() would: nothing is held
+            recorder.refuse_closed()  # the StoreError submit() raises: nothing is held
         started = time.time()
         with self._lock:  # a pull cannot end the run between choosing it and appending
             now = time.monotonic()

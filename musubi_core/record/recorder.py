@@ -47,7 +47,7 @@ import warnings
 import weakref
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from ..errors import ReadOnlyStoreError, StoreError
 from ..store import ArtifactWrite, CallWrite, EdgeWrite, FlowWrite, NodeWrite, RunWrite, Store
@@ -185,10 +185,7 @@ class Recorder:
             self.skip_read_only()
             return
         if self.closed:
-            raise StoreError(
-                f"the recorder of {self.store.path} is closed; open the store again",
-                path=self.store.path,
-            )
+            self.refuse_closed()
         if self._size and (self._size >= self.max_backlog or self._lagging()):
             self._backpressure()
         self._kick(self._accept(nodes, artifacts, edges, calls, flows, runs, replays, aliases))
@@ -283,10 +280,7 @@ class Recorder:
         if self.read_only:
             return  # dropped at the pull, with the one warning
         if self.closed:
-            raise StoreError(
-                f"the recorder of {self.store.path} is closed; open the store again",
-                path=self.store.path,
-            )
+            self.refuse_closed()
         size = self._size + waiting
         if size >= self.max_backlog or (
             not self.failures and time.monotonic() - since > self.max_lag
@@ -294,6 +288,14 @@ class Recorder:
             self._backpressure(pull=True)
         else:
             self._kick(size)
+
+    def refuse_closed(self) -> NoReturn:
+        """Raise the :class:`~musubi_core.errors.StoreError` a row offered to a closed
+        recorder gets (nothing could commit it)."""
+        raise StoreError(
+            f"the recorder of {self.store.path} is closed; open the store again",
+            path=self.store.path,
+        )
 
     def skip_read_only(self, category: type[Warning] = RuntimeWarning) -> None:
         """A write was skipped because the store is read-only: say so, once per store (through
