@@ -22,8 +22,10 @@ the store's recorder pulls the calls (and the run's row with its totals) before 
 
 from __future__ import annotations
 
+import atexit
 import threading
 import time
+import weakref
 from collections import deque
 from typing import TYPE_CHECKING, Any, cast
 
@@ -70,6 +72,13 @@ apart."""
         # The current run and the runs that ended but whose calls may not be counted yet.
         self._open: dict[str, RunState] = {}
         recorder.add_source(self._pull)
+        _LIVE.add(self)
+
+    def end(self) -> None:
+        """End the current run: the next pull writes it as ``done`` (a later call starts a new
+        one). Done for every run when the interpreter exits normally."""
+        with self._lock:
+            self._state = None
 
     def record(
         self,
@@ -198,3 +207,15 @@ apart."""
         if not calls and not runs:
             return None
         return ((), (), (), cast("list[CallWrite]", calls), (), runs, replays)
+
+
+_LIVE: weakref.WeakSet[AmbientRun] = weakref.WeakSet()
+
+
+@atexit.register
+def _end_at_exit() -> None:
+    # Registered after the recorder's exit flush (this module imports the recorder first), so
+    # it runs before it: a run still current when the interpreter exits normally is written
+    # as done by that flush, not left running (which `musubi runs` shows as interrupted).
+    for run in list(_LIVE):
+        run.end()

@@ -117,3 +117,28 @@ def test_a_read_only_store_holds_nothing(tmp_path: Path) -> None:
     assert not ambient._pending and not ambient._replays  # nothing piles up unwritten
     store.close()
     assert _count(db, "SELECT COUNT(*) FROM musubi_calls") == 0
+
+
+def test_a_run_current_at_a_normal_exit_ends_done(tmp_path: Path) -> None:
+    """A script whose calls outside a trace end with the process: its run is done, not left
+    running (which would read as interrupted). Real subprocess; a SIGKILLed one stays running."""
+    import subprocess
+    import sys
+
+    db = str(tmp_path / "m.db")
+    script = (
+        "import sys\n"
+        "from musubi_core import SQLiteStore\n"
+        "from musubi_core.record import recorder_for\n"
+        "from musubi_core.record.ambient import AmbientRun\n"
+        "store = SQLiteStore(sys.argv[1])\n"
+        "ambient = AmbientRun(recorder_for(store), 'langchain', 'calls outside a trace')\n"
+        "for _ in range(3):\n"
+        "    ambient.add('chat_model', 'fake', 'f' * 64, 'a' * 64, True, 0.0, 3, 4, 0.5,\n"
+        "                count_replay=True)\n"
+    )
+    subprocess.run([sys.executable, "-c", script, db], check=True, timeout=60)
+    store = SQLiteStore(db)
+    assert [(r.calls, r.replays, r.status) for r in store.list_runs()] == [(3, 3, "done")]
+    assert _count(db, "SELECT replays FROM musubi_replays") == 3
+    store.close()
