@@ -4,7 +4,8 @@ A LangChain cache used without a callback handler (or a text-LLM hit, for which 
 no callbacks) still records each lookup as a call; so does a key-value store used outside a
 pipeline. One run per such call would flood ``musubi runs``. An :class:`AmbientRun` groups them:
 the calls of one owner (a cache object) belong to one run until the owner has been idle for
-``idle_s`` seconds, then the next call starts a new run. Recording a call only appends a tuple;
+``idle_s`` seconds, then the next call starts a new run; a run still current when the
+interpreter exits normally ends then (a killed process leaves it running). Recording a call only appends a tuple;
 the store's recorder pulls the calls (and the run's row with its totals) before every commit.
 
 >>> import os, tempfile
