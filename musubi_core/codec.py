@@ -23,7 +23,6 @@ import dataclasses
 import datetime as dt
 import decimal
 import enum
-import json
 import pathlib
 import typing
 import uuid
@@ -32,7 +31,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from pydantic import BaseModel
 
-from ._plain import COMPACT_JSON, NOT_PLAIN, plain_tree
+from ._plain import COMPACT_JSON, NOT_PLAIN, load_json, plain_tree
 from ._tagged import MAX_DEPTH, TagError, class_path, encode, with_fresh_stack
 from .errors import DecodeError, SerializationError
 
@@ -199,7 +198,7 @@ def _tagged_payload(value: Any) -> bytes:
 
 
 def _decode_payload(payload: bytes) -> Any:
-    tree = json.loads(payload.decode("utf-8", "surrogatepass"))
+    tree = load_json(payload)
     if b'"$' not in payload and b"\\u0024" not in payload:
         # No string starts with "$": no tagged node anywhere, so the
         # parsed tree already is the value (_dec would copy it as is).

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, cast
 from ._plain import NOT_PLAIN, is_plain_json, plain_input_hash, plain_payload, plain_tree
 from .identity import NodeKey
 from .policy import DEFAULT_CONFIG, Decision, StepConfiguration, StepType
-from .probe import PROBE_COLUMNS, EncodedHit, artifact_id_for, hit_of, probe_replay
+from .probe import _PROBED, PROBE_COLUMNS, EncodedHit, artifact_id_for, hit_of, probe_replay
 from .store import PostgresStore, SQLiteStore
 
 if TYPE_CHECKING:  # the engine owns a memo (Engine.hits): it imports this module
@@ -347,7 +347,7 @@ class HitMemo:
         propagate as from :meth:`probe`."""
         engine = self.engine
         store = engine.store
-        if config.force_reexecution or not isinstance(store, SQLiteStore | PostgresStore):
+        if config.force_reexecution or not isinstance(store, _PROBED):
             return None
         if not store.has_aliases:
             return None

@@ -41,6 +41,7 @@ from .result import Result
 
 __all__ = [
     "DEFAULT_NAMESPACE",
+    "AliasPrefix",
     "alias_of",
     "HASH_SCHEME",
     "NodeKey",
@@ -243,8 +244,40 @@ def alias_of(scheme: str, namespace: str, *parts: str) -> bytes:
     >>> alias_of("demo/1", "default", "ab", "c") != alias_of("demo/1", "default", "a", "bc")
     True
     """
-    text = "".join([f"{len(part)}:{part}" for part in (scheme, namespace, *parts)])
-    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+    return AliasPrefix(scheme, namespace, *parts).digest()
+
+
+class AliasPrefix:
+    """The hash state of an alias's leading parts, kept so that the aliases of many requests
+    sharing them (one model's ``llm_string``, say) hash only their last part:
+    ``AliasPrefix(scheme, namespace, *head).alias(last) == alias_of(scheme, namespace, *head,
+    last)``.
+
+    >>> AliasPrefix("demo/1", "default", "model").alias("prompt") == alias_of(
+    ...     "demo/1", "default", "model", "prompt")
+    True
+    """
+
+    __slots__ = ("_state",)
+
+    def __init__(self, scheme: str, namespace: str, *parts: str) -> None:
+        self._state = hashlib.blake2b(digest_size=16)
+        for part in (scheme, namespace, *parts):
+            self._state.update(_alias_part(part))
+
+    def alias(self, last: str) -> bytes:
+        """The alias of the leading parts followed by ``last``."""
+        state = self._state.copy()
+        state.update(_alias_part(last))
+        return state.digest()
+
+    def digest(self) -> bytes:
+        """The alias of the leading parts alone."""
+        return self._state.digest()
+
+
+def _alias_part(part: str) -> bytes:
+    return f"{len(part)}:{part}".encode("utf-8", "surrogatepass")
 
 
 def make_node_id(

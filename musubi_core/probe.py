@@ -164,23 +164,22 @@ def hit_of(
     ) = row
     if not all(map(isinstance, row, _PROBE_TYPES)):
         return None  # a garbled column: Engine.lookup makes it a miss and says which
+    # Each column has its type now: a number or None where a number is kept.
     if namespace != engine.namespace:
         return None  # a row of another namespace (see Engine._find): Engine.lookup decides
+    if status != "done" or artifact_id is None or encoding is None or payload is None:
+        return None
     if (
         config.step_type is StepType.STOCHASTIC
         and config.ttl_seconds is not None
-        and isinstance(done_at, int | float)
+        and done_at is not None
     ):
         # The caller's current TTL tightens the stored expiry (as in policy.decide).
         tightened = done_at + config.ttl_seconds
         expires_at = tightened if expires_at is None else min(expires_at, tightened)
-    if status != "done" or not isinstance(artifact_id, str) or not isinstance(encoding, str):
-        return None
-    if not isinstance(payload, bytes | str):
-        return None
-    if isinstance(expires_at, int | float) and engine._now() >= expires_at:
+    if expires_at is not None and engine._now() >= expires_at:
         return None  # expired: the full lookup says so
-    if not isinstance(payload, bytes):
+    if type(payload) is not bytes:
         payload = payload.encode("utf-8")
     if verify and engine._verify_artifacts and artifact_id_for(encoding, payload) != artifact_id:
         return None  # tampered or damaged bytes: Engine.lookup makes it a miss and warns
@@ -189,9 +188,9 @@ def hit_of(
         artifact_id,
         encoding,
         payload,
-        tokens_in if isinstance(tokens_in, int) else None,
-        tokens_out if isinstance(tokens_out, int) else None,
-        float(duration_s) if isinstance(duration_s, int | float) else None,
-        float(expires_at) if isinstance(expires_at, int | float) else None,
+        tokens_in,
+        tokens_out,
+        None if duration_s is None else float(duration_s),
+        None if expires_at is None else float(expires_at),
         producer,
     )

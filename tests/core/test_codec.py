@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import BaseModel
 
 from musubi_core import (
@@ -34,6 +36,7 @@ from musubi_core import (
     step,
 )
 from musubi_core import codec as codec_module
+from musubi_core._plain import load_json
 from tests.support.tamper import readdress
 
 CONSTRUCTED: list[str] = []
@@ -290,3 +293,33 @@ def test_tampered_artifact_is_a_miss_with_a_warning(
         third = locate("tokyo")
     assert third.replayed and third.value == Point(5, 0.5, ("t",))
     assert calls["locate"] == 2
+
+
+_JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-(10**30), max_value=10**30)
+    | st.floats(allow_nan=False) | st.text(alphabet=st.characters(blacklist_categories=())),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_JSON_VALUES)
+def test_a_payload_parses_to_what_json_parses_it_to(value: Any) -> None:
+    """load_json (orjson where it parses exactly) gives json.loads' value: integers past 64
+    bits stay integers, lone surrogates stay, floats keep their bits."""
+    payload = json.dumps(value, ensure_ascii=False).encode("utf-8", "surrogatepass")
+    expected = json.loads(payload.decode("utf-8", "surrogatepass"))
+    got = load_json(payload)
+    assert got == expected
+    assert repr(got) == repr(expected)  # 1 and 1.0, -0.0 and 0.0 told apart
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"NaN", b"[Infinity]", b"1e400", b'"\\ud800"', b"[12345678901234567890123]",
+     b"-9223372036854775809", b'{"a":1,"a":2}'],
+)
+def test_what_orjson_refuses_or_would_change_is_parsed_by_json(payload: bytes) -> None:
+    got, expected = load_json(payload), json.loads(payload)
+    assert repr(got) == repr(expected)

@@ -22,7 +22,13 @@ from pydantic import BaseModel
 
 from musubi_core import Result, _tagged, input_hash, register_encoder
 from musubi_core.codec import JSONCodec
-from musubi_core.identity import IdentityError, canonical_bytes, make_node_id
+from musubi_core.identity import (
+    AliasPrefix,
+    IdentityError,
+    alias_of,
+    canonical_bytes,
+    make_node_id,
+)
 
 PROBE = Path(__file__).parent / "data" / "identity_probe.py"
 CORE = Path(__file__).resolve().parents[2] / "musubi_core"
@@ -370,3 +376,23 @@ def test_plain_fast_path_leaves_errors_to_the_tagged_encoder() -> None:
     with pytest.raises(TypeError, match="cannot hash input"):
         canonical_bytes({"n": huge})
     assert hashed.value is not None
+
+
+_PARTS = st.text(alphabet=st.characters(blacklist_categories=()), max_size=40)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(_PARTS, min_size=1, max_size=4), _PARTS, _PARTS)
+def test_an_alias_is_the_digest_stored_aliases_were_made_with(
+    parts: list[str], scheme: str, namespace: str
+) -> None:
+    """Aliases are stored: the digest of the length-prefixed parts, hashed whole or from a
+    kept prefix state, is the one every earlier version stored (lone surrogates included)."""
+    import hashlib
+
+    text = "".join(f"{len(p)}:{p}" for p in (scheme, namespace, *parts))
+    stored = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+    assert alias_of(scheme, namespace, *parts) == stored
+    assert AliasPrefix(scheme, namespace, *parts[:-1]).alias(parts[-1]) == stored
+    prefix = AliasPrefix(scheme, namespace, *parts[:-1])
+    assert prefix.alias(parts[-1]) == prefix.alias(parts[-1])  # the kept state is not consumed

@@ -42,6 +42,7 @@ from musubi_langchain._codec import (
     Template,
     _Construct,
     _plain_answer,
+    _plain_usage,
     complete_usage,
     decode_generations,
     decode_message,
@@ -361,6 +362,36 @@ def test_a_plain_answer_with_a_wrong_field_type_is_validated_and_refused() -> No
     assert _plain_answer(data) is None
     with pytest.raises(EntryDecodeError):
         decode_message(data)
+
+
+def test_usage_of_three_keys_is_plain_only_with_the_three_counts() -> None:
+    assert _plain_usage({"input_tokens": 1, "output_tokens": 2, "total_tokens": 3})
+    assert not _plain_usage({"input_tokens": 1, "output_tokens": 2, "made_up": 3})
+    assert not _plain_usage({"input_tokens": 1, "output_tokens": 2, "total_tokens": True})
+    assert not _plain_usage({"input_tokens": 1, "output_tokens": 2.0, "total_tokens": 3})
+    details = {"input_token_details": {"cache_read": 1}}
+    assert _plain_usage({"input_tokens": 1, "output_tokens": 2, "total_tokens": 3, **details})
+    assert not _plain_usage({"input_tokens": 1, "output_tokens": 2, **details})
+
+
+def test_an_entry_of_another_shape_than_one_plain_answer_is_decoded_as_before() -> None:
+    """Only one plain chat answer, with no generation info, takes decode_generations' fast
+    path; two generations, generation info or an extra key are decoded item by item."""
+    plain = AIMessage(content="Paris.", usage_metadata=complete_usage(None))
+    for generations in (
+        [ChatGeneration(message=plain), ChatGeneration(message=plain)],
+        [ChatGeneration(message=plain, generation_info={"finish_reason": "stop"})],
+    ):
+        data = json.loads(json.dumps(encode_generations(generations)))
+        decoded = decode_generations(data)
+        assert decoded == generations
+        assert [g.generation_info for g in decoded] == [g.generation_info for g in generations]
+    data = json.loads(json.dumps(encode_generations([ChatGeneration(message=plain)])))
+    data["generations"][0]["surprise"] = 1  # not the fast path's shape; the item still decodes
+    assert decode_generations(data) == [ChatGeneration(message=plain)]
+    data["generations"][0]["kind"] = "image"
+    with pytest.raises(EntryDecodeError):
+        decode_generations(data)
 
 
 def test_warm_hits_read_the_change_token_through_the_map(db: str) -> None:

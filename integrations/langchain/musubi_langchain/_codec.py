@@ -128,13 +128,25 @@ def _counts(value: Any, keys: frozenset[str]) -> bool:
 
 
 def _plain_usage(usage: Any) -> bool:
-    if type(usage) is not dict or not usage.keys() <= _USAGE_KEYS:
+    if type(usage) is not dict:
+        return False
+    if len(usage) == 3:  # most usage: the three counts alone
+        try:
+            counts = (usage["input_tokens"], usage["output_tokens"], usage["total_tokens"])
+        except KeyError:
+            return False
+        return type(counts[0]) is int and type(counts[1]) is int and type(counts[2]) is int
+    if not usage.keys() <= _USAGE_KEYS:
         return False
     for key, value in usage.items():
         details = _DETAIL_KEYS.get(key)
         if not (_counts(value, details) if details is not None else type(value) is int):
             return False
     return all(k in usage for k in _TOKEN_KEYS)
+
+
+_new_object = object.__new__
+_set_attr = object.__setattr__
 
 
 class _Construct:
@@ -168,22 +180,28 @@ class _Construct:
                 lean = False
         self.lean = lean
         self.template = template
+        # The names are every field, in field order: the values alone make the __dict__.
+        self.exact = lean and names == tuple(template)
+        self.fields_set = frozenset(names)
         self.extra_allowed = cls.model_config.get("extra") == "allow"
 
     def __call__(self, *values: Any) -> Any:
         cls, names = self.cls, self.names
         if not self.lean:
             return cls.model_construct(**dict(zip(names, values, strict=True)))
-        fields = self.template.copy()  # field order, defaults in place
-        fields.update(zip(names, values, strict=True))
-        made = cls.__new__(cls)
-        _set = object.__setattr__
-        _set(made, "__dict__", fields)
-        _set(made, "__pydantic_fields_set__", set(names))
-        _set(made, "__pydantic_extra__", {} if self.extra_allowed else None)
-        _set(made, "__pydantic_private__", None)
+        if len(values) != len(names):
+            raise TypeError(f"{cls.__name__} takes {len(names)} values, got {len(values)}")
+        if self.exact:
+            fields = dict(zip(names, values, strict=False))  # lengths checked above
+        else:
+            fields = self.template.copy()  # field order, defaults in place
+            fields.update(zip(names, values, strict=False))
+        made = _new_object(cls)
+        _set_attr(made, "__dict__", fields)
+        _set_attr(made, "__pydantic_fields_set__", set(self.fields_set))
+        _set_attr(made, "__pydantic_extra__", {} if self.extra_allowed else None)
+        _set_attr(made, "__pydantic_private__", None)
         return made
-
 
 
 
@@ -193,17 +211,21 @@ def _plain_answer(data: Mapping[str, Any]) -> AIMessage | None:
     without pydantic's validation pass: that pass (with AIMessage's tool-call compatibility
     hook) is most of what a cold hit costs, and for this shape it changes nothing (a test
     compares the two field by field). Anything else returns None and is validated."""
+    if type(data) is not dict or data.keys() != _AI_KEYS:
+        return None
+    content = data["content"]
+    metadata = data["response_metadata"]
+    name = data["name"]
+    message_id = data["id"]
     if (
-        type(data) is not dict
-        or data.keys() != _AI_KEYS
+        type(content) is not str
         or data["type"] != "ai"
-        or type(data["content"]) is not str
         or data["additional_kwargs"] != {}
         or data["tool_calls"] != []
         or data["invalid_tool_calls"] != []
-        or type(data["response_metadata"]) is not dict
-        or not isinstance(data["name"], _TEXT_OR_NONE)
-        or not isinstance(data["id"], _TEXT_OR_NONE)
+        or type(metadata) is not dict
+        or not (name is None or type(name) is str)
+        or not (message_id is None or type(message_id) is str)
     ):
         return None
     usage = data["usage_metadata"]
@@ -212,8 +234,7 @@ def _plain_answer(data: Mapping[str, Any]) -> AIMessage | None:
     elif not _plain_usage(usage):
         return None
     message: AIMessage = _BUILD_AI(
-        data["content"], {}, data["response_metadata"], "ai", data["name"], data["id"], [], [],
-        usage,
+        content, {}, metadata, "ai", name, message_id, [], [], usage
     )
     return message
 
@@ -288,6 +309,20 @@ def encode_generations(generations: Sequence[Generation]) -> dict[str, Any]:
 
 def decode_generations(data: Any) -> list[Generation]:
     """Rebuild a fresh ``list`` of fresh generations from :func:`encode_generations` output."""
+    if type(data) is dict and data.get("format") == FORMAT_VERSION:
+        # Most entries: one plain chat answer, checked and built in one pass.
+        items = data.get("generations")
+        if type(items) is list and len(items) == 1:
+            item = items[0]
+            if (
+                type(item) is dict
+                and len(item) == 3
+                and item.get("kind") == "chat"
+                and item.get("generation_info", False) is None
+            ):
+                plain = _plain_answer(item.get("message"))  # type: ignore[arg-type]
+                if plain is not None:
+                    return [_BUILD_CHAT(plain, None, plain.text)]
     if not isinstance(data, Mapping) or data.get("format") != FORMAT_VERSION:
         raise EntryDecodeError("not a musubi_langchain cache entry")
     items = data.get("generations")
@@ -433,10 +468,6 @@ class Template:
     def fresh(self) -> list[Generation]:
         """A fresh ``list`` of fresh generations (nothing shared with the template)."""
         return [build() for build in self._builders]
-
-
-_new_object = object.__new__
-_set_attr = object.__setattr__
 
 
 def _rebuild(build: Callable[[], Any]) -> Callable[[Any], Any]:

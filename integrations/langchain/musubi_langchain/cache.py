@@ -30,7 +30,7 @@ from musubi_core.errors import ReplayMissError
 from musubi_core.fastpath import AliasHit, HitMemo
 from musubi_core.flight import DEFAULT_TIMEOUT as FLIGHT_TIMEOUT
 from musubi_core.flight import flights_for
-from musubi_core.identity import NodeKey, alias_of, make_op, resolve_namespace
+from musubi_core.identity import AliasPrefix, NodeKey, make_op, resolve_namespace
 from musubi_core.modes import Mode, resolve_mode
 from musubi_core.policy import Decision, ReplayReason, StepConfiguration, StepType
 from musubi_core.probe import EncodedHit
@@ -147,6 +147,7 @@ class MusubiCache(BaseCache):
         self._inflight_lock = threading.Lock()
         self._keys: dict[tuple[str, str], NodeKey] = {}
         self._ops: dict[tuple[str, str], str] = {}  # (op name, llm_string) -> make_op(...)
+        self._prefixes: dict[str, AliasPrefix] = {}  # llm_string -> its aliases' hash state
         # artifact id -> (encoding, payload, validated generations or None before the second
         # hit). A hit whose stored bytes are exactly these copies the template instead of
         # decoding and validating again;
@@ -289,8 +290,16 @@ class MusubiCache(BaseCache):
 
     def _alias(self, prompt: str, llm_string: str) -> bytes:
         """The alias of a ``(prompt, llm_string)`` pair (see ``identity.alias_of``): stored
-        with the node, so the next process finds the node without computing its key."""
-        return alias_of(_ALIAS_SCHEME, self._namespace, llm_string, prompt)
+        with the node, so the next process finds the node without computing its key. The
+        hash state of the scheme, namespace and ``llm_string`` is kept per model."""
+        prefix = self._prefixes.get(llm_string)
+        if prefix is None:
+            if len(self._prefixes) >= _MAX_KEYS:
+                self._prefixes.clear()
+            prefix = self._prefixes[llm_string] = AliasPrefix(
+                _ALIAS_SCHEME, self._namespace, llm_string
+            )
+        return prefix.alias(prompt)
 
     def _serve(
         self, node_id: str, op_name: str, hit: EncodedHit, run_id: UUID | None
