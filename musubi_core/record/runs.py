@@ -294,14 +294,14 @@ class RunState:
 # served as the same type, the same value, the same preview. Bounded: emptied when full.
 _REPLAYED_PREVIEWS: dict[tuple[str, type], str | None] = {}
 _MAX_REPLAYED_PREVIEWS = 4096
+_UNSEEN = object()  # not a preview (None is one): a cold replay raises no KeyError
 
 
 def _replayed_preview(artifact_id: str, output: Any) -> str | None:
     key = (artifact_id, type(output))
-    try:
-        return _REPLAYED_PREVIEWS[key]
-    except KeyError:
-        pass
+    text = _REPLAYED_PREVIEWS.get(key, _UNSEEN)
+    if text is not _UNSEEN:
+        return text  # type: ignore[return-value]
     text = preview(output)
     if len(_REPLAYED_PREVIEWS) >= _MAX_REPLAYED_PREVIEWS:
         _REPLAYED_PREVIEWS.clear()

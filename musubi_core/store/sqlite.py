@@ -70,10 +70,21 @@ _OPEN: weakref.WeakSet[SQLiteStore] = weakref.WeakSet()
 # must not inherit SQLite's internal mutexes locked by a thread it does not have (its first
 # connect would wait forever). The recorder's commits are covered the same way (recorder.py).
 _BACKGROUND = threading.Lock()
+
+# This process's id, kept current across fork: every lookup asks which connection is this
+# thread's, and os.getpid() is a system call (0.2 µs) each time.
+_PID = [os.getpid()]
+
+
+def _after_fork_in_child() -> None:
+    _PID[0] = os.getpid()
+    _BACKGROUND.release()
+
+
 os.register_at_fork(
     before=_BACKGROUND.acquire,
     after_in_parent=_BACKGROUND.release,
-    after_in_child=_BACKGROUND.release,
+    after_in_child=_after_fork_in_child,
 )
 
 
@@ -361,7 +372,7 @@ class SQLiteStore(RunStoreMixin, SQLStoreBase):
     def _conn(self) -> sqlite3.Connection:
         local = self._local
         conn: sqlite3.Connection | None = getattr(local, "conn", None)
-        pid = os.getpid()
+        pid = _PID[0]
         if conn is not None and local.pid == pid:
             return conn
         if self._closed:

@@ -340,3 +340,29 @@ def test_store_is_fork_safe(db_path: Path) -> None:
         _FORK_ENGINE = None
         engine.close()
     assert counts == {"fork.parent": 51, "fork.child": 50}
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_never_uses_the_parents_connection(db_path: Path) -> None:
+    """The store tells a forked child by a process id kept current across fork (no system
+    call per lookup): the child's first statement opens a connection of its own, and the
+    parent's stays open and usable."""
+    store = SQLiteStore(db_path)
+    try:
+        parent_conn = store._conn()
+        parent_conn.execute("SELECT 1").fetchone()
+        pid = os.fork()
+        if pid == 0:  # the child: exit code 0 only with a connection of its own that works
+            code = 1
+            try:
+                child_conn = store._conn()
+                ok = child_conn is not parent_conn and child_conn.execute("SELECT 1").fetchone()
+                code = 0 if ok == (1,) else 2
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert store._conn() is parent_conn
+        assert parent_conn.execute("SELECT 1").fetchone() == (1,)
+    finally:
+        store.close()
