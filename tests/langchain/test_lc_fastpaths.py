@@ -364,6 +364,22 @@ def test_a_plain_answer_with_a_wrong_field_type_is_validated_and_refused() -> No
         decode_message(data)
 
 
+def test_a_plain_answer_takes_its_decoded_fields_in_field_order_only() -> None:
+    """The decoded dict becomes the message's fields when its keys are in field order (what
+    encode_message writes); in any other order the fields are built in field order."""
+    message = AIMessage(content="Paris.", id="r-1", usage_metadata=complete_usage(None))
+    data = json.loads(json.dumps(encode_message(message)))
+    adopted = _plain_answer(data)
+    assert adopted is not None and adopted.__dict__ is data
+    reordered = dict(reversed(list(json.loads(json.dumps(encode_message(message))).items())))
+    built = _plain_answer(reordered)
+    assert built is not None and built.__dict__ is not reordered
+    assert list(built.__dict__) == list(AIMessage.model_fields)
+    expected = _validated(json.loads(json.dumps(encode_message(message))))
+    assert built == expected and adopted == expected
+    assert _layout(built) == _layout(adopted)
+
+
 def test_usage_of_three_keys_is_plain_only_with_the_three_counts() -> None:
     assert _plain_usage({"input_tokens": 1, "output_tokens": 2, "total_tokens": 3})
     assert not _plain_usage({"input_tokens": 1, "output_tokens": 2, "made_up": 3})

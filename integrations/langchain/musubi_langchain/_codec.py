@@ -203,6 +203,18 @@ class _Construct:
         _set_attr(made, "__pydantic_private__", None)
         return made
 
+    def adopt(self, fields: dict[str, Any]) -> Any:
+        """The instance whose ``__dict__`` is ``fields`` itself: a dict holding every field,
+        in field order, that nothing else holds (a tree decoded for this call). Saves
+        copying the values into a new dict; any other layout is built by ``__call__``."""
+        if not self.exact or tuple(fields) != self.names:
+            return self(*(fields[name] for name in self.names))
+        made = _new_object(self.cls)
+        _set_attr(made, "__dict__", fields)
+        _set_attr(made, "__pydantic_fields_set__", set(self.fields_set))
+        _set_attr(made, "__pydantic_extra__", {} if self.extra_allowed else None)
+        _set_attr(made, "__pydantic_private__", None)
+        return made
 
 
 def _plain_answer(data: Mapping[str, Any]) -> AIMessage | None:
@@ -210,7 +222,10 @@ def _plain_answer(data: Mapping[str, Any]) -> AIMessage | None:
     extra kwargs, token counts under LangChain's own keys), each field checked here, built
     without pydantic's validation pass: that pass (with AIMessage's tool-call compatibility
     hook) is most of what a cold hit costs, and for this shape it changes nothing (a test
-    compares the two field by field). Anything else returns None and is validated."""
+    compares the two field by field). Anything else returns None and is validated.
+
+    ``data`` is taken, not copied: it becomes the message's ``__dict__`` (the caller hands
+    over a tree decoded for this call)."""
     if type(data) is not dict or data.keys() != _AI_KEYS:
         return None
     content = data["content"]
@@ -230,12 +245,10 @@ def _plain_answer(data: Mapping[str, Any]) -> AIMessage | None:
         return None
     usage = data["usage_metadata"]
     if usage is None:
-        usage = complete_usage(None)
+        data["usage_metadata"] = complete_usage(None)
     elif not _plain_usage(usage):
         return None
-    message: AIMessage = _BUILD_AI(
-        content, {}, metadata, "ai", name, message_id, [], [], usage
-    )
+    message: AIMessage = _BUILD_AI.adopt(data)
     return message
 
 
@@ -244,7 +257,8 @@ _BUILD_CHAT = _Construct(ChatGeneration, ("message", "generation_info", "text"))
 
 
 def decode_message(data: Any) -> BaseMessage:
-    """Rebuild a message from :func:`encode_message` output, allow-listed by ``type``."""
+    """Rebuild a message from :func:`encode_message` output, allow-listed by ``type``
+    (``data`` decoded for this call: a plain answer takes it as its fields)."""
     if not isinstance(data, Mapping):
         raise EntryDecodeError("message entry is not a mapping")
     plain = _plain_answer(data)
@@ -308,7 +322,8 @@ def encode_generations(generations: Sequence[Generation]) -> dict[str, Any]:
 
 
 def decode_generations(data: Any) -> list[Generation]:
-    """Rebuild a fresh ``list`` of fresh generations from :func:`encode_generations` output."""
+    """Rebuild a fresh ``list`` of fresh generations from :func:`encode_generations` output.
+    ``data`` must be a tree decoded for this call: the generations take its containers."""
     if type(data) is dict and data.get("format") == FORMAT_VERSION:
         # Most entries: one plain chat answer, checked and built in one pass.
         items = data.get("generations")
