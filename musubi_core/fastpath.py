@@ -139,6 +139,9 @@ def _probe_alias_row(engine: Engine, alias: bytes) -> tuple[Any, ...] | None:
     return cast("tuple[Any, ...] | None", found)
 
 
+_new_tuple = tuple.__new__
+
+
 def count_replay(engine: Engine, node_id: str) -> None:
     """Count one replay of ``node_id`` (queued on the store's recorder, as
     ``Engine.lookup`` counts it)."""
@@ -364,7 +367,14 @@ class HitMemo:
                     if expires is None or engine._now() < expires:
                         return found
                     del memo[slot]
-        row = _probe_alias_row(engine, alias)
+        if memo is not None:
+            # This thread's connection, as _probe_alias_row reads it (a cold hit's path).
+            try:
+                row = store._conn().execute(_ALIAS_PROBE, (alias,)).fetchone()  # type: ignore[union-attr]
+            except sqlite3.Error:
+                row = _probe_alias_row(engine, alias)
+        else:
+            row = _probe_alias_row(engine, alias)
         if not self._map_tried and memo is not None:
             self._map_shm()  # this process has read the store now: its shm is open
         if row is None:
@@ -377,7 +387,7 @@ class HitMemo:
         hit = hit_of(engine, node_id, row[2:], config, verify=False)
         if hit is None or (engine._verify_artifacts and not self._intact(hit)):
             return node_id
-        found = AliasHit(node_id, op_name, hit)
+        found = _new_tuple(AliasHit, (node_id, op_name, hit))  # AliasHit(...), no Python __new__
         if memo is not None:
             self._remember(memo, slot, found, len(hit.payload))
         return found

@@ -87,6 +87,8 @@ _PROBE_TYPES: tuple[type | tuple[type, ...], ...] = (
 
 _PROBED = (SQLiteStore, PostgresStore)  # the stores PROBE_SQL is written for
 
+_new_tuple = tuple.__new__
+
 NOT_FOUND = Decision(False, ReplayReason.NOT_FOUND, "no stored node with this identity")
 
 
@@ -183,14 +185,18 @@ def hit_of(
         payload = payload.encode("utf-8")
     if verify and engine._verify_artifacts and artifact_id_for(encoding, payload) != artifact_id:
         return None  # tampered or damaged bytes: Engine.lookup makes it a miss and warns
-    return EncodedHit(
-        node_id,
-        artifact_id,
-        encoding,
-        payload,
-        tokens_in,
-        tokens_out,
-        None if duration_s is None else float(duration_s),
-        None if expires_at is None else float(expires_at),
-        producer,
+    # EncodedHit(...) without the Python-level __new__ a NamedTuple has (a cold hit's path).
+    return _new_tuple(
+        EncodedHit,
+        (
+            node_id,
+            artifact_id,
+            encoding,
+            payload,
+            tokens_in,
+            tokens_out,
+            None if duration_s is None else float(duration_s),
+            None if expires_at is None else float(expires_at),
+            producer,
+        ),
     )

@@ -270,13 +270,15 @@ class MusubiCache(BaseCache):
             saved_s, count_replay=count_replay,
         )
 
-    def _generations(self, hit: EncodedHit) -> list[Generation]:
+    def _generations(
+        self, hit: EncodedHit, memo: tuple[str, bytes, Template | None] | None
+    ) -> list[Generation]:
         """Fresh generations for a hit. The first hit of an entry decodes it (allow-listed,
         validated) and hands out what it decoded: nothing else holds those objects, and a
         cold hit (the next run reads each entry once) pays for no copy plan. The entry's
         bytes are remembered; a second hit of the same bytes decodes them once more into a
-        private template that later hits copy instead of decoding."""
-        memo = self._decoded.get(hit.artifact_id)
+        private template that later hits copy instead of decoding. ``memo``: what
+        ``_decoded`` holds for the artifact."""
         same = memo is not None and memo[1] == hit.payload and memo[0] == hit.encoding
         decoded = decode_generations(self.engine.codec.decode(hit.encoding, hit.payload))
         if not same:
@@ -316,7 +318,7 @@ class MusubiCache(BaseCache):
             ):
                 generations = memo[2].fresh()
             else:
-                generations = self._generations(hit)
+                generations = self._generations(hit, memo)
         except Exception:
             return None
         if run_id is not None:
