@@ -38,7 +38,15 @@ from typing import TYPE_CHECKING, Any, NamedTuple, cast
 from ._plain import NOT_PLAIN, is_plain_json, plain_input_hash, plain_payload, plain_tree
 from .identity import NodeKey
 from .policy import DEFAULT_CONFIG, Decision, StepConfiguration, StepType
-from .probe import _PROBED, PROBE_COLUMNS, EncodedHit, artifact_id_for, hit_of, probe_replay
+from .probe import (
+    _PROBED,
+    PROBE_COLUMNS,
+    EncodedHit,
+    _new_tuple,
+    artifact_id_for,
+    hit_of,
+    probe_replay,
+)
 from .store import PostgresStore, SQLiteStore
 
 if TYPE_CHECKING:  # the engine owns a memo (Engine.hits): it imports this module
@@ -127,19 +135,18 @@ class AliasHit(NamedTuple):
 
 def _probe_alias_row(engine: Engine, alias: bytes) -> tuple[Any, ...] | None:
     store = engine.store
-    if isinstance(store, PostgresStore):
-        pg = store
-        row = pg.query(lambda conn: pg._ex(conn, _ALIAS_PROBE, (alias,)).fetchone(), "lookup")
-        return cast("tuple[Any, ...] | None", row)
-    assert isinstance(store, SQLiteStore)
-    try:
-        found = store._conn().execute(_ALIAS_PROBE, (alias,)).fetchone()
-    except sqlite3.Error:
-        found = store.query(lambda conn: conn.execute(_ALIAS_PROBE, (alias,)).fetchone(), "lookup")
-    return cast("tuple[Any, ...] | None", found)
-
-
-_new_tuple = tuple.__new__
+    if isinstance(store, SQLiteStore):
+        try:
+            # This thread's connection, without the error-wrapping context of ``store.query``
+            # (a cold hit's path); on an error, again through it for lookup()'s StoreError.
+            found: tuple[Any, ...] | None = store._conn().execute(_ALIAS_PROBE, (alias,)).fetchone()
+        except sqlite3.Error:
+            found = store.query(lambda conn: conn.execute(_ALIAS_PROBE, (alias,)).fetchone(), "lookup")
+        return found
+    assert isinstance(store, PostgresStore)
+    pg = store
+    row = pg.query(lambda conn: pg._ex(conn, _ALIAS_PROBE, (alias,)).fetchone(), "lookup")
+    return cast("tuple[Any, ...] | None", row)
 
 
 def count_replay(engine: Engine, node_id: str) -> None:
@@ -367,14 +374,7 @@ class HitMemo:
                     if expires is None or engine._now() < expires:
                         return found
                     del memo[slot]
-        if memo is not None:
-            # This thread's connection, as _probe_alias_row reads it (a cold hit's path).
-            try:
-                row = store._conn().execute(_ALIAS_PROBE, (alias,)).fetchone()  # type: ignore[union-attr]
-            except sqlite3.Error:
-                row = _probe_alias_row(engine, alias)
-        else:
-            row = _probe_alias_row(engine, alias)
+        row = _probe_alias_row(engine, alias)
         if not self._map_tried and memo is not None:
             self._map_shm()  # this process has read the store now: its shm is open
         if row is None:

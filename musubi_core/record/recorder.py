@@ -49,6 +49,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NoReturn
 
+from .._pid import PID as _PID
 from ..errors import ReadOnlyStoreError, StoreError
 from ..store import ArtifactWrite, CallWrite, EdgeWrite, FlowWrite, NodeWrite, RunWrite, Store
 from .writer_process import Helpers
@@ -70,8 +71,6 @@ Batch = tuple[
 _RECORDERS: weakref.WeakKeyDictionary[Any, Recorder] = weakref.WeakKeyDictionary()
 _RECORDERS_LOCK = threading.Lock()
 _LIVE: weakref.WeakSet[Recorder] = weakref.WeakSet()
-# This process's id, kept current across fork (os.getpid() is a system call per submit).
-_PID = [os.getpid()]
 
 
 def recorder_for(store: Store) -> Recorder:
@@ -617,7 +616,6 @@ def _after_fork_in_parent() -> None:
 
 def _after_fork_in_child() -> None:
     _FORK_HELD.clear()  # the child's recorders get new locks below
-    _PID[0] = os.getpid()
     for rec in list(_LIVE):
         rec._reset()
 

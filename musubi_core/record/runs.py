@@ -34,6 +34,7 @@ from collections.abc import Iterator, Sequence
 from contextvars import ContextVar, Token
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from .._pid import PID as _PID
 from ..store import CallWrite, FlowWrite, RunWrite
 from .preview import preview, storable_text
 
@@ -54,7 +55,6 @@ __all__ = [
 ]
 
 _HOST = socket.gethostname()
-_PID = [os.getpid()]
 _new = tuple.__new__
 # Run totals are updated under one lock for all runs (a batch's counts at a time: short).
 _COUNT_LOCK = threading.Lock()
@@ -86,7 +86,6 @@ _IDS = _Ids()
 
 def _after_fork_in_child() -> None:
     _IDS.reset()
-    _PID[0] = os.getpid()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 from urllib.parse import quote
 
+from .._pid import PID as _PID
 from .._size import format_size, parse_size
 from ..errors import ConfigError, MusubiError, ReadOnlyStoreError, SchemaError, StoreError
 from ..flight import FileFlightLocks
@@ -71,20 +72,10 @@ _OPEN: weakref.WeakSet[SQLiteStore] = weakref.WeakSet()
 # connect would wait forever). The recorder's commits are covered the same way (recorder.py).
 _BACKGROUND = threading.Lock()
 
-# This process's id, kept current across fork: every lookup asks which connection is this
-# thread's, and os.getpid() is a system call (0.2 µs) each time.
-_PID = [os.getpid()]
-
-
-def _after_fork_in_child() -> None:
-    _PID[0] = os.getpid()
-    _BACKGROUND.release()
-
-
 os.register_at_fork(
     before=_BACKGROUND.acquire,
     after_in_parent=_BACKGROUND.release,
-    after_in_child=_after_fork_in_child,
+    after_in_child=_BACKGROUND.release,
 )
 
 
@@ -372,7 +363,7 @@ class SQLiteStore(RunStoreMixin, SQLStoreBase):
     def _conn(self) -> sqlite3.Connection:
         local = self._local
         conn: sqlite3.Connection | None = getattr(local, "conn", None)
-        pid = _PID[0]
+        pid = _PID[0]  # every lookup asks for its connection: no system call here
         if conn is not None and local.pid == pid:
             return conn
         if self._closed:

@@ -391,8 +391,8 @@ def test_usage_of_three_keys_is_plain_only_with_the_three_counts() -> None:
 
 
 def test_an_entry_of_another_shape_than_one_plain_answer_is_decoded_as_before() -> None:
-    """Only one plain chat answer, with no generation info, takes decode_generations' fast
-    path; two generations, generation info or an extra key are decoded item by item."""
+    """Entries of other shapes than one plain chat answer (two generations, generation info,
+    an extra key) decode as they always did; an unknown kind is refused."""
     plain = AIMessage(content="Paris.", usage_metadata=complete_usage(None))
     for generations in (
         [ChatGeneration(message=plain), ChatGeneration(message=plain)],
@@ -403,7 +403,7 @@ def test_an_entry_of_another_shape_than_one_plain_answer_is_decoded_as_before() 
         assert decoded == generations
         assert [g.generation_info for g in decoded] == [g.generation_info for g in generations]
     data = json.loads(json.dumps(encode_generations([ChatGeneration(message=plain)])))
-    data["generations"][0]["surprise"] = 1  # not the fast path's shape; the item still decodes
+    data["generations"][0]["surprise"] = 1  # an extra key: the item still decodes
     assert decode_generations(data) == [ChatGeneration(message=plain)]
     data["generations"][0]["kind"] = "image"
     with pytest.raises(EntryDecodeError):

@@ -196,12 +196,7 @@ class _Construct:
         else:
             fields = self.template.copy()  # field order, defaults in place
             fields.update(zip(names, values, strict=False))
-        made = _new_object(cls)
-        _set_attr(made, "__dict__", fields)
-        _set_attr(made, "__pydantic_fields_set__", set(self.fields_set))
-        _set_attr(made, "__pydantic_extra__", {} if self.extra_allowed else None)
-        _set_attr(made, "__pydantic_private__", None)
-        return made
+        return self._made(fields)
 
     def adopt(self, fields: dict[str, Any]) -> Any:
         """The instance whose ``__dict__`` is ``fields`` itself: a dict holding every field,
@@ -209,6 +204,11 @@ class _Construct:
         copying the values into a new dict; any other layout is built by ``__call__``."""
         if not self.exact or tuple(fields) != self.names:
             return self(*(fields[name] for name in self.names))
+        return self._made(fields)
+
+    def _made(self, fields: dict[str, Any]) -> Any:
+        """The instance of ``fields`` (a complete ``__dict__`` in field order), as
+        ``model_construct`` leaves it."""
         made = _new_object(self.cls)
         _set_attr(made, "__dict__", fields)
         _set_attr(made, "__pydantic_fields_set__", set(self.fields_set))
@@ -259,7 +259,7 @@ _BUILD_CHAT = _Construct(ChatGeneration, ("message", "generation_info", "text"))
 def decode_message(data: Any) -> BaseMessage:
     """Rebuild a message from :func:`encode_message` output, allow-listed by ``type``
     (``data`` decoded for this call: a plain answer takes it as its fields)."""
-    if not isinstance(data, Mapping):
+    if type(data) is not dict and not isinstance(data, Mapping):
         raise EntryDecodeError("message entry is not a mapping")
     plain = _plain_answer(data)
     if plain is not None:
@@ -324,28 +324,17 @@ def encode_generations(generations: Sequence[Generation]) -> dict[str, Any]:
 def decode_generations(data: Any) -> list[Generation]:
     """Rebuild a fresh ``list`` of fresh generations from :func:`encode_generations` output.
     ``data`` must be a tree decoded for this call: the generations take its containers."""
-    if type(data) is dict and data.get("format") == FORMAT_VERSION:
-        # Most entries: one plain chat answer, checked and built in one pass.
-        items = data.get("generations")
-        if type(items) is list and len(items) == 1:
-            item = items[0]
-            if (
-                type(item) is dict
-                and len(item) == 3
-                and item.get("kind") == "chat"
-                and item.get("generation_info", False) is None
-            ):
-                plain = _plain_answer(item.get("message"))  # type: ignore[arg-type]
-                if plain is not None:
-                    return [_BUILD_CHAT(plain, None, plain.text)]
-    if not isinstance(data, Mapping) or data.get("format") != FORMAT_VERSION:
+    # Exact dicts (what a decoded tree holds) are told first: ABC checks are slow on a hit.
+    if (type(data) is not dict and not isinstance(data, Mapping)) or data.get(
+        "format"
+    ) != FORMAT_VERSION:
         raise EntryDecodeError("not a musubi_langchain cache entry")
     items = data.get("generations")
     if not isinstance(items, list) or not items:
         raise EntryDecodeError("cache entry has no generations")
     out: list[Generation] = []
     for item in items:
-        if not isinstance(item, Mapping):
+        if type(item) is not dict and not isinstance(item, Mapping):
             raise EntryDecodeError("generation entry is not a mapping")
         info = item.get("generation_info")
         if info is not None and not isinstance(info, dict):
